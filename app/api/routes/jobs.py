@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from app.api.deps import CurrentProject, SessionDep, SettingsDep
+from app.api.routes.files import check_limit
+from app.api.streaming import stream_blob
+from app.core.errors import NotFound
+from app.models import File, JobArtifact
+from app.schemas.jobs import (
+    ArtifactList,
+    ArtifactPublic,
+    CheckpointList,
+    JobCreate,
+    JobEventList,
+    JobList,
+    JobPublic,
+)
+from app.services import jobs as job_service
+from app.services.dispatch import dispatch_job
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    return {key[len("metadata["):-1]: value for key, value in request.query_params.items()
+            if key.startswith("metadata[") and key.endswith("]")}
+
+
+@router.post("", response_model=JobPublic)
+def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
+    """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
+    job, created = job_service.create_job(session, project=project, request=body, settings=settings,
+                                          idempotency_key=idempotency_key)
+    if created:
+        dispatch_job(session, job_id=job.id)
+    return job_service.job_public(session, job, project=project)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, session: SessionDep, project: CurrentProject, settings: SettingsDep,
+              after: str | None = None, limit: int = 20) -> JobList:
+    """List the project's jobs, newest first (filter with metadata[key]=value)."""
+    check_limit(limit, settings.list_limit_max)
+    rows, has_more = job_service.list_jobs(session, project=project, after=after, limit=limit,
+                                           metadata=_metadata_filter(request))
+    return JobList(data=[job_service.job_public(session, j, project=project) for j in rows], has_more=has_more)
+
+
+@router.get("/{fine_tuning_job_id}", response_model=JobPublic)
+def read_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> JobPublic:
+    """Retrieve a job with its status, progress and results."""
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    return job_service.job_public(session, job, project=project)
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=JobPublic)
+def cancel_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> JobPublic:
+    """Cancel a job; a running one stops within seconds."""
+    job = job_service.cancel_job(session, project=project, job_id=fine_tuning_job_id)
+    return job_service.job_public(session, job, project=project)
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobPublic)
+def pause_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> JobPublic:
+    """Pause a job: it checkpoints and stops until resumed."""
+    job = job_service.pause_job(session, project=project, job_id=fine_tuning_job_id)
+    return job_service.job_public(session, job, project=project)
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobPublic)
+def resume_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> JobPublic:
+    """Resume a paused job from its last checkpoint."""
+    job = job_service.resume_job(session, project=project, job_id=fine_tuning_job_id)
+    dispatch_job(session, job_id=job.id)
+    return job_service.job_public(session, job, project=project)
+
+
+@router.get("/{fine_tuning_job_id}/events", response_model=JobEventList)
+def list_job_events(session: SessionDep, project: CurrentProject, settings: SettingsDep,
+                    fine_tuning_job_id: str, after: str | None = None, limit: int = 20) -> JobEventList:
+    """The job's events, newest first."""
+    check_limit(limit, settings.list_limit_max)
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    rows, has_more = job_service.list_events(session, job=job, after=after, limit=limit)
+    return JobEventList(data=[job_service.event_public(e) for e in rows], has_more=has_more)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+def list_job_checkpoints(session: SessionDep, project: CurrentProject, settings: SettingsDep,
+                         fine_tuning_job_id: str, after: str | None = None, limit: int = 10) -> CheckpointList:
+    """The job's registered checkpoints, newest first."""
+    check_limit(limit, settings.list_limit_max)
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    rows, has_more = job_service.list_checkpoints(session, job=job, after=after, limit=limit)
+    data = [job_service.checkpoint_public(c, job=job, project=project) for c in rows]
+    return CheckpointList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)
+
+
+def _artifacts(session: SessionDep, job_pk: int) -> list[tuple[JobArtifact, File]]:
+    rows = session.execute(select(JobArtifact, File).join(File, JobArtifact.file_pk == File.pk)
+                           .where(JobArtifact.job_pk == job_pk).order_by(JobArtifact.pk))
+    return [(artifact, file) for artifact, file in rows.tuples()]
+
+
+@router.get("/{fine_tuning_job_id}/artifacts", response_model=ArtifactList)
+def list_job_artifacts(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> ArtifactList:
+    """The job's downloadable outputs: adapter, metrics, training config."""
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    data = [ArtifactPublic(name=a.name, kind=a.kind, bytes=f.bytes, sha256=f.sha256, created_at=a.created_at,
+                           file_id=f.id) for a, f in _artifacts(session, job.pk)]
+    return ArtifactList(data=data, has_more=False)
+
+
+@router.get("/{fine_tuning_job_id}/artifacts/{name}")
+def download_job_artifact(request: Request, session: SessionDep, project: CurrentProject,
+                          fine_tuning_job_id: str, name: str) -> Response:
+    """Stream one artifact (Content-Length, x-content-sha256, Range requests)."""
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    for artifact, file in _artifacts(session, job.pk):
+        if artifact.name == name:
+            return stream_blob(request, key=file.blob_key, size=file.bytes, sha256=file.sha256,
+                               filename=file.filename)
+    raise NotFound(f"Job {fine_tuning_job_id} has no artifact named {name!r}.", param="name")

@@ -1,0 +1,178 @@
+"""The `tuneforge` command: the service's pieces (serve, api, worker, migrate) and admin tasks."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="tuneforge: self-hosted LLM fine-tuning with an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="Manage API keys (admin).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_migrations(database_url: str | None = None) -> None:
+    """Bring the database schema to the latest revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    url = database_url or settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (run once per upgrade, before starting APIs and workers)."""
+    run_migrations()
+    typer.echo("database is at the latest schema revision")
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the HTTP API (production: behind a proxy, against Postgres and Redis)."""
+    import uvicorn
+
+    from app.core.config import get_settings
+
+    if not get_settings().require_api_keys and not _is_loopback(host):
+        raise typer.BadParameter("TUNEFORGE_REQUIRE_API_KEYS=false is only allowed on a loopback host",
+                                 param_hint="--host")
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
+    """Run a training worker (one per GPU): takes jobs from the training queue."""
+    from app.core.config import get_settings
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    celery_app.worker_main(["worker", "-Q", settings.training_queue, f"--concurrency={concurrency}",
+                            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+                            "-n", f"tuneforge-{os.getpid()}@%h"])
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(path: Path, register: Annotated[str | None, typer.Option(
+        help="Also add the model to the catalogue under this name.")] = None) -> None:
+    """Build a tiny Llama-architecture model with its own tokenizer (tests and demos; no hub needed)."""
+    from worker.training.tiny_model import make_tiny_model as build
+
+    build(path)
+    typer.echo(f"tiny model written to {path}")
+    if register:
+        register_model(register, path)
+
+
+def register_model(name: str, path: Path) -> None:
+    """Add name -> path to the catalogue file."""
+    from app.core.config import get_settings
+
+    catalogue_path = get_settings().catalogue_path
+    catalogue = json.loads(catalogue_path.read_text()) if catalogue_path.exists() else {}
+    catalogue[name] = {"path": str(path.resolve())}
+    catalogue_path.parent.mkdir(parents=True, exist_ok=True)
+    catalogue_path.write_text(json.dumps(catalogue, indent=2))
+    typer.echo(f"registered {name!r} in {catalogue_path}")
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          data_dir: Annotated[Path, typer.Option(help="Where everything is kept.")] = Path(".tuneforge"),
+          demo: Annotated[bool, typer.Option(help="Build and register the tiny demo model.")] = True) -> None:
+    """Embedded mode: API and one worker together, SQLite and a folder broker under data_dir."""
+    os.environ["TUNEFORGE_DATA_DIR"] = str(data_dir.resolve())
+    os.environ.setdefault("TUNEFORGE_REQUIRE_API_KEYS", "false" if _is_loopback(host) else "true")
+    from app.core.config import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run_migrations()
+    if demo and "tiny-llama" not in settings.catalogue():
+        tiny = data_dir.resolve() / "models" / "tiny-llama"
+        make_tiny_model(tiny, register="tiny-llama")
+    if not settings.require_api_keys:
+        typer.echo(f"WARNING: API keys are not required: serving on loopback {host} only.", err=True)
+    worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
+    typer.echo(f"tuneforge serving on http://{host}:{port}/v1 (worker pid {worker_process.pid}, "
+               f"data in {data_dir.resolve()})")
+    try:
+        api(host=host, port=port, workers=1)
+    finally:
+        worker_process.send_signal(signal.SIGTERM)
+        try:
+            worker_process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+
+
+@keys_app.command("create")
+def keys_create(project: str, name: str = "", admin: bool = False) -> None:
+    """Create an API key for a project (created if new); the key is printed once."""
+    from app.core.db import session_scope
+    from app.services.projects import create_api_key
+
+    with session_scope() as session:
+        row, key = create_api_key(session, project_name=project, name=name, is_admin=admin)
+        key_id = row.id
+    typer.echo(json.dumps({"id": key_id, "project": project, "key": key}))
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (ids and prefixes, never the keys)."""
+    from app.core.db import session_scope
+    from app.services.projects import list_api_keys
+
+    with session_scope() as session:
+        for key, project in list_api_keys(session):
+            typer.echo(f"{key.id}\t{project.name}\t{key.key_prefix}...\t"
+                       f"{'revoked' if key.revoked_at else 'active'}\t{'admin' if key.is_admin else ''}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by id."""
+    from app.core.db import session_scope
+    from app.services.projects import revoke_api_key
+
+    with session_scope() as session:
+        if not revoke_api_key(session, key_id=key_id):
+            raise typer.BadParameter(f"no key with id {key_id}")
+    typer.echo(f"revoked {key_id}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

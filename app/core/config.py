@@ -1,0 +1,108 @@
+"""Deployment settings, shared by the API, the worker and the CLI.
+
+Every setting reads from the environment with the TUNEFORGE_ prefix (docs/settings.md lists them).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CatalogueModel(BaseModel):
+    """One base model the operator allows jobs to train."""
+
+    # A local directory with safetensors weights and a tokenizer. Hub ids are not fetched at run
+    # time: operators download weights ahead (workers often have no internet).
+    path: str
+    # Executes Python shipped with the model; off unless the operator vouches for the repository.
+    trust_remote_code: bool = False
+    owned_by: str = "tuneforge"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    # Where every piece keeps its local state (SQLite, embedded broker, local storage, work dirs).
+    data_dir: Path = Path(".tuneforge")
+    # Empty means the embedded SQLite database under data_dir.
+    database_url: str = ""
+    # Empty means the embedded filesystem broker under data_dir (one host only).
+    broker_url: str = ""
+    # "database" keeps file and artifact bytes in the database, so workers on other hosts read them
+    # without a shared filesystem; "local" keeps them under data_dir (embedded mode, one host).
+    storage_backend: Literal["auto", "local", "database"] = "auto"
+
+    # JSON object {name: {"path": ..., "trust_remote_code": false}}; overrides catalogue_file
+    # (default: data_dir/catalogue.json, which `tuneforge make-tiny-model --register` writes).
+    model_catalogue: dict[str, CatalogueModel] = Field(default_factory=dict)
+    catalogue_file: Path | None = None
+
+    # Without keys every request acts as the default project; only allowed on a loopback bind.
+    require_api_keys: bool = True
+    default_project: str = "default"
+
+    max_upload_bytes: int = Field(default=1024**3, ge=1)
+    min_training_examples: int = Field(default=10, ge=1)
+    list_limit_max: int = Field(default=100, ge=1)
+
+    # A running attempt renews its lease every heartbeat; a lease not renewed in time is reaped.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # A job whose attempts all die (OOM kill every time) fails instead of looping forever.
+    max_attempts: int = Field(default=3, ge=1)
+    # How long a cancelled training process gets to stop by itself before it is killed.
+    cancel_grace_seconds: float = Field(default=5.0, gt=0)
+    training_queue: str = "training"
+    worker_name: str = ""
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("TUNEFORGE_HEARTBEAT_SECONDS must be at most half of TUNEFORGE_LEASE_SECONDS")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tuneforge.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_storage_backend(self) -> Literal["local", "database"]:
+        if self.storage_backend != "auto":
+            return self.storage_backend
+        return "local" if self.resolved_database_url.startswith("sqlite") else "database"
+
+    @property
+    def catalogue_path(self) -> Path:
+        return self.catalogue_file or self.data_dir / "catalogue.json"
+
+    def catalogue(self) -> dict[str, CatalogueModel]:
+        """The model catalogue: the catalogue file's entries, overridden by model_catalogue."""
+        entries: dict[str, CatalogueModel] = {}
+        if self.catalogue_path.exists():
+            raw = json.loads(self.catalogue_path.read_text())
+            entries.update({name: CatalogueModel.model_validate(spec) for name, spec in raw.items()})
+        entries.update(self.model_catalogue)
+        return entries
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

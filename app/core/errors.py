@@ -1,0 +1,109 @@
+"""Domain errors and the OpenAI error envelope every failing response uses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("tuneforge.api")
+
+
+class APIError(Exception):
+    """An error a client can act on; routes and services raise it, the handler renders it."""
+
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status_code: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+
+
+class NotFound(APIError):
+    status_code = 404
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="not_found")
+
+
+class Conflict(APIError):
+    """A permanent conflict: 409 with x-should-retry false so SDKs do not retry it."""
+
+    status_code = 409
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "conflict") -> None:
+        super().__init__(message, param=param, code=code, headers={"x-should-retry": "false"})
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    type = "authentication_error"
+
+
+class TooLargeError(APIError):
+    status_code = 413
+
+
+def envelope(message: str, *, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    # Pydantic adds the union branch or validator name to the location; keep the field path.
+    parts = [p for p in parts if not p.startswith(("function-", "literal[", "constrained-"))
+             and p not in ("int", "float", "str", "list[str]", "bool")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(envelope(exc.message, type_=exc.type, param=exc.param, code=exc.code),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        param = _param_from_loc(tuple(first.get("loc", ())))
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            message, code = "The request body is not valid JSON.", "invalid_json"
+        elif kind == "missing":
+            message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+        elif kind == "extra_forbidden":
+            message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
+        else:
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"Invalid value for '{param}': {msg}" if param else msg
+            code = "invalid_value"
+        return JSONResponse(envelope(message, type_="invalid_request_error", param=param, code=code),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: "Not found.", 405: "Method not allowed."}
+        message = messages.get(exc.status_code, str(exc.detail))
+        return JSONResponse(envelope(message, type_="invalid_request_error", param=None, code=None),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return JSONResponse(envelope("The server had an error processing your request.",
+                                     type_="server_error", param=None, code=None), status_code=500)

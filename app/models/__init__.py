@@ -1,0 +1,20 @@
+"""All ORM models, imported here so Alembic's metadata sees every table."""
+
+from app.models.base import Base
+from app.models.blob import Blob, BlobChunk
+from app.models.file import File
+from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent
+from app.models.project import ApiKey, Project
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Blob",
+    "BlobChunk",
+    "File",
+    "FineTuningJob",
+    "JobArtifact",
+    "JobCheckpoint",
+    "JobEvent",
+    "Project",
+]

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Double, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import BigIntKey, Base, JSONType, KeyedMixin, now_seconds
+
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class FineTuningJob(KeyedMixin, Base):
+    """A fine-tuning job. This row, not the broker, is the truth about the job and its lease."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (
+        Index("ix_fine_tuning_jobs_project_pk_pk", "project_pk", "pk"),
+        Index("ix_fine_tuning_jobs_status_lease", "status", "lease_expires_at"),
+        UniqueConstraint("project_pk", "idempotency_key", name="uq_fine_tuning_jobs_idempotency"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project_pk: Mapped[int] = mapped_column(BigIntKey, ForeignKey("projects.pk", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(255))
+    # The catalogue base model the weights come from (differs from `model` for continued training).
+    base_model: Mapped[str] = mapped_column(String(255))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="validating_files")
+    # TrainingConfig.model_dump(): what the worker runs, fully resolved.
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigIntKey)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType, nullable=True)
+    integrations: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigIntKey, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer, default=now_seconds)
+    started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    estimated_finish: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    # Lease: which attempt may write, who runs it and until when (Unix seconds, float).
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # "cancel" or "pause", set by the API and honoured by the running attempt.
+    requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Last time the job was handed to the broker; the reaper re-sends stale dispatches.
+    dispatched_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class JobEvent(KeyedMixin, Base):
+    """A job event (message or metrics); pk orders them."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_pk_pk", "job_pk", "pk"),)
+
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_pk: Mapped[int] = mapped_column(BigIntKey, ForeignKey("fine_tuning_jobs.pk", ondelete="CASCADE"))
+    created_at: Mapped[int] = mapped_column(Integer, default=now_seconds)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+
+
+class JobCheckpoint(KeyedMixin, Base):
+    """A registered, verified checkpoint: a resume starts only from one of these."""
+
+    __tablename__ = "job_checkpoints"
+    __table_args__ = (UniqueConstraint("job_pk", "step_number", name="uq_job_checkpoints_job_step"),)
+
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_pk: Mapped[int] = mapped_column(BigIntKey, ForeignKey("fine_tuning_jobs.pk", ondelete="CASCADE"))
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    attempt: Mapped[int] = mapped_column(Integer)
+    # An archive of the checkpoint directory (with its manifest) in storage.
+    blob_key: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigIntKey)
+    created_at: Mapped[int] = mapped_column(Integer, default=now_seconds)
+
+
+class JobArtifact(KeyedMixin, Base):
+    """A downloadable output of a job, backed by a `fine-tune-results` file."""
+
+    __tablename__ = "job_artifacts"
+    __table_args__ = (UniqueConstraint("job_pk", "name", name="uq_job_artifacts_job_name"),)
+
+    job_pk: Mapped[int] = mapped_column(BigIntKey, ForeignKey("fine_tuning_jobs.pk", ondelete="CASCADE"))
+    file_pk: Mapped[int] = mapped_column(BigIntKey, ForeignKey("files.pk", ondelete="CASCADE"))
+    # adapter | metrics | config | checkpoint | merged
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(Integer, default=now_seconds)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from app.schemas.common import ListPage
+
+FilePurpose = Literal["fine-tune", "fine-tune-results"]
+
+
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+    # Extension: the sha256 of the content, so clients can verify downloads.
+    sha256: str
+
+
+class FileList(ListPage[FilePublic]):
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class FileValidationReport(BaseModel):
+    """Extension: the full validation report of a fine-tune dataset."""
+
+    id: str
+    object: Literal["file.validation_report"] = "file.validation_report"
+    status: str
+    report: dict[str, Any] | None

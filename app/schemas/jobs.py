@@ -1,0 +1,196 @@
+"""Wire models for fine-tuning jobs, events and checkpoints (OpenAI shapes plus our extensions)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.schemas.common import ListPage
+from app.schemas.training import AdapterConfig, Precision, SchedulerName
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three hyperparameters plus tuneforge's; anything left out takes its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Literal["auto"] | int = Field(default="auto")
+    batch_size: Literal["auto"] | int = Field(default="auto")
+    learning_rate_multiplier: Literal["auto"] | float = Field(default="auto")
+    learning_rate: float | None = None
+    lr_scheduler: SchedulerName | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    gradient_accumulation_steps: int | None = None
+    max_seq_length: int | None = None
+    packing: bool | None = None
+    train_on_inputs: bool | None = None
+    gradient_checkpointing: bool | None = None
+    precision: Precision | None = None
+    eval_steps: int | None = None
+    n_evals: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float | None = None
+    save_steps: int | None = None
+    n_checkpoints: int | None = None
+    load_best_at_end: bool | None = None
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
+        if v != "auto" and not 1 <= v <= 50:
+            raise ValueError("n_epochs must be \"auto\" or between 1 and 50")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
+        if v != "auto" and not 1 <= v <= 256:
+            raise ValueError("batch_size must be \"auto\" or between 1 and 256")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier(cls, v: Literal["auto"] | float) -> Literal["auto"] | float:
+        if v != "auto" and not 0 < v <= 100:
+            raise ValueError("learning_rate_multiplier must be \"auto\" or a number in (0, 100]")
+        return v
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters | None = None
+    adapter: AdapterConfig | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+
+
+class WandbIntegration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(default=None, max_length=128)
+    entity: str | None = Field(default=None, max_length=128)
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=255)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    # Part of the fine-tuned model's id, so kept to characters that are safe everywhere.
+    suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = Field(default=None, ge=0, le=2147483647)
+    metadata: dict[str, str] | None = None
+    integrations: list[Integration] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("at most 16 metadata pairs")
+        for key, value in v.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    error: JobError | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    integrations: list[dict[str, Any]] | None
+    estimated_finish: int | None
+    # Extensions.
+    progress: dict[str, Any]
+    attempt: int
+
+
+class JobList(ListPage[JobPublic]):
+    pass
+
+
+class JobEventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class JobEventList(ListPage[JobEventPublic]):
+    pass
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class CheckpointList(ListPage[CheckpointPublic]):
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ArtifactPublic(BaseModel):
+    object: Literal["fine_tuning.job.artifact"] = "fine_tuning.job.artifact"
+    name: str
+    kind: str
+    bytes: int
+    sha256: str
+    created_at: int
+    file_id: str
+
+
+class ArtifactList(ListPage[ArtifactPublic]):
+    pass

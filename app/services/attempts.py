@@ -1,0 +1,211 @@
+"""Running attempts: claim, heartbeat, fenced writes, finish, and the reaper.
+
+The job row is the truth. An attempt is claimed in one short UPDATE that bumps `attempt` and writes a
+lease; every later write of that attempt is an UPDATE guarded by `attempt = :mine AND status =
+'running'`, so a stale attempt (reaped, cancelled, superseded) can change nothing and learns it must
+stop. No transaction spans the training run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint
+from app.models.base import new_id, now_seconds
+from app.services.jobs import add_event
+
+
+class StaleAttempt(Exception):
+    """This attempt no longer owns the job (lease lost, job cancelled or finished elsewhere)."""
+
+
+def _fence(job_pk: int, attempt: int) -> Any:
+    return (FineTuningJob.pk == job_pk) & (FineTuningJob.attempt == attempt) & (FineTuningJob.status == "running")
+
+
+def mark_files_validated(session: Session, *, job_id: str) -> bool:
+    """validating_files -> queued once the job's files are usable; False if the job is elsewhere."""
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id).with_for_update())
+    if job is None or job.status != "validating_files":
+        return False
+    for file_id in filter(None, (job.training_file, job.validation_file)):
+        row = session.scalar(select(File).where(File.id == file_id, File.project_pk == job.project_pk))
+        if row is None or row.status != "processed":
+            job.status = "failed"
+            job.finished_at = now_seconds()
+            job.error = {"code": "invalid_file", "param": "training_file",
+                         "message": f"File {file_id} is missing or failed validation."}
+            add_event(session, job=job, level="error", message=job.error["message"])
+            session.commit()
+            return False
+    job.status = "queued"
+    add_event(session, job=job, message="Files validated; job queued.")
+    session.commit()
+    return True
+
+
+def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) -> FineTuningJob | None:
+    """Take the lease of a queued job: returns the job with its new attempt number, or None."""
+    now = time.time()
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
+    if job is None or job.status != "queued":
+        return None
+    if job.attempt >= settings.max_attempts:
+        fail_job_unfenced(session, job=job, code="too_many_attempts",
+                          message=f"The job's training process died {job.attempt} times (for example killed "
+                                  "for running out of memory); giving up. Try a smaller batch_size or "
+                                  "max_seq_length, gradient_checkpointing, or QLoRA.")
+        return None
+    result = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.pk == job.pk, FineTuningJob.status == "queued", FineTuningJob.attempt == job.attempt)
+        .values(status="running", attempt=FineTuningJob.attempt + 1, lease_owner=owner,
+                lease_expires_at=now + settings.lease_seconds, requested_action=None,
+                started_at=job.started_at or int(now))
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return None  # another worker claimed it between our read and our update
+    session.refresh(job)
+    add_event(session, job=job, message=f"Attempt {job.attempt} started on {owner}.",
+              data={"attempt": job.attempt, "worker": owner})
+    session.commit()
+    return job
+
+
+def renew_lease(session: Session, *, job_pk: int, attempt: int, settings: Settings) -> bool:
+    """Heartbeat: extend the lease; False means this attempt must stop."""
+    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt))
+                             .values(lease_expires_at=time.time() + settings.lease_seconds))
+    session.commit()
+    return result.rowcount == 1
+
+
+def requested_action(session: Session, *, job_pk: int, attempt: int) -> str:
+    """"continue", "pause" or "cancel" (which also covers a lost lease) for a running attempt."""
+    row = session.execute(select(FineTuningJob.status, FineTuningJob.attempt, FineTuningJob.requested_action)
+                          .where(FineTuningJob.pk == job_pk)).one_or_none()
+    if row is None or row.status != "running" or row.attempt != attempt:
+        return "cancel"
+    return "pause" if row.requested_action == "pause" else "continue"
+
+
+def _fenced_update(session: Session, *, job_pk: int, attempt: int, **values: Any) -> FineTuningJob:
+    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt)).values(**values))
+    if result.rowcount != 1:
+        session.rollback()
+        raise StaleAttempt(f"attempt {attempt} of job {job_pk} no longer owns the job")
+    job = session.get(FineTuningJob, job_pk)
+    assert job is not None
+    session.refresh(job)
+    return job
+
+
+def record_event(session: Session, *, job_pk: int, attempt: int, message: str, level: str = "info",
+                 type_: str = "message", data: dict[str, Any] | None = None, **job_values: Any) -> None:
+    """A fenced event (and optional job columns, e.g. progress) from the running attempt."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt,
+                         **(job_values or {"lease_owner": FineTuningJob.lease_owner}))
+    add_event(session, job=job, message=message, level=level, type_=type_, data=data)
+    session.commit()
+
+
+def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: int, metrics: dict[str, Any],
+                        blob_key: str, sha256: str, size: int) -> JobCheckpoint:
+    """Record a stored, verified checkpoint; only registered checkpoints are resumed from."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, lease_owner=FineTuningJob.lease_owner)
+    existing = session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk,
+                                                         JobCheckpoint.step_number == step))
+    if existing is not None:  # a resumed attempt saved the same step again: keep the newer bytes
+        existing.blob_key, existing.sha256, existing.bytes = blob_key, sha256, size
+        existing.metrics, existing.attempt = metrics, attempt
+        checkpoint = existing
+    else:
+        checkpoint = JobCheckpoint(id=new_id("ftckpt_"), job_pk=job_pk, step_number=step, metrics=metrics,
+                                   attempt=attempt, blob_key=blob_key, sha256=sha256, bytes=size)
+        session.add(checkpoint)
+    add_event(session, job=job, message=f"Checkpoint saved at step {step}.", data={"step": step, **metrics})
+    session.commit()
+    return checkpoint
+
+
+def latest_checkpoint(session: Session, *, job_pk: int) -> JobCheckpoint | None:
+    return session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk)
+                          .order_by(JobCheckpoint.step_number.desc()).limit(1))
+
+
+def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model: str, trained_tokens: int,
+               artifacts: list[tuple[str, str, File]]) -> None:
+    """succeeded, with its result files, in one fenced transaction."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status="succeeded",
+                         fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens,
+                         finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
+                         estimated_finish=None)
+    for name, kind, file in artifacts:
+        session.add(file)
+        session.flush()
+        session.add(JobArtifact(job_pk=job_pk, file_pk=file.pk, name=name, kind=kind))
+    add_event(session, job=job, message="The job has successfully completed.",
+              data={"fine_tuned_model": fine_tuned_model, "trained_tokens": trained_tokens})
+    session.commit()
+
+
+def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str) -> None:
+    """failed, from the running attempt (fenced)."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status="failed", finished_at=now_seconds(),
+                         error={"code": code, "message": message, "param": None},
+                         lease_owner=None, lease_expires_at=None, estimated_finish=None)
+    add_event(session, job=job, level="error", message=message)
+    session.commit()
+
+
+def fail_job_unfenced(session: Session, *, job: FineTuningJob, code: str, message: str) -> None:
+    job.status, job.finished_at = "failed", now_seconds()
+    job.error = {"code": code, "message": message, "param": None}
+    job.lease_owner, job.lease_expires_at = None, None
+    add_event(session, job=job, level="error", message=message)
+    session.commit()
+
+
+def release_job(session: Session, *, job_pk: int, attempt: int, status: str, message: str) -> None:
+    """Give the job up without finishing it: "paused" (resume later) or "queued" (run elsewhere)."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=status, lease_owner=None,
+                         lease_expires_at=None, requested_action=None, dispatched_at=None)
+    add_event(session, job=job, message=message)
+    session.commit()
+
+
+def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: str, settings: Settings) -> str:
+    """An attempt died without finishing: queue it again, or fail it once attempts run out."""
+    if attempt >= settings.max_attempts:
+        fail_job(session, job_pk=job_pk, attempt=attempt, code="too_many_attempts",
+                 message=f"Training failed {attempt} times; last failure: {reason}")
+        return "failed"
+    release_job(session, job_pk=job_pk, attempt=attempt, status="queued",
+                message=f"Attempt {attempt} ended without finishing ({reason}); the job is queued again "
+                        "and resumes from its last checkpoint.")
+    return "queued"
+
+
+def reap_expired_leases(session: Session, *, settings: Settings) -> list[str]:
+    """Requeue running jobs whose lease expired; return the ids that need dispatching."""
+    now = time.time()
+    expired = list(session.scalars(select(FineTuningJob).where(
+        FineTuningJob.status == "running", FineTuningJob.lease_expires_at < now).with_for_update(skip_locked=True)))
+    for job in expired:
+        message = (f"Attempt {job.attempt} on {job.lease_owner} stopped renewing its lease; "
+                   "the job is queued again and resumes from its last checkpoint.")
+        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = "queued", None, None, None
+        add_event(session, job=job, level="warn", message=message)
+    session.commit()
+    # Jobs accepted while the broker was down (or whose message was lost) are sent again.
+    stale = now - max(settings.lease_seconds, 60.0)
+    waiting = session.scalars(select(FineTuningJob.id).where(
+        FineTuningJob.status.in_(("validating_files", "queued")),
+        (FineTuningJob.dispatched_at.is_(None)) | (FineTuningJob.dispatched_at < stale)))
+    return list(waiting)

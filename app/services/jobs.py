@@ -1,0 +1,291 @@
+"""Fine-tuning jobs: creation (validation, "auto" resolution, idempotency), reads and state changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, Project
+from app.models.base import new_id, now_seconds
+from app.schemas.jobs import (
+    CheckpointPublic,
+    Hyperparameters,
+    JobCreate,
+    JobError,
+    JobEventPublic,
+    JobPublic,
+)
+from app.schemas.training import AdapterConfig, TrainingConfig
+from app.services.paging import page_after
+
+# Starting learning rates that work for most models; learning_rate_multiplier scales them.
+BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# OpenAI's heuristic for n_epochs "auto": see at least this many examples, at most that many.
+MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 100, 25_000, 25
+
+
+def add_event(session: Session, *, job: FineTuningJob, message: str, level: str = "info",
+              type_: str = "message", data: dict[str, Any] | None = None) -> JobEvent:
+    event = JobEvent(id=new_id("ftevent-"), job_pk=job.pk, level=level, type=type_, message=message[:2000],
+                     data=data)
+    session.add(event)
+    return event
+
+
+def _training_file(session: Session, *, project: Project, file_id: str, param: str,
+                   settings: Settings) -> File:
+    row = session.scalar(select(File).where(File.id == file_id, File.project_pk == project.pk))
+    if row is None:
+        raise InvalidRequest(f"Invalid file: no file with id {file_id!r} exists in this project.", param=param,
+                             code="invalid_file")
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"File {file_id} has purpose {row.purpose!r}; fine-tuning needs a file uploaded "
+                             "with purpose 'fine-tune'.", param=param, code="invalid_file_purpose")
+    if row.status == "error":
+        raise InvalidRequest(f"File {file_id} failed validation: {row.status_details}", param=param,
+                             code="invalid_file")
+    report = row.report or {}
+    if report.get("format") == "preference":
+        raise InvalidRequest(f"File {file_id} holds preference (DPO) examples; supervised fine-tuning needs "
+                             "chat, prompt/completion or text examples.", param=param, code="invalid_file")
+    if param == "training_file" and report.get("examples", 0) < settings.min_training_examples:
+        raise InvalidRequest(f"File {file_id} has {report.get('examples', 0)} example(s); training needs at "
+                             f"least {settings.min_training_examples}.", param=param, code="too_few_examples")
+    return row
+
+
+def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
+    """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
+    supervised = request.method.supervised if request.method and request.method.supervised else None
+    hyper = (supervised.hyperparameters if supervised and supervised.hyperparameters else None) \
+        or request.hyperparameters or Hyperparameters()
+    adapter = supervised.adapter if supervised and supervised.adapter else AdapterConfig()
+
+    n_epochs = hyper.n_epochs
+    if n_epochs == "auto":
+        n_epochs = 3
+        if n_examples * n_epochs < MIN_TARGET_EXAMPLES:
+            n_epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / max(n_examples, 1)))
+        elif n_examples * n_epochs > MAX_TARGET_EXAMPLES:
+            n_epochs = max(1, MAX_TARGET_EXAMPLES // n_examples)
+    batch_size = hyper.batch_size
+    if batch_size == "auto":
+        batch_size = max(1, min(32, n_examples // 64, n_examples)) if n_examples >= 256 else min(4, n_examples)
+    base_lr = BASE_LEARNING_RATE[adapter.type]
+    if hyper.learning_rate is not None:
+        learning_rate, multiplier = hyper.learning_rate, hyper.learning_rate / base_lr
+    else:
+        multiplier = 1.0 if hyper.learning_rate_multiplier == "auto" else float(hyper.learning_rate_multiplier)
+        learning_rate = base_lr * multiplier
+    extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
+                              exclude_none=True)
+    return TrainingConfig(adapter=adapter, n_epochs=n_epochs, batch_size=batch_size,
+                          learning_rate=learning_rate, learning_rate_multiplier=round(multiplier, 6),
+                          seed=request.seed if request.seed is not None else 42, **extras)
+
+
+def _request_hash(request: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create_job(session: Session, *, project: Project, request: JobCreate, settings: Settings,
+               idempotency_key: str | None = None) -> tuple[FineTuningJob, bool]:
+    """Validate and store a new job; returns (job, created). The caller dispatches it after commit."""
+    request_hash = _request_hash(request)
+    if idempotency_key is not None:
+        existing = _job_for_key(session, project=project, key=idempotency_key, request_hash=request_hash)
+        if existing is not None:
+            return existing, False
+    if request.method is not None and request.method.type == "dpo":
+        raise InvalidRequest("method.type 'dpo' is not supported yet; use 'supervised'.", param="method.type",
+                             code="unsupported_method")
+    catalogue = settings.catalogue()
+    if request.model not in catalogue:
+        raise InvalidRequest(f"Model {request.model!r} is not available for fine-tuning. Available: "
+                             f"{sorted(catalogue)}.", param="model", code="model_not_available")
+    training = _training_file(session, project=project, file_id=request.training_file,
+                              param="training_file", settings=settings)
+    if request.validation_file is not None:
+        _training_file(session, project=project, file_id=request.validation_file, param="validation_file",
+                       settings=settings)
+        if request.validation_file == request.training_file:
+            raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
+                                 "training data says nothing about generalisation.", param="validation_file",
+                                 code="invalid_file")
+    try:
+        config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(["method.supervised.hyperparameters", *(str(p) for p in first["loc"])])
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}",
+                             param=param, code="invalid_value") from None
+
+    job = FineTuningJob(
+        id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=request.model,
+        training_file=request.training_file, validation_file=request.validation_file,
+        status="validating_files", config=config.model_dump(mode="json"), suffix=request.suffix,
+        seed=config.seed, metadata_=request.metadata,
+        integrations={"items": [i.model_dump(mode="json") for i in request.integrations]}
+        if request.integrations else None,
+        idempotency_key=idempotency_key, request_hash=request_hash,
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the insert.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        existing = _job_for_key(session, project=project, key=idempotency_key, request_hash=request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    add_event(session, job=job, message=f"Created fine-tuning job: {job.id}")
+    session.commit()
+    return job, True
+
+
+def _job_for_key(session: Session, *, project: Project, key: str, request_hash: str) -> FineTuningJob | None:
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
+                                                     FineTuningJob.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict("This Idempotency-Key was already used with a different request body; use a new key "
+                       "for a different job.", param="Idempotency-Key", code="idempotency_key_reused")
+    return job
+
+
+def get_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id,
+                                                     FineTuningJob.project_pk == project.pk))
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(session: Session, *, project: Project, after: str | None, limit: int,
+              metadata: dict[str, str]) -> tuple[list[FineTuningJob], bool]:
+    query = select(FineTuningJob).where(FineTuningJob.project_pk == project.pk)
+    for key, value in metadata.items():
+        query = query.where(FineTuningJob.metadata_[key].as_string() == value)
+    return page_after(session, query, FineTuningJob, project_pk=project.pk, after=after, limit=limit)
+
+
+def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
+    """Cancel at once; a running attempt sees the status change and stops (the supervisor makes sure)."""
+    job = get_job(session, project=project, job_id=job_id)
+    if job.is_terminal:
+        raise InvalidRequest(f"Job {job_id} has already {job.status} and cannot be cancelled.",
+                             param="fine_tuning_job_id", code="job_not_cancellable")
+    job.status = "cancelled"
+    job.finished_at = now_seconds()
+    job.requested_action = None
+    job.lease_owner, job.lease_expires_at = None, None
+    add_event(session, job=job, message="Job cancelled by request.")
+    session.commit()
+    return job
+
+
+def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
+    """Queued jobs pause at once; a running job checkpoints first, then its attempt marks it paused."""
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status in ("validating_files", "queued"):
+        job.status = "paused"
+        add_event(session, job=job, message="Job paused before it started.")
+    elif job.status == "running":
+        job.requested_action = "pause"
+        add_event(session, job=job, message="Pause requested: the job will checkpoint and stop.")
+    elif job.status != "paused":
+        raise InvalidRequest(f"Job {job_id} has {job.status} and cannot be paused.", param="fine_tuning_job_id",
+                             code="job_not_pausable")
+    session.commit()
+    return job
+
+
+def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
+    """A paused job goes back to the queue and continues from its last checkpoint."""
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status != "paused":
+        raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
+                             param="fine_tuning_job_id", code="job_not_paused")
+    job.status = "queued"
+    job.requested_action = None
+    job.dispatched_at = None
+    add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
+    session.commit()
+    return job
+
+
+def list_events(session: Session, *, job: FineTuningJob, after: str | None, limit: int
+                ) -> tuple[list[JobEvent], bool]:
+    query = select(JobEvent).where(JobEvent.job_pk == job.pk)
+    if after:
+        after_pk = session.scalar(select(JobEvent.pk).where(JobEvent.id == after, JobEvent.job_pk == job.pk))
+        if after_pk is None:
+            raise InvalidRequest(f"Invalid 'after': no event with id {after!r} in this job.", param="after",
+                                 code="invalid_value")
+        query = query.where(JobEvent.pk < after_pk)
+    rows = list(session.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_checkpoints(session: Session, *, job: FineTuningJob, after: str | None, limit: int
+                     ) -> tuple[list[JobCheckpoint], bool]:
+    query = select(JobCheckpoint).where(JobCheckpoint.job_pk == job.pk)
+    if after:
+        after_pk = session.scalar(select(JobCheckpoint.pk).where(JobCheckpoint.id == after,
+                                                                 JobCheckpoint.job_pk == job.pk))
+        if after_pk is None:
+            raise InvalidRequest(f"Invalid 'after': no checkpoint with id {after!r} in this job.",
+                                 param="after", code="invalid_value")
+        query = query.where(JobCheckpoint.pk < after_pk)
+    rows = list(session.scalars(query.order_by(JobCheckpoint.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def fine_tuned_model_name(job: FineTuningJob, *, organization: str) -> str:
+    return f"ft:{job.base_model}:{organization}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[-8:]}"
+
+
+def job_public(session: Session, job: FineTuningJob, *, project: Project) -> JobPublic:
+    config = TrainingConfig.model_validate(job.config)
+    hyperparameters = {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
+                       "learning_rate_multiplier": config.learning_rate_multiplier}
+    full = config.model_dump(mode="json", exclude={"adapter"})
+    result_files = list(session.scalars(
+        select(File.id).join(JobArtifact, JobArtifact.file_pk == File.pk)
+        .where(JobArtifact.job_pk == job.pk).order_by(JobArtifact.pk)))
+    error = JobError(**job.error) if job.error else None
+    return JobPublic(
+        id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
+        fine_tuned_model=job.fine_tuned_model, organization_id=project.id, status=job.status, error=error,
+        hyperparameters=hyperparameters,
+        method={"type": "supervised", "supervised": {"hyperparameters": full,
+                                                     "adapter": config.adapter.model_dump(mode="json")}},
+        training_file=job.training_file, validation_file=job.validation_file, result_files=result_files,
+        trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
+        integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
+        progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
+    )
+
+
+def event_public(event: JobEvent) -> JobEventPublic:
+    return JobEventPublic(id=event.id, created_at=event.created_at, level=event.level, message=event.message,
+                          type=event.type, data=event.data)
+
+
+def checkpoint_public(checkpoint: JobCheckpoint, *, job: FineTuningJob, project: Project) -> CheckpointPublic:
+    base = job.fine_tuned_model or fine_tuned_model_name(job, organization=project.name)
+    return CheckpointPublic(id=checkpoint.id, created_at=checkpoint.created_at,
+                            fine_tuned_model_checkpoint=f"{base}:ckpt-step-{checkpoint.step_number}",
+                            fine_tuning_job_id=job.id, step_number=checkpoint.step_number,
+                            metrics=checkpoint.metrics)

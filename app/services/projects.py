@@ -1,0 +1,55 @@
+"""Projects (tenants) and their API keys."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.security import generate_api_key, hash_api_key, keys_match
+from app.models import ApiKey, Project
+from app.models.base import new_id, now_seconds
+
+
+def get_or_create_project(session: Session, *, name: str) -> Project:
+    """The project called name, created on first use."""
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(id=new_id("proj_"), name=name)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def create_api_key(session: Session, *, project_name: str, name: str = "", is_admin: bool = False) -> tuple[ApiKey, str]:
+    """A new key for the project; the plain key is returned once and never stored."""
+    project = get_or_create_project(session, name=project_name)
+    key = generate_api_key()
+    row = ApiKey(id=new_id("key_"), project_pk=project.pk, name=name, key_hash=hash_api_key(key),
+                 key_prefix=key[:10], is_admin=is_admin)
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def authenticate(session: Session, *, key: str) -> tuple[Project, ApiKey] | None:
+    """The project a live key belongs to, or None."""
+    presented = hash_api_key(key)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == presented, ApiKey.revoked_at.is_(None)))
+    if row is None or not keys_match(presented, row.key_hash):
+        return None
+    project = session.get(Project, row.project_pk)
+    return (project, row) if project is not None else None
+
+
+def list_api_keys(session: Session) -> list[tuple[ApiKey, Project]]:
+    rows = session.execute(select(ApiKey, Project).join(Project, ApiKey.project_pk == Project.pk)
+                           .order_by(ApiKey.pk))
+    return [(key, project) for key, project in rows.tuples()]
+
+
+def revoke_api_key(session: Session, *, key_id: str) -> bool:
+    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id))
+    if row is None:
+        return False
+    row.revoked_at = row.revoked_at or now_seconds()
+    return True

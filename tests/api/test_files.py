@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import upload, upload_chat
+from tests.conftest import chat_lines, jsonl
+
+
+def test_upload_valid_chat_file_is_processed_with_report(client: TestClient) -> None:
+    response = upload(client, jsonl(chat_lines(12)))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "file" and body["purpose"] == "fine-tune" and body["status"] == "processed"
+    assert body["id"].startswith("file-") and body["bytes"] == len(jsonl(chat_lines(12)))
+    report = client.get(f"/v1/files/{body['id']}/validation_report").json()["report"]
+    assert report["format"] == "chat" and report["examples"] == 12 and report["error_count"] == 0
+
+
+def test_upload_that_is_not_jsonl_is_refused_and_not_listed(client: TestClient) -> None:
+    response = upload(client, b"name,age\nalice,3\n", filename="data.csv")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_file_format" and error["param"] == "file"
+    assert "not JSONL" in error["message"]
+    assert client.get("/v1/files").json()["data"] == []
+
+
+def test_upload_with_bad_lines_reports_each_with_its_line_number(client: TestClient) -> None:
+    rows = [json.dumps(r) for r in chat_lines(3)]
+    rows.insert(1, "{not json")
+    rows.append(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    rows.append(json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant"}]}))
+    response = upload(client, ("\n".join(rows) + "\n").encode())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "error" and "invalid example" in body["status_details"]
+    report = client.get(f"/v1/files/{body['id']}/validation_report").json()["report"]
+    codes = {(e["line"], e["code"]) for e in report["errors"]}
+    assert (2, "invalid_json") in codes
+    assert (5, "example_missing_assistant_message") in codes
+    assert (6, "unrecognized_role") in codes and (6, "missing_content") in codes
+    assert report["examples"] == 3
+
+
+def test_upload_with_wrong_purpose_is_refused(client: TestClient) -> None:
+    response = upload(client, jsonl(chat_lines(12)), purpose="assistants")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "purpose"
+
+
+def test_file_content_round_trips_and_supports_ranges(client: TestClient) -> None:
+    content = jsonl(chat_lines(12))
+    file_id = upload(client, content).json()["id"]
+    assert client.get(f"/v1/files/{file_id}/content").content == content
+    partial = client.get(f"/v1/files/{file_id}/content", headers={"Range": "bytes=10-19"})
+    assert partial.status_code == 206 and partial.content == content[10:20]
+    assert partial.headers["content-range"] == f"bytes 10-19/{len(content)}"
+    assert client.get(f"/v1/files/{file_id}/content", headers={"Range": "bytes=999999-"}).status_code == 416
+
+
+def test_list_files_pages_with_after_and_has_more(client: TestClient) -> None:
+    ids = [upload_chat(client, offset=i) for i in range(5)]
+    first = client.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+    assert first["first_id"] == ids[4] and first["last_id"] == ids[3]
+    rest = client.get("/v1/files", params={"limit": 10, "after": first["last_id"]}).json()
+    assert [f["id"] for f in rest["data"]] == ids[::-1][2:] and rest["has_more"] is False
+    assert client.get("/v1/files", params={"limit": 0}).status_code == 400
+
+
+def test_delete_file_removes_it(client: TestClient) -> None:
+    file_id = upload_chat(client)
+    response = client.delete(f"/v1/files/{file_id}")
+    assert response.json() == {"id": file_id, "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{file_id}").status_code == 404
+
+
+def test_another_projects_file_is_not_found(client: TestClient, other_client: TestClient) -> None:
+    file_id = upload_chat(client)
+    for method, path in [("get", f"/v1/files/{file_id}"), ("get", f"/v1/files/{file_id}/content"),
+                         ("delete", f"/v1/files/{file_id}")]:
+        response = getattr(other_client, method)(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["message"] == f"No such File object: {file_id}"
+    assert client.get(f"/v1/files/{file_id}").status_code == 200
+
+
+def test_missing_or_wrong_api_key_is_401_in_the_envelope(client: TestClient) -> None:
+    from app.main import app
+
+    with TestClient(app) as anonymous:
+        response = anonymous.get("/v1/files")
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+        response = anonymous.get("/v1/files", headers={"Authorization": "Bearer tf-wrong"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import upload_chat
+
+
+def create(client: TestClient, **overrides: Any) -> Any:
+    body: dict[str, Any] = {"model": "tiny-llama", "training_file": upload_chat(client)}
+    body.update(overrides)
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def test_create_job_resolves_auto_and_echoes_the_config(client: TestClient) -> None:
+    response = create(client, suffix="colours", seed=7, metadata={"team": "search"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "validating_files" and job["fine_tuned_model"] is None
+    assert job["finished_at"] is None and job["trained_tokens"] is None and job["error"] is None
+    # 12 examples: auto epochs reach at least 100 examples seen; auto batch is 4 on small data.
+    assert job["hyperparameters"] == {"n_epochs": 9, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    supervised = job["method"]["supervised"]
+    assert supervised["hyperparameters"]["learning_rate"] == 2e-4
+    assert supervised["adapter"]["type"] == "lora" and supervised["adapter"]["r"] == 16
+    assert job["seed"] == 7 and job["suffix"] == "colours" and job["metadata"] == {"team": "search"}
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]
+
+
+def test_create_job_accepts_every_extension_knob(client: TestClient) -> None:
+    hyper = {"n_epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
+             "max_seq_length": 256, "packing": True, "gradient_accumulation_steps": 2}
+    adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+               "quantization": {"quant_type": "fp4", "double_quant": False}}
+    response = create(client, method={"type": "supervised", "supervised": {"hyperparameters": hyper,
+                                                                           "adapter": adapter}})
+    assert response.status_code == 200, response.text
+    resolved = response.json()["method"]["supervised"]
+    assert resolved["hyperparameters"]["lr_scheduler"] == "cosine" and resolved["hyperparameters"]["packing"]
+    assert resolved["adapter"]["quantization"]["quant_type"] == "fp4"
+    assert response.json()["hyperparameters"]["learning_rate_multiplier"] == 5.0
+
+
+def test_bad_requests_get_the_error_envelope_naming_the_param(client: TestClient, other_client: TestClient
+                                                              ) -> None:
+    file_id = upload_chat(client)
+    cases = [
+        ({"training_file": file_id}, "model", "missing_required_parameter"),
+        ({"model": "gpt-9", "training_file": file_id}, "model", "model_not_available"),
+        ({"model": "tiny-llama", "training_file": "file-nope"}, "training_file", "invalid_file"),
+        ({"model": "tiny-llama", "training_file": file_id, "colour": "red"}, "colour", "unknown_parameter"),
+        ({"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 99}},
+         "hyperparameters.n_epochs", "invalid_value"),
+        ({"model": "tiny-llama", "training_file": file_id, "suffix": "../etc"}, "suffix", "invalid_value"),
+        ({"model": "tiny-llama", "training_file": file_id,
+          "method": {"type": "supervised", "supervised": {"adapter": {"type": "lora", "r": 0}}}},
+         "method.supervised.adapter.r", "invalid_value"),
+        ({"model": "tiny-llama", "training_file": file_id,
+          "method": {"supervised": {"hyperparameters": {"early_stopping_patience": 2}}}},
+         "method.supervised.hyperparameters", "invalid_value"),
+    ]
+    for body, param, code in cases:
+        response = client.post("/v1/fine_tuning/jobs", json=body)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), (body, error)
+        assert error["type"] == "invalid_request_error" and error["message"]
+    foreign = other_client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id})
+    assert foreign.status_code == 400 and foreign.json()["error"]["param"] == "training_file"
+    malformed = client.post("/v1/fine_tuning/jobs", content=b"{not json",
+                            headers={"content-type": "application/json"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing half-created
+
+
+def test_file_with_too_few_examples_or_wrong_purpose_is_refused(client: TestClient) -> None:
+    small = upload_chat(client, n=3)
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": small})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_few_examples"
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    for path in ["/v1/fine_tuning/jobs/ftjob-nope", "/v1/fine_tuning/jobs/ftjob-nope/events",
+                 "/v1/fine_tuning/jobs/ftjob-nope/checkpoints", "/v1/fine_tuning/jobs/ftjob-nope/artifacts"]:
+        response = client.get(path)
+        assert response.status_code == 404 and response.json()["error"]["message"].startswith("No such"), path
+
+
+def test_cancel_queued_job_then_cancel_again_is_refused(client: TestClient) -> None:
+    job_id = create(client).json()["id"]
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "job_not_cancellable"
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+    assert messages[0] == "Job cancelled by request." and messages[-1].startswith("Created fine-tuning job")
+
+
+def test_deleting_a_file_a_pending_job_needs_is_refused(client: TestClient) -> None:
+    job = create(client).json()
+    response = client.delete(f"/v1/files/{job['training_file']}")
+    assert response.status_code == 409 and response.headers["x-should-retry"] == "false"
+    assert job["id"] in response.json()["error"]["message"]
+
+
+def test_idempotency_key_returns_the_same_job_and_refuses_a_different_body(client: TestClient) -> None:
+    file_id = upload_chat(client)
+    body = {"model": "tiny-llama", "training_file": file_id}
+    first = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
+    second = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
+    assert first["id"] == second["id"]
+    other = client.post("/v1/fine_tuning/jobs", json={**body, "suffix": "x"}, headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(client.get("/v1/fine_tuning/jobs").json()["data"]) == 1
+
+
+def test_list_jobs_pages_and_filters_by_metadata(client: TestClient) -> None:
+    ids = [create(client, metadata={"n": str(i)}).json()["id"] for i in range(3)]
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]] and page["has_more"]
+    rest = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": ids[1]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
+    filtered = client.get("/v1/fine_tuning/jobs", params={"metadata[n]": "1"}).json()
+    assert [j["id"] for j in filtered["data"]] == [ids[1]]
+
+
+def test_models_list_the_catalogue(client: TestClient) -> None:
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    assert client.get("/v1/models/tiny-llama").json()["object"] == "model"
+    assert client.get("/v1/models/nope").status_code == 404

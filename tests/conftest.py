@@ -1,0 +1,88 @@
+"""Shared test setup: a real Postgres database (savepoint per test), real Redis, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="tuneforge-tests-"))
+
+# Settings are read from the environment once per process: set them before any app import.
+os.environ.update({
+    "TUNEFORGE_DATABASE_URL": f"{PG_ADMIN_URL}/tuneforge_test",
+    "TUNEFORGE_BROKER_URL": f"{REDIS_URL}/15",
+    "TUNEFORGE_DATA_DIR": str(_SESSION_DIR / "data"),
+    "TUNEFORGE_CATALOGUE_FILE": str(_SESSION_DIR / "catalogue.json"),
+    "TUNEFORGE_REQUIRE_API_KEYS": "true",
+    "TUNEFORGE_STORAGE_BACKEND": "database",
+})
+TINY_MODEL_PATH = _SESSION_DIR / "models" / "tiny-llama"
+Path(os.environ["TUNEFORGE_CATALOGUE_FILE"]).write_text(json.dumps({"tiny-llama": {"path": str(TINY_MODEL_PATH)}}))
+
+
+def recreate_database(name: str) -> str:
+    """Drop and create a Postgres database, migrate it, and return its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = f"{PG_ADMIN_URL}/{name}"
+    from app.cli import run_migrations
+
+    run_migrations(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    return recreate_database("tuneforge_test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny Llama model, built once per test session and registered as "tiny-llama"."""
+    if not (TINY_MODEL_PATH / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "worker.training.tiny_model", str(TINY_MODEL_PATH)], check=True)
+    return TINY_MODEL_PATH
+
+
+@pytest.fixture
+def session(database_url: str) -> Iterator[object]:
+    """A session inside a transaction that is rolled back after the test; commits become savepoints."""
+    from sqlalchemy.orm import Session
+
+    from app.core.db import get_engine
+
+    connection = get_engine().connect()
+    transaction = connection.begin()
+    db = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield db
+    finally:
+        db.close()
+        transaction.rollback()
+        connection.close()
+
+
+def chat_lines(n: int, *, offset: int = 0) -> list[dict[str, object]]:
+    """n small chat examples that a tiny model can learn (a fixed answer per key)."""
+    return [{"messages": [{"role": "system", "content": "You map codes to colours."},
+                          {"role": "user", "content": f"code {i + offset}"},
+                          {"role": "assistant", "content": ["red", "blue", "green"][(i + offset) % 3]}]}
+            for i in range(n)]
+
+
+def jsonl(rows: list[dict[str, object]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()

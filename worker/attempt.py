@@ -1,0 +1,145 @@
+"""One attempt of one job, run in its own process: `python -m worker.attempt JOB_ID ATTEMPT`.
+
+The supervisor (worker/supervisor.py) starts this process fresh (spawned, never forked: CUDA does not
+survive fork), renews the lease while it runs and kills it when the job is cancelled or the lease is
+lost. Everything here writes through fenced updates, so a stale attempt changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.core.storage import Storage, get_storage
+from app.models import File, FineTuningJob, Project
+from app.schemas.training import TrainingConfig
+from app.services import attempts
+from app.services.files import build_result_file
+from app.services.jobs import fine_tuned_model_name
+from worker.archive import extract_tar, file_chunks, tar_directory
+from worker.reporter import DatabaseReporter
+
+logger = logging.getLogger("tuneforge.attempt")
+
+EXIT_OK, EXIT_STALE = 0, 3
+
+
+def _download(storage: Storage, *, file_id: str, project_pk: int, target: Path) -> Path:
+    with session_scope() as session:
+        row = session.scalar(select(File).where(File.id == file_id, File.project_pk == project_pk))
+        if row is None:
+            raise FileNotFoundError(f"file {file_id} was deleted while the job waited")
+        key = row.blob_key
+    with open(target, "wb") as out:
+        for chunk in storage.read(key):
+            out.write(chunk)
+    return target
+
+
+def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | None:
+    """The last registered checkpoint, downloaded and verified against its manifest."""
+    from worker.training.checkpoint import verify_checkpoint
+
+    with session_scope() as session:
+        checkpoint = attempts.latest_checkpoint(session, job_pk=job_pk)
+        if checkpoint is None:
+            return None
+        key, step = checkpoint.blob_key, checkpoint.step_number
+    target = extract_tar(storage.read(key), workdir / "resume" / f"step-{step}")
+    if not verify_checkpoint(target):
+        raise RuntimeError(f"registered checkpoint at step {step} does not match its manifest")
+    return target
+
+
+def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
+    """Train one attempt end to end and record the outcome; returns the process exit code."""
+    from worker.training.recipe import train
+    from worker.training.reporting import StaleAttempt, TrainingCancelled, TrainingPaused
+
+    storage = get_storage()
+    with session_scope() as session:
+        job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
+        if job is None or job.attempt != attempt or job.status != "running":
+            return EXIT_STALE
+        project = session.get(Project, job.project_pk)
+        assert project is not None
+        job_pk, project_pk, organization = job.pk, job.project_pk, project.name
+        config = TrainingConfig.model_validate(job.config)
+        base_model, training_file, validation_file = job.base_model, job.training_file, job.validation_file
+        integrations = (job.integrations or {}).get("items") or []
+        model_name = fine_tuned_model_name(job, organization=organization)
+
+    workdir = (settings.data_dir / "work" / job_id / f"attempt-{attempt}").resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    reporter = DatabaseReporter(job_pk=job_pk, job_id=job_id, attempt=attempt, storage=storage,
+                                settings=settings, scratch=workdir)
+    try:
+        entry = settings.catalogue().get(base_model)
+        if entry is None:
+            raise ValueError(f"base model {base_model!r} was removed from the catalogue")
+        train_path = _download(storage, file_id=training_file, project_pk=project_pk, target=workdir / "train.jsonl")
+        valid_path = (_download(storage, file_id=validation_file, project_pk=project_pk,
+                                target=workdir / "validation.jsonl") if validation_file else None)
+        resume_from = _resume_point(storage, job_pk=job_pk, workdir=workdir)
+        if resume_from is not None:
+            reporter.event(f"Resuming from the checkpoint at {resume_from.name}.")
+        wandb = next((i["wandb"] for i in integrations if i.get("type") == "wandb"), None)
+        result = train(config, model_path=Path(entry.path), train_file=train_path, validation_file=valid_path,
+                       output_dir=workdir / "output", reporter=reporter, resume_from=resume_from, wandb=wandb)
+        adapter_name = "model" if config.adapter.type == "full" else "adapter"
+        outputs = [
+            (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),
+             f"{job_id}-{adapter_name}.tar"),
+            ("metrics", "metrics", result.metrics_csv, f"{job_id}-metrics.csv"),
+            ("config", "config", result.final_dir / "training_config.json", f"{job_id}-training_config.json"),
+        ]
+        files = []
+        for name, kind, path, filename in outputs:
+            stored = storage.write(f"artifacts/{job_id}/{name}-attempt-{attempt}", file_chunks(path))
+            row = build_result_file(project_pk=project_pk, filename=filename, blob_key=stored.key,
+                                         size=stored.bytes, sha256=stored.sha256)
+            files.append((name, kind, row))
+        with session_scope() as session:
+            attempts.finish_job(session, job_pk=job_pk, attempt=attempt, fine_tuned_model=model_name,
+                                trained_tokens=result.trained_tokens, artifacts=files)
+        return EXIT_OK
+    except TrainingCancelled:
+        return EXIT_OK  # the job row already says cancelled (or another attempt owns it)
+    except TrainingPaused:
+        with session_scope() as session:
+            attempts.release_job(session, job_pk=job_pk, attempt=attempt, status="paused",
+                                 message="Job paused after saving a checkpoint; resume it to continue.")
+        return EXIT_OK
+    except (StaleAttempt, attempts.StaleAttempt):
+        logger.warning("attempt %s of %s lost its lease; stopping", attempt, job_id)
+        return EXIT_STALE
+    except Exception as exc:
+        logger.error("attempt %s of %s failed:\n%s", attempt, job_id, traceback.format_exc())
+        message = str(exc) if isinstance(exc, ValueError | FileNotFoundError) else \
+            f"Training failed with {type(exc).__name__}: {exc}"
+        try:
+            with session_scope() as session:
+                attempts.fail_job(session, job_pk=job_pk, attempt=attempt,
+                                  code="training_error" if not isinstance(exc, ValueError) else "invalid_training",
+                                  message=message)
+        except attempts.StaleAttempt:
+            return EXIT_STALE
+        return EXIT_OK
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job_id, attempt = sys.argv[1], int(sys.argv[2])
+    sys.exit(run_attempt(job_id, attempt, settings=get_settings()))
+
+
+if __name__ == "__main__":
+    main()

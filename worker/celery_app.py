@@ -1,0 +1,70 @@
+"""The Celery app, built from the same Settings as the API. Celery only delivers work: job state,
+leases and retries live in the database (see app/services/attempts.py), so every option below is
+chosen for delivery, not for correctness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from app.core.config import Settings, get_settings
+
+RUN_JOB_TASK = "tuneforge.run_job"
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The broker URL and transport options; the embedded broker is a folder (no server needed)."""
+    if not settings.embedded_broker:
+        return settings.broker_url, {
+            # A training task holds no broker message while it runs (acks early, see below), so the
+            # visibility timeout only matters for messages that wait; an hour is Redis' default.
+            "visibility_timeout": 3600,
+        }
+    root = (settings.data_dir / "broker").resolve()
+    for sub in ("out", "processed"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {
+        "data_folder_in": str(root / "out"),
+        "data_folder_out": str(root / "out"),
+        "processed_folder": str(root / "processed"),
+        "store_processed": False,
+    }
+
+
+def build_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    url, transport_options = broker_options(settings)
+    app = Celery("tuneforge", broker=url, include=["worker.tasks.training"])
+    app.conf.update(
+        broker_transport_options=transport_options,
+        # Keep retrying the broker at startup: in compose the worker may start before Redis.
+        broker_connection_retry_on_startup=True,
+        # Job state lives in the database; a result backend would be a second, stale copy.
+        task_ignore_result=True,
+        # Ack on receipt (the default): redelivery is not how jobs survive crashes. A job whose worker
+        # dies keeps an expiring lease in the database and the reaper re-dispatches it; acks_late would
+        # instead re-run a 3-hour job every visibility timeout and loop on OOM kills.
+        task_acks_late=False,
+        # One training job at a time per worker process; never reserve a second one while training.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        task_default_queue=settings.training_queue,
+        task_routes={RUN_JOB_TASK: {"queue": settings.training_queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        # Only our log lines; Celery's hijacking of the root logger hides worker errors in tests.
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+celery_app = build_celery()
+
+
+@worker_ready.connect
+def _start_reaper(**_kwargs: Any) -> None:
+    from worker.reaper import start_reaper
+
+    start_reaper(settings=get_settings())

@@ -1,0 +1,45 @@
+"""The reaper: requeues jobs whose lease expired and re-sends jobs whose dispatch was lost.
+
+Every worker runs it in a background thread; the claims are transactional, so several reapers at
+once do no harm (embedded mode needs no separate beat process)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.services import attempts
+from app.services.dispatch import dispatch_job
+
+logger = logging.getLogger("tuneforge.reaper")
+
+
+def reap_once(*, settings: Settings) -> list[str]:
+    """One pass; returns the job ids sent to the broker."""
+    with session_scope() as session:
+        waiting = attempts.reap_expired_leases(session, settings=settings)
+    sent = []
+    for job_id in waiting:
+        with session_scope() as session:
+            if dispatch_job(session, job_id=job_id):
+                sent.append(job_id)
+    return sent
+
+
+def start_reaper(*, settings: Settings) -> threading.Thread:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reaper_interval_seconds):
+            try:
+                sent = reap_once(settings=settings)
+                if sent:
+                    logger.info("reaper re-dispatched %s", sent)
+            except Exception:  # database or broker down: try again next round
+                logger.exception("reaper pass failed")
+
+    thread = threading.Thread(target=loop, name="tuneforge-reaper", daemon=True)
+    thread.start()
+    return thread

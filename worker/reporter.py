@@ -1,0 +1,71 @@
+"""The training recipe's Reporter, backed by the database with every write fenced by attempt."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.storage import Storage
+from app.services import attempts
+from worker.archive import file_chunks, tar_directory
+from worker.training.reporting import StaleAttempt as TrainingStaleAttempt
+
+METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+               "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
+class DatabaseReporter:
+    """Events, metrics, checkpoints and control for one attempt of one job."""
+
+    def __init__(self, *, job_pk: int, job_id: str, attempt: int, storage: Storage, settings: Settings,
+                 scratch: Path) -> None:
+        self.job_pk, self.job_id, self.attempt = job_pk, job_id, attempt
+        self.storage, self.settings, self.scratch = storage, settings, scratch
+        self.started = time.time()
+        self._last_control, self._last_answer = 0.0, "continue"
+
+    def _guard(self, write: Any, **kwargs: Any) -> Any:
+        try:
+            with session_scope() as session:
+                return write(session, job_pk=self.job_pk, attempt=self.attempt, **kwargs)
+        except attempts.StaleAttempt as exc:
+            raise TrainingStaleAttempt(str(exc)) from exc
+
+    def event(self, message: str, *, level: Literal["info", "warn", "error"] = "info",
+              data: dict[str, Any] | None = None) -> None:
+        self._guard(attempts.record_event, message=message, level=level, data=data)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        step, total = int(data["step"]), int(data.get("total_steps") or 0)
+        elapsed = time.time() - self.started
+        estimated = int(time.time() + elapsed / step * (total - step)) if step and total else None
+        loss = data.get("train_loss")
+        message = f"Step {step}/{total}: training loss={loss:.4f}" if isinstance(loss, float) else f"Step {step}"
+        self._guard(attempts.record_event, message=message, type_="metrics", data=data, step=step,
+                    total_steps=total or None, estimated_finish=estimated)
+
+    def checkpoint_saved(self, *, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        archive = tar_directory(path, self.scratch / f"checkpoint-step-{step}.tar")
+        key = f"checkpoints/{self.job_id}/step-{step}-attempt-{self.attempt}.tar"
+        stored = self.storage.write(key, file_chunks(archive))
+        archive.unlink()
+        wire = {k: metrics[k] for k in METRIC_KEYS if metrics.get(k) is not None}
+        wire.setdefault("step", step)
+        try:
+            self._guard(attempts.register_checkpoint, step=step, metrics=wire, blob_key=key,
+                        sha256=stored.sha256, size=stored.bytes)
+        except TrainingStaleAttempt:
+            self.storage.delete(key)
+            raise
+
+    def control(self) -> Literal["continue", "cancel", "pause"]:
+        # One small read a second at most: cancel still lands within the 10-second promise.
+        now = time.monotonic()
+        if now - self._last_control >= 1.0:
+            with session_scope() as session:
+                self._last_answer = attempts.requested_action(session, job_pk=self.job_pk, attempt=self.attempt)
+            self._last_control = now
+        return self._last_answer  # type: ignore[return-value]
