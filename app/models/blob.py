@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import BigIntKey, Base, now_seconds
+from app.models.base import Base, BigIntKey, now_seconds
 
 
 class Blob(Base):

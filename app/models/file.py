@@ -5,7 +5,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import BigIntKey, Base, JSONType, KeyedMixin, now_seconds
+from app.models.base import Base, BigIntKey, JSONType, KeyedMixin, now_seconds
 
 
 class File(KeyedMixin, Base):

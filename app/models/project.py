@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import Boolean, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import BigIntKey, Base, KeyedMixin, now_seconds
+from app.models.base import Base, BigIntKey, KeyedMixin, now_seconds
 
 
 class Project(KeyedMixin, Base):

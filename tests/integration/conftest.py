@@ -1,0 +1,118 @@
+"""Real processes: `tuneforge api` and `tuneforge worker` against Postgres and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PG_ADMIN_URL, REDIS_URL, recreate_database
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(url: str, *, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Service:
+    base_url: str
+    api_key: str
+    env: dict[str, str]
+    root: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+        env = {**self.env, "TUNEFORGE_WORKER_NAME": name}
+        log = open(self.root / f"worker-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers.append(process)
+        return process
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
+                            timeout=30)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
+    """API and one worker as separate processes, sharing only Postgres and Redis."""
+    import redis
+
+    root = tmp_path_factory.mktemp("service")
+    database_url = recreate_database("tuneforge_it")
+    redis.Redis.from_url(f"{REDIS_URL}/14").flushdb()
+    catalogue = root / "catalogue.json"
+    catalogue.write_text(json.dumps({"tiny-llama": {"path": str(tiny_model_dir)}}))
+    env = {**os.environ,
+           "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_BROKER_URL": f"{REDIS_URL}/14",
+           "TUNEFORGE_DATA_DIR": str(root / "data"), "TUNEFORGE_CATALOGUE_FILE": str(catalogue),
+           "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
+           "TUNEFORGE_HEARTBEAT_SECONDS": "1", "TUNEFORGE_LEASE_SECONDS": "8",
+           "TUNEFORGE_REAPER_INTERVAL_SECONDS": "2", "TUNEFORGE_MIN_TRAINING_EXAMPLES": "10"}
+    created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
+                             check=True, capture_output=True, text=True)
+    key = json.loads(created.stdout.strip().splitlines()[-1])["key"]
+    port = free_port()
+    api_log = open(root / "api.log", "ab")  # noqa: SIM115
+    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env,
+                           stdout=api_log, stderr=subprocess.STDOUT)
+    svc = Service(base_url=f"http://127.0.0.1:{port}", api_key=key, env=env, root=root)
+    svc.start_worker("worker-1")
+    try:
+        wait_until_up(f"{svc.base_url}/healthz", process=api)
+        yield svc
+    finally:
+        for process in [api, *svc.workers]:
+            stop(process)
+        for log in sorted(root.glob("*.log")):
+            sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout}s: {job}")
+
+
+__all__ = ["PG_ADMIN_URL", "Service", "free_port", "stop", "wait_for_status", "wait_until_up"]

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import JobEvent
+from app.services import attempts
+from tests.factories import create_job
+
+SETTINGS = Settings(lease_seconds=10, heartbeat_seconds=1, max_attempts=2)
+
+
+def test_claim_takes_a_queued_job_once(session: Session) -> None:
+    job = create_job(session)
+    claimed = attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    assert claimed is not None and claimed.status == "running" and claimed.attempt == 1
+    assert claimed.lease_owner == "w1" and claimed.lease_expires_at > time.time()
+    assert attempts.claim_job(session, job_id=job.id, owner="w2", settings=SETTINGS) is None
+
+
+def test_writes_of_a_stale_attempt_are_rejected(session: Session) -> None:
+    job = create_job(session)
+    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    # The lease expires and the reaper requeues; a second attempt claims the job.
+    job.lease_expires_at = time.time() - 1
+    session.commit()
+    assert attempts.reap_expired_leases(session, settings=SETTINGS) == [job.id]
+    second = attempts.claim_job(session, job_id=job.id, owner="w2", settings=SETTINGS)
+    assert second is not None and second.attempt == 2
+    with pytest.raises(attempts.StaleAttempt):
+        attempts.record_event(session, job_pk=job.pk, attempt=1, message="late metrics")
+    assert not attempts.renew_lease(session, job_pk=job.pk, attempt=1, settings=SETTINGS)
+    with pytest.raises(attempts.StaleAttempt):
+        attempts.finish_job(session, job_pk=job.pk, attempt=1, fine_tuned_model="ft:x", trained_tokens=1,
+                            artifacts=[])
+    assert attempts.requested_action(session, job_pk=job.pk, attempt=1) == "cancel"
+    attempts.record_event(session, job_pk=job.pk, attempt=2, message="fresh metrics")
+    messages = list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
+    assert "fresh metrics" in messages and "late metrics" not in messages
+
+
+def test_crashed_attempts_requeue_until_the_limit_then_fail(session: Session) -> None:
+    job = create_job(session)
+    first = attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    assert first is not None
+    assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=1, reason="killed", settings=SETTINGS) \
+        == "queued"
+    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=2, reason="killed by signal 9",
+                                        settings=SETTINGS) == "failed"
+    session.refresh(job)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "too_many_attempts"
+    assert "killed by signal 9" in job.error["message"]
+
+
+def test_cancelled_job_tells_its_running_attempt_to_stop(session: Session) -> None:
+    from app.models import Project
+    from app.services.jobs import cancel_job
+
+    job = create_job(session)
+    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    assert attempts.requested_action(session, job_pk=job.pk, attempt=1) == "continue"
+    project = session.get(Project, job.project_pk)
+    assert project is not None
+    cancel_job(session, project=project, job_id=job.id)
+    assert attempts.requested_action(session, job_pk=job.pk, attempt=1) == "cancel"
+    assert not attempts.renew_lease(session, job_pk=job.pk, attempt=1, settings=SETTINGS)
+
+
+def test_reaper_redispatches_jobs_whose_dispatch_was_lost(session: Session) -> None:
+    waiting = create_job(session, status="queued", dispatched_at=None)
+    recent = create_job(session, status="queued", dispatched_at=time.time())
+    found = attempts.reap_expired_leases(session, settings=SETTINGS)
+    assert waiting.id in found and recent.id not in found
