@@ -52,8 +52,9 @@ def main() -> None:
               f"trained_tokens={job['trained_tokens']} error={job['error']}")
         if job["status"] == "succeeded":
             path = f"{job['id']}-adapter.tar"
-            with open(path, "wb") as out, client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter") as r:
-                for chunk in r.iter_bytes():
+            url = f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter"
+            with open(path, "wb") as out, client.stream("GET", url) as response:
+                for chunk in response.iter_bytes():
                     out.write(chunk)
             print(f"adapter saved to {path}")
 

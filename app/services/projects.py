@@ -20,7 +20,8 @@ def get_or_create_project(session: Session, *, name: str) -> Project:
     return project
 
 
-def create_api_key(session: Session, *, project_name: str, name: str = "", is_admin: bool = False) -> tuple[ApiKey, str]:
+def create_api_key(session: Session, *, project_name: str, name: str = "",
+                   is_admin: bool = False) -> tuple[ApiKey, str]:
     """A new key for the project; the plain key is returned once and never stored."""
     project = get_or_create_project(session, name=project_name)
     key = generate_api_key()
