@@ -68,13 +68,13 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 @app.command()
-def worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
-    """Run a training worker (one per GPU): takes jobs from the training queue."""
+def worker(loglevel: str = "INFO") -> None:
+    """Run a training worker (one per GPU; run more processes for more GPUs): takes jobs from the queue."""
     from app.core.config import get_settings
     from worker.celery_app import celery_app
 
     settings = get_settings()
-    celery_app.worker_main(["worker", "-Q", settings.training_queue, f"--concurrency={concurrency}",
+    celery_app.worker_main(["worker", "-Q", settings.training_queue, "--pool=solo",
                             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
                             "-n", f"tuneforge-{os.getpid()}@%h"])
 

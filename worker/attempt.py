@@ -21,6 +21,7 @@ from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, Project
 from app.schemas.training import TrainingConfig
 from app.services import attempts
+from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
@@ -115,8 +116,10 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)
     except TrainingPaused:
         with session_scope() as session:
-            attempts.release_job(session, job_pk=job_pk, attempt=attempt, status="paused",
-                                 message="Job paused after saving a checkpoint; resume it to continue.")
+            outcome = attempts.stop_after_checkpoint(session, job_pk=job_pk, attempt=attempt)
+        if outcome == "queued":
+            with session_scope() as session:
+                dispatch_job(session, job_id=job_id)
         return EXIT_OK
     except (StaleAttempt, attempts.StaleAttempt):
         logger.warning("attempt %s of %s lost its lease; stopping", attempt, job_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from app.core.config import Settings, get_settings
 
@@ -48,8 +48,11 @@ def build_celery(settings: Settings | None = None) -> Celery:
         # instead re-run a 3-hour job every visibility timeout and loop on OOM kills.
         task_acks_late=False,
         # One training job at a time per worker process; never reserve a second one while training.
+        # The solo pool runs the task in the worker's main process, where the SIGTERM handler runs too,
+        # so a shutdown can ask the training child to checkpoint and release (worker/supervisor.py).
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
+        worker_pool="solo",
         task_default_queue=settings.training_queue,
         task_routes={RUN_JOB_TASK: {"queue": settings.training_queue}},
         task_serializer="json",
@@ -68,3 +71,10 @@ def _start_reaper(**_kwargs: Any) -> None:
     from worker.reaper import start_reaper
 
     start_reaper(settings=get_settings())
+
+
+@worker_shutting_down.connect
+def _release_running_job(**_kwargs: Any) -> None:
+    from worker.supervisor import request_shutdown
+
+    request_shutdown()

@@ -3,6 +3,7 @@ is a thin wrapper, and tests call these functions directly."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from app.services import attempts
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
 
+# Set when this worker process is asked to shut down (SIGTERM): the running attempt checkpoints,
+# gives its lease back and the job continues on another worker.
+_shutting_down = threading.Event()
+
+
+def request_shutdown() -> None:
+    _shutting_down.set()
+
 
 def worker_name(settings: Settings) -> str:
     return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -27,10 +37,9 @@ def worker_name(settings: Settings) -> str:
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the supervising process dies (Linux)."""
-    try:
+    # Not Linux: no such call, but fencing still stops an orphan at its next write.
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: fencing still stops an orphan at its next write
 
 
 def _stop(child: subprocess.Popen[bytes], *, grace: float) -> None:
@@ -71,8 +80,15 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
                                  stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
     next_beat = time.monotonic() + settings.heartbeat_seconds
+    release_requested = False
     while child.poll() is None:
         time.sleep(0.5)
+        if _shutting_down.is_set() and not release_requested:
+            release_requested = True
+            logger.info("job %s: worker shutting down; asking attempt %s to checkpoint and release", job_id,
+                        attempt)
+            with session_scope() as session:
+                attempts.request_release(session, job_pk=job_pk, attempt=attempt)
         if time.monotonic() < next_beat:
             continue
         next_beat = time.monotonic() + settings.heartbeat_seconds

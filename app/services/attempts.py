@@ -92,7 +92,28 @@ def requested_action(session: Session, *, job_pk: int, attempt: int) -> str:
                           .where(FineTuningJob.pk == job_pk)).one_or_none()
     if row is None or row.status != "running" or row.attempt != attempt:
         return "cancel"
-    return "pause" if row.requested_action == "pause" else "continue"
+    # "release" (worker shutting down) stops like a pause: checkpoint first, then give the job up.
+    return "pause" if row.requested_action in ("pause", "release") else "continue"
+
+
+def request_release(session: Session, *, job_pk: int, attempt: int) -> bool:
+    """Ask a running attempt to checkpoint and requeue its job (its worker is shutting down)."""
+    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt)).values(requested_action="release"))
+    session.commit()
+    return result.rowcount == 1
+
+
+def stop_after_checkpoint(session: Session, *, job_pk: int, attempt: int) -> str:
+    """After a requested stop saved its checkpoint: "paused" (user pause) or "queued" (worker shutdown)."""
+    action = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt)))
+    if action == "release":
+        release_job(session, job_pk=job_pk, attempt=attempt, status="queued",
+                    message=f"Attempt {attempt}'s worker is shutting down; checkpoint saved, the job is queued "
+                            "to continue on another worker.")
+        return "queued"
+    release_job(session, job_pk=job_pk, attempt=attempt, status="paused",
+                message="Job paused after saving a checkpoint; resume it to continue.")
+    return "paused"
 
 
 def _fenced_update(session: Session, *, job_pk: int, attempt: int, **values: Any) -> FineTuningJob:
