@@ -18,6 +18,7 @@ from pathlib import Path
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.services import attempts
+from app.services.dispatch import dispatch_job
 
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
@@ -115,7 +116,11 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
     logger.warning("job %s attempt %s: %s\n%s", job_id, attempt, reason, tail)
     try:
         with session_scope() as session:
-            return attempts.requeue_after_crash(session, job_pk=job_pk, attempt=attempt, reason=reason,
-                                                settings=settings)
+            outcome = attempts.requeue_after_crash(session, job_pk=job_pk, attempt=attempt, reason=reason,
+                                                   settings=settings)
     except attempts.StaleAttempt:
         return "stopped"
+    if outcome == "queued":
+        with session_scope() as session:
+            dispatch_job(session, job_id=job_id)
+    return outcome
