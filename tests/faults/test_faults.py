@@ -1,0 +1,246 @@
+"""Fault injection on real processes: kill, stop, terminate, cancel, pause; then check invariants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import chat_lines, jsonl
+from tests.integration.conftest import Service, wait_for_status
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def long_job(client: httpx.Client, *, n_epochs: int = 12, save_steps: int = 10, **extra: Any) -> dict:
+    """A job of a few hundred short steps on the tiny model, checkpointing every save_steps."""
+    file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(40)))},
+                          data={"purpose": "fine-tune"}).json()["id"]
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": file_id, "seed": 1, **extra,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": n_epochs, "batch_size": 2, "save_steps": save_steps, "learning_rate": 1e-3}}}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["step"] >= step:
+            return job
+        assert job["status"] not in TERMINAL, job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not reach step {step}")
+
+
+def training_processes(job_id: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "worker.attempt" in cmdline and job_id in cmdline:
+            found.append(process)
+    return found
+
+
+def all_events(client: httpx.Client, job_id: str) -> list[dict]:
+    events, after = [], None
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                          params={"limit": 100, **({"after": after} if after else {})}).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        after = page["data"][-1]["id"]
+
+
+def metric_steps(client: httpx.Client, job_id: str) -> list[int]:
+    return sorted(e["data"]["step"] for e in all_events(client, job_id) if e["type"] == "metrics")
+
+
+def assert_invariants(service: Service) -> None:
+    """RELIABILITY.md invariants, read straight from the database."""
+    engine = create_engine(service.env["TUNEFORGE_DATABASE_URL"])
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, status, lease_expires_at, extract(epoch from now()) AS now "
+                                 "FROM fine_tuning_jobs")).all()
+        for row in rows:
+            assert row.status in TERMINAL | {"paused"} or (
+                row.status in ("queued", "validating_files")) or (
+                row.status == "running" and row.lease_expires_at is not None), row
+        # Every registered checkpoint has stored bytes of the recorded size.
+        bad = conn.execute(text("SELECT c.id FROM job_checkpoints c LEFT JOIN blobs b ON b.key = c.blob_key "
+                                "WHERE b.key IS NULL OR b.bytes <> c.bytes OR b.sha256 <> c.sha256")).all()
+        assert not bad
+        keys = conn.execute(text("SELECT idempotency_key, count(*) FROM fine_tuning_jobs WHERE idempotency_key "
+                                 "IS NOT NULL GROUP BY project_pk, idempotency_key HAVING count(*) > 1")).all()
+        assert not keys
+    engine.dispose()
+
+
+def test_cancel_running_job_stops_training_within_ten_seconds(service: Service) -> None:
+    with service.client() as client:
+        job = long_job(client, n_epochs=30)
+        wait_for_step(client, job["id"], 3)
+        assert training_processes(job["id"])
+        started = time.monotonic()
+        cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        while training_processes(job["id"]) and time.monotonic() - started < 10:
+            time.sleep(0.2)
+        assert not training_processes(job["id"]), "training process still alive 10 s after cancel"
+        time.sleep(1)
+        final = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert final["status"] == "cancelled" and final["fine_tuned_model"] is None
+    assert_invariants(service)
+
+
+def test_killed_training_process_resumes_from_its_checkpoint(service: Service) -> None:
+    with service.client() as client:
+        job = long_job(client)
+        wait_for_step(client, job["id"], 14)  # past the checkpoint at step 10
+        for process in training_processes(job["id"]):
+            process.send_signal(signal.SIGKILL)
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded", final
+        assert final["attempt"] == 2
+        assert final["progress"]["step"] == final["progress"]["total_steps"] == 240
+        steps = metric_steps(client, job["id"])
+        # The second attempt restarts right after a registered checkpoint: nothing before it is redone.
+        resumed_at = next(s for i, s in enumerate(steps[1:]) if s <= steps[i])
+        assert resumed_at % 10 == 1 and resumed_at >= 11
+        assert set(steps) == set(range(1, 241))
+    assert_invariants(service)
+
+
+def owner_of(client: httpx.Client, service: Service, job_id: str, attempt: int) -> Any:
+    """The worker process (Popen) running the given attempt of a job."""
+    started = next(e for e in all_events(client, job_id) if e["message"].startswith(f"Attempt {attempt} started"))
+    return next(w for w in service.workers if w.poll() is None and _worker_name(w) == started["data"]["worker"])
+
+
+def ensure_workers(service: Service, count: int) -> None:
+    while len([w for w in service.workers if w.poll() is None]) < count:
+        service.start_worker(f"worker-{len(service.workers) + 1}")
+
+
+def test_killed_worker_is_replaced_by_another_worker(service: Service) -> None:
+    ensure_workers(service, 2)
+    with service.client() as client:
+        job = long_job(client)
+        wait_for_step(client, job["id"], 12)
+        victim = owner_of(client, service, job["id"], attempt=1)
+        os.killpg(victim.pid, signal.SIGKILL)  # the worker and its training child, like an OOM kill of the pod
+        victim.wait()
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded", final
+        assert final["attempt"] == 2 and final["progress"]["step"] == 240
+        assert set(metric_steps(client, job["id"])) == set(range(1, 241))
+    assert_invariants(service)
+
+
+def test_terminated_worker_checkpoints_and_hands_the_job_to_another(service: Service) -> None:
+    ensure_workers(service, 2)
+    with service.client() as client:
+        job = long_job(client, save_steps=1000)  # only the shutdown itself checkpoints mid-run
+        wait_for_step(client, job["id"], 25)
+        victim = owner_of(client, service, job["id"], attempt=1)
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(timeout=60) == 0
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded" and final["attempt"] == 2, final
+        steps = metric_steps(client, job["id"])
+        assert set(steps) == set(range(1, 241)) and len(steps) == 240  # nothing lost, nothing redone
+        assert any("shutting down" in e["message"] for e in all_events(client, job["id"]))
+    assert_invariants(service)
+
+
+def _worker_name(process: Any) -> str:
+    return str(psutil.Process(process.pid).environ().get("TUNEFORGE_WORKER_NAME", ""))
+
+
+def test_stopped_worker_past_its_lease_loses_the_job_and_its_writes_are_rejected(service: Service) -> None:
+    ensure_workers(service, 2)
+    with service.client() as client:
+        job = long_job(client, n_epochs=20)
+        wait_for_step(client, job["id"], 5)
+        first = training_processes(job["id"])
+        assert first
+        supervisor = first[0].parent()
+        frozen = [supervisor, *first]
+        for process in frozen:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            # Lease is 8 s; the reaper runs every 2 s in the other worker.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                current = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                if current["attempt"] >= 2 and current["status"] == "running":
+                    break
+                time.sleep(0.5)
+            assert current["attempt"] >= 2, current
+        finally:
+            for process in frozen:
+                process.send_signal(signal.SIGCONT)
+        # The stale attempt wakes up, its writes are refused, and it stops.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                                  for p in first):
+            time.sleep(0.5)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first)
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded", final
+        steps = metric_steps(client, job["id"])
+        assert max(steps) == final["progress"]["total_steps"]
+    assert_invariants(service)
+
+
+def test_pause_checkpoints_and_resume_continues_to_the_same_end(service: Service) -> None:
+    with service.client() as client:
+        job = long_job(client, n_epochs=10)
+        wait_for_step(client, job["id"], 4)
+        client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
+        paused = wait_for_status(client, job["id"], {"paused"} | TERMINAL, timeout=60)
+        assert paused["status"] == "paused", paused
+        assert not training_processes(job["id"])
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        assert checkpoints and checkpoints[0]["step_number"] == paused["progress"]["step"]
+        resumed = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()
+        assert resumed["status"] == "queued"
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded" and final["progress"]["step"] == 200
+        assert set(metric_steps(client, job["id"])) == set(range(1, 201))
+    assert_invariants(service)
+
+
+def test_concurrent_retried_posts_with_one_idempotency_key_create_one_job(service: Service) -> None:
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1}}
+    ids: list[str] = []
+
+    def post() -> None:
+        with service.client() as client:
+            response = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["id"])
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ids) == 8 and len(set(ids)) == 1
+    with service.client() as client:
+        assert wait_for_status(client, ids[0], TERMINAL)["status"] == "succeeded"
+    assert_invariants(service)
