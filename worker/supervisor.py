@@ -19,6 +19,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.services import attempts
 from app.services.dispatch import dispatch_job
+from app.services.intake import validate_job_files
 
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
@@ -65,7 +66,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 def supervise_job(job_id: str, *, settings: Settings) -> str:
     """Validate, claim and run one attempt of job_id; returns what happened (for logs and tests)."""
     with session_scope() as session:
-        attempts.mark_files_validated(session, job_id=job_id)
+        validate_job_files(session, job_id=job_id, settings=settings)
     owner = worker_name(settings)
     with session_scope() as session:
         job = attempts.claim_job(session, job_id=job_id, owner=owner, settings=settings)

@@ -28,27 +28,6 @@ def _fence(job_pk: int, attempt: int) -> Any:
     return (FineTuningJob.pk == job_pk) & (FineTuningJob.attempt == attempt) & (FineTuningJob.status == "running")
 
 
-def mark_files_validated(session: Session, *, job_id: str) -> bool:
-    """validating_files -> queued once the job's files are usable; False if the job is elsewhere."""
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id).with_for_update())
-    if job is None or job.status != "validating_files":
-        return False
-    for file_id in filter(None, (job.training_file, job.validation_file)):
-        row = session.scalar(select(File).where(File.id == file_id, File.project_pk == job.project_pk))
-        if row is None or row.status != "processed":
-            job.status = "failed"
-            job.finished_at = now_seconds()
-            job.error = {"code": "invalid_file", "param": "training_file",
-                         "message": f"File {file_id} is missing or failed validation."}
-            add_event(session, job=job, level="error", message=job.error["message"])
-            session.commit()
-            return False
-    job.status = "queued"
-    add_event(session, job=job, message="Files validated; job queued.")
-    session.commit()
-    return True
-
-
 def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) -> FineTuningJob | None:
     """Take the lease of a queued job: returns the job with its new attempt number, or None."""
     now = time.time()
