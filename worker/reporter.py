@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.config import Settings
 from app.core.db import session_scope
@@ -12,6 +15,8 @@ from app.core.storage import Storage
 from app.services import attempts
 from worker.archive import file_chunks, tar_directory
 from worker.training.reporting import StaleAttempt as TrainingStaleAttempt
+
+logger = logging.getLogger("tuneforge.reporter")
 
 METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
                "full_valid_loss", "full_valid_mean_token_accuracy")
@@ -28,11 +33,19 @@ class DatabaseReporter:
         self._last_control, self._last_answer = 0.0, "continue"
 
     def _guard(self, write: Any, **kwargs: Any) -> Any:
-        try:
-            with session_scope() as session:
-                return write(session, job_pk=self.job_pk, attempt=self.attempt, **kwargs)
-        except attempts.StaleAttempt as exc:
-            raise TrainingStaleAttempt(str(exc)) from exc
+        """Run a fenced write; ride out a database restart (up to the lease), never a lost lease."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while True:
+            try:
+                with session_scope() as session:
+                    return write(session, job_pk=self.job_pk, attempt=self.attempt, **kwargs)
+            except attempts.StaleAttempt as exc:
+                raise TrainingStaleAttempt(str(exc)) from exc
+            except (OperationalError, InterfaceError):
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("job %s: database unavailable; retrying the write", self.job_id)
+                time.sleep(1.0)
 
     def event(self, message: str, *, level: Literal["info", "warn", "error"] = "info",
               data: dict[str, Any] | None = None) -> None:
@@ -65,7 +78,6 @@ class DatabaseReporter:
         # One small read a second at most: cancel still lands within the 10-second promise.
         now = time.monotonic()
         if now - self._last_control >= 1.0:
-            with session_scope() as session:
-                self._last_answer = attempts.requested_action(session, job_pk=self.job_pk, attempt=self.attempt)
+            self._last_answer = self._guard(attempts.requested_action)
             self._last_control = now
         return self._last_answer  # type: ignore[return-value]
