@@ -102,6 +102,13 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
             ("metrics", "metrics", result.metrics_csv, f"{job_id}-metrics.csv"),
             ("config", "config", result.final_dir / "training_config.json", f"{job_id}-training_config.json"),
         ]
+        if config.merge:
+            from worker.training.merge import merge_adapter
+
+            reporter.event("Merging the adapter into the base model's weights.")
+            merged = merge_adapter(config, model_path=Path(entry.path), adapter_dir=result.final_dir,
+                                   output_dir=workdir / "merged")
+            outputs.append(("merged", "merged", tar_directory(merged, workdir / "merged.tar"), f"{job_id}-merged.tar"))
         files = []
         for name, kind, path, filename in outputs:
             stored = storage.write(f"artifacts/{job_id}/{name}-attempt-{attempt}", file_chunks(path))

@@ -103,6 +103,8 @@ class JobCreate(BaseModel):
     integrations: list[Integration] | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
+    # Extension: also export merged full weights (base + adapter) as an artifact.
+    merge: bool = False
 
     @field_validator("metadata")
     @classmethod

@@ -92,6 +92,8 @@ class TrainingConfig(BaseModel):
     n_checkpoints: int = Field(default=1, ge=1, le=100)
     load_best_at_end: bool = False
     seed: int = Field(default=42, ge=0, le=2147483647)
+    # Also export merged full weights (base + adapter, safetensors shards) when training ends.
+    merge: bool = False
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrainingConfig:
@@ -99,4 +101,6 @@ class TrainingConfig(BaseModel):
             raise ValueError("give eval_steps or n_evals, not both")
         if self.early_stopping_patience is not None and self.eval_steps is None and not self.n_evals:
             raise ValueError("early_stopping_patience needs evaluation: set eval_steps or n_evals")
+        if self.merge and self.adapter.type == "full":
+            raise ValueError("merge applies to adapters; a full fine-tune already produces full weights")
         return self

@@ -90,7 +90,7 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
                               exclude_none=True)
     return TrainingConfig(adapter=adapter, n_epochs=n_epochs, batch_size=batch_size,
                           learning_rate=learning_rate, learning_rate_multiplier=round(multiplier, 6),
-                          seed=request.seed if request.seed is not None else 42, **extras)
+                          seed=request.seed if request.seed is not None else 42, merge=request.merge, **extras)
 
 
 def _request_hash(request: JobCreate) -> str:

@@ -1,0 +1,80 @@
+"""What a user takes home: adapters and merged weights that load and agree, resumable downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import chat_lines, jsonl
+from tests.integration.conftest import Service, wait_for_status
+
+pytestmark = pytest.mark.integration
+
+
+def _extract(content: bytes, target: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "qlora"])
+def test_merged_weights_give_the_logits_of_base_plus_adapter(service: Service, tiny_model_dir: Path,
+                                                             tmp_path: Path, adapter_type: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id, "merge": True,
+            "method": {"type": "supervised", "supervised": {
+                "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 5e-3},
+                "adapter": {"type": adapter_type, "r": 8, "alpha": 16, "dropout": 0.0}}}}).json()
+        final = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+        assert final["status"] == "succeeded", final
+        artifacts = {a["name"]: a for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
+        assert artifacts["merged"]["kind"] == "merged"
+        adapter = _extract(client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter").content,
+                           tmp_path / "adapter")
+        merged_bytes = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/merged").content
+        assert hashlib.sha256(merged_bytes).hexdigest() == artifacts["merged"]["sha256"]
+        merged = _extract(merged_bytes, tmp_path / "merged")
+
+    info = json.loads((merged / "merge_info.json").read_text())
+    assert info["adapter_type"] == adapter_type
+    assert info["merged_onto"] == ("unquantized base weights" if adapter_type == "qlora" else "base weights")
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    inputs = tokenizer.apply_chat_template(chat_lines(1)[0]["messages"][:2], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        merged_model = AutoModelForCausalLM.from_pretrained(merged)
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**inputs).logits
+        merged_logits, peft_logits = merged_model(**inputs).logits, peft_model(**inputs).logits
+        assert torch.allclose(merged_logits, peft_logits, atol=1e-4)
+        assert (merged_logits - base_logits).abs().max().item() > 1e-3
+        generate = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        assert torch.equal(merged_model.generate(**inputs, **generate), peft_model.generate(**inputs, **generate))
+
+
+def test_interrupted_adapter_download_resumes_with_a_range_request(service: Service) -> None:
+    with service.client() as client:
+        jobs = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+        job = next(j for j in jobs if j["status"] == "succeeded")
+        url = f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter"
+        whole = client.get(url)
+        size = int(whole.headers["content-length"])
+        with client.stream("GET", url) as response:  # the connection drops after the first chunk
+            first = next(response.iter_bytes(4096))
+        rest = client.get(url, headers={"Range": f"bytes={len(first)}-"})
+        assert rest.status_code == 206 and rest.headers["content-range"] == f"bytes {len(first)}-{size - 1}/{size}"
+        resumed = first + rest.content
+        assert resumed == whole.content
+        assert hashlib.sha256(resumed).hexdigest() == whole.headers["x-content-sha256"]
