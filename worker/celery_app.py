@@ -23,12 +23,14 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
             "visibility_timeout": 3600,
         }
     root = (settings.data_dir / "broker").resolve()
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return "filesystem://", {
         "data_folder_in": str(root / "out"),
         "data_folder_out": str(root / "out"),
         "processed_folder": str(root / "processed"),
+        # Broadcast exchanges (worker control) would otherwise land in the current directory.
+        "control_folder": str(root / "control"),
         "store_processed": False,
     }
 
