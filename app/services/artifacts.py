@@ -1,0 +1,105 @@
+"""A job's outputs: result-file artifacts, checkpoint archives, fine-tuned models and their deletion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.core.errors import NotFound
+from app.core.storage import Storage
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, Project
+
+# Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
+WEIGHT_KINDS = ("adapter", "model")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    kind: str
+    bytes: int
+    sha256: str
+    created_at: int
+    blob_key: str
+    filename: str
+    file_id: str | None
+
+
+def list_artifacts(session: Session, *, job: FineTuningJob) -> list[Artifact]:
+    """Result files first (adapter, metrics, config, merged), then each registered checkpoint."""
+    rows = session.execute(select(JobArtifact, File).join(File, JobArtifact.file_pk == File.pk)
+                           .where(JobArtifact.job_pk == job.pk).order_by(JobArtifact.pk)).all()
+    found = [Artifact(name=a.name, kind=a.kind, bytes=f.bytes, sha256=f.sha256, created_at=a.created_at,
+                      blob_key=f.blob_key, filename=f.filename, file_id=f.id) for a, f in rows]
+    checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_pk == job.pk)
+                                  .order_by(JobCheckpoint.step_number))
+    found += [Artifact(name=f"checkpoint-step-{c.step_number}", kind="checkpoint", bytes=c.bytes, sha256=c.sha256,
+                       created_at=c.created_at, blob_key=c.blob_key,
+                       filename=f"{job.id}-checkpoint-step-{c.step_number}.tar", file_id=None) for c in checkpoints]
+    return found
+
+
+def get_artifact(session: Session, *, job: FineTuningJob, name: str) -> Artifact:
+    for artifact in list_artifacts(session, job=job):
+        if artifact.name == name:
+            return artifact
+    raise NotFound(f"Job {job.id} has no artifact named {name!r}.", param="name")
+
+
+def has_weights(session: Session, *, job: FineTuningJob) -> bool:
+    return session.scalar(select(JobArtifact.pk).where(JobArtifact.job_pk == job.pk,
+                                                       JobArtifact.kind.in_(WEIGHT_KINDS)).limit(1)) is not None
+
+
+def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) -> tuple[FineTuningJob, int | None]:
+    """The succeeded job behind a fine-tuned model id, and the checkpoint step for ``...:ckpt-step-N`` ids."""
+    base_id, step = model_id, None
+    head, sep, tail = model_id.rpartition(":ckpt-step-")
+    if sep and tail.isdigit():
+        base_id, step = head, int(tail)
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
+                                                     FineTuningJob.fine_tuned_model == base_id,
+                                                     FineTuningJob.status == "succeeded"))
+    if job is None or not has_weights(session, job=job):
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+    if step is not None and session.scalar(select(JobCheckpoint.pk).where(
+            JobCheckpoint.job_pk == job.pk, JobCheckpoint.step_number == step)) is None:
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model")
+    return job, step
+
+
+def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Project, model_id: str) -> None:
+    """Remove a fine-tuned model's weights, result files and checkpoints; the job's record stays."""
+    job, step = find_fine_tuned_model(session, project=project, model_id=model_id)
+    if step is not None:
+        raise NotFound(f"The model '{model_id}' is a checkpoint; delete the fine-tuned model instead.",
+                       param="model")
+    keys = [a.blob_key for a in list_artifacts(session, job=job)]
+    file_pks = list(session.scalars(select(JobArtifact.file_pk).where(JobArtifact.job_pk == job.pk)))
+    session.execute(delete(JobArtifact).where(JobArtifact.job_pk == job.pk))
+    session.execute(delete(File).where(File.pk.in_(file_pks)))
+    session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_pk == job.pk))
+    session.commit()
+    for key in keys:  # bytes go after the rows: a crash here leaves orphan bytes, never a broken row
+        storage.delete(key)
+
+
+def prune_checkpoints(session: Session, *, storage: Storage, job_pk: int, keep: int) -> list[int]:
+    """Retention for a finished job: keep the latest `keep` checkpoints and the best by valid_loss."""
+    checkpoints = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk)
+                                       .order_by(JobCheckpoint.step_number.desc())))
+    kept = {c.pk for c in checkpoints[:keep]}
+    scored = [c for c in checkpoints if isinstance(c.metrics.get("valid_loss"), int | float)]
+    if scored:
+        kept.add(min(scored, key=lambda c: c.metrics["valid_loss"]).pk)
+    doomed = [c for c in checkpoints if c.pk not in kept]
+    keys = [c.blob_key for c in doomed]
+    pruned = [c.step_number for c in doomed]
+    for checkpoint in doomed:
+        session.delete(checkpoint)
+    session.commit()
+    for key in keys:
+        storage.delete(key)
+    return pruned

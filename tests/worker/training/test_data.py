@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.worker.training.factories import chat_records, code_mapping, write_jsonl
+from worker.training.data import (
+    IGNORE_INDEX,
+    collate,
+    load_examples,
+    plan_epoch,
+    tokenize_chat,
+    tokenize_prompt_completion,
+    tokenize_record,
+)
+from worker.training.reporting import RecordingReporter
+
+
+def _labelled_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    return tokenizer.decode([t for t, lab in zip(input_ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_chat_mask_covers_exactly_the_assistant_answers(tokenizer: Any) -> None:
+    messages = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+        {"role": "assistant", "content": "second answer"},
+    ]
+    example = tokenize_chat(tokenizer, messages, train_on_inputs=False)
+    assert _labelled_text(tokenizer, example.input_ids, example.labels) == (
+        "first answer<|im_end|>\nsecond answer<|im_end|>\n"
+    )
+    everything = tokenize_chat(tokenizer, messages, train_on_inputs=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_chat_mask_excludes_assistant_messages_with_weight_zero(tokenizer: Any) -> None:
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "wrong answer", "weight": 0},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "right answer", "weight": 1},
+    ]
+    example = tokenize_chat(tokenizer, messages, train_on_inputs=False)
+    assert _labelled_text(tokenizer, example.input_ids, example.labels) == "right answer<|im_end|>\n"
+
+
+def test_prompt_completion_mask_covers_the_completion_and_eos(tokenizer: Any) -> None:
+    example = tokenize_prompt_completion(tokenizer, "code for river:", " alpha beta", train_on_inputs=False)
+    assert _labelled_text(tokenizer, example.input_ids, example.labels) == " alpha beta<|im_end|>"
+    assert tokenizer.decode(example.input_ids) == "<|begin_of_text|>code for river: alpha beta<|im_end|>"
+    with_prompt = tokenize_record(
+        {"prompt": "code for river:", "completion": " alpha"}, tokenizer, train_on_inputs=True
+    )
+    # Everything but the first token, which nothing predicts.
+    assert with_prompt.labels[0] == IGNORE_INDEX and with_prompt.labels[1:] == with_prompt.input_ids[1:]
+
+
+def test_truncation_and_dropped_examples_are_reported(tmp_path: Path, tokenizer: Any) -> None:
+    records = [
+        {"text": "word " * 100},  # truncated, keeps labels
+        {"prompt": "x " * 100, "completion": " y"},  # truncated inside the prompt: no label left, dropped
+        {"prompt": "short", "completion": " fine"},
+    ]
+    reporter = RecordingReporter()
+    examples = load_examples(
+        write_jsonl(tmp_path / "t.jsonl", records),
+        tokenizer,
+        max_seq_length=16,
+        train_on_inputs=False,
+        reporter=reporter,
+    )
+    assert len(examples) == 2 and max(len(e.input_ids) for e in examples) == 16
+    warnings = reporter.warnings()
+    assert len(warnings) == 2
+    assert warnings[0].startswith("2 example(s) in t.jsonl were longer than max_seq_length=16")
+    assert warnings[1].startswith("1 example(s) in t.jsonl had no tokens left in the loss")
+
+
+def test_malformed_line_raises_with_its_line_number(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"prompt": "no completion"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        load_examples(path, tokenizer, max_seq_length=32, train_on_inputs=False, reporter=RecordingReporter())
+    path.write_text('{"text": "ok"}\n\n{"text": "ok"\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 3"):
+        load_examples(path, tokenizer, max_seq_length=32, train_on_inputs=False, reporter=RecordingReporter())
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less() -> None:
+    lengths = [(i * 37) % 50 + 5 for i in range(200)]
+    plan = plan_epoch(lengths, batch_size=8, max_seq_length=64, packing=False, seed=0)
+    assert sorted(i for batch in plan for row in batch for i in row) == list(range(200))
+    padded = sum(len(b) * max(lengths[r[0]] for r in b) for b in plan)
+    assert padded < 1.1 * sum(lengths)  # random batches would pad ~1.7x here
+    assert plan == plan_epoch(lengths, batch_size=8, max_seq_length=64, packing=False, seed=0)
+    assert plan != plan_epoch(lengths, batch_size=8, max_seq_length=64, packing=False, seed=1)
+
+
+def test_packed_rows_fit_max_seq_length_and_restart_positions(tokenizer: Any) -> None:
+    examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in code_mapping(20)]
+    plan = plan_epoch([len(e.input_ids) for e in examples], batch_size=2, max_seq_length=48, packing=True, seed=0)
+    assert sorted(i for batch in plan for row in batch for i in row) == list(range(20))
+    batch = collate(plan[0], examples, pad_id=tokenizer.pad_token_id, packing=True)
+    assert batch["attention_mask"] is None and batch["input_ids"].shape[1] <= 48
+    first_row = plan[0][0]
+    assert len(first_row) > 1
+    second_start = len(examples[first_row[0]].input_ids)
+    assert batch["position_ids"][0, second_start].item() == 0
+
+
+def test_packed_batch_loss_equals_token_weighted_unpacked_loss(tiny_model: Path, tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from worker.training.evaluate import forward_logits, token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, use_safetensors=True, attn_implementation="sdpa")
+    model.eval()
+    records = code_mapping(6) + chat_records(6)
+    examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in records]
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_epoch(lengths, batch_size=2, max_seq_length=96, packing=True, seed=3)
+    assert any(len(row) > 2 for batch in plan for row in batch)
+    with torch.no_grad():
+        packed_sum, packed_n = 0.0, 0
+        for batch_plan in plan:
+            batch = collate(batch_plan, examples, pad_id=tokenizer.pad_token_id, packing=True)
+            loss, n, _ = token_loss_sum(forward_logits(model, batch), batch["labels"])
+            packed_sum, packed_n = packed_sum + loss.item(), packed_n + n
+        # Unpacked and padded in one batch: right padding with a 2D attention mask.
+        batch = collate([[i] for i in range(len(examples))], examples, pad_id=tokenizer.pad_token_id, packing=False)
+        loss, n, _ = token_loss_sum(forward_logits(model, batch), batch["labels"])
+    assert packed_n == n
+    assert packed_sum / packed_n == pytest.approx(loss.item() / n, rel=1e-5)
+    # Without the block-diagonal mask the examples would see each other and the loss would differ.
+    with torch.no_grad():
+        leaky = collate(plan[0], examples, pad_id=tokenizer.pad_token_id, packing=True)
+        leaky_loss, _, _ = token_loss_sum(
+            model(input_ids=leaky["input_ids"], use_cache=False).logits[:, :-1], leaky["labels"]
+        )
+        exact, _, _ = token_loss_sum(forward_logits(model, leaky), leaky["labels"])
+    assert abs(leaky_loss.item() - exact.item()) > 1e-3

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.training.factories import code_mapping, make_config, write_jsonl
+from worker.training.model import count_parameters, load_model, resolve_precision
+from worker.training.recipe import train
+from worker.training.reporting import RecordingReporter
+
+
+def test_fp16_on_cpu_is_refused_before_any_weights_load(tmp_path: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", code_mapping(4))
+    with pytest.raises(ValueError, match='precision "fp16" is not supported on CPU; use "fp32"'):
+        # The model path does not exist: the refusal must come before anything is loaded.
+        train(
+            make_config(precision="fp16"),
+            model_path=tmp_path / "no-such-model",
+            train_file=train_file,
+            validation_file=None,
+            output_dir=tmp_path / "out",
+            reporter=RecordingReporter(),
+        )
+
+
+def test_auto_precision_is_fp32_on_cpu() -> None:
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "dora", "qlora"])
+def test_only_adapter_parameters_require_grad(tiny_model: Path, adapter_type: str) -> None:
+    config = make_config(adapter={"type": adapter_type, "r": 4, "alpha": 8}, gradient_checkpointing=True)
+    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.float32)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    # all-linear: q, k, v, o, gate, up, down in both layers, A and B each (+ DoRA's magnitude).
+    per_module = 3 if adapter_type == "dora" else 2
+    assert len(trainable) == 2 * 7 * per_module
+    assert not any("lm_head" in name for name in trainable)
+    if adapter_type == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_target_modules_list_restricts_the_adapter(tiny_model: Path) -> None:
+    config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.float32)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2 and all("q_proj" in n or "v_proj" in n for n in trainable)
+
+
+def test_full_fine_tune_trains_every_parameter(tiny_model: Path) -> None:
+    model = load_model(
+        make_config(adapter={"type": "full"}), tiny_model, device=torch.device("cpu"), dtype=torch.float32
+    )
+    trainable, total = count_parameters(model)
+    assert trainable == total > 200_000
+
+
+def test_qlora_without_a_bitsandbytes_backend_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers.integrations
+
+    def no_backend(raise_exception: bool = False) -> bool:
+        raise RuntimeError("no bitsandbytes backend for this device")
+
+    monkeypatch.setattr(transformers.integrations, "validate_bnb_backend_availability", no_backend)
+    with pytest.raises(ValueError, match='needs a working bitsandbytes.*or use adapter type "lora"'):
+        train(
+            make_config(adapter={"type": "qlora"}),
+            model_path=tmp_path / "no-such-model",
+            train_file=write_jsonl(tmp_path / "train.jsonl", code_mapping(4)),
+            validation_file=None,
+            output_dir=tmp_path / "out",
+            reporter=RecordingReporter(),
+        )
+
+
+def test_lora_config_maps_dora_and_rslora() -> None:
+    from app.schemas.training import AdapterConfig
+    from worker.training.model import lora_config
+
+    dora = lora_config(AdapterConfig(type="dora", r=4, alpha=8, use_rslora=True, target_modules=["q_proj"]))
+    assert dora.use_dora and dora.use_rslora and dora.r == 4 and dora.lora_alpha == 8
+    assert set(dora.target_modules) == {"q_proj"}
+    plain = lora_config(AdapterConfig(type="lora"))
+    assert not plain.use_dora and not plain.use_rslora and plain.target_modules == "all-linear"

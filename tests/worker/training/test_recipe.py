@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.training.factories import chat_records, code_mapping, make_config, write_jsonl
+from worker.training.recipe import train
+from worker.training.reporting import (
+    RecordingReporter,
+    TrainingCancelled,
+    TrainingDiverged,
+    TrainingPaused,
+)
+
+
+def run(tmp_path: Path, tiny_model: Path, records: list[dict], *, valid: list[dict] | None = None, **overrides):
+    """Train on `records` with make_config(**overrides); returns (result, reporter)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    reporter = RecordingReporter()
+    result = train(
+        make_config(**overrides),
+        model_path=tiny_model,
+        train_file=write_jsonl(tmp_path / "train.jsonl", records),
+        validation_file=write_jsonl(tmp_path / "valid.jsonl", valid) if valid else None,
+        output_dir=tmp_path / "out",
+        reporter=reporter,
+    )
+    return result, reporter
+
+
+def _logits(model_dir: Path, adapter_dir: Path | None, tokenizer) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = torch.tensor([tokenizer.encode("code for river0:")])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_run_lowers_the_loss_and_changes_the_outputs(tmp_path: Path, tiny_model: Path, tokenizer) -> None:
+    result, reporter = run(tmp_path, tiny_model, code_mapping(16), n_epochs=6)
+    losses = reporter.losses()
+    assert result.steps == result.total_steps == 24 == len(losses)
+    # Measured: the last epoch's mean loss is about 0.65x the first's (7.0 -> 4.6).
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    final = result.final_dir
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_config.json", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    assert json.loads((final / "training_config.json").read_text())["learning_rate"] == 1e-2
+    base = _logits(tiny_model, None, tokenizer)
+    tuned = _logits(tiny_model, final, tokenizer)
+    assert (tuned - base).abs().max() > 0.1
+    # Every step reported its metrics; trained_tokens counts real tokens of all epochs.
+    step = reporter.steps[-1]
+    assert {"train_loss", "train_mean_token_accuracy", "learning_rate", "tokens_per_second", "trained_tokens"} <= set(
+        step
+    )
+    assert result.trained_tokens == step["trained_tokens"]
+    with open(result.metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx(losses)
+
+
+def test_trained_tokens_counts_real_tokens_over_all_epochs(tmp_path: Path, tiny_model: Path, tokenizer) -> None:
+    records = code_mapping(10)
+    result, _ = run(tmp_path, tiny_model, records, n_epochs=2)
+    per_epoch = sum(len(tokenizer.encode(r["prompt"] + r["completion"])) + 2 for r in records)
+    assert abs(result.trained_tokens - 2 * per_epoch) <= 2 * len(records)  # BPE may merge at the boundary
+
+
+def test_same_seed_gives_the_same_loss_curve(tmp_path: Path, tiny_model: Path) -> None:
+    adapter = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1}
+    _, first = run(tmp_path / "a", tiny_model, code_mapping(16), n_epochs=2, adapter=adapter)
+    _, second = run(tmp_path / "b", tiny_model, code_mapping(16), n_epochs=2, adapter=adapter)
+    _, other = run(tmp_path / "c", tiny_model, code_mapping(16), n_epochs=2, adapter=adapter, seed=8)
+    assert first.losses() == second.losses()
+    assert first.losses() != other.losses()
+
+
+def test_gradient_accumulation_counts_steps_and_normalises_by_tokens(tmp_path: Path, tiny_model: Path) -> None:
+    # 18 examples, batch 4 -> 5 batches per epoch -> ceil(5 / 2) = 3 steps per epoch.
+    result, reporter = run(tmp_path, tiny_model, code_mapping(18), n_epochs=2, gradient_accumulation_steps=2)
+    assert result.total_steps == result.steps == 6
+    assert all(0 < loss < 10 for loss in reporter.losses())
+
+
+def test_full_fine_tune_saves_a_loadable_model(tmp_path: Path, tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result, reporter = run(
+        tmp_path, tiny_model, chat_records(16), adapter={"type": "full"}, learning_rate=1e-3, n_epochs=2
+    )
+    losses = reporter.losses()
+    assert losses[-1] < losses[0]
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir, use_safetensors=True)
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_qlora_runs_on_cpu(tmp_path: Path, tiny_model: Path, quant_type: str) -> None:
+    adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "quantization": {"quant_type": quant_type}}
+    result, reporter = run(tmp_path, tiny_model, code_mapping(16), n_epochs=3, adapter=adapter)
+    losses = reporter.losses()
+    assert result.steps == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert (result.final_dir / "adapter_model.safetensors").is_file()
+
+
+def test_dora_and_rslora_with_packing_and_checkpointing_run(tmp_path: Path, tiny_model: Path) -> None:
+    adapter = {"type": "dora", "r": 4, "alpha": 8, "use_rslora": True}
+    result, reporter = run(
+        tmp_path, tiny_model, code_mapping(24), packing=True, gradient_checkpointing=True, max_seq_length=64,
+        adapter=adapter,
+    )  # fmt: skip
+    assert result.steps == result.total_steps and all(math.isfinite(x) for x in reporter.losses())
+
+
+def test_divergence_stops_at_the_first_non_finite_loss(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.training.recipe as recipe
+
+    calls = {"n": 0}
+    real = recipe.token_loss_sum
+
+    def poisoned(logits, labels):  # the third micro-batch (step 3) produces a NaN loss
+        calls["n"] += 1
+        loss, n, correct = real(logits, labels)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n, correct
+
+    monkeypatch.setattr(recipe, "token_loss_sum", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 3; lower learning_rate \(now 0.01\)") as exc:
+        run(tmp_path, tiny_model, code_mapping(16))
+    assert isinstance(exc.value, ValueError)
+
+
+def test_evaluation_metrics_are_reported(tmp_path: Path, tiny_model: Path) -> None:
+    data = code_mapping(12)
+    result, reporter = run(tmp_path, tiny_model, data, valid=data[:6], n_epochs=2, eval_steps=2)
+    evaluated = [s for s in reporter.steps if "valid_loss" in s]
+    assert [s["step"] for s in evaluated] == [2, 4, 6]
+    for s in evaluated:
+        assert s["valid_perplexity"] == pytest.approx(math.exp(s["valid_loss"]), rel=1e-4)
+        assert 0.0 <= s["valid_mean_token_accuracy"] <= 1.0
+    assert {"full_valid_loss", "full_valid_mean_token_accuracy"} <= set(result.final_metrics)
+    assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
+
+
+def test_early_stopping_triggers_when_validation_plateaus(tmp_path: Path, tiny_model: Path) -> None:
+    # A tiny learning rate makes valid_loss move by far less than the threshold: a plateau.
+    result, reporter = run(
+        tmp_path, tiny_model, code_mapping(16), valid=code_mapping(4, seed=1), n_epochs=5, eval_steps=2,
+        learning_rate=1e-6, early_stopping_patience=2, early_stopping_threshold=0.01,
+    )  # fmt: skip
+    assert result.steps == 6 < result.total_steps == 20
+    stop = [e for e in reporter.events if e["message"].startswith("early stopping at step 6")]
+    assert stop and "for 2 evaluation(s)" in stop[0]["message"]
+
+
+def test_load_best_at_end_uses_the_best_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    # Too high a learning rate: validation gets worse after the first evaluation.
+    result, reporter = run(
+        tmp_path, tiny_model, code_mapping(16), valid=code_mapping(4, seed=1), n_epochs=3, eval_steps=2,
+        learning_rate=0.05, load_best_at_end=True,
+    )  # fmt: skip
+    valid = {s["step"]: s["valid_loss"] for s in reporter.steps if "valid_loss" in s}
+    best = min(valid, key=valid.get)
+    assert any(e["message"].startswith(f"loaded the best checkpoint (step {best},") for e in reporter.events)
+    from safetensors.torch import load_file
+
+    final = load_file(result.final_dir / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "out" / "checkpoints" / f"step-{best}" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_cancel_and_pause_stop_at_the_requested_step(tmp_path: Path, tiny_model: Path) -> None:
+    common = dict(model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+                  validation_file=None)  # fmt: skip
+    reporter = RecordingReporter(commands={2: "cancel"})
+    with pytest.raises(TrainingCancelled):
+        train(make_config(), output_dir=tmp_path / "c", reporter=reporter, **common)
+    assert len(reporter.steps) == 2
+    reporter = RecordingReporter(commands={3: "pause"})
+    with pytest.raises(TrainingPaused) as paused:
+        train(make_config(), output_dir=tmp_path / "p", reporter=reporter, **common)
+    assert paused.value.checkpoint == tmp_path / "p" / "checkpoints" / "step-3"
+    assert reporter.checkpoints[-1]["step"] == 3
+
+
+def test_accumulated_step_loss_is_the_token_mean_over_all_its_micro_batches(
+    tmp_path: Path, tiny_model: Path, tokenizer
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from worker.training.data import collate, plan_epoch, tokenize_record
+    from worker.training.evaluate import forward_logits, token_loss_sum
+
+    # Examples of very different lengths, so a mean of per-micro-batch means would be visibly wrong.
+    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(8)]
+    config = make_config(batch_size=2, gradient_accumulation_steps=2)
+    _, reporter = run(tmp_path, tiny_model, records, batch_size=2, gradient_accumulation_steps=2)
+    # LoRA's B starts at zero and dropout is 0, so step 1's loss is the base model's loss on its batches.
+    examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in records]
+    plan = plan_epoch([len(e.input_ids) for e in examples], batch_size=2, max_seq_length=64, packing=False,
+                      seed=config.seed)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, use_safetensors=True)
+    total, tokens, means = 0.0, 0, []
+    with torch.no_grad():
+        for batch_plan in plan[:2]:
+            batch = collate(batch_plan, examples, pad_id=tokenizer.pad_token_id, packing=False)
+            loss, n, _ = token_loss_sum(forward_logits(model, batch), batch["labels"])
+            total, tokens = total + loss.item(), tokens + n
+            means.append(loss.item() / n)
+    assert reporter.losses()[0] == pytest.approx(total / tokens, rel=1e-5)
+    assert abs(sum(means) / 2 - total / tokens) > 2e-4  # above the tolerance: the test tells them apart
+
+
+def test_command_line_runs_a_job_with_json_lines(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    from worker.training.recipe import main
+
+    (tmp_path / "cfg.json").write_text(make_config().model_dump_json())
+    write_jsonl(tmp_path / "t.jsonl", code_mapping(8))
+    main(["--config", str(tmp_path / "cfg.json"), "--model", str(tiny_model), "--train", str(tmp_path / "t.jsonl"),
+          "--output", str(tmp_path / "out")])  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["step"] for line in lines if line["type"] == "metrics"] == [1, 2]
+    assert lines[-1]["type"] == "result" and lines[-1]["steps"] == 2
+
+
+def test_stale_attempt_from_the_reporter_propagates(tmp_path: Path, tiny_model: Path) -> None:
+    from worker.training.reporting import StaleAttempt
+
+    class LostLease(RecordingReporter):
+        def metrics(self, data: dict) -> None:
+            super().metrics(data)
+            if data["step"] == 2:
+                raise StaleAttempt("another worker owns this job now")
+
+    reporter = LostLease()
+    with pytest.raises(StaleAttempt):
+        train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+              validation_file=None, output_dir=tmp_path / "out", reporter=reporter)  # fmt: skip
+    assert len(reporter.steps) == 2 and not reporter.checkpoints
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path: Path, tiny_model: Path) -> None:
+    result, reporter = run(tmp_path, tiny_model, code_mapping(8), precision="bf16")
+    assert result.steps == 2 and all(math.isfinite(x) for x in reporter.losses())
+    assert "in bfloat16" in reporter.events[0]["message"]

@@ -1,0 +1,234 @@
+"""Training data: JSONL records -> token ids with loss masks -> batches.
+
+Three record shapes: chat `{"messages": [...]}`, `{"prompt", "completion"}` and `{"text"}`. Everything
+is tokenised once up front; an epoch is then a list of batches of example indices, which is also what
+a checkpoint stores so that a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from worker.training.reporting import Reporter
+
+IGNORE_INDEX = -100  # label value that cross-entropy, and our metrics, skip
+# Length grouping sorts within mega-batches of this many batches: big enough to cut padding, small
+# enough that batch order stays random.
+MEGA_BATCH_FACTOR = 50
+
+# An epoch plan: batches -> rows -> example indices. Without packing every row holds one example.
+EpochPlan = list[list[list[int]]]
+
+
+@dataclass
+class Example:
+    """One tokenised example; labels are IGNORE_INDEX where the token is not in the loss."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    assert isinstance(text, str)
+    return _encode(tokenizer, text)
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, train_on_inputs: bool
+) -> Example:
+    """Render a conversation; the loss covers assistant turns (weight != 0), or all with train_on_inputs."""
+    input_ids = _render_chat(tokenizer, messages, generation=False)
+    in_loss = [train_on_inputs] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # The answer's tokens are the difference between the conversation up to and including it and
+        # the conversation up to it with a generation prompt: works for any prefix-stable template.
+        start = len(_render_chat(tokenizer, messages[:i], generation=True))
+        through = _render_chat(tokenizer, messages[: i + 1], generation=False)
+        if through != input_ids[: len(through)] or start > len(through):
+            raise ValueError("the chat template is not prefix-stable; cannot find the assistant's tokens")
+        weight = message.get("weight", 1)
+        for j in range(start, len(through)):
+            in_loss[j] = weight != 0
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, in_loss, strict=True)]
+    return Example(input_ids, labels)
+
+
+def tokenize_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, train_on_inputs: bool
+) -> Example:
+    """Tokenise prompt and completion separately so the boundary is exact; loss on the completion."""
+    prompt_ids = [tokenizer.bos_token_id, *_encode(tokenizer, prompt)]
+    completion_ids = [*_encode(tokenizer, completion), tokenizer.eos_token_id]
+    prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+    return Example(prompt_ids + completion_ids, prompt_labels + completion_ids)
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
+    """Plain text: every token is in the loss."""
+    ids = [tokenizer.bos_token_id, *_encode(tokenizer, text), tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def tokenize_record(record: Any, tokenizer: PreTrainedTokenizerBase, *, train_on_inputs: bool) -> Example:
+    """Tokenise one parsed JSONL record of any of the three shapes; ValueError if it is none of them."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must be a non-empty list')
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError('every message needs a string "role"')
+            if message["role"] not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"unknown role {message['role']!r}")
+            if message.get("weight", 1) not in (0, 1):
+                raise ValueError('"weight" must be 0 or 1')
+        example = tokenize_chat(tokenizer, messages, train_on_inputs=train_on_inputs)
+    elif "prompt" in record and "completion" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
+            raise ValueError('"prompt" and "completion" must be strings')
+        example = tokenize_prompt_completion(
+            tokenizer, record["prompt"], record["completion"], train_on_inputs=train_on_inputs
+        )
+    elif "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError('"text" must be a string')
+        example = tokenize_text(tokenizer, record["text"])
+    else:
+        raise ValueError('expected "messages", "prompt" and "completion", or "text"')
+    # The first token has nothing before it to predict it from. Masking it also keeps the last
+    # token of one example from being trained to predict the next example in a packed row.
+    example.labels[0] = IGNORE_INDEX
+    return example
+
+
+def load_examples(
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_length: int,
+    train_on_inputs: bool,
+    reporter: Reporter,
+) -> list[Example]:
+    """Read and tokenise a JSONL file, truncating to max_seq_length; reports truncated and dropped examples."""
+    examples: list[Example] = []
+    n_truncated = n_dropped = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = tokenize_record(json.loads(line), tokenizer, train_on_inputs=train_on_inputs)
+            except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path.name} line {line_no}: {exc}") from exc
+            if len(example.input_ids) > max_seq_length:
+                n_truncated += 1
+                example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
+            if all(label == IGNORE_INDEX for label in example.labels):
+                n_dropped += 1
+                continue
+            examples.append(example)
+    if n_truncated:
+        reporter.event(
+            f"{n_truncated} example(s) in {path.name} were longer than max_seq_length={max_seq_length} "
+            "tokens and were truncated; raise max_seq_length to keep them whole",
+            level="warn",
+            data={"file": path.name, "truncated": n_truncated, "max_seq_length": max_seq_length},
+        )
+    if n_dropped:
+        reporter.event(
+            f"{n_dropped} example(s) in {path.name} had no tokens left in the loss (after truncation or "
+            "weight 0) and were dropped",
+            level="warn",
+            data={"file": path.name, "dropped": n_dropped},
+        )
+    if not examples:
+        raise ValueError(f"{path.name} has no trainable examples")
+    return examples
+
+
+def plan_epoch(lengths: list[int], *, batch_size: int, max_seq_length: int, packing: bool, seed: int) -> EpochPlan:
+    """Shuffle with `seed` and group examples into batches: length-grouped rows, or packed rows."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if packing:
+        rows: list[list[int]] = []
+        row: list[int] = []
+        used = 0
+        for i in order:
+            if row and used + lengths[i] > max_seq_length:
+                rows.append(row)
+                row, used = [], 0
+            row.append(i)
+            used += lengths[i]
+        if row:
+            rows.append(row)
+        return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+    # Sort by length within mega-batches so a batch pads to similar lengths, then shuffle the batches
+    # so the long ones are not all first.
+    mega = batch_size * MEGA_BATCH_FACTOR
+    batches: list[list[list[int]]] = []
+    for k in range(0, len(order), mega):
+        chunk = sorted(order[k : k + mega], key=lambda i: -lengths[i])
+        batches += [[[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[list[int]], examples: list[Example], *, pad_id: int, packing: bool) -> dict[str, Any]:
+    """Build padded tensors for one batch; padding is never in the loss."""
+    import torch
+
+    rows_ids: list[list[int]] = []
+    rows_labels: list[list[int]] = []
+    rows_pos: list[list[int]] = []
+    for row in batch:
+        ids = [t for i in row for t in examples[i].input_ids]
+        rows_ids.append(ids)
+        rows_labels.append([t for i in row for t in examples[i].labels])
+        rows_pos.append([p for i in row for p in range(len(examples[i].input_ids))])
+    width = max(len(ids) for ids in rows_ids)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, (ids, labs, pos) in enumerate(zip(rows_ids, rows_labels, rows_pos, strict=True)):
+        n = len(ids)
+        input_ids[r, :n] = torch.tensor(ids)
+        labels[r, :n] = torch.tensor(labs)
+        attention_mask[r, :n] = 1
+        # Padding gets positions restarting at 0: in a packed row it is its own "sequence".
+        position_ids[r, :n] = torch.tensor(pos)
+        position_ids[r, n:] = torch.arange(width - n)
+    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "n_tokens": int(attention_mask.sum())}
+    if packing:
+        # No 2D mask: transformers then derives a block-diagonal causal mask from position_ids
+        # restarting at 0 (masking_utils.find_packed_sequence_indices), so examples never attend
+        # to each other.
+        out["position_ids"] = position_ids
+        out["attention_mask"] = None
+    else:
+        out["attention_mask"] = attention_mask
+    return out
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a collated batch to `device`."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

@@ -1,0 +1,135 @@
+"""Loading the base model and wrapping it for the chosen adapter type.
+
+Hardware and precision are checked before any weights load, so an impossible job fails in a second
+with the remedy in the message instead of after minutes of loading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.schemas.training import AdapterConfig, Precision, TrainingConfig
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def pick_device() -> torch.device:
+    """The first CUDA device if there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """Turn the config's precision into a dtype for `device`; ValueError with the remedy if impossible."""
+    import torch
+
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError('precision "fp16" is not supported on CPU; use "fp32" (or "auto") or run on a GPU')
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f'precision "bf16" is not supported by {torch.cuda.get_device_name(device)}; '
+            'use "fp16" or "auto" (picks fp16 there), or a GPU with bf16 (Ampere or newer)'
+        )
+    return getattr(torch, _DTYPES[precision])
+
+
+def check_quantization_support() -> None:
+    """ValueError with the remedy when bitsandbytes cannot run 4-bit layers here (QLoRA)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers.integrations import validate_bnb_backend_availability
+
+        validate_bnb_backend_availability(raise_exception=True)
+    except Exception as exc:  # ImportError, or bitsandbytes' own "no backend" RuntimeError
+        raise ValueError(
+            f'adapter type "qlora" needs a working bitsandbytes on this machine ({exc}); '
+            'install bitsandbytes>=0.50 for this device, or use adapter type "lora"'
+        ) from exc
+
+
+def load_model(
+    config: TrainingConfig, model_path: Path, *, device: torch.device, dtype: torch.dtype
+) -> PreTrainedModel | PeftModel:
+    """Load the local base model and make only the intended parameters trainable."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter = config.adapter
+    kwargs: dict = {
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "local_files_only": True,
+        "attn_implementation": "sdpa",
+        # Full fine-tunes keep fp32 master weights and train under autocast; adapters leave the frozen
+        # base in the compute dtype (half the memory) and keep their own weights in fp32.
+        "dtype": torch.float32 if adapter.type == "full" else dtype,
+    }
+    if adapter.type == "qlora":
+        quant = adapter.quantization
+        assert quant is not None  # AdapterConfig fills it in for qlora
+        compute = dtype if quant.compute_dtype == "auto" else resolve_precision(quant.compute_dtype, device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if adapter.type != "qlora":
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
+    model.config.use_cache = False  # a KV cache is useless in training and disables packed masks
+
+    checkpointing = {"use_reentrant": False}
+    if adapter.type == "full":
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.requires_grad_(True)
+        return model
+
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.type == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(adapter))
+
+
+def lora_config(adapter: AdapterConfig) -> LoraConfig:
+    """The peft LoraConfig for a lora / dora / qlora adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # annotated int, used as a float scale
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.type == "dora",
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

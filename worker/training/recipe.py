@@ -1,0 +1,416 @@
+"""Supervised fine-tuning recipe: load model, prepare data, train, evaluate, save.
+
+Reads top to bottom like torchtune's recipes and nanoGPT's train.py: a plain PyTorch loop with
+gradient accumulation, a per-step report to the caller, checkpoints that resume exactly, evaluation
+with early stopping, and a final adapter (or full model) in a directory ready to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.schemas.training import TrainingConfig
+from worker.training import checkpoint as ckpt
+from worker.training.data import (
+    IGNORE_INDEX,
+    EpochPlan,
+    batch_to_device,
+    collate,
+    load_examples,
+    plan_epoch,
+)
+from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
+from worker.training.model import (
+    check_quantization_support,
+    count_parameters,
+    load_model,
+    pick_device,
+    resolve_precision,
+)
+from worker.training.reporting import (
+    PrintReporter,
+    Reporter,
+    TrainingCancelled,
+    TrainingDiverged,
+    TrainingPaused,
+)
+
+# Evaluations during training use at most this many validation examples so that a big validation
+# set does not dominate the run; the final evaluation uses all of them.
+VALID_SUBSET_EXAMPLES = 256
+CSV_COLUMNS = [
+    "step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate",
+    "tokens_per_second", "trained_tokens", "valid_loss", "valid_perplexity", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_perplexity", "full_valid_mean_token_accuracy",
+]  # fmt: skip
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run produced."""
+
+    final_dir: Path
+    steps: int
+    total_steps: int
+    trained_tokens: int
+    final_metrics: dict[str, Any]
+    metrics_csv: Path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so a run is reproducible."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluation_steps(config: TrainingConfig, total_steps: int) -> set[int]:
+    """Steps after which to evaluate: every eval_steps, or n_evals spread evenly over the run."""
+    if config.eval_steps:
+        return set(range(config.eval_steps, total_steps + 1, config.eval_steps))
+    if config.n_evals:
+        n = min(config.n_evals, total_steps)
+        return {round(total_steps * (k + 1) / n) for k in range(n)}
+    return set()
+
+
+def make_optimizer(model: Any, config: TrainingConfig) -> Any:
+    """AdamW; weight decay only on matrices, not on biases and norm scales (nanoGPT's split)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+
+
+def train(
+    config: TrainingConfig,
+    *,
+    model_path: Path,
+    train_file: Path,
+    validation_file: Path | None,
+    output_dir: Path,
+    reporter: Reporter,
+    resume_from: Path | None = None,
+    wandb: dict[str, Any] | None = None,
+) -> TrainingResult:
+    """Fine-tune the model at `model_path` on `train_file` and save the result under `output_dir`."""
+    # ---- hardware and precision, before any weights load ----
+    device = pick_device()
+    dtype = resolve_precision(config.precision, device)
+    if config.adapter.type == "qlora":
+        check_quantization_support()
+        quantization = config.adapter.quantization
+        if quantization is not None and quantization.compute_dtype != "auto":
+            resolve_precision(quantization.compute_dtype, device)
+    resume_state = ckpt.load_checkpoint(resume_from) if resume_from else None
+
+    import torch
+    from transformers import AutoTokenizer, get_scheduler
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    full = config.adapter.type == "full"
+
+    def autocast() -> AbstractContextManager[Any]:
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    # ---- data: tokenise once, plan every epoch's batch order from the seed ----
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_examples = load_examples(
+        Path(train_file), tokenizer, max_seq_length=config.max_seq_length,
+        train_on_inputs=config.train_on_inputs, reporter=reporter,
+    )  # fmt: skip
+    valid_examples = []
+    if validation_file is not None:
+        valid_examples = load_examples(
+            Path(validation_file), tokenizer, max_seq_length=config.max_seq_length,
+            train_on_inputs=config.train_on_inputs, reporter=reporter,
+        )  # fmt: skip
+    lengths = [len(e.input_ids) for e in train_examples]
+    plans = [
+        plan_epoch(lengths, batch_size=config.batch_size, max_seq_length=config.max_seq_length,
+                   packing=config.packing, seed=config.seed + epoch)
+        for epoch in range(config.n_epochs)
+    ]  # fmt: skip
+    accum = config.gradient_accumulation_steps
+    steps_per_epoch = [math.ceil(len(plan) / accum) for plan in plans]
+    total_steps = sum(steps_per_epoch)
+
+    def eval_plan(n_examples: int) -> EpochPlan:
+        order = sorted(range(n_examples), key=lambda i: len(valid_examples[i].input_ids))
+        return [[[i] for i in order[k : k + config.batch_size]] for k in range(0, n_examples, config.batch_size)]
+
+    subset_plan = eval_plan(min(len(valid_examples), VALID_SUBSET_EXAMPLES))
+    full_plan = eval_plan(len(valid_examples))
+    eval_at = evaluation_steps(config, total_steps) if valid_examples else set()
+    save_at = ckpt.checkpoint_steps(total_steps, save_steps=config.save_steps, n_checkpoints=config.n_checkpoints)
+
+    # ---- model, optimizer, schedule ----
+    model = load_model(config, Path(model_path), device=device, dtype=dtype)
+    trainable, total = count_parameters(model)
+    optimizer = make_optimizer(model, config)
+    scheduler = get_scheduler(
+        SCHEDULERS[config.lr_scheduler],
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    reporter.event(
+        f"training {config.adapter.type} on {device.type} in {str(dtype).removeprefix('torch.')}: "
+        f"{len(train_examples)} train / {len(valid_examples)} validation examples, {total_steps} steps, "
+        f"{trainable:,} of {total:,} parameters trainable",
+        data={"total_steps": total_steps, "trainable_parameters": trainable, "parameters": total},
+    )
+
+    # ---- state, restored from a checkpoint when resuming ----
+    state: dict[str, Any] = {
+        "step": 0, "epoch": 0, "next_batch": 0, "trained_tokens": 0, "valid_loss": None,
+        "best_valid_loss": None, "best_step": None, "evals_without_improvement": 0, "log_history": [],
+    }  # fmt: skip
+    resumed_plan: EpochPlan | None = None
+    if resume_state is not None:
+        assert resume_from is not None
+        ckpt.load_weights(model, Path(resume_from), full=full)
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        saved = resume_state["trainer_state"]
+        if saved["total_steps"] != total_steps:
+            raise ValueError(
+                f"checkpoint was made for a run of {saved['total_steps']} steps, this one has {total_steps}; "
+                "resume with the same config and data"
+            )
+        state.update({k: saved[k] for k in state})
+        resumed_plan = saved["batch_order"]
+        ckpt.restore_rng_state(resume_state["rng"])
+        reporter.event(f"resumed from checkpoint at step {state['step']}", data={"step": state["step"]})
+
+    metrics_csv = output_dir / "metrics.csv"
+    csv_file = open(metrics_csv, "w", newline="")  # noqa: SIM115 - closed in the finally below
+    csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    csv_writer.writeheader()
+    csv_writer.writerows(state["log_history"])
+    wandb_run = _start_wandb(wandb, config) if wandb else None
+
+    def save(step: int, plan: EpochPlan | None) -> Path:
+        trainer_state = {**state, "total_steps": total_steps, "batch_order": plan, "config": config.model_dump()}
+        path = ckpt.save_checkpoint(
+            output_dir, step=step, model=model, full=full, optimizer=optimizer, scheduler=scheduler,
+            trainer_state=trainer_state,
+        )  # fmt: skip
+        # The best step is kept by number too: its valid_loss may tie a later, not-better-enough one.
+        ckpt.prune_checkpoints(output_dir, keep_steps={state["best_step"]} if state["best_step"] else set())
+        reporter.checkpoint_saved(step=step, path=path, metrics=state["log_history"][-1])
+        return path
+
+    # ---- train ----
+    model.train()
+    metrics: dict[str, Any] = {}
+    stop_reason: str | None = None
+    try:
+        while state["step"] < total_steps and stop_reason is None:
+            epoch = state["epoch"]
+            plan = resumed_plan if resumed_plan is not None else plans[epoch]
+            resumed_plan = None
+            batch_index = state["next_batch"]
+            group = plan[batch_index : batch_index + accum]
+            started = time.perf_counter()
+            micro_batches = [
+                batch_to_device(collate(b, train_examples, pad_id=pad_id, packing=config.packing), device)
+                for b in group
+            ]
+            # Normalise by the labelled tokens of the whole accumulated step, so the step's loss is the
+            # true token mean whatever the micro-batch split or padding.
+            step_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+            loss_total, correct = 0.0, 0
+            for mb in micro_batches:
+                with autocast():
+                    logits = forward_logits(model, mb)
+                loss_sum, _, n_correct = token_loss_sum(logits, mb["labels"])
+                loss = loss_sum / step_tokens
+                scaler.scale(loss).backward()
+                loss_total += loss.item()
+                correct += n_correct
+            state["step"] += 1
+            step = state["step"]
+            if not math.isfinite(loss_total):
+                raise TrainingDiverged(
+                    f"the training loss became {loss_total} at step {step}; lower learning_rate "
+                    f"(now {config.learning_rate:g}) or use a more stable precision (bf16 or fp32)"
+                )
+            scaler.unscale_(optimizer)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            learning_rate = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            real_tokens = sum(mb["n_tokens"] for mb in micro_batches)
+            state["trained_tokens"] += real_tokens
+            elapsed = time.perf_counter() - started
+
+            # Advance the data position first: a checkpoint saved below resumes at the next batch.
+            state["next_batch"] = batch_index + len(group)
+            if state["next_batch"] >= len(plan):
+                state["epoch"], state["next_batch"] = epoch + 1, 0
+            metrics = {
+                "step": step,
+                "total_steps": total_steps,
+                "epoch": round(epoch + min(batch_index + len(group), len(plan)) / len(plan), 4),
+                "train_loss": loss_total,
+                "train_mean_token_accuracy": correct / step_tokens,
+                "learning_rate": learning_rate,
+                "tokens_per_second": real_tokens / elapsed,
+                "trained_tokens": state["trained_tokens"],
+            }
+
+            new_best = False
+            state["valid_loss"] = None  # the valid_loss of these weights, if evaluated this step
+            if step in eval_at:
+                valid = evaluate(model, subset_plan, valid_examples, pad_id=pad_id, device=device, autocast=autocast)
+                metrics.update({"valid_loss": valid["loss"], "valid_perplexity": valid["perplexity"],
+                                "valid_mean_token_accuracy": valid["mean_token_accuracy"]})  # fmt: skip
+                state["valid_loss"] = valid["loss"]
+                best = state["best_valid_loss"]
+                if best is None or best - valid["loss"] > config.early_stopping_threshold:
+                    state.update(best_valid_loss=valid["loss"], best_step=step, evals_without_improvement=0)
+                    new_best = True
+                else:
+                    state["evals_without_improvement"] += 1
+                patience = config.early_stopping_patience
+                if patience is not None and state["evals_without_improvement"] >= patience:
+                    stop_reason = (
+                        f"early stopping at step {step}: valid_loss has not improved by more than "
+                        f"{config.early_stopping_threshold:g} for {patience} evaluation(s); best "
+                        f"{state['best_valid_loss']:.4f} at step {state['best_step']}"
+                    )
+            last = step == total_steps or stop_reason is not None
+            if last and valid_examples:
+                valid = evaluate(model, full_plan, valid_examples, pad_id=pad_id, device=device, autocast=autocast)
+                metrics.update({"full_valid_loss": valid["loss"], "full_valid_perplexity": valid["perplexity"],
+                                "full_valid_mean_token_accuracy": valid["mean_token_accuracy"]})  # fmt: skip
+            state["log_history"].append(metrics)
+            reporter.metrics(metrics)
+            csv_writer.writerow(metrics)
+            csv_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=step)
+            if stop_reason is not None:
+                reporter.event(stop_reason, data={"step": step, "best_step": state["best_step"]})
+
+            next_plan = (
+                plan if state["epoch"] == epoch else (plans[state["epoch"]] if state["epoch"] < len(plans) else None)
+            )
+            saved_now = step in save_at or last or (config.load_best_at_end and new_best)
+            if saved_now:
+                save(step, next_plan)
+            command = reporter.control()
+            if command == "cancel":
+                raise TrainingCancelled(f"training cancelled at step {step}")
+            if command == "pause":
+                path = output_dir / "checkpoints" / f"step-{step}" if saved_now else save(step, next_plan)
+                raise TrainingPaused(path)
+    finally:
+        csv_file.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+    # ---- save the final adapter / model ----
+    if config.load_best_at_end and state["best_step"] is not None:
+        best_dir = output_dir / "checkpoints" / f"step-{state['best_step']}"
+        ckpt.load_weights(model, best_dir, full=full)
+        reporter.event(
+            f"loaded the best checkpoint (step {state['best_step']}, valid_loss "
+            f"{state['best_valid_loss']:.4f}) as the final weights",
+            data={"step": state["best_step"], "valid_loss": state["best_valid_loss"]},
+        )
+    final_dir = output_dir / "final"
+    model.save_pretrained(str(final_dir), safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
+    (final_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    reporter.event(f"saved the final {'model' if full else 'adapter'} after {state['step']} steps",
+                   data={"path": str(final_dir)})  # fmt: skip
+    return TrainingResult(
+        final_dir=final_dir,
+        steps=state["step"],
+        total_steps=total_steps,
+        trained_tokens=state["trained_tokens"],
+        final_metrics=metrics or (state["log_history"][-1] if state["log_history"] else {}),
+        metrics_csv=metrics_csv,
+    )
+
+
+def _start_wandb(options: dict[str, Any], config: TrainingConfig) -> Any:
+    """Start a W&B run; WANDB_MODE / WANDB_DIR come from the environment (offline in tests)."""
+    import wandb as wandb_module  # optional dependency, only needed when a job asks for it
+
+    return wandb_module.init(
+        project=options["project"],
+        name=options.get("name"),
+        entity=options.get("entity"),
+        tags=options.get("tags"),
+        config=config.model_dump(),
+        dir=os.environ.get("WANDB_DIR"),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run one training job with a PrintReporter."""
+    parser = argparse.ArgumentParser(description="Fine-tune a local model (tuneforge training recipe).")
+    parser.add_argument("--config", type=Path, required=True, help="TrainingConfig as JSON")
+    parser.add_argument("--model", type=Path, required=True, help="local model directory")
+    parser.add_argument("--train", type=Path, required=True, help="training JSONL")
+    parser.add_argument("--validation", type=Path, default=None, help="validation JSONL")
+    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint directory to resume from")
+    args = parser.parse_args(argv)
+    config = TrainingConfig.model_validate_json(args.config.read_text())
+    result = train(
+        config,
+        model_path=args.model,
+        train_file=args.train,
+        validation_file=args.validation,
+        output_dir=args.output,
+        reporter=PrintReporter(),
+        resume_from=args.resume,
+    )
+    print(
+        json.dumps(
+            {
+                "type": "result",
+                "final_dir": str(result.final_dir),
+                "steps": result.steps,
+                "trained_tokens": result.trained_tokens,
+                "metrics_csv": str(result.metrics_csv),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
