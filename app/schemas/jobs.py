@@ -191,7 +191,8 @@ class ArtifactPublic(BaseModel):
     bytes: int
     sha256: str
     created_at: int
-    file_id: str
+    # The `fine-tune-results` file with the same bytes; checkpoints have none.
+    file_id: str | None
 
 
 class ArtifactList(ListPage[ArtifactPublic]):

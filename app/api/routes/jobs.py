@@ -4,13 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
-from sqlalchemy import select
 
 from app.api.deps import CurrentProject, SessionDep, SettingsDep
 from app.api.routes.files import check_limit
 from app.api.streaming import stream_blob
-from app.core.errors import NotFound
-from app.models import File, JobArtifact
 from app.schemas.jobs import (
     ArtifactList,
     ArtifactPublic,
@@ -20,8 +17,10 @@ from app.schemas.jobs import (
     JobList,
     JobPublic,
 )
+from app.services import artifacts as artifact_service
 from app.services import jobs as job_service
 from app.services.dispatch import dispatch_job
+from app.services.quotas import check_job_quota
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -35,6 +34,7 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
     """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
+    check_job_quota(session, project=project, settings=settings, idempotency_key=idempotency_key)
     job, created = job_service.create_job(session, project=project, request=body, settings=settings,
                                           idempotency_key=idempotency_key)
     if created:
@@ -103,18 +103,12 @@ def list_job_checkpoints(session: SessionDep, project: CurrentProject, settings:
                           last_id=data[-1].id if data else None)
 
 
-def _artifacts(session: SessionDep, job_pk: int) -> list[tuple[JobArtifact, File]]:
-    rows = session.execute(select(JobArtifact, File).join(File, JobArtifact.file_pk == File.pk)
-                           .where(JobArtifact.job_pk == job_pk).order_by(JobArtifact.pk))
-    return [(artifact, file) for artifact, file in rows.tuples()]
-
-
 @router.get("/{fine_tuning_job_id}/artifacts", response_model=ArtifactList)
 def list_job_artifacts(session: SessionDep, project: CurrentProject, fine_tuning_job_id: str) -> ArtifactList:
-    """The job's downloadable outputs: adapter, metrics, training config."""
+    """The job's downloadable outputs: adapter, metrics, training config, merged weights, checkpoints."""
     job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
-    data = [ArtifactPublic(name=a.name, kind=a.kind, bytes=f.bytes, sha256=f.sha256, created_at=a.created_at,
-                           file_id=f.id) for a, f in _artifacts(session, job.pk)]
+    data = [ArtifactPublic(name=a.name, kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
+                           file_id=a.file_id) for a in artifact_service.list_artifacts(session, job=job)]
     return ArtifactList(data=data, has_more=False)
 
 
@@ -123,8 +117,6 @@ def download_job_artifact(request: Request, session: SessionDep, project: Curren
                           fine_tuning_job_id: str, name: str) -> Response:
     """Stream one artifact (Content-Length, x-content-sha256, Range requests)."""
     job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
-    for artifact, file in _artifacts(session, job.pk):
-        if artifact.name == name:
-            return stream_blob(request, key=file.blob_key, size=file.bytes, sha256=file.sha256,
-                               filename=file.filename)
-    raise NotFound(f"Job {fine_tuning_job_id} has no artifact named {name!r}.", param="name")
+    artifact = artifact_service.get_artifact(session, job=job, name=name)
+    return stream_blob(request, key=artifact.blob_key, size=artifact.bytes, sha256=artifact.sha256,
+                       filename=artifact.filename)
