@@ -16,9 +16,12 @@ PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgre
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="tuneforge-tests-"))
 
+# One database per test session, so that parallel sessions (several developers, CI) never collide.
+TEST_DATABASE = f"tuneforge_test_{os.getpid()}"
+
 # Settings are read from the environment once per process: set them before any app import.
 os.environ.update({
-    "TUNEFORGE_DATABASE_URL": f"{PG_ADMIN_URL}/tuneforge_test",
+    "TUNEFORGE_DATABASE_URL": f"{PG_ADMIN_URL}/{TEST_DATABASE}",
     "TUNEFORGE_BROKER_URL": f"{REDIS_URL}/15",
     "TUNEFORGE_DATA_DIR": str(_SESSION_DIR / "data"),
     "TUNEFORGE_CATALOGUE_FILE": str(_SESSION_DIR / "catalogue.json"),
@@ -29,13 +32,22 @@ TINY_MODEL_PATH = _SESSION_DIR / "models" / "tiny-llama"
 Path(os.environ["TUNEFORGE_CATALOGUE_FILE"]).write_text(json.dumps({"tiny-llama": {"path": str(TINY_MODEL_PATH)}}))
 
 
-def recreate_database(name: str) -> str:
-    """Drop and create a Postgres database, migrate it, and return its URL."""
+def drop_database(name: str) -> None:
     from sqlalchemy import create_engine, text
 
     admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def recreate_database(name: str) -> str:
+    """Drop and create a Postgres database, migrate it, and return its URL."""
+    from sqlalchemy import create_engine, text
+
+    drop_database(name)
+    admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = f"{PG_ADMIN_URL}/{name}"
@@ -46,8 +58,13 @@ def recreate_database(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> str:
-    return recreate_database("tuneforge_test")
+def database_url() -> Iterator[str]:
+    url = recreate_database(TEST_DATABASE)
+    yield url
+    from app.core.db import get_engine
+
+    get_engine().dispose()
+    drop_database(TEST_DATABASE)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,10 @@ def _training_file(session: Session, *, project: Project, file_id: str, param: s
     if report.get("format") == "preference":
         raise InvalidRequest(f"File {file_id} holds preference (DPO) examples; supervised fine-tuning needs "
                              "chat, prompt/completion or text examples.", param=param, code="invalid_file")
-    if param == "training_file" and report.get("examples", 0) < settings.min_training_examples:
+    # A file too large to validate during upload ("uploaded") is counted in full by the worker's
+    # validating_files phase, which fails the job then if it is short; its report covers a prefix only.
+    if param == "training_file" and row.status != "uploaded" \
+            and report.get("examples", 0) < settings.min_training_examples:
         raise InvalidRequest(f"File {file_id} has {report.get('examples', 0)} example(s); training needs at "
                              f"least {settings.min_training_examples}.", param=param, code="too_few_examples")
     return row
@@ -108,10 +111,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     if request.method is not None and request.method.type == "dpo":
         raise InvalidRequest("method.type 'dpo' is not supported yet; use 'supervised'.", param="method.type",
                              code="unsupported_method")
-    catalogue = settings.catalogue()
-    if request.model not in catalogue:
-        raise InvalidRequest(f"Model {request.model!r} is not available for fine-tuning. Available: "
-                             f"{sorted(catalogue)}.", param="model", code="model_not_available")
+    base_model = _base_model(session, project=project, model=request.model, settings=settings)
     training = _training_file(session, project=project, file_id=request.training_file,
                               param="training_file", settings=settings)
     if request.validation_file is not None:
@@ -130,7 +130,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
                              param=param, code="invalid_value") from None
 
     job = FineTuningJob(
-        id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=request.model,
+        id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
         training_file=request.training_file, validation_file=request.validation_file,
         status="validating_files", config=config.model_dump(mode="json"), suffix=request.suffix,
         seed=config.seed, metadata_=request.metadata,
@@ -153,6 +153,31 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     add_event(session, job=job, message=f"Created fine-tuning job: {job.id}")
     session.commit()
     return job, True
+
+
+def _base_model(session: Session, *, project: Project, model: str, settings: Settings) -> str:
+    """The catalogue model whose weights a job starts from; a fine-tuned model (or one of its checkpoints)
+    continues training from its adapter on its own base."""
+    from app.services.artifacts import find_fine_tuned_model
+
+    catalogue = settings.catalogue()
+    if model in catalogue:
+        return model
+    if model.startswith("ft:"):
+        try:
+            parent, _step = find_fine_tuned_model(session, project=project, model_id=model)
+        except NotFound:
+            raise InvalidRequest(f"Fine-tuned model {model!r} does not exist in this project.", param="model",
+                                 code="model_not_available") from None
+        if TrainingConfig.model_validate(parent.config).adapter.type == "full":
+            raise InvalidRequest("Continued training from a full fine-tune is not supported; continue from an "
+                                 "adapter (lora, qlora, dora) job.", param="model", code="model_not_available")
+        if parent.base_model not in catalogue:
+            raise InvalidRequest(f"The base model {parent.base_model!r} of {model!r} was removed from the "
+                                 "catalogue.", param="model", code="model_not_available")
+        return parent.base_model
+    raise InvalidRequest(f"Model {model!r} is not available for fine-tuning. Available: {sorted(catalogue)}.",
+                         param="model", code="model_not_available")
 
 
 def _job_for_key(session: Session, *, project: Project, key: str, request_hash: str) -> FineTuningJob | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, REDIS_URL, recreate_database
+from tests.conftest import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
 
 
 def free_port() -> int:
@@ -72,11 +72,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
     """API and one worker as separate processes, sharing only Postgres and Redis."""
-    import redis
-
     root = tmp_path_factory.mktemp("service")
-    database_url = recreate_database("tuneforge_it")
-    redis.Redis.from_url(f"{REDIS_URL}/14").flushdb()
+    database_name = f"tuneforge_it_{os.getpid()}"
+    database_url = recreate_database(database_name)
     catalogue = root / "catalogue.json"
     catalogue.write_text(json.dumps({"tiny-llama": {"path": str(tiny_model_dir)}}))
     env = {**os.environ,
@@ -84,7 +82,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
            "TUNEFORGE_DATA_DIR": str(root / "data"), "TUNEFORGE_CATALOGUE_FILE": str(catalogue),
            "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
            "TUNEFORGE_HEARTBEAT_SECONDS": "1", "TUNEFORGE_LEASE_SECONDS": "8",
-           "TUNEFORGE_REAPER_INTERVAL_SECONDS": "2", "TUNEFORGE_MIN_TRAINING_EXAMPLES": "10"}
+           "TUNEFORGE_REAPER_INTERVAL_SECONDS": "2", "TUNEFORGE_MIN_TRAINING_EXAMPLES": "10",
+           # A queue of our own: parallel test sessions share Redis but never each other's jobs.
+           "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}"}
     created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
                              check=True, capture_output=True, text=True)
     key = json.loads(created.stdout.strip().splitlines()[-1])["key"]
@@ -100,6 +100,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     finally:
         for process in [api, *svc.workers]:
             stop(process)
+        drop_database(database_name)
         for log in sorted(root.glob("*.log")):
             sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
 
