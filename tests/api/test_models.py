@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.core.storage import get_storage
+from app.models import FineTuningJob, JobCheckpoint, Project
+from app.services.files import build_result_file
+from app.services.jobs import fine_tuned_model_name
+from tests.factories import create_job
+
+
+def succeeded_job(session: Any, project_name: str = "team-a") -> FineTuningJob:
+    """A succeeded job with stored adapter bytes and two checkpoints, as a worker leaves it."""
+    from app.models import JobArtifact
+
+    project = session.scalar(select(Project).where(Project.name == project_name))
+    job = create_job(session, project=project, status="succeeded", suffix="s")
+    job.fine_tuned_model = fine_tuned_model_name(job, organization=project.name)
+    storage = get_storage()
+    for name in ("adapter", "metrics"):
+        stored = storage.write(f"artifacts/{job.id}/{name}", iter([name.encode() * 10]))
+        file = build_result_file(project_pk=project.pk, filename=f"{name}.tar", blob_key=stored.key,
+                                 size=stored.bytes, sha256=stored.sha256)
+        session.add(file)
+        session.flush()
+        session.add(JobArtifact(job_pk=job.pk, file_pk=file.pk, name=name, kind=name))
+    for step in (5, 10):
+        stored = storage.write(f"checkpoints/{job.id}/step-{step}", iter([b"ckpt"]))
+        session.add(JobCheckpoint(id=f"ftckpt_{job.id}{step}", job_pk=job.pk, step_number=step, attempt=1,
+                                  metrics={"step": step}, blob_key=stored.key, sha256=stored.sha256,
+                                  bytes=stored.bytes))
+    session.commit()
+    return job
+
+
+def test_fine_tuned_models_and_their_checkpoints_are_listed_and_retrievable(client: TestClient, session: Any
+                                                                          ) -> None:
+    job = succeeded_job(session)
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["tiny-llama", job.fine_tuned_model]
+    model = client.get(f"/v1/models/{job.fine_tuned_model}").json()
+    assert model["fine_tuning_job"] == job.id and model["root"] == "tiny-llama"
+    assert client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-10").status_code == 200
+    assert client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-7").status_code == 404
+    artifacts = client.get(f"/v1/fine_tuning/jobs/{job.id}/artifacts").json()["data"]
+    assert [a["name"] for a in artifacts] == ["adapter", "metrics", "checkpoint-step-5", "checkpoint-step-10"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job.id}/artifacts/checkpoint-step-5").content == b"ckpt"
+
+
+def test_deleting_a_fine_tuned_model_removes_its_weights_and_files(client: TestClient, session: Any) -> None:
+    job = succeeded_job(session)
+    result_files = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["result_files"]
+    response = client.delete(f"/v1/models/{job.fine_tuned_model}")
+    assert response.json() == {"id": job.fine_tuned_model, "object": "model", "deleted": True}
+    assert client.get(f"/v1/models/{job.fine_tuned_model}").status_code == 404
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job.id}/artifacts").json()["data"] == []
+    for file_id in result_files:
+        assert client.get(f"/v1/files/{file_id}").status_code == 404
+    assert get_storage().size(f"artifacts/{job.id}/adapter") is None
+    assert client.delete(f"/v1/models/{job.fine_tuned_model}").status_code == 404
+    assert client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["status"] == "succeeded"
+
+
+def test_another_projects_fine_tuned_model_is_not_found(client: TestClient, other_client: TestClient,
+                                                        session: Any) -> None:
+    job = succeeded_job(session)
+    assert other_client.get(f"/v1/models/{job.fine_tuned_model}").status_code == 404
+    assert other_client.delete(f"/v1/models/{job.fine_tuned_model}").status_code == 404
+    assert client.get(f"/v1/models/{job.fine_tuned_model}").status_code == 200
+
+
+def test_continued_training_starts_from_a_fine_tuned_model_on_its_base(client: TestClient, session: Any) -> None:
+    from tests.api.conftest import upload_chat
+
+    parent = succeeded_job(session)
+    for model in (parent.fine_tuned_model, f"{parent.fine_tuned_model}:ckpt-step-5"):
+        response = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": upload_chat(client)})
+        assert response.status_code == 200, response.text
+        child = session.scalar(select(FineTuningJob).where(FineTuningJob.id == response.json()["id"]))
+        assert child.model == model and child.base_model == "tiny-llama"
+    missing = client.post("/v1/fine_tuning/jobs", json={"model": "ft:tiny-llama:team-a::nope",
+                                                         "training_file": upload_chat(client)})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
