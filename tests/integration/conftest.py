@@ -46,8 +46,11 @@ class Service:
     root: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, *, own_data_dir: bool = False) -> subprocess.Popen[bytes]:
+        """A worker process; with own_data_dir it shares nothing on disk with the others (another host)."""
         env = {**self.env, "TUNEFORGE_WORKER_NAME": name}
+        if own_data_dir:
+            env["TUNEFORGE_DATA_DIR"] = str(self.root / f"host-{name}")
         log = open(self.root / f"worker-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,6 +86,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
            "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
            "TUNEFORGE_HEARTBEAT_SECONDS": "1", "TUNEFORGE_LEASE_SECONDS": "8",
            "TUNEFORGE_REAPER_INTERVAL_SECONDS": "2", "TUNEFORGE_MIN_TRAINING_EXAMPLES": "10",
+           # The scale-out test queues 20 jobs at once and tests poll hard: lift those limits here.
+           "TUNEFORGE_MAX_ACTIVE_JOBS_PER_PROJECT": "100", "TUNEFORGE_RATE_LIMIT_PER_MINUTE": "100000",
+           "TUNEFORGE_RATE_LIMIT_BURST": "10000",
            # A queue of our own: parallel test sessions share Redis but never each other's jobs.
            "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}"}
     created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
