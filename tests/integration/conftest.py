@@ -78,6 +78,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     root = tmp_path_factory.mktemp("service")
     database_name = f"tuneforge_it_{os.getpid()}"
     database_url = recreate_database(database_name)
+    (root / "wandb").mkdir()
     catalogue = root / "catalogue.json"
     catalogue.write_text(json.dumps({"tiny-llama": {"path": str(tiny_model_dir)}}))
     env = {**os.environ,
@@ -89,6 +90,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
            # The scale-out test queues 20 jobs at once and tests poll hard: lift those limits here.
            "TUNEFORGE_MAX_ACTIVE_JOBS_PER_PROJECT": "100", "TUNEFORGE_RATE_LIMIT_PER_MINUTE": "100000",
            "TUNEFORGE_RATE_LIMIT_BURST": "10000",
+           # W&B runs offline into the test's folder; no key, no network.
+           "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
            # A queue of our own: parallel test sessions share Redis but never each other's jobs.
            "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}"}
     created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
