@@ -13,10 +13,15 @@ from typing import Annotated
 
 import typer
 
+from app.cli_client import files_app, jobs_app, models_app
+
 app = typer.Typer(help="tuneforge: self-hosted LLM fine-tuning with an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Manage API keys (admin).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 

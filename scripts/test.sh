@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 . .venv/bin/activate
-ruff check app worker migrations tests bench
+ruff check app worker migrations tests bench scripts
+mypy app worker
 python -m pytest -m "not gpu" "$@"

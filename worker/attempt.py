@@ -17,10 +17,12 @@ from sqlalchemy import select
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
+from app.core.logging import configure_logging, set_job_context
 from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, Project
 from app.schemas.training import TrainingConfig
 from app.services import attempts
+from app.services.artifacts import prune_checkpoints
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
@@ -56,6 +58,30 @@ def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | Non
     target = extract_tar(storage.read(key), workdir / "resume" / f"step-{step}")
     if not verify_checkpoint(target):
         raise RuntimeError(f"registered checkpoint at step {step} does not match its manifest")
+    return target
+
+
+def download_init_adapter(storage: Storage, *, parent_job_id: str, step: int | None, project_pk: int,
+                          target: Path) -> Path:
+    """Fetch the adapter a continued-training job starts from: the parent's final adapter, or its checkpoint at
+    `step`, extracted into `target` (a PEFT adapter directory for train(..., init_adapter=...))."""
+    from app.core.errors import NotFound
+    from app.services.artifacts import get_artifact
+
+    name = "adapter" if step is None else f"checkpoint-step-{step}"
+    with session_scope() as session:
+        parent = session.scalar(select(FineTuningJob).where(FineTuningJob.id == parent_job_id,
+                                                            FineTuningJob.project_pk == project_pk))
+        if parent is None:
+            raise FileNotFoundError(f"the fine-tuned model's job {parent_job_id} was deleted while the job waited")
+        try:
+            key = get_artifact(session, job=parent, name=name).blob_key
+        except NotFound as exc:
+            raise FileNotFoundError(f"job {parent_job_id} has no {name} to continue training from; it may have "
+                                    "been deleted or pruned") from exc
+    extract_tar(storage.read(key), target)
+    if not (target / "adapter_config.json").is_file():
+        raise ValueError(f"the {name} of job {parent_job_id} holds no PEFT adapter (adapter_config.json is missing)")
     return target
 
 
@@ -118,6 +144,8 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         with session_scope() as session:
             attempts.finish_job(session, job_pk=job_pk, attempt=attempt, fine_tuned_model=model_name,
                                 trained_tokens=result.trained_tokens, artifacts=files)
+        with session_scope() as session:
+            prune_checkpoints(session, storage=storage, job_pk=job_pk, keep=settings.checkpoints_kept_after_finish)
         return EXIT_OK
     except TrainingCancelled:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)
@@ -148,6 +176,8 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id, attempt = sys.argv[1], int(sys.argv[2])
+    configure_logging(get_settings().log_format)
+    set_job_context(job_id, attempt)
     sys.exit(run_attempt(job_id, attempt, settings=get_settings()))
 
 

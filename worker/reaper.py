@@ -10,8 +10,10 @@ import threading
 
 from app.core.config import Settings
 from app.core.db import session_scope
+from app.core.logging import configure_logging
 from app.services import attempts
 from app.services.dispatch import dispatch_job
+from app.services.webhooks import send_due_webhooks
 
 logger = logging.getLogger("tuneforge.reaper")
 
@@ -29,6 +31,7 @@ def reap_once(*, settings: Settings) -> list[str]:
 
 
 def start_reaper(*, settings: Settings) -> threading.Thread:
+    configure_logging(settings.log_format)  # worker_ready: Celery's handlers exist; JSON them if asked
     stop = threading.Event()
 
     def loop() -> None:
@@ -37,6 +40,7 @@ def start_reaper(*, settings: Settings) -> threading.Thread:
                 sent = reap_once(settings=settings)
                 if sent:
                     logger.info("reaper re-dispatched %s", sent)
+                send_due_webhooks(settings=settings)
             except Exception:  # database or broker down: try again next round
                 logger.exception("reaper pass failed")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from app.core.config import Settings
 from app.core.db import session_scope
+from app.core.logging import set_job_context
 from app.services import attempts
 from app.services.dispatch import dispatch_job
 from app.services.intake import validate_job_files
@@ -65,6 +66,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 def supervise_job(job_id: str, *, settings: Settings) -> str:
     """Validate, claim and run one attempt of job_id; returns what happened (for logs and tests)."""
+    set_job_context(job_id, None)
     with session_scope() as session:
         validate_job_files(session, job_id=job_id, settings=settings)
     owner = worker_name(settings)
@@ -73,6 +75,7 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
         if job is None:
             return "not-claimed"  # already running elsewhere, finished, cancelled, or a duplicate message
         job_pk, attempt = job.pk, job.attempt
+    set_job_context(job_id, attempt)
 
     log_dir = (settings.data_dir / "logs").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)

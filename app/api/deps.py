@@ -1,8 +1,9 @@
-"""Request dependencies: a database session and the calling project."""
+"""Request dependencies: a database session, the calling key and project, and the admin check."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,8 +11,9 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker
-from app.core.errors import Unauthorized
-from app.models import Project
+from app.core.errors import PermissionDenied, RateLimited, Unauthorized
+from app.core.ratelimit import seconds_until_allowed
+from app.models import ApiKey, Project
 from app.services.projects import authenticate, get_or_create_project
 
 
@@ -27,22 +29,56 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_current_project(request: Request, session: SessionDep, settings: SettingsDep) -> Project:
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the project, and the key (None in keyless mode)."""
+
+    project: Project
+    api_key: ApiKey | None
+
+
+def _identify(request: Request, session: Session, settings: Settings) -> Caller:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
         found = authenticate(session, key=key.strip())
         if found is not None:
-            return found[0]
+            return Caller(project=found[0], api_key=found[1])
         if settings.require_api_keys:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
     if not settings.require_api_keys:
         # Keyless mode (loopback only): SDKs insist on sending some key, so any key is accepted.
         project = get_or_create_project(session, name=settings.default_project)
         session.commit()
-        return project
+        return Caller(project=project, api_key=None)
     raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                        code="missing_api_key")
 
 
+def get_caller(request: Request, session: SessionDep, settings: SettingsDep) -> Caller:
+    """The authenticated caller, charged one request against its key's rate limit."""
+    caller = _identify(request, session, settings)
+    bucket = caller.api_key.id if caller.api_key is not None else f"project:{caller.project.id}"
+    wait = seconds_until_allowed(settings, key=bucket)
+    if wait > 0:
+        raise RateLimited(f"Rate limit reached: at most {settings.rate_limit_per_minute} requests per minute "
+                          "per API key. Retry after the delay in the Retry-After header.", retry_after=wait)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_current_project(caller: CallerDep) -> Project:
+    return caller.project
+
+
+def get_admin_key(caller: CallerDep) -> ApiKey:
+    """The caller's key if it is an admin key; 403 otherwise (keyless mode has no admin)."""
+    if caller.api_key is None or not caller.api_key.is_admin:
+        raise PermissionDenied("This endpoint needs an admin API key (tuneforge keys create --admin).")
+    return caller.api_key
+
+
 CurrentProject = Annotated[Project, Depends(get_current_project)]
+AdminKey = Annotated[ApiKey, Depends(get_admin_key)]

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     default_project: str = "default"
 
     max_upload_bytes: int = Field(default=1024**3, ge=1)
+    # Uploads up to this size are validated while they stream in; larger ones are checked on their
+    # first bytes only, kept with status "uploaded" and validated in full by the worker before a job
+    # uses them (so a big upload is not held open by validation).
+    intake_sync_validation_bytes: int = Field(default=64 * 1024**2, ge=0)
     min_training_examples: int = Field(default=10, ge=1)
     list_limit_max: int = Field(default=100, ge=1)
 
@@ -57,10 +61,35 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
     # A job whose attempts all die (OOM kill every time) fails instead of looping forever.
     max_attempts: int = Field(default=3, ge=1)
+    # A running job also checkpoints when this much time passed since its last checkpoint: bounds the
+    # work a crash loses, whatever save_steps/n_checkpoints the job chose.
+    checkpoint_interval_seconds: float = Field(default=600.0, gt=0)
+    # Retention: a finished job keeps its latest N checkpoints (and the best by validation loss).
+    checkpoints_kept_after_finish: int = Field(default=3, ge=1)
     # How long a cancelled training process gets to stop by itself before it is killed.
     cancel_grace_seconds: float = Field(default=5.0, gt=0)
     training_queue: str = "training"
     worker_name: str = ""
+
+    # Request bodies other than multipart uploads (JSON); uploads are capped by max_upload_bytes.
+    max_json_body_bytes: int = Field(default=1024**2, ge=1)
+    # Jobs validating, queued or running at once per project: more answer 429 quota_exceeded.
+    max_active_jobs_per_project: int = Field(default=10, ge=1)
+    # Requests per minute per API key (token bucket, bursts up to rate_limit_burst); 0 turns it off.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    rate_limit_burst: int = Field(default=120, ge=1)
+    # "redis" shares buckets between API processes; "memory" counts per process; "auto" picks redis
+    # when the broker is Redis.
+    rate_limit_backend: Literal["auto", "memory", "redis"] = "auto"
+    # "json": API, worker and training processes log one JSON object per line (worker and training
+    # lines carry job_id and attempt), for log shippers; "text" is for people reading a terminal.
+    log_format: Literal["text", "json"] = "text"
+    # Webhooks: a failed delivery is retried after webhook_retry_seconds, doubling each time (at most
+    # an hour apart), until webhook_max_attempts; each POST waits at most webhook_timeout_seconds
+    # (deliveries are sent from the workers' reaper loop, so a slow receiver delays only that loop).
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_retry_seconds: float = Field(default=30.0, ge=0)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
 
     @field_validator("database_url", "broker_url")
     @classmethod

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("tuneforge.api")
@@ -59,6 +61,31 @@ class TooLargeError(APIError):
     status_code = 413
 
 
+class PermissionDenied(APIError):
+    """The key is valid but may not do this (admin routes with a project key)."""
+
+    status_code = 403
+    type = "permission_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="permission_denied")
+
+
+class RateLimited(APIError):
+    """429 with Retry-After; SDKs retry it after the delay unless retry is false."""
+
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float, code: str = "rate_limit_exceeded",
+                 retry: bool = True) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        headers = {"retry-after": str(seconds), "retry-after-ms": str(max(1, math.ceil(retry_after * 1000)))}
+        if not retry:
+            headers["x-should-retry"] = "false"
+        super().__init__(message, code=code, headers=headers)
+
+
 def envelope(message: str, *, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -101,6 +128,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message = messages.get(exc.status_code, str(exc.detail))
         return JSONResponse(envelope(message, type_="invalid_request_error", param=None, code=None),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # Postgres refuses NUL characters in text and JSON values: the client's input, not a server fault.
+        if any(marker in str(exc.orig) for marker in ("NUL (0x00)", "\\u0000")):
+            return JSONResponse(envelope("Text values cannot contain NUL (\\u0000) characters.",
+                                         type_="invalid_request_error", param=None, code="invalid_value"),
+                                status_code=400)
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -5,6 +5,7 @@ from app.models.blob import Blob, BlobChunk
 from app.models.file import File
 from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent
 from app.models.project import ApiKey, Project
+from app.models.webhook import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
@@ -17,4 +18,6 @@ __all__ = [
     "JobCheckpoint",
     "JobEvent",
     "Project",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

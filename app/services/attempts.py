@@ -9,19 +9,25 @@ stop. No transaction spans the training run.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint
 from app.models.base import new_id, now_seconds
 from app.services.jobs import add_event
+from app.services.webhooks import enqueue_job_event
 
 
 class StaleAttempt(Exception):
     """This attempt no longer owns the job (lease lost, job cancelled or finished elsewhere)."""
+
+
+def _execute(session: Session, statement: Any) -> CursorResult[Any]:
+    """An UPDATE whose rowcount tells whether the fenced write applied."""
+    return cast(CursorResult[Any], session.execute(statement))
 
 
 def _fence(job_pk: int, attempt: int) -> Any:
@@ -40,7 +46,7 @@ def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) 
                                   "for running out of memory); giving up. Try a smaller batch_size or "
                                   "max_seq_length, gradient_checkpointing, or QLoRA.")
         return None
-    result = session.execute(
+    result = _execute(session, 
         update(FineTuningJob)
         .where(FineTuningJob.pk == job.pk, FineTuningJob.status == "queued", FineTuningJob.attempt == job.attempt)
         .values(status="running", attempt=FineTuningJob.attempt + 1, lease_owner=owner,
@@ -59,7 +65,7 @@ def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) 
 
 def renew_lease(session: Session, *, job_pk: int, attempt: int, settings: Settings) -> bool:
     """Heartbeat: extend the lease; False means this attempt must stop."""
-    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt))
+    result = _execute(session, update(FineTuningJob).where(_fence(job_pk, attempt))
                              .values(lease_expires_at=time.time() + settings.lease_seconds))
     session.commit()
     return result.rowcount == 1
@@ -77,7 +83,7 @@ def requested_action(session: Session, *, job_pk: int, attempt: int) -> str:
 
 def request_release(session: Session, *, job_pk: int, attempt: int) -> bool:
     """Ask a running attempt to checkpoint and requeue its job (its worker is shutting down)."""
-    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt)).values(requested_action="release"))
+    result = _execute(session, update(FineTuningJob).where(_fence(job_pk, attempt)).values(requested_action="release"))
     session.commit()
     return result.rowcount == 1
 
@@ -96,7 +102,7 @@ def stop_after_checkpoint(session: Session, *, job_pk: int, attempt: int) -> str
 
 
 def _fenced_update(session: Session, *, job_pk: int, attempt: int, **values: Any) -> FineTuningJob:
-    result = session.execute(update(FineTuningJob).where(_fence(job_pk, attempt)).values(**values))
+    result = _execute(session, update(FineTuningJob).where(_fence(job_pk, attempt)).values(**values))
     if result.rowcount != 1:
         session.rollback()
         raise StaleAttempt(f"attempt {attempt} of job {job_pk} no longer owns the job")
@@ -152,6 +158,7 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
         session.add(JobArtifact(job_pk=job_pk, file_pk=file.pk, name=name, kind=kind))
     add_event(session, job=job, message="The job has successfully completed.",
               data={"fine_tuned_model": fine_tuned_model, "trained_tokens": trained_tokens})
+    enqueue_job_event(session, job=job)
     session.commit()
 
 
@@ -161,6 +168,7 @@ def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message:
                          error={"code": code, "message": message, "param": None},
                          lease_owner=None, lease_expires_at=None, estimated_finish=None)
     add_event(session, job=job, level="error", message=message)
+    enqueue_job_event(session, job=job)
     session.commit()
 
 
@@ -169,6 +177,7 @@ def fail_job_unfenced(session: Session, *, job: FineTuningJob, code: str, messag
     job.error = {"code": code, "message": message, "param": None}
     job.lease_owner, job.lease_expires_at = None, None
     add_event(session, job=job, level="error", message=message)
+    enqueue_job_event(session, job=job)
     session.commit()
 
 

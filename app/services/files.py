@@ -1,15 +1,16 @@
-"""Files: streamed into storage while validated, listed with keyset paging, deleted safely."""
+"""Files: streamed into storage while validated, stored once per content, listed, deleted safely."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
-from app.core.storage import CHUNK_BYTES, Storage, TooLarge
+from app.core.storage import Storage, TooLarge
 from app.models import File, FineTuningJob, Project
 from app.models.base import new_id
 from app.services.datasets import DatasetValidator, status_details
@@ -19,58 +20,102 @@ UPLOAD_PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 
 
-def _lines(chunks: Iterable[bytes], validator: DatasetValidator) -> Iterator[bytes]:
-    """Pass chunks through unchanged while feeding complete lines to the validator."""
-    pending = b""
-    line_number = 0
-    for chunk in chunks:
-        yield chunk
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            line_number += 1
-            validator.add_line(line_number, line)
-    if pending:
-        validator.add_line(line_number + 1, pending)
-
-
-def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK_BYTES):
-        yield chunk
-
-
-def create_file(session: Session, *, storage: Storage, project: Project, stream: BinaryIO, filename: str,
-                purpose: str, max_bytes: int) -> File:
-    """Store an upload and validate it; a file that is not JSONL at all is refused and not kept."""
+def check_purpose(purpose: str | None) -> str:
+    """The purpose of an upload, or a 400 naming `purpose`."""
+    if purpose is None:
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                             code="missing_required_parameter")
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"Invalid purpose {purpose!r}: uploads for fine-tuning use purpose 'fine-tune'.",
                              param="purpose", code="invalid_value")
+    return purpose
+
+
+def too_large(max_bytes: int) -> TooLargeError:
+    """The 413 for an upload past max_upload_bytes."""
+    return TooLargeError(f"The file exceeds the maximum upload size of {max_bytes} bytes.", param="file",
+                         code="file_too_large")
+
+
+def check_model(model: str | None, *, settings: Settings) -> str | None:
+    """The catalogue model to measure token statistics with at upload time (extension), or None."""
+    if model is not None and model not in settings.catalogue():
+        raise InvalidRequest(f"Model {model!r} is not in the catalogue; token statistics need one of "
+                             f"{sorted(settings.catalogue())}.", param="model", code="model_not_available")
+    return model
+
+
+def _validated(chunks: Iterable[bytes], validator: DatasetValidator, *, limit: int) -> Iterator[bytes]:
+    """Pass chunks through unchanged, feeding the validator while the file is within `limit` bytes."""
+    validating = True
+    for chunk in chunks:
+        # The first chunk is always checked: it is what tells a JSONL file from anything else.
+        if validating and validator.bytes_read and validator.bytes_read + len(chunk) > limit:
+            validating = False  # the worker validates the whole file later; stop paying for it here
+        if validating:
+            validator.feed(chunk)
+        yield chunk
+    if validating:
+        validator.finish()
+
+
+def create_file(session: Session, *, storage: Storage, project: Project, chunks: Iterable[bytes], filename: str,
+                fields: Callable[[], dict[str, str]], settings: Settings) -> File:
+    """Store an upload while validating it. `fields` gives the form fields once the file has streamed in
+    (they may follow it); a file that is not JSONL, or a bad purpose, leaves nothing behind."""
     file_id = new_id("file-")
     validator = DatasetValidator()
     key = f"files/{file_id}"
+    max_bytes = settings.max_upload_bytes
     try:
-        stored = storage.write(key, _lines(_read_chunks(stream), validator), max_bytes=max_bytes)
+        stored = storage.write(key, _validated(chunks, validator, limit=settings.intake_sync_validation_bytes),
+                               max_bytes=max_bytes)
     except TooLarge:
-        raise TooLargeError(f"The file exceeds the maximum upload size of {max_bytes} bytes.",
-                            param="file", code="file_too_large") from None
-    report = validator.report()
-    if stored.bytes == 0 or validator.valid_json_objects == 0:
-        storage.delete(key)
-        raise InvalidRequest(
-            f"Invalid file format for fine-tuning: {filename!r} is not JSONL (one JSON object per line).",
-            param="file", code="invalid_file_format")
-    row = File(id=file_id, project_pk=project.pk, filename=filename[:255], purpose=purpose,
-               bytes=stored.bytes, sha256=stored.sha256, blob_key=key,
-               status="error" if report["error_count"] else "processed",
-               status_details=status_details(report), report=report)
-    session.add(row)
+        raise too_large(max_bytes) from None
     try:
+        form = fields()
+        purpose = check_purpose(form.get("purpose"))
+        model = check_model(form.get("model"), settings=settings)
+        if stored.bytes == 0 or validator.valid_json_objects == 0:
+            raise InvalidRequest(
+                f"Invalid file format for fine-tuning: {filename!r} is not JSONL (one JSON object per line).",
+                param="file", code="invalid_file_format")
+        complete = validator.bytes_read == stored.bytes
+        report = validator.report(partial=not complete)
+        status = "error" if report["error_count"] else "processed" if complete else "uploaded"
+        details = status_details(report)
+        if status == "uploaded":
+            details = (f"The first {validator.bytes_read} bytes are valid; the whole file is validated before a "
+                       "job uses it.")
+        row = File(id=file_id, project_pk=project.pk, filename=filename[:255], purpose=purpose,
+                   bytes=stored.bytes, sha256=stored.sha256, blob_key=key, status=status,
+                   status_details=details, report=report)
+        twin = _same_content(session, project=project, sha256=stored.sha256, size=stored.bytes)
+        if twin is not None:
+            row.blob_key = twin.blob_key
+            if twin.status != "uploaded":  # same bytes, same verdict: reuse the complete report
+                row.status, row.status_details, row.report = twin.status, twin.status_details, twin.report
+        session.add(row)
         session.commit()
     except BaseException:
         session.rollback()
         storage.delete(key)
         raise
+    if row.blob_key != key:
+        storage.delete(key)  # the twin's blob holds the same bytes
+    if model is not None and row.status == "processed":
+        from app.services.intake import record_token_stats
+
+        record_token_stats(session, storage=storage, file=row, model=model, settings=settings)
     return row
+
+
+def _same_content(session: Session, *, project: Project, sha256: str, size: int) -> File | None:
+    """An earlier upload with the same bytes, locked so that deleting it waits for this one's commit."""
+    return session.scalar(
+        select(File).where(File.project_pk == project.pk, File.sha256 == sha256, File.bytes == size,
+                           File.purpose.in_(UPLOAD_PURPOSES))
+        .order_by(File.pk).limit(1).with_for_update())
 
 
 def build_result_file(*, project_pk: int, filename: str, blob_key: str, size: int, sha256: str) -> File:
@@ -96,6 +141,7 @@ def list_files(session: Session, *, project: Project, after: str | None, limit: 
 
 
 def delete_file(session: Session, *, storage: Storage, project: Project, file_id: str) -> None:
+    """Delete a file's row, and its bytes unless another file with the same content shares them."""
     row = get_file(session, project=project, file_id=file_id)
     in_use = session.scalar(
         select(FineTuningJob.id).where(
@@ -107,9 +153,15 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
         raise Conflict(f"File {file_id} is used by fine-tuning job {in_use}, which has not finished; "
                        "cancel the job or wait for it before deleting the file.", param="file_id",
                        code="file_in_use")
+    # Lock every file on this blob: an upload that is adopting it (it locks the same rows) commits first,
+    # and is then counted below.
+    session.scalars(select(File.pk).where(File.blob_key == row.blob_key).order_by(File.pk).with_for_update()).all()
     session.delete(row)
+    session.flush()
+    shared = session.scalar(select(func.count()).select_from(File).where(File.blob_key == row.blob_key))
     session.commit()
-    storage.delete(row.blob_key)
+    if not shared:
+        storage.delete(row.blob_key)
 
 
 def file_report(row: File) -> dict[str, Any] | None:

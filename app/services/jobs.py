@@ -26,6 +26,7 @@ from app.schemas.jobs import (
 )
 from app.schemas.training import AdapterConfig, TrainingConfig
 from app.services.paging import page_after
+from app.services.webhooks import enqueue_job_event
 
 # Starting learning rates that work for most models; learning_rate_multiplier scales them.
 BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -73,16 +74,20 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
         or request.hyperparameters or Hyperparameters()
     adapter = supervised.adapter if supervised and supervised.adapter else AdapterConfig()
 
-    n_epochs = hyper.n_epochs
-    if n_epochs == "auto":
+    n_epochs: int
+    if hyper.n_epochs == "auto":
         n_epochs = 3
         if n_examples * n_epochs < MIN_TARGET_EXAMPLES:
             n_epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / max(n_examples, 1)))
         elif n_examples * n_epochs > MAX_TARGET_EXAMPLES:
             n_epochs = max(1, MAX_TARGET_EXAMPLES // n_examples)
-    batch_size = hyper.batch_size
-    if batch_size == "auto":
+    else:
+        n_epochs = hyper.n_epochs
+    batch_size: int
+    if hyper.batch_size == "auto":
         batch_size = max(1, min(32, n_examples // 64, n_examples)) if n_examples >= 256 else min(4, n_examples)
+    else:
+        batch_size = hyper.batch_size
     base_lr = BASE_LEARNING_RATE[adapter.type]
     if hyper.learning_rate is not None:
         learning_rate, multiplier = hyper.learning_rate, hyper.learning_rate / base_lr
@@ -216,6 +221,7 @@ def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuning
     job.requested_action = None
     job.lease_owner, job.lease_expires_at = None, None
     add_event(session, job=job, message="Job cancelled by request.")
+    enqueue_job_event(session, job=job)
     session.commit()
     return job
 

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.core.security import generate_api_key, hash_api_key, keys_match
 from app.models import ApiKey, Project
 from app.models.base import new_id, now_seconds
+from app.services.paging import page_after
 
 
 def get_or_create_project(session: Session, *, name: str) -> Project:
@@ -43,14 +44,34 @@ def authenticate(session: Session, *, key: str) -> tuple[Project, ApiKey] | None
 
 
 def list_api_keys(session: Session) -> list[tuple[ApiKey, Project]]:
+    """Every key with its project, oldest first (the CLI's listing)."""
     rows = session.execute(select(ApiKey, Project).join(Project, ApiKey.project_pk == Project.pk)
                            .order_by(ApiKey.pk))
     return [(key, project) for key, project in rows.tuples()]
 
 
 def revoke_api_key(session: Session, *, key_id: str) -> bool:
+    """Revoke a key (idempotent); False if no key has that id."""
     row = session.scalar(select(ApiKey).where(ApiKey.id == key_id))
     if row is None:
         return False
     row.revoked_at = row.revoked_at or now_seconds()
     return True
+
+
+def page_api_keys(session: Session, *, after: str | None, limit: int) -> tuple[list[ApiKey], bool]:
+    """One page of keys across projects, newest first (admin API)."""
+    return page_after(session, select(ApiKey), ApiKey, project_pk=None, after=after, limit=limit)
+
+
+def page_projects(session: Session, *, after: str | None, limit: int) -> tuple[list[Project], bool]:
+    """One page of projects, newest first (admin API)."""
+    return page_after(session, select(Project), Project, project_pk=None, after=after, limit=limit)
+
+
+def get_api_key(session: Session, *, key_id: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.id == key_id))
+
+
+def get_project(session: Session, *, project_id: str) -> Project | None:
+    return session.scalar(select(Project).where(Project.id == project_id))

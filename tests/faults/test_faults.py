@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -107,9 +108,17 @@ def test_cancel_running_job_stops_training_within_ten_seconds(service: Service) 
 def test_killed_training_process_resumes_from_its_checkpoint(service: Service) -> None:
     with service.client() as client:
         job = long_job(client)
-        wait_for_step(client, job["id"], 14)  # past the checkpoint at step 10
+        killed_step = wait_for_step(client, job["id"], 14)["progress"]["step"]  # past the checkpoint at 10
         for process in training_processes(job["id"]):
             process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:  # until the second attempt reports its first step
+            current = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            if current["attempt"] >= 2 and current["progress"]["step"] != killed_step or current["status"] in TERMINAL:
+                break
+            time.sleep(0.2)
+        sys.stderr.write(f"SIGKILL at step {killed_step}: training resumed {time.monotonic() - killed_at:.1f}s later "
+                         "from the last registered checkpoint\n")
         final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         assert final["attempt"] == 2
@@ -219,6 +228,9 @@ def test_pause_checkpoints_and_resume_continues_to_the_same_end(service: Service
         final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded" and final["progress"]["step"] == 200
         assert set(metric_steps(client, job["id"])) == set(range(1, 201))
+        # Retention: of the 20 checkpoints taken, a finished job keeps the latest 3 (no validation set).
+        kept = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
+        assert [c["step_number"] for c in kept] == [200, 190, 180]
     assert_invariants(service)
 
 

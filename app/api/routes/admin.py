@@ -1,0 +1,136 @@
+"""Admin API: keys and projects across tenants, and jobs across projects. Admin keys only."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from app.api.deps import AdminKey, SessionDep, SettingsDep
+from app.api.routes.files import check_limit
+from app.core.errors import InvalidRequest, NotFound
+from app.models import ApiKey, FineTuningJob, Project
+from app.schemas.common import ListPage
+from app.schemas.jobs import JobList
+from app.services import jobs as job_service
+from app.services import projects as project_service
+from app.services.paging import page_after
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The project is created on first use, as with `tuneforge keys create`.
+    project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="", max_length=128)
+    is_admin: bool = False
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    project_id: str
+    project: str
+    # The first characters only, to tell keys apart; the key itself is never shown again.
+    key_prefix: str
+    is_admin: bool
+    created_at: int
+    revoked_at: int | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    """The new key, in full: shown in this response only."""
+
+    key: str
+
+
+class ApiKeyList(ListPage[ApiKeyPublic]):
+    pass
+
+
+class ProjectPublic(BaseModel):
+    id: str
+    object: Literal["project"] = "project"
+    name: str
+    created_at: int
+
+
+class ProjectList(ListPage[ProjectPublic]):
+    pass
+
+
+def key_public(row: ApiKey, project: Project) -> ApiKeyPublic:
+    return ApiKeyPublic(id=row.id, name=row.name, project_id=project.id, project=project.name,
+                        key_prefix=row.key_prefix, is_admin=row.is_admin, created_at=row.created_at,
+                        revoked_at=row.revoked_at)
+
+
+def _projects(session: SessionDep, pks: set[int]) -> dict[int, Project]:
+    return {p.pk: p for p in session.scalars(select(Project).where(Project.pk.in_(pks)))} if pks else {}
+
+
+@router.post("/keys", response_model=ApiKeyCreated)
+def create_api_key(session: SessionDep, _admin: AdminKey, body: ApiKeyCreate) -> ApiKeyCreated:
+    """Create an API key for a project (created if new); the key is in this response only."""
+    row, key = project_service.create_api_key(session, project_name=body.project, name=body.name,
+                                              is_admin=body.is_admin)
+    session.commit()
+    project = session.get(Project, row.project_pk)
+    assert project is not None
+    return ApiKeyCreated(**key_public(row, project).model_dump(), key=key)
+
+
+@router.get("/keys", response_model=ApiKeyList)
+def list_api_keys(session: SessionDep, _admin: AdminKey, settings: SettingsDep, after: str | None = None,
+                  limit: int = 20) -> ApiKeyList:
+    """List API keys of every project, newest first (prefixes only, never the keys)."""
+    check_limit(limit, settings.list_limit_max)
+    rows, has_more = project_service.page_api_keys(session, after=after, limit=limit)
+    projects = _projects(session, {r.project_pk for r in rows})
+    return ApiKeyList(data=[key_public(r, projects[r.project_pk]) for r in rows], has_more=has_more)
+
+
+@router.delete("/keys/{key_id}", response_model=ApiKeyPublic)
+def revoke_api_key(session: SessionDep, _admin: AdminKey, key_id: str) -> ApiKeyPublic:
+    """Revoke an API key; it stops working at once (revoking twice is harmless)."""
+    row = project_service.get_api_key(session, key_id=key_id)
+    if row is None:
+        raise NotFound(f"No such API key: {key_id}", param="key_id")
+    project_service.revoke_api_key(session, key_id=key_id)
+    session.commit()
+    project = session.get(Project, row.project_pk)
+    assert project is not None
+    return key_public(row, project)
+
+
+@router.get("/projects", response_model=ProjectList)
+def list_projects(session: SessionDep, _admin: AdminKey, settings: SettingsDep, after: str | None = None,
+                  limit: int = 20) -> ProjectList:
+    """List projects, newest first."""
+    check_limit(limit, settings.list_limit_max)
+    rows, has_more = project_service.page_projects(session, after=after, limit=limit)
+    return ProjectList(data=[ProjectPublic(id=p.id, name=p.name, created_at=p.created_at) for p in rows],
+                       has_more=has_more)
+
+
+@router.get("/jobs", response_model=JobList)
+def list_all_jobs(session: SessionDep, _admin: AdminKey, settings: SettingsDep, after: str | None = None,
+                  limit: int = 20, project: Annotated[str | None, Query(max_length=64)] = None) -> JobList:
+    """List jobs across projects, newest first (filter with project=<project id>)."""
+    check_limit(limit, settings.list_limit_max)
+    query = select(FineTuningJob)
+    if project is not None:
+        found = project_service.get_project(session, project_id=project)
+        if found is None:
+            raise InvalidRequest(f"Invalid 'project': no project with id {project!r}.", param="project",
+                                 code="invalid_value")
+        query = query.where(FineTuningJob.project_pk == found.pk)
+    rows, has_more = page_after(session, query, FineTuningJob, project_pk=None, after=after, limit=limit)
+    projects = _projects(session, {j.project_pk for j in rows})
+    return JobList(data=[job_service.job_public(session, j, project=projects[j.project_pk]) for j in rows],
+                   has_more=has_more)

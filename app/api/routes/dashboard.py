@@ -1,0 +1,36 @@
+"""The web dashboard: static HTML, JS and CSS from app/dashboard, calling the same /v1 API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, RedirectResponse
+
+from app.core.errors import NotFound
+
+router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
+
+DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "dashboard"
+# Only these files are served: no path from the request ever reaches the filesystem.
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+@router.get("")
+def redirect_dashboard() -> RedirectResponse:
+    """The dashboard lives under /dashboard/ (its assets are relative to it)."""
+    return RedirectResponse("/dashboard/")
+
+
+@router.get("/")
+def read_dashboard() -> FileResponse:
+    """The dashboard page: jobs, live charts, artifacts, and a form to start a job."""
+    return FileResponse(DASHBOARD_DIR / "index.html", media_type="text/html", headers={"cache-control": "no-cache"})
+
+
+@router.get("/{asset}")
+def read_dashboard_asset(asset: str) -> FileResponse:
+    """A dashboard script or stylesheet."""
+    if asset not in ASSETS:
+        raise NotFound(f"No dashboard asset named {asset!r}.", param="asset")
+    return FileResponse(DASHBOARD_DIR / asset, media_type=ASSETS[asset], headers={"cache-control": "no-cache"})

@@ -1,0 +1,365 @@
+"""The `tuneforge files|jobs|models` client commands: talk to any tuneforge URL over its /v1 API."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+files_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Create, follow and control fine-tuning jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="Base and fine-tuned models.", no_args_is_help=True)
+
+console = Console()
+TERMINAL = ("succeeded", "failed", "cancelled")
+CHUNK = 1024 * 1024
+
+Url = Annotated[str, typer.Option("--url", envvar="TUNEFORGE_URL", help="The tuneforge server.")]
+ApiKey = Annotated[str, typer.Option("--api-key", envvar="TUNEFORGE_API_KEY", show_default=False,
+                                     help="API key (keyless local servers accept any).")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientError(Exception):
+    """A request the server refused; the message is the server's."""
+
+
+def _client(url: str, api_key: str, *, timeout: float | None = 60.0) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key or 'local'}"}
+    return httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500] or response.reason_phrase
+    raise ClientError(f"{response.status_code}: {message}")
+
+
+def _call(url: str, api_key: str, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        with _client(url, api_key) as client:
+            return _check(client.request(method, path, **kwargs)).json()
+    except ClientError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from None
+
+
+def _table(*columns: str) -> Table:
+    """A table whose first column (the id people copy) never wraps."""
+    table = Table()
+    for i, name in enumerate(columns):
+        table.add_column(name, no_wrap=i == 0, min_width=30 if i == 0 else None)
+    return table
+
+
+def _when(seconds: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else "-"
+
+
+class _ProgressReader:
+    """A file whose reads advance a progress bar (httpx streams multipart parts by read())."""
+
+    def __init__(self, file: IO[bytes], progress: Progress, task: Any) -> None:
+        self.file, self.progress, self.task = file, progress, task
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.progress.advance(self.task, len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+def _transfer_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+@files_app.command("upload")
+def upload_file(path: Path, purpose: str = "fine-tune", url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Upload a JSONL dataset (progress bar); prints the file id and its validation status."""
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file", param_hint="PATH")
+    with _transfer_progress() as progress, path.open("rb") as raw:
+        task = progress.add_task(f"upload {path.name}", total=path.stat().st_size)
+        reader = _ProgressReader(raw, progress, task)
+        row = _call(url, api_key, "POST", "/files", files={"file": (path.name, reader, "application/jsonl")},
+                    data={"purpose": purpose})
+    console.print(f"{row['id']}\t{row['status']}" + (f"\t{row['status_details']}" if row.get("status_details")
+                                                      else ""))
+
+
+@files_app.command("list")
+def list_files(url: Url = DEFAULT_URL, api_key: ApiKey = "", limit: int = 100) -> None:
+    """List uploaded files, newest first."""
+    page = _call(url, api_key, "GET", "/files", params={"limit": limit})
+    table = _table("id", "filename", "purpose", "bytes", "status", "created")
+    for row in page["data"]:
+        table.add_row(row["id"], row["filename"], row["purpose"], str(row["bytes"]), row["status"],
+                      _when(row["created_at"]))
+    console.print(table)
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+def job_request(spec: dict[str, Any], *, model: str | None, training_file: str | None, validation_file: str | None,
+                suffix: str | None, seed: int | None, n_epochs: int | None, batch_size: int | None,
+                learning_rate: float | None, adapter: str | None) -> dict[str, Any]:
+    """The create body: the spec file's, with every given flag on top."""
+    body = copy.deepcopy(spec)
+    for key, value in (("model", model), ("training_file", training_file), ("validation_file", validation_file),
+                       ("suffix", suffix), ("seed", seed)):
+        if value is not None:
+            body[key] = value
+    hyper = {k: v for k, v in (("n_epochs", n_epochs), ("batch_size", batch_size),
+                               ("learning_rate", learning_rate)) if v is not None}
+    if hyper or adapter:
+        method = body.setdefault("method", {"type": "supervised"})
+        supervised = method.setdefault("supervised", {})
+        supervised.setdefault("hyperparameters", {}).update(hyper)
+        if adapter:
+            supervised.setdefault("adapter", {})["type"] = adapter
+    return body
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        loaded = yaml.safe_load(text)
+    else:
+        loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise typer.BadParameter(f"{path} must hold one object (the job request)", param_hint="--spec")
+    return loaded
+
+
+@jobs_app.command("create")
+def create_job(spec: Annotated[Path | None, typer.Option(help="YAML or JSON job request; flags override it.")] = None,
+               model: str | None = None, training_file: str | None = None, validation_file: str | None = None,
+               suffix: str | None = None, seed: int | None = None, n_epochs: int | None = None,
+               batch_size: int | None = None, learning_rate: float | None = None,
+               adapter: Annotated[str | None, typer.Option(help="lora | qlora | dora | full")] = None,
+               idempotency_key: str | None = None, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Create a fine-tuning job from flags or a spec file; prints its id and status."""
+    body = job_request(_load_spec(spec) if spec else {}, model=model, training_file=training_file,
+                       validation_file=validation_file, suffix=suffix, seed=seed, n_epochs=n_epochs,
+                       batch_size=batch_size, learning_rate=learning_rate, adapter=adapter)
+    if "model" not in body or "training_file" not in body:
+        raise typer.BadParameter("give --model and --training-file (or put them in --spec)")
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    job = _call(url, api_key, "POST", "/fine_tuning/jobs", json=body, headers=headers)
+    console.print(f"{job['id']}\t{job['status']}")
+
+
+@jobs_app.command("list")
+def list_jobs(url: Url = DEFAULT_URL, api_key: ApiKey = "", limit: int = 20) -> None:
+    """List jobs, newest first, with their progress."""
+    page = _call(url, api_key, "GET", "/fine_tuning/jobs", params={"limit": limit})
+    table = _table("id", "status", "model", "step", "fine_tuned_model", "created")
+    for job in page["data"]:
+        progress = job.get("progress") or {}
+        step = f"{progress.get('step', 0)}/{progress.get('total_steps') or '?'}"
+        table.add_row(job["id"], job["status"], job["model"], step, job.get("fine_tuned_model") or "-",
+                      _when(job["created_at"]))
+    console.print(table)
+
+
+@jobs_app.command("get")
+def get_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Print a job as JSON."""
+    console.print_json(data=_call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}"))
+
+
+def _action(job_id: str, action: str, url: str, api_key: str) -> None:
+    job = _call(url, api_key, "POST", f"/fine_tuning/jobs/{job_id}/{action}")
+    console.print(f"{job['id']}\t{job['status']}")
+
+
+@jobs_app.command("cancel")
+def cancel_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Cancel a job."""
+    _action(job_id, "cancel", url, api_key)
+
+
+@jobs_app.command("pause")
+def pause_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Pause a job (it checkpoints first)."""
+    _action(job_id, "pause", url, api_key)
+
+
+@jobs_app.command("resume")
+def resume_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Resume a paused job from its last checkpoint."""
+    _action(job_id, "resume", url, api_key)
+
+
+def sse_frames(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Server-Sent Events frames ({"event", "id", "data"}) from a stream of lines."""
+    frame: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in frame:
+                yield frame
+            frame = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            frame[name] = frame[name] + "\n" + value if name == "data" and "data" in frame else value
+    if "data" in frame:
+        yield frame
+
+
+@jobs_app.command("watch")
+def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Follow a job live (status, step/total, loss, ETA) until it finishes; exit 0 only if it succeeded."""
+    last_id: str | None = None
+    state: dict[str, Any] = {"status": "?"}
+    loss: float | None = None
+    progress = Progress(TextColumn("{task.fields[status]:<10}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("step {task.completed:.0f}/{task.fields[total_label]}"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"),
+                        console=console)
+    with progress, _client(url, api_key, timeout=None) as client:
+        task = progress.add_task(job_id, total=None, status="?", total_label="?", loss="-", eta="-")
+        while state["status"] not in TERMINAL:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with client.stream("GET", f"/fine_tuning/jobs/{job_id}/events/stream", headers=headers) as response:
+                    if not response.is_success:
+                        response.read()
+                        _check(response)
+                    for frame in sse_frames(response.iter_lines()):
+                        data = json.loads(frame["data"])
+                        if frame.get("event") == "status":
+                            state = data
+                        else:
+                            last_id = frame.get("id") or last_id
+                            if data["type"] == "metrics" and isinstance((data.get("data") or {}).get("train_loss"),
+                                                                        int | float):
+                                loss = float(data["data"]["train_loss"])
+                            elif data["type"] != "metrics":
+                                progress.console.print(f"[dim]{_when(data['created_at'])}[/dim] {data['message']}")
+                        step = (state.get("progress") or {}).get("step") or 0
+                        total = (state.get("progress") or {}).get("total_steps")
+                        eta = state.get("estimated_finish")
+                        progress.update(task, completed=step, total=total, status=state["status"],
+                                        total_label=total or "?", loss=f"{loss:.4f}" if loss is not None else "-",
+                                        eta=f"{max(0, int(eta - time.time()))}s" if eta else "-")
+            except ClientError as exc:
+                console.print(f"[red]error[/red] {exc}")
+                raise typer.Exit(1) from None
+            except httpx.TransportError:
+                pass  # the server restarted or a proxy closed the stream: resume after last_id
+            if state["status"] not in TERMINAL:
+                time.sleep(1.0)
+    final = state["status"]
+    colour = "green" if final == "succeeded" else "red"
+    extra = state.get("fine_tuned_model") or (state.get("error") or {}).get("message") or ""
+    console.print(f"[{colour}]{job_id} {final}[/{colour}] {extra}")
+    if final != "succeeded":
+        raise typer.Exit(1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@jobs_app.command("download")
+def download_artifact(job_id: str, artifact: str = "adapter",
+                      output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+                      url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Download an artifact (progress bar); resumes a partial file with a Range request; checks its sha256."""
+    listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")
+    entry = next((a for a in listing["data"] if a["name"] == artifact), None)
+    if entry is None:
+        names = ", ".join(a["name"] for a in listing["data"]) or "none yet"
+        console.print(f"[red]error[/red] job {job_id} has no artifact {artifact!r} (has: {names})")
+        raise typer.Exit(1)
+    target = output or Path(f"{job_id}-{artifact}.tar")
+    size, expected = int(entry["bytes"]), entry["sha256"]
+    have = target.stat().st_size if target.exists() else 0
+    if have > size:
+        have = 0  # not a prefix of this artifact: start again
+    try:
+        with _client(url, api_key, timeout=None) as client, _transfer_progress() as progress:
+            task = progress.add_task(f"download {target.name}", total=size, completed=have)
+            if have < size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                path = f"/fine_tuning/jobs/{job_id}/artifacts/{artifact}"
+                with client.stream("GET", path, headers=headers) as response:
+                    if not response.is_success:
+                        response.read()
+                        _check(response)
+                    expected = response.headers.get("x-content-sha256", expected)
+                    resumed = response.status_code == 206
+                    if not resumed:
+                        progress.update(task, completed=0)
+                    with target.open("ab" if resumed else "wb") as out:
+                        for chunk in response.iter_bytes(CHUNK):
+                            out.write(chunk)
+                            progress.advance(task, len(chunk))
+    except ClientError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    except httpx.TransportError as exc:
+        console.print(f"[red]error[/red] download interrupted ({exc}); run the same command again to resume")
+        raise typer.Exit(1) from None
+    actual = _sha256(target)
+    if actual != expected:
+        console.print(f"[red]error[/red] sha256 mismatch for {target}: got {actual}, expected {expected}; "
+                      "delete the file and download again")
+        raise typer.Exit(1)
+    console.print(f"{target}\t{target.stat().st_size} bytes\tsha256 {actual} verified")
+
+
+# --- models ------------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def list_models(url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """List base models (the catalogue) and fine-tuned models."""
+    page = _call(url, api_key, "GET", "/models")
+    table = _table("id", "owned_by", "root", "job")
+    for row in page["data"]:
+        table.add_row(row["id"], row.get("owned_by") or "-", row.get("root") or "-",
+                      row.get("fine_tuning_job") or "-")
+    console.print(table)

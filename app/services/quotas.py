@@ -1,0 +1,32 @@
+"""Per-project quotas checked before work is accepted."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import RateLimited
+from app.models import FineTuningJob, Project
+
+# Jobs that hold (or wait for) a worker; paused jobs hold only a checkpoint and do not count.
+QUOTA_JOB_STATUSES = ("validating_files", "queued", "running")
+# A training job runs for minutes to hours: a hint for clients that poll, not a promise.
+QUOTA_RETRY_AFTER_SECONDS = 60
+
+
+def check_job_quota(session: Session, *, project: Project, settings: Settings,
+                    idempotency_key: str | None = None) -> None:
+    """Raise 429 quota_exceeded when the project already has its maximum of active jobs."""
+    if idempotency_key is not None and session.scalar(select(FineTuningJob.pk).where(
+            FineTuningJob.project_pk == project.pk, FineTuningJob.idempotency_key == idempotency_key)):
+        return  # a replay returns the existing job and creates nothing
+    # Lock the project row until the job's insert commits, so concurrent creates cannot both slip in.
+    session.execute(select(Project.pk).where(Project.pk == project.pk).with_for_update())
+    active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
+        FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(QUOTA_JOB_STATUSES))) or 0
+    if active >= settings.max_active_jobs_per_project:
+        raise RateLimited(
+            f"Quota exceeded: this project already has {active} active fine-tuning jobs (the maximum is "
+            f"{settings.max_active_jobs_per_project}). Wait for one to finish, or cancel one, then retry.",
+            code="quota_exceeded", retry_after=QUOTA_RETRY_AFTER_SECONDS, retry=False)

@@ -1,0 +1,172 @@
+"""Webhooks: endpoints per project, deliveries enqueued with a job's terminal transition, signed sends.
+
+Signatures follow Standard Webhooks, as OpenAI's do (so `openai.OpenAI().webhooks.unwrap()` verifies
+them): `webhook-id`, `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of
+"{id}.{timestamp}.{body}">` keyed with the endpoint's secret. A delivery row is written in the same
+transaction as the job's final status, so no event is lost or sent for a rolled-back transition.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.errors import NotFound
+from app.models import FineTuningJob, Project, WebhookDelivery, WebhookEndpoint
+from app.models.base import new_id, now_seconds
+
+logger = logging.getLogger("tuneforge.webhooks")
+
+EVENT_TYPES = ("fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled")
+# A sender owns a claimed delivery this long; a sender that dies mid-post is retried after it.
+CLAIM_SECONDS = 60.0
+# Deliveries one reaper pass sends at most (each waits up to the timeout): keeps the pass short.
+BATCH = 20
+MAX_BACKOFF_SECONDS = 3600.0
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(*, secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header value for a body (Standard Webhooks v1)."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def create_endpoint(session: Session, *, project: Project, url: str, event_types: Sequence[str] | None
+                    ) -> WebhookEndpoint:
+    endpoint = WebhookEndpoint(id=new_id("wh_"), project_pk=project.pk, url=url, secret=new_secret(),
+                               event_types=list(event_types or EVENT_TYPES))
+    session.add(endpoint)
+    session.commit()
+    return endpoint
+
+
+def get_endpoint(session: Session, *, project: Project, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id,
+                                                            WebhookEndpoint.project_pk == project.pk))
+    if endpoint is None:
+        raise NotFound(f"No such webhook endpoint: {endpoint_id}", param="webhook_id")
+    return endpoint
+
+
+def list_endpoints(session: Session, *, project: Project) -> list[WebhookEndpoint]:
+    return list(session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.project_pk == project.pk)
+                                .order_by(WebhookEndpoint.pk)))
+
+
+def delete_endpoint(session: Session, *, project: Project, endpoint_id: str) -> None:
+    session.delete(get_endpoint(session, project=project, endpoint_id=endpoint_id))
+    session.commit()
+
+
+def list_deliveries(session: Session, *, endpoint: WebhookEndpoint, limit: int) -> tuple[list[WebhookDelivery], bool]:
+    rows = list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.endpoint_pk == endpoint.pk)
+                                .order_by(WebhookDelivery.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def enqueue_job_event(session: Session, *, job: FineTuningJob) -> None:
+    """Add a delivery per subscribed endpoint for the job's terminal status (the caller commits)."""
+    event_type = f"fine_tuning.job.{job.status}"
+    if event_type not in EVENT_TYPES:
+        return
+    endpoints = session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.project_pk == job.project_pk))
+    event_id, created_at = new_id("evt_"), now_seconds()
+    payload = {"id": event_id, "object": "event", "created_at": created_at, "type": event_type,
+               "data": {"id": job.id}}
+    for endpoint in endpoints:
+        if event_type in endpoint.event_types:
+            session.add(WebhookDelivery(id=new_id("whdel_"), endpoint_pk=endpoint.pk, event_id=event_id,
+                                        event_type=event_type, payload=payload, status="pending", attempts=0,
+                                        next_attempt_at=time.time()))
+
+
+@dataclass
+class _Send:
+    pk: int
+    url: str
+    secret: str
+    event_id: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+def _claim_due(session: Session, *, now: float) -> list[_Send]:
+    rows = session.execute(
+        select(WebhookDelivery, WebhookEndpoint)
+        .join(WebhookEndpoint, WebhookDelivery.endpoint_pk == WebhookEndpoint.pk)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at).limit(BATCH)
+        .with_for_update(of=WebhookDelivery, skip_locked=True)).all()
+    claimed = [_Send(d.pk, e.url, e.secret, d.event_id, d.payload, d.attempts) for d, e in rows]
+    for delivery, _endpoint in rows:
+        delivery.next_attempt_at = now + CLAIM_SECONDS
+    session.commit()
+    return claimed
+
+
+def backoff_seconds(attempts: int, *, settings: Settings) -> float:
+    """Wait before the next try after `attempts` failures: the base, doubling, at most an hour."""
+    return min(MAX_BACKOFF_SECONDS, settings.webhook_retry_seconds * 2 ** (attempts - 1))
+
+
+def _post(send: _Send, *, client: httpx.Client) -> tuple[int | None, str | None]:
+    body = json.dumps(send.payload, separators=(",", ":")).encode()
+    timestamp = int(time.time())
+    headers = {"content-type": "application/json", "user-agent": "tuneforge-webhooks",
+               "webhook-id": send.event_id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": sign(secret=send.secret, event_id=send.event_id, timestamp=timestamp, body=body)}
+    try:
+        response = client.post(send.url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:500]
+    if response.is_success:
+        return response.status_code, None
+    return response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def send_due_deliveries(session: Session, *, settings: Settings, now: float | None = None) -> int:
+    """Send the deliveries that are due (claimed first, so reapers on other hosts skip them); returns sent."""
+    claimed = _claim_due(session, now=time.time() if now is None else now)
+    if not claimed:
+        return 0
+    # Redirects are not followed: a signed event goes only to the URL the user registered.
+    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
+        for send in claimed:
+            status_code, error = _post(send, client=client)
+            attempts = send.attempts + 1
+            values: dict[str, Any] = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
+            if error is None:
+                values.update(status="succeeded", delivered_at=now_seconds())
+            elif attempts >= settings.webhook_max_attempts:
+                values.update(status="failed")
+                logger.warning("webhook delivery to %s failed %s times; giving up: %s", send.url, attempts, error)
+            else:
+                values.update(next_attempt_at=time.time() + backoff_seconds(attempts, settings=settings))
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.pk == send.pk).values(**values))
+            session.commit()
+    return len(claimed)
+
+
+def send_due_webhooks(*, settings: Settings) -> int:
+    """One sending pass in its own session (the workers' reaper loop calls this)."""
+    with session_scope() as session:
+        return send_due_deliveries(session, settings=settings)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.services.webhooks import send_due_deliveries
+from tests.factories import create_job, create_project
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records what it gets and answers `status`."""
+
+    url: str
+    status: int = 200
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+
+@contextmanager
+def serve_receiver() -> Iterator[Receiver]:
+    """Run a Receiver in a thread for the duration of the block."""
+    state = Receiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["content-length"]))
+            state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(state.status)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/tuneforge"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with serve_receiver() as state:
+        yield state
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(**{"webhook_retry_seconds": 0, "webhook_max_attempts": 3, "webhook_timeout_seconds": 2,
+                       **overrides})
+
+
+def test_endpoints_are_created_listed_scoped_and_deleted(client: TestClient, other_client: TestClient) -> None:
+    created = client.post("/v1/webhooks", json={"url": "https://example.test/hook",
+                                                "event_types": ["fine_tuning.job.succeeded"]})
+    assert created.status_code == 200, created.text
+    endpoint = created.json()
+    assert endpoint["id"].startswith("wh_") and endpoint["secret"].startswith("whsec_")
+    listed = client.get("/v1/webhooks").json()["data"]
+    assert [e["id"] for e in listed] == [endpoint["id"]] and "secret" not in listed[0]
+    assert other_client.get(f"/v1/webhooks/{endpoint['id']}").status_code == 404
+    assert other_client.get("/v1/webhooks").json()["data"] == []
+    bad = client.post("/v1/webhooks", json={"url": "ftp://example.test/x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "url"
+    wrong_type = client.post("/v1/webhooks", json={"url": "https://example.test/x", "event_types": ["job.done"]})
+    assert wrong_type.status_code == 400
+    deleted = client.delete(f"/v1/webhooks/{endpoint['id']}")
+    assert deleted.json() == {"id": endpoint["id"], "object": "webhook_endpoint", "deleted": True}
+    assert client.get(f"/v1/webhooks/{endpoint['id']}").status_code == 404
+
+
+def test_cancelled_job_sends_one_signed_openai_shaped_event(client: TestClient, session: Any,
+                                                             receiver: Receiver) -> None:
+    import openai
+
+    endpoint = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    only_success = client.post("/v1/webhooks", json={"url": receiver.url + "/other",
+                                                     "event_types": ["fine_tuning.job.succeeded"]}).json()
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    assert client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel").json()["status"] == "cancelled"
+    pending = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
+    assert [(d["status"], d["attempts"]) for d in pending] == [("pending", 0)]
+    assert client.get(f"/v1/webhooks/{only_success['id']}/deliveries").json()["data"] == []
+
+    assert send_due_deliveries(session, settings=settings()) == 1
+    assert len(receiver.received) == 1
+    headers, body = receiver.received[0]
+    event = json.loads(body)
+    assert event == {"id": headers["webhook-id"], "object": "event", "created_at": event["created_at"],
+                     "type": "fine_tuning.job.cancelled", "data": {"id": job.id}}
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    # OpenAI's own SDK verifies the signature (Standard Webhooks: HMAC-SHA256 of id.timestamp.body).
+    sdk = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9")
+    sdk.webhooks.verify_signature(body, headers, secret=endpoint["secret"])
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.verify_signature(body, headers, secret=only_success["secret"])
+    delivered = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert delivered["status"] == "succeeded" and delivered["attempts"] == 1
+    assert delivered["last_status_code"] == 200 and delivered["delivered_at"] is not None
+    assert send_due_deliveries(session, settings=settings()) == 0  # sent once, not again
+
+
+def test_failing_receiver_is_retried_with_backoff_until_the_delivery_fails(client: TestClient, session: Any,
+                                                                             receiver: Receiver) -> None:
+    receiver.status = 503
+    endpoint = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    job = create_job(session, project=create_project(session, "team-a"), status="running")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+
+    slow = settings(webhook_retry_seconds=30)
+    assert send_due_deliveries(session, settings=slow) == 1
+    first = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert (first["status"], first["attempts"], first["last_status_code"]) == ("pending", 1, 503)
+    assert "HTTP 503" in first["last_error"] and 25 <= first["next_attempt_at"] - time.time() <= 31
+    assert send_due_deliveries(session, settings=slow) == 0  # not due before the backoff
+    later = time.time() + 31
+    assert send_due_deliveries(session, settings=slow, now=later) == 1  # retried; the next wait doubles
+    second = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert second["attempts"] == 2 and 55 <= second["next_attempt_at"] - time.time() <= 61
+    assert send_due_deliveries(session, settings=slow, now=later + 61) == 1
+    final = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert (final["status"], final["attempts"], final["next_attempt_at"]) == ("failed", 3, None)
+    assert len(receiver.received) == 3
+    assert len({h["webhook-id"] for h, _ in receiver.received}) == 1  # the same event id on every retry
+
+
+def test_unreachable_receiver_records_the_connection_error(client: TestClient, session: Any) -> None:
+    endpoint = client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/closed"}).json()
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    send_due_deliveries(session, settings=settings())
+    delivery = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert delivery["attempts"] == 1 and delivery["last_status_code"] is None
+    assert delivery["last_error"].startswith("ConnectError")
