@@ -22,7 +22,7 @@ from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, Project
 from app.schemas.training import TrainingConfig
 from app.services import attempts
-from app.services.artifacts import prune_checkpoints
+from app.services.artifacts import find_fine_tuned_model, prune_checkpoints
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
@@ -102,6 +102,8 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         base_model, training_file, validation_file = job.base_model, job.training_file, job.validation_file
         integrations = (job.integrations or {}).get("items") or []
         model_name = fine_tuned_model_name(job, organization=organization)
+        # Continued training: `model` names a fine-tuned model (or checkpoint) trained on base_model.
+        parent_model = job.model if job.model != job.base_model else None
 
     workdir = (settings.data_dir / "work" / job_id / f"attempt-{attempt}").resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -118,9 +120,20 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         resume_from = _resume_point(storage, job_pk=job_pk, workdir=workdir)
         if resume_from is not None:
             reporter.event(f"Resuming from the checkpoint at {resume_from.name}.")
+        init_adapter = None
+        if parent_model is not None and resume_from is None:
+            with session_scope() as session:
+                project_row = session.get(Project, project_pk)
+                assert project_row is not None
+                parent, step = find_fine_tuned_model(session, project=project_row, model_id=parent_model)
+                parent_id = parent.id
+            init_adapter = download_init_adapter(storage, parent_job_id=parent_id, step=step, project_pk=project_pk,
+                                                 target=workdir / "init-adapter")
+            reporter.event(f"Continuing training from {parent_model}.", data={"parent_job": parent_id, "step": step})
         wandb = next((i["wandb"] for i in integrations if i.get("type") == "wandb"), None)
         result = train(config, model_path=Path(entry.path), train_file=train_path, validation_file=valid_path,
-                       output_dir=workdir / "output", reporter=reporter, resume_from=resume_from, wandb=wandb)
+                       output_dir=workdir / "output", reporter=reporter, resume_from=resume_from, wandb=wandb,
+                       init_adapter=init_adapter)
         adapter_name = "model" if config.adapter.type == "full" else "adapter"
         outputs = [
             (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),

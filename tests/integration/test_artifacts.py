@@ -78,3 +78,29 @@ def test_interrupted_adapter_download_resumes_with_a_range_request(service: Serv
         resumed = first + rest.content
         assert resumed == whole.content
         assert hashlib.sha256(resumed).hexdigest() == whole.headers["x-content-sha256"]
+
+
+def test_continued_training_starts_from_the_parent_adapter(service: Service) -> None:
+    def first_loss(client, job_id: str) -> float:  # type: ignore[no-untyped-def]
+        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+        return min((e["data"] for e in events if e["type"] == "metrics"), key=lambda d: d["step"])["train_loss"]
+
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        spec = {"training_file": file_id, "seed": 9, "method": {"type": "supervised", "supervised": {
+            "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate": 5e-3},
+            "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}}}}
+        parent = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", **spec}).json()
+        parent = wait_for_status(client, parent["id"], {"succeeded", "failed", "cancelled"})
+        assert parent["status"] == "succeeded", parent
+        child = client.post("/v1/fine_tuning/jobs", json={"model": parent["fine_tuned_model"], **spec}).json()
+        child = wait_for_status(client, child["id"], {"succeeded", "failed", "cancelled"})
+        assert child["status"] == "succeeded", child
+        assert child["model"] == parent["fine_tuned_model"]
+        assert child["fine_tuned_model"].startswith("ft:tiny-llama:")  # named after the catalogue base
+        # The child starts where the parent ended, well below the parent's first loss.
+        assert first_loss(client, child["id"]) < 0.8 * first_loss(client, parent["id"])
+        messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{child['id']}/events",
+                                                     params={"limit": 100}).json()["data"]]
+        assert f"Continuing training from {parent['fine_tuned_model']}." in messages
