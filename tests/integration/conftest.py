@@ -81,7 +81,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     (root / "wandb").mkdir()
     catalogue = root / "catalogue.json"
     catalogue.write_text(json.dumps({"tiny-llama": {"path": str(tiny_model_dir)}}))
-    env = {**os.environ,
+    # W&B leaves its service address (WANDB_SERVICE, ...) in this process's environment once a test used
+    # it in-process; the service's processes must not inherit that.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
            "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_BROKER_URL": f"{REDIS_URL}/14",
            "TUNEFORGE_DATA_DIR": str(root / "data"), "TUNEFORGE_CATALOGUE_FILE": str(catalogue),
            "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
