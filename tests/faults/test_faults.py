@@ -256,3 +256,24 @@ def test_concurrent_retried_posts_with_one_idempotency_key_create_one_job(servic
     with service.client() as client:
         assert wait_for_status(client, ids[0], TERMINAL)["status"] == "succeeded"
     assert_invariants(service)
+
+
+def test_a_job_message_delivered_twice_starts_one_attempt(service: Service) -> None:
+    from celery import Celery
+
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                        "hyperparameters": {"n_epochs": 2}}).json()
+        # The same task message again, as a broker redelivery or a second reaper would send it.
+        broker = Celery(broker=service.env["TUNEFORGE_BROKER_URL"])
+        for _ in range(2):
+            broker.send_task("tuneforge.run_job", args=[job["id"]], queue=service.env["TUNEFORGE_TRAINING_QUEUE"])
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded" and final["attempt"] == 1, final
+        time.sleep(3)  # let the duplicates be consumed
+        starts = [e for e in all_events(client, job["id"]) if " started on " in e["message"]]
+        assert len(starts) == 1
+        assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["attempt"] == 1
+    assert_invariants(service)
