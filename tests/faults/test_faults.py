@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import Service, wait_for_status
+from tests.integration.conftest import Service, all_events, wait_for_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -51,17 +51,6 @@ def training_processes(job_id: str) -> list[psutil.Process]:
         if "worker.attempt" in cmdline and job_id in cmdline:
             found.append(process)
     return found
-
-
-def all_events(client: httpx.Client, job_id: str) -> list[dict]:
-    events, after = [], None
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                          params={"limit": 100, **({"after": after} if after else {})}).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return events
-        after = page["data"][-1]["id"]
 
 
 def metric_steps(client: httpx.Client, job_id: str) -> list[int]:

@@ -127,4 +127,17 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
     raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout}s: {job}")
 
 
-__all__ = ["PG_ADMIN_URL", "Service", "free_port", "stop", "wait_for_status", "wait_until_up"]
+def all_events(client: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of a job, newest first, following the list's pages."""
+    events: list[dict] = []
+    after = None
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                          params={"limit": 100, **({"after": after} if after else {})}).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        after = page["data"][-1]["id"]
+
+
+__all__ = ["all_events", "PG_ADMIN_URL", "Service", "free_port", "stop", "wait_for_status", "wait_until_up"]

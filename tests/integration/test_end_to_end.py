@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import Service, wait_for_status
+from tests.integration.conftest import Service, all_events, wait_for_status
 
 pytestmark = pytest.mark.integration
 
 
 def _metrics(client, job_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
-    events, after = [], None
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                          params={"limit": 100, **({"after": after} if after else {})}).json()
-        events += page["data"]
-        if not page["has_more"]:
-            break
-        after = page["data"][-1]["id"]
-    return sorted((e["data"] for e in events if e["type"] == "metrics"), key=lambda d: d["step"])
+    return sorted((e["data"] for e in all_events(client, job_id) if e["type"] == "metrics"), key=lambda d: d["step"])
 
 
 def test_chat_job_trains_in_a_worker_and_its_adapter_changes_the_model(service: Service, tiny_model_dir: Path,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import Service, wait_for_status
+from tests.integration.conftest import Service, all_events, wait_for_status
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -16,17 +16,6 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def _upload(client, rows: list) -> str:  # type: ignore[no-untyped-def]
     return str(client.post("/v1/files", files={"file": ("d.jsonl", jsonl(rows))},
                            data={"purpose": "fine-tune"}).json()["id"])
-
-
-def _events(client, job_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
-    events, after = [], None
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                          params={"limit": 100, **({"after": after} if after else {})}).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return events
-        after = page["data"][-1]["id"]
 
 
 def test_validation_packing_early_stopping_and_wandb_through_the_api(service: Service, tmp_path: Path) -> None:
@@ -44,7 +33,7 @@ def test_validation_packing_early_stopping_and_wandb_through_the_api(service: Se
                 "adapter": {"type": "dora", "r": 4, "alpha": 8, "use_rslora": True}}}}).json()
         final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
-        events = _events(client, job["id"])
+        events = all_events(client, job["id"])
         messages = [e["message"] for e in events]
         assert any(m.startswith("early stopping at step") for m in messages), messages[:20]
         assert any(m.startswith("loaded the best checkpoint") for m in messages)
