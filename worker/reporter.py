@@ -31,6 +31,8 @@ class DatabaseReporter:
         self.storage, self.settings, self.scratch = storage, settings, scratch
         self.started = time.time()
         self._last_control, self._last_answer = 0.0, "continue"
+        # Time-based checkpoints count from the start of the attempt, then from each saved checkpoint.
+        self._last_checkpoint = time.monotonic()
 
     def _guard(self, write: Any, **kwargs: Any) -> Any:
         """Run a fenced write; ride out a database restart (up to the lease), never a lost lease."""
@@ -73,11 +75,18 @@ class DatabaseReporter:
         except TrainingStaleAttempt:
             self.storage.delete(key)
             raise
+        self._last_checkpoint = time.monotonic()
 
-    def control(self) -> Literal["continue", "cancel", "pause"]:
+    def control(self) -> Literal["continue", "cancel", "pause", "checkpoint"]:
         # One small read a second at most: cancel still lands within the 10-second promise.
         now = time.monotonic()
         if now - self._last_control >= 1.0:
             self._last_answer = self._guard(attempts.requested_action)
             self._last_control = now
+        # A user's cancel or pause wins; otherwise checkpoint when the interval has passed, so a crash
+        # loses at most about checkpoint_interval_seconds of training (plus one step and the save).
+        if self._last_answer == "continue" and now - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
+            logger.info("job %s: %.0f s since the last checkpoint; asking for one", self.job_id,
+                        now - self._last_checkpoint)
+            return "checkpoint"
         return self._last_answer  # type: ignore[return-value]

@@ -209,6 +209,9 @@ def test_pause_checkpoints_and_resume_continues_to_the_same_end(service: Service
         client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
         paused = wait_for_status(client, job["id"], {"paused"} | TERMINAL, timeout=60)
         assert paused["status"] == "paused", paused
+        deadline = time.monotonic() + 10  # the attempt records `paused`, then its process exits
+        while training_processes(job["id"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not training_processes(job["id"])
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
         assert checkpoints and checkpoints[0]["step_number"] == paused["progress"]["step"]

@@ -26,6 +26,12 @@ MEGA_BATCH_FACTOR = 50
 
 # An epoch plan: batches -> rows -> example indices. Without packing every row holds one example.
 EpochPlan = list[list[list[int]]]
+# A batch whose padded size (rows x longest row) is above this many tokens runs as several forward passes
+# of whole rows (the step's loss and gradient are unchanged: the loss is normalised by the step's tokens).
+# Activation memory then scales with this budget, not with batch_size x the longest example: a long-tailed
+# dataset no longer needs memory for batch_size copies of its longest example. Costs a little speed where
+# a forward of this size does not fill the device (small models on a GPU).
+MAX_TOKENS_PER_FORWARD = 2048
 
 
 @dataclass
@@ -190,6 +196,27 @@ def plan_epoch(lengths: list[int], *, batch_size: int, max_seq_length: int, pack
         batches += [[[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def split_by_tokens(batch: list[list[int]], lengths: list[int], *, max_tokens: int) -> list[list[list[int]]]:
+    """Split a batch's rows, in order, into parts whose padded size (rows x longest row) fits max_tokens.
+
+    A row longer than max_tokens gets a part of its own. Rows of a length-grouped batch are sorted by
+    length, so neighbouring rows pad little.
+    """
+    parts: list[list[list[int]]] = []
+    part: list[list[int]] = []
+    widest = 0
+    for row in batch:
+        width = sum(lengths[i] for i in row)
+        if part and (len(part) + 1) * max(widest, width) > max_tokens:
+            parts.append(part)
+            part, widest = [], 0
+        part.append(row)
+        widest = max(widest, width)
+    if part:
+        parts.append(part)
+    return parts
 
 
 def collate(batch: list[list[int]], examples: list[Example], *, pad_id: int, packing: bool) -> dict[str, Any]:

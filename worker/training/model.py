@@ -7,7 +7,7 @@ with the remedy in the message instead of after minutes of loading.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.schemas.training import AdapterConfig, Precision, TrainingConfig
 
@@ -59,9 +59,18 @@ def check_quantization_support() -> None:
 
 
 def load_model(
-    config: TrainingConfig, model_path: Path, *, device: torch.device, dtype: torch.dtype
+    config: TrainingConfig,
+    model_path: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    init_adapter: Path | None = None,
 ) -> PreTrainedModel | PeftModel:
-    """Load the local base model and make only the intended parameters trainable."""
+    """Load the local base model and make only the intended parameters trainable.
+
+    With `init_adapter` (continued training) that PEFT adapter is loaded trainable onto the base instead
+    of a fresh one; its own LoraConfig is used.
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -93,6 +102,8 @@ def load_model(
 
     checkpointing = {"use_reentrant": False}
     if adapter.type == "full":
+        if init_adapter is not None:
+            raise ValueError("continued training from an adapter needs an adapter type (lora, qlora or dora), not full")
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.requires_grad_(True)
@@ -110,7 +121,49 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
         model.enable_input_require_grads()
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     return get_peft_model(model, lora_config(adapter))
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The suffixes "all-linear" resolves to: every linear layer's name except the output head."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if "lora_" in name or name.endswith("base_layer"):
+            continue
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, torch.nn.Linear) or type(layer).__name__.startswith("Linear"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names - {"lm_head", ""})
+
+
+def adapter_differences(adapter: AdapterConfig, saved: dict[str, Any], *, all_linear: list[str]) -> list[str]:
+    """Settings of the job's adapter that differ from a saved adapter_config.json ("r: 16 -> 8", ...).
+
+    `all_linear` is what "all-linear" means for this model (see linear_module_names).
+    """
+    wanted = lora_config(adapter)
+    pairs = {
+        "r": (wanted.r, saved.get("r")),
+        "alpha": (wanted.lora_alpha, saved.get("lora_alpha")),
+        "dropout": (wanted.lora_dropout, saved.get("lora_dropout")),
+        "use_rslora": (wanted.use_rslora, saved.get("use_rslora", False)),
+        "use_dora": (wanted.use_dora, saved.get("use_dora", False)),
+    }
+    differences = [f"{name}: {job!r} -> {used!r}" for name, (job, used) in pairs.items() if job != used]
+    def resolve(targets: Any) -> list[str]:
+        # peft saves "all-linear" resolved to full module paths (model.layers.0.mlp.up_proj): compare suffixes.
+        return all_linear if targets == "all-linear" else sorted({t.rsplit(".", 1)[-1] for t in targets or []})
+
+    job_targets, used_targets = resolve(adapter.target_modules), resolve(saved.get("target_modules"))
+    if job_targets != used_targets:
+        differences.append(f"target_modules: {job_targets} -> {used_targets}")
+    return differences
 
 
 def lora_config(adapter: AdapterConfig) -> LoraConfig:

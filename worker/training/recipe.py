@@ -24,16 +24,20 @@ from app.schemas.training import TrainingConfig
 from worker.training import checkpoint as ckpt
 from worker.training.data import (
     IGNORE_INDEX,
+    MAX_TOKENS_PER_FORWARD,
     EpochPlan,
     batch_to_device,
     collate,
     load_examples,
     plan_epoch,
+    split_by_tokens,
 )
 from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
 from worker.training.model import (
+    adapter_differences,
     check_quantization_support,
     count_parameters,
+    linear_module_names,
     load_model,
     pick_device,
     resolve_precision,
@@ -111,8 +115,12 @@ def train(
     reporter: Reporter,
     resume_from: Path | None = None,
     wandb: dict[str, Any] | None = None,
+    init_adapter: Path | None = None,
 ) -> TrainingResult:
-    """Fine-tune the model at `model_path` on `train_file` and save the result under `output_dir`."""
+    """Fine-tune the model at `model_path` on `train_file` and save the result under `output_dir`.
+
+    `init_adapter`: a PEFT adapter directory to continue training from (adapter types only).
+    """
     # ---- hardware and precision, before any weights load ----
     device = pick_device()
     dtype = resolve_precision(config.precision, device)
@@ -121,6 +129,11 @@ def train(
         quantization = config.adapter.quantization
         if quantization is not None and quantization.compute_dtype != "auto":
             resolve_precision(quantization.compute_dtype, device)
+    if init_adapter is not None:
+        if config.adapter.type == "full":
+            raise ValueError("continued training from an adapter needs an adapter type (lora, qlora or dora), not full")
+        if not (Path(init_adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"{init_adapter} holds no PEFT adapter (adapter_config.json is missing)")
     resume_state = ckpt.load_checkpoint(resume_from) if resume_from else None
 
     import torch
@@ -169,7 +182,16 @@ def train(
     save_at = ckpt.checkpoint_steps(total_steps, save_steps=config.save_steps, n_checkpoints=config.n_checkpoints)
 
     # ---- model, optimizer, schedule ----
-    model = load_model(config, Path(model_path), device=device, dtype=dtype)
+    model = load_model(config, Path(model_path), device=device, dtype=dtype, init_adapter=init_adapter)
+    if init_adapter is not None:
+        saved_adapter = json.loads((Path(init_adapter) / "adapter_config.json").read_text())
+        differences = adapter_differences(config.adapter, saved_adapter, all_linear=linear_module_names(model))
+        reporter.event(
+            "continuing training from an existing adapter"
+            + (f"; its own settings are used where the job's differ ({', '.join(differences)})" if differences else ""),
+            level="warn" if differences else "info",
+            data={"differences": differences},
+        )
     trainable, total = count_parameters(model)
     optimizer = make_optimizer(model, config)
     scheduler = get_scheduler(
@@ -240,8 +262,9 @@ def train(
             group = plan[batch_index : batch_index + accum]
             started = time.perf_counter()
             micro_batches = [
-                batch_to_device(collate(b, train_examples, pad_id=pad_id, packing=config.packing), device)
+                batch_to_device(collate(part, train_examples, pad_id=pad_id, packing=config.packing), device)
                 for b in group
+                for part in split_by_tokens(b, lengths, max_tokens=MAX_TOKENS_PER_FORWARD)
             ]
             # Normalise by the labelled tokens of the whole accumulated step, so the step's loss is the
             # true token mean whatever the micro-batch split or padding.
@@ -335,6 +358,8 @@ def train(
             if command == "pause":
                 path = output_dir / "checkpoints" / f"step-{step}" if saved_now else save(step, next_plan)
                 raise TrainingPaused(path)
+            if command == "checkpoint" and not saved_now:
+                save(step, next_plan)
     finally:
         csv_file.close()
         if wandb_run is not None:

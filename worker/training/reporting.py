@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Level = Literal["info", "warn", "error"]
-Control = Literal["continue", "cancel", "pause"]
+# "checkpoint" asks for a checkpoint at the current step and then continues: the caller's way to bound
+# the work a crash loses (e.g. one every 10 minutes), whatever save_steps / n_checkpoints say.
+Control = Literal["continue", "cancel", "pause", "checkpoint"]
 
 
 class StaleAttempt(Exception):
@@ -49,7 +51,7 @@ class Reporter(Protocol):
         """Called after a checkpoint directory was atomically written."""
 
     def control(self) -> Control:
-        """Return whether to continue, cancel or pause; polled every step."""
+        """Return whether to continue, cancel, pause or checkpoint and continue; polled every step."""
 
 
 class PrintReporter:

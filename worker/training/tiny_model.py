@@ -89,8 +89,22 @@ def make_tiny_tokenizer(*, seed: int = 0, vocab_size: int = 1024) -> PreTrainedT
     )
 
 
-def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Build a tiny Llama causal LM with its tokenizer into `path` (safetensors) and return the path."""
+def make_tiny_model(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    initializer_range: float = 0.1,
+) -> Path:
+    """Build a small Llama causal LM with its tokenizer into `path` (safetensors) and return the path.
+
+    The defaults make the tests' tiny model (~0.2M parameters); the benchmark builds a ~25M one with
+    hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -99,15 +113,15 @@ def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
     tokenizer = make_tiny_tokenizer(seed=seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
         max_position_embeddings=2048,
         # Larger than Llama's 0.02: with a random, frozen output head at 0.02 the logits are too flat
         # for a small adapter to ever make them peak, and the quality tests could not learn anything.
-        initializer_range=0.1,
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -130,12 +144,18 @@ def make_tiny_model(path: Path, *, seed: int = 0) -> Path:
 
 
 def main() -> None:
-    """Command line: python -m worker.training.tiny_model PATH [--seed N]."""
+    """Command line: python -m worker.training.tiny_model PATH [--seed N] [--hidden 512 --layers 8 ...]."""
     parser = argparse.ArgumentParser(description="Build a tiny Llama model and tokenizer for tests.")
     parser.add_argument("path", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=128)
     args = parser.parse_args()
-    print(make_tiny_model(args.path, seed=args.seed))
+    print(make_tiny_model(args.path, seed=args.seed, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          kv_heads=args.kv_heads, intermediate=args.intermediate))
 
 
 if __name__ == "__main__":

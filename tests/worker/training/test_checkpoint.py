@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,42 @@ def test_pruning_keeps_the_latest_and_the_best_checkpoint(tmp_path: Path, tiny_m
     best = min(valid, key=valid.get)
     kept = {p.name for p in (tmp_path / "out" / "checkpoints").iterdir()}
     assert kept == {f"step-{best}", "step-12"}
+
+
+class KeepingReporter(RecordingReporter):
+    """Copies every registered checkpoint aside, as the service uploads it, so pruning cannot remove it."""
+
+    def __init__(self, keep: Path, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.keep = keep
+
+    def checkpoint_saved(self, *, step: int, path: Path, metrics: dict) -> None:
+        super().checkpoint_saved(step=step, path=path, metrics=metrics)
+        shutil.copytree(path, self.keep / path.name)
+
+
+def test_checkpoint_command_saves_at_that_step_and_training_continues(tmp_path: Path, tiny_model: Path) -> None:
+    reporter = RecordingReporter(commands={1: "checkpoint", 3: "checkpoint", 4: "checkpoint"})
+    result = train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+                   validation_file=None, output_dir=tmp_path / "out", reporter=reporter)  # fmt: skip
+    assert result.steps == 4 == len(reporter.steps)
+    # Step 4 is the scheduled final checkpoint already: the command does not save it twice.
+    assert [c["step"] for c in reporter.checkpoints] == [1, 3, 4]
+    assert [c["metrics"]["step"] for c in reporter.checkpoints] == [1, 3, 4]
+
+
+def test_resume_from_a_time_based_checkpoint_continues_the_exact_loss_curve(tmp_path: Path, tiny_model: Path) -> None:
+    config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1}, n_epochs=2,
+                         lr_scheduler="cosine", warmup_ratio=0.2)  # fmt: skip
+    common = dict(model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(12)),
+                  validation_file=None)  # fmt: skip
+    reporter = KeepingReporter(tmp_path / "kept", commands={2: "checkpoint"})
+    uninterrupted = train(config, output_dir=tmp_path / "full", reporter=reporter, **common)
+    assert uninterrupted.steps == 6 and [c["step"] for c in reporter.checkpoints] == [2, 6]
+    assert verify_checkpoint(tmp_path / "kept" / "step-2")
+    resumed = RecordingReporter()
+    result = train(config, output_dir=tmp_path / "resumed", reporter=resumed,
+                   resume_from=tmp_path / "kept" / "step-2", **common)  # fmt: skip
+    assert [s["step"] for s in resumed.steps] == [3, 4, 5, 6]
+    assert result.trained_tokens == uninterrupted.trained_tokens
+    assert resumed.losses() == pytest.approx(reporter.losses()[2:], rel=1e-5)

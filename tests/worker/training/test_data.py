@@ -145,3 +145,17 @@ def test_packed_batch_loss_equals_token_weighted_unpacked_loss(tiny_model: Path,
         )
         exact, _, _ = token_loss_sum(forward_logits(model, leaky), leaky["labels"])
     assert abs(leaky_loss.item() - exact.item()) > 1e-3
+
+
+def test_split_by_tokens_bounds_each_forward_and_keeps_row_order() -> None:
+    from worker.training.data import split_by_tokens
+
+    lengths = [500, 300, 120, 100, 90, 20, 10, 5]
+    batch = [[i] for i in range(8)]
+    parts = split_by_tokens(batch, lengths, max_tokens=600)
+    assert [row for part in parts for row in part] == batch
+    assert parts == [[[0]], [[1], [2]], [[3], [4], [5], [6], [7]]]
+    assert all(len(p) * max(lengths[r[0]] for r in p) <= 600 for p in parts)
+    # A row longer than the budget runs alone; a batch that fits stays whole.
+    assert split_by_tokens([[0], [1]], lengths, max_tokens=100) == [[[0]], [[1]]]
+    assert split_by_tokens(batch, lengths, max_tokens=8 * 500) == [batch]

@@ -256,3 +256,25 @@ def test_bf16_autocast_runs_on_cpu(tmp_path: Path, tiny_model: Path) -> None:
     result, reporter = run(tmp_path, tiny_model, code_mapping(8), precision="bf16")
     assert result.steps == 2 and all(math.isfinite(x) for x in reporter.losses())
     assert "in bfloat16" in reporter.events[0]["message"]
+
+
+def test_splitting_a_step_into_smaller_forwards_keeps_the_loss_curve(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.training.recipe as recipe
+
+    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
+    result, whole = run(tmp_path / "whole", tiny_model, records, n_epochs=2)
+    calls = {"n": 0}
+    real = recipe.forward_logits
+
+    def counting(model, batch):  # counts forward passes
+        calls["n"] += 1
+        return real(model, batch)
+
+    monkeypatch.setattr(recipe, "forward_logits", counting)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # about one or two rows per forward
+    split_result, split = run(tmp_path / "split", tiny_model, records, n_epochs=2)
+    assert calls["n"] > 2 * result.steps  # the 8 steps really ran as more forwards
+    assert split_result.trained_tokens == result.trained_tokens
+    assert split.losses() == pytest.approx(whole.losses(), rel=1e-4)

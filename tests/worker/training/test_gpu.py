@@ -1,0 +1,53 @@
+"""GPU tier: run on a lent CUDA machine with `pytest -m gpu` (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.worker.training.factories import code_mapping, make_config, write_jsonl
+from worker.training.recipe import train
+from worker.training.reporting import RecordingReporter
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def run(tmp_path: Path, tiny_model: Path, **overrides: object) -> tuple[object, RecordingReporter]:
+    reporter = RecordingReporter()
+    result = train(make_config(**overrides), model_path=tiny_model,
+                   train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)), validation_file=None,
+                   output_dir=tmp_path / "out", reporter=reporter)  # fmt: skip
+    return result, reporter
+
+
+def test_bf16_autocast_training_on_cuda_lowers_the_loss(tmp_path: Path, tiny_model: Path) -> None:
+    _, reporter = run(tmp_path, tiny_model, precision="auto", n_epochs=6)
+    assert "on cuda in bfloat16" in reporter.events[0]["message"] or "on cuda in float16" in reporter.events[0][
+        "message"]
+    losses = reporter.losses()
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+
+
+def test_qlora_on_cuda_trains_a_4bit_base(tmp_path: Path, tiny_model: Path) -> None:
+    adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}
+    result, reporter = run(tmp_path, tiny_model, precision="auto", n_epochs=6, adapter=adapter)
+    losses = reporter.losses()
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert (result.final_dir / "adapter_model.safetensors").is_file()  # type: ignore[attr-defined]
+
+
+def test_training_benchmark_quick_mode_runs_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.train import main
+
+    main(["--quick", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("device: cuda") and "targets: tuneforge/seed tokens/s =" in out
