@@ -22,7 +22,7 @@ from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, Project
 from app.schemas.training import TrainingConfig
 from app.services import attempts
-from app.services.artifacts import find_fine_tuned_model, prune_checkpoints
+from app.services.artifacts import find_fine_tuned_model
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
@@ -133,7 +133,7 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         wandb = next((i["wandb"] for i in integrations if i.get("type") == "wandb"), None)
         result = train(config, model_path=Path(entry.path), train_file=train_path, validation_file=valid_path,
                        output_dir=workdir / "output", reporter=reporter, resume_from=resume_from, wandb=wandb,
-                       init_adapter=init_adapter)
+                       init_adapter=init_adapter, trust_remote_code=entry.trust_remote_code)
         adapter_name = "model" if config.adapter.type == "full" else "adapter"
         outputs = [
             (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),
@@ -157,8 +157,6 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         with session_scope() as session:
             attempts.finish_job(session, job_pk=job_pk, attempt=attempt, fine_tuned_model=model_name,
                                 trained_tokens=result.trained_tokens, artifacts=files)
-        with session_scope() as session:
-            prune_checkpoints(session, storage=storage, job_pk=job_pk, keep=settings.checkpoints_kept_after_finish)
         return EXIT_OK
     except TrainingCancelled:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)

@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.storage import Storage
 from app.services import attempts
+from app.services.artifacts import prune_checkpoints
 from worker.archive import file_chunks, tar_directory
 from worker.training.reporting import StaleAttempt as TrainingStaleAttempt
 
@@ -76,6 +77,10 @@ class DatabaseReporter:
             self.storage.delete(key)
             raise
         self._last_checkpoint = time.monotonic()
+        # Retention while the job runs: the latest few (a resume needs only the latest) and the best.
+        with session_scope() as session:
+            prune_checkpoints(session, storage=self.storage, job_pk=self.job_pk,
+                              keep=self.settings.checkpoints_kept_after_finish)
 
     def control(self) -> Literal["continue", "cancel", "pause", "checkpoint"]:
         # One small read a second at most: cancel still lands within the 10-second promise.

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # A running job also checkpoints when this much time passed since its last checkpoint: bounds the
     # work a crash loses, whatever save_steps/n_checkpoints the job chose.
     checkpoint_interval_seconds: float = Field(default=600.0, gt=0)
-    # Retention: a finished job keeps its latest N checkpoints (and the best by validation loss).
+    # Retention: a job keeps its latest N registered checkpoints (and the best by validation loss).
     checkpoints_kept_after_finish: int = Field(default=3, ge=1)
     # How long a cancelled training process gets to stop by itself before it is killed.
     cancel_grace_seconds: float = Field(default=5.0, gt=0)

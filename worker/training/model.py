@@ -65,6 +65,7 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     init_adapter: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel | PeftModel:
     """Load the local base model and make only the intended parameters trainable.
 
@@ -77,7 +78,8 @@ def load_model(
     adapter = config.adapter
     kwargs: dict = {
         "use_safetensors": True,
-        "trust_remote_code": False,
+        # Runs Python shipped with the model: only when the operator enabled it for this catalogue entry.
+        "trust_remote_code": trust_remote_code,
         "local_files_only": True,
         "attn_implementation": "sdpa",
         # Full fine-tunes keep fp32 master weights and train under autocast; adapters leave the frozen

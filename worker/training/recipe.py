@@ -116,10 +116,12 @@ def train(
     resume_from: Path | None = None,
     wandb: dict[str, Any] | None = None,
     init_adapter: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainingResult:
     """Fine-tune the model at `model_path` on `train_file` and save the result under `output_dir`.
 
     `init_adapter`: a PEFT adapter directory to continue training from (adapter types only).
+    `trust_remote_code`: the catalogue entry's switch; off unless the operator vouches for the model.
     """
     # ---- hardware and precision, before any weights load ----
     device = pick_device()
@@ -150,7 +152,7 @@ def train(
         return torch.autocast(device.type, dtype=dtype)
 
     # ---- data: tokenise once, plan every epoch's batch order from the seed ----
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_examples = load_examples(
         Path(train_file), tokenizer, max_seq_length=config.max_seq_length,
@@ -182,7 +184,8 @@ def train(
     save_at = ckpt.checkpoint_steps(total_steps, save_steps=config.save_steps, n_checkpoints=config.n_checkpoints)
 
     # ---- model, optimizer, schedule ----
-    model = load_model(config, Path(model_path), device=device, dtype=dtype, init_adapter=init_adapter)
+    model = load_model(config, Path(model_path), device=device, dtype=dtype, init_adapter=init_adapter,
+                       trust_remote_code=trust_remote_code)
     if init_adapter is not None:
         saved_adapter = json.loads((Path(init_adapter) / "adapter_config.json").read_text())
         differences = adapter_differences(config.adapter, saved_adapter, all_linear=linear_module_names(model))
