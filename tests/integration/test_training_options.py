@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,10 @@ def test_validation_packing_early_stopping_and_wandb_through_the_api(service: Se
         assert final["progress"]["step"] < final["progress"]["total_steps"]  # stopped early
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
         assert any("valid_loss" in c["metrics"] for c in checkpoints)
-    wandb_runs = list((Path(service.env["WANDB_DIR"])).rglob("*.wandb"))
+    # W&B's own service process writes the offline run file; give it a moment after the job ends.
+    deadline = time.monotonic() + 30
+    while not (wandb_runs := list(Path(service.env["WANDB_DIR"]).rglob("run-*.wandb"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert wandb_runs, "the W&B integration wrote no offline run"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +25,8 @@ def make_reporter(
     monkeypatch: pytest.MonkeyPatch, clock: Clock, answer: list[str], interval: float
 ) -> DatabaseReporter:
     monkeypatch.setattr(reporter_module.time, "monotonic", clock)
-    settings: Any = SimpleNamespace(checkpoint_interval_seconds=interval, lease_seconds=30)
+    settings: Any = SimpleNamespace(checkpoint_interval_seconds=interval, lease_seconds=30,
+                                    checkpoints_kept_after_finish=3)
     reporter = DatabaseReporter(job_pk=1, job_id="ftjob-x", attempt=1, storage=None,  # type: ignore[arg-type]
                                 settings=settings, scratch=Path("."))
     monkeypatch.setattr(reporter, "_guard", lambda write, **kwargs: answer[0])
@@ -48,9 +50,13 @@ def test_a_saved_checkpoint_restarts_the_interval(monkeypatch: pytest.MonkeyPatc
     stored = SimpleNamespace(sha256="0" * 64, bytes=0)
     reporter.storage = SimpleNamespace(write=lambda key, chunks: stored)  # type: ignore[assignment]
     reporter.scratch = tmp_path
+    pruned: list[int] = []  # retention runs after each registration; no database here
+    monkeypatch.setattr(reporter_module, "session_scope", contextlib.nullcontext)
+    monkeypatch.setattr(reporter_module, "prune_checkpoints", lambda session, **kwargs: pruned.append(kwargs["keep"]))
     clock.now += 700
     assert reporter.control() == "checkpoint"
     reporter.checkpoint_saved(step=5, path=tmp_path, metrics={"step": 5})
+    assert pruned == [3]
     clock.now += 10
     assert reporter.control() == "continue"
     clock.now += 600
