@@ -95,27 +95,9 @@ def test_catalogue_models_default_to_no_remote_code() -> None:
     assert CatalogueModel(path="/models/x").trust_remote_code is False
 
 
-def test_worker_loads_weights_from_safetensors_without_remote_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    transformers = pytest.importorskip("transformers")
-    from app.schemas.training import TrainingConfig
-    from worker.training.model import load_model
-
-    seen: dict[str, Any] = {}
-
-    def capture(path: Any, **kwargs: Any) -> Any:
-        seen.update(kwargs)
-        raise RuntimeError("stop before loading")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture)
-    import torch
-
-    with pytest.raises(RuntimeError, match="stop before loading"):
-        load_model(TrainingConfig(), Path("/nonexistent"), device=torch.device("cpu"), dtype=torch.float32)
-    assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
-    assert seen["local_files_only"] is True
-
-
-def test_remote_code_runs_only_for_catalogue_entries_that_enable_it(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_worker_loads_safetensors_and_runs_remote_code_only_when_the_catalogue_allows(
+        monkeypatch: pytest.MonkeyPatch, trust_remote_code: bool) -> None:
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -131,5 +113,6 @@ def test_remote_code_runs_only_for_catalogue_entries_that_enable_it(monkeypatch:
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture)
     with pytest.raises(RuntimeError, match="stop before loading"):
         load_model(TrainingConfig(), Path("/nonexistent"), device=torch.device("cpu"), dtype=torch.float32,
-                   trust_remote_code=True)
-    assert seen["trust_remote_code"] is True and seen["use_safetensors"] is True
+                   trust_remote_code=trust_remote_code)
+    assert seen["use_safetensors"] is True and seen["local_files_only"] is True
+    assert seen["trust_remote_code"] is trust_remote_code
