@@ -45,11 +45,26 @@ def test_validation_packing_early_stopping_and_wandb_through_the_api(service: Se
         assert final["progress"]["step"] < final["progress"]["total_steps"]  # stopped early
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
         assert any("valid_loss" in c["metrics"] for c in checkpoints)
-    # W&B's own service process writes the offline run file; give it a moment after the job ends.
+    # The job's W&B run started with the job's project and tags, and says where it logs.
+    started = [e["data"] for e in events if e["message"].startswith("W&B run ")]
+    assert len(started) == 1, messages[:20]
+    assert started[0]["project"] == "tuneforge-ci" and started[0]["tags"] == ["ci"]
+    assert started[0]["mode"] == "offline" and started[0]["url"] is None
+    run_file = Path(started[0]["sync_file"])
+    assert run_file.is_relative_to(service.env["WANDB_DIR"]) and started[0]["run_id"] in run_file.name
+    # The offline log holds the metrics, ready for `wandb sync`; W&B's own service process writes it.
     deadline = time.monotonic() + 30
-    while not (wandb_runs := list(Path(service.env["WANDB_DIR"]).rglob("run-*.wandb"))) and time.monotonic() < deadline:
+    while not run_file.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert wandb_runs, "the W&B integration wrote no offline run"
+    assert run_file.exists() and b"train_loss" in run_file.read_bytes(), _wandb_diagnostics(service, run_file)
+
+
+def _wandb_diagnostics(service: Service, run_file: Path) -> str:
+    """What W&B and the workers left behind, for a failure message."""
+    listing = sorted(str(p) for p in Path(service.env["WANDB_DIR"]).rglob("*"))
+    logs = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in run_file.parent.glob("logs/*.log")]
+    workers = [f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in service.root.glob("worker-*.log")]
+    return "\n".join([f"no W&B run log at {run_file}", *listing, *logs, *workers])
 
 
 def test_impossible_precision_fails_before_loading_with_a_remedy(service: Service) -> None:

@@ -239,7 +239,7 @@ def train(
     csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     csv_writer.writeheader()
     csv_writer.writerows(state["log_history"])
-    wandb_run = _start_wandb(wandb, config) if wandb else None
+    wandb_run = _start_wandb(wandb, config, reporter) if wandb else None
 
     def save(step: int, plan: EpochPlan | None) -> Path:
         trainer_state = {**state, "total_steps": total_steps, "batch_order": plan, "config": config.model_dump()}
@@ -393,11 +393,11 @@ def train(
     )
 
 
-def _start_wandb(options: dict[str, Any], config: TrainingConfig) -> Any:
-    """Start a W&B run; WANDB_MODE / WANDB_DIR come from the environment (offline in tests)."""
+def _start_wandb(options: dict[str, Any], config: TrainingConfig, reporter: Reporter) -> Any:
+    """Start a W&B run and say where it logs; WANDB_MODE / WANDB_DIR come from the environment (offline in tests)."""
     import wandb as wandb_module  # optional dependency, only needed when a job asks for it
 
-    return wandb_module.init(
+    run = wandb_module.init(
         project=options["project"],
         name=options.get("name"),
         entity=options.get("entity"),
@@ -405,6 +405,13 @@ def _start_wandb(options: dict[str, Any], config: TrainingConfig) -> Any:
         config=config.model_dump(),
         dir=os.environ.get("WANDB_DIR"),
     )
+    mode = run.settings.mode
+    # Online runs have a page to open; offline ones a log file to `wandb sync` later.
+    where = run.url if run.url else str(run.settings.sync_file)
+    reporter.event(f"W&B run {run.id} ({mode}) logging to {where}",
+                   data={"run_id": run.id, "project": run.project, "mode": mode, "url": run.url,
+                         "sync_file": str(run.settings.sync_file), "tags": list(run.tags or ())})  # fmt: skip
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:

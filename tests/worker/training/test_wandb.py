@@ -15,13 +15,14 @@ def test_wandb_logs_every_step_offline(tmp_path: Path, tiny_model: Path, monkeyp
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb-dir").mkdir()
+    reporter = RecordingReporter()
     train(
         make_config(),
         model_path=tiny_model,
         train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(8)),
         validation_file=None,
         output_dir=tmp_path / "out",
-        reporter=RecordingReporter(),
+        reporter=reporter,
         wandb={"project": "tuneforge-test", "name": "tiny", "tags": ["test"]},
     )
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
@@ -29,3 +30,5 @@ def test_wandb_logs_every_step_offline(tmp_path: Path, tiny_model: Path, monkeyp
     # Offline runs keep their history in the binary .wandb log (synced later with `wandb sync`).
     logs = list(runs[0].glob("*.wandb"))
     assert len(logs) == 1 and b"train_loss" in logs[0].read_bytes()
+    started = [e["data"] for e in reporter.events if e["message"].startswith("W&B run ")]
+    assert len(started) == 1 and Path(started[0]["sync_file"]) == logs[0]
