@@ -19,11 +19,16 @@ if TYPE_CHECKING:
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def pick_device() -> torch.device:
-    """The first CUDA device if there is one, else the CPU."""
+def pick_device(local_rank: int = 0) -> torch.device:
+    """This process's CUDA device (one per process in a multi-process run) if there is one, else the CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"process {local_rank} needs GPU {local_rank} but this machine has "
+                         f"{torch.cuda.device_count()}; ask for fewer processes")
+    return torch.device("cuda", local_rank)
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
@@ -114,6 +119,7 @@ def load_model(
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if adapter.type == "qlora":
+        keep_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.gradient_checkpointing,
@@ -128,6 +134,21 @@ def load_model(
 
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     return get_peft_model(model, lora_config(adapter))
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel during evaluation.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights the first time it runs in
+    eval mode and never unpacks them when training resumes; the repacked kernel has no backward, so every
+    step after the first evaluation would train on silently wrong gradients. Evaluation stays on the
+    trainable layout instead (slower on those CPUs, correct everywhere).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -46,6 +46,28 @@ def test_only_adapter_parameters_require_grad(tiny_model: Path, adapter_type: st
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_model: Path) -> None:
+    # bitsandbytes repacks 4-bit weights for an inference-only CPU kernel in eval mode (AVX512-BF16 CPUs)
+    # and never unpacks them; training after an evaluation must still get the true gradients.
+    model = load_model(make_config(adapter={"type": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}), tiny_model,
+                       device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 13, 21, 34, 8, 2, 7]])
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = gradients()
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+    assert any(float(g.abs().sum()) > 0 for n, g in after.items() if "layers.0." in n)
+
+
 def test_target_modules_list_restricts_the_adapter(tiny_model: Path) -> None:
     config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.float32)
