@@ -7,11 +7,13 @@ lost. Everything here writes through fenced updates, so a stale attempt changes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -28,6 +30,8 @@ from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.reporter import DatabaseReporter
+from worker.training import distributed
+from worker.training.distributed import ProcessGroup
 
 logger = logging.getLogger("tuneforge.attempt")
 
@@ -85,8 +89,32 @@ def download_init_adapter(storage: Storage, *, parent_job_id: str, step: int | N
     return target
 
 
-def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
-    """Train one attempt end to end and record the outcome; returns the process exit code."""
+class _Followers:
+    """The other processes of a multi-process attempt: they wait for rank 0 to say what to train on."""
+
+    def __init__(self, procs: ProcessGroup) -> None:
+        self.procs, self.told = procs, False
+
+    def tell(self, inputs: dict[str, Any] | None) -> None:
+        """Send the training inputs (None: there will be no training) once."""
+        if self.procs.enabled and not self.told:
+            self.told = True
+            distributed.broadcast(self.procs, inputs)
+
+
+def run_attempt(job_id: str, attempt: int, *, settings: Settings, procs: ProcessGroup | None = None) -> int:
+    """Train one attempt end to end and record the outcome; returns the process exit code.
+
+    In a multi-process attempt this is rank 0: it alone downloads, reports and uploads.
+    """
+    followers = _Followers(procs or ProcessGroup())
+    try:
+        return _run(job_id, attempt, settings=settings, followers=followers)
+    finally:
+        followers.tell(None)  # never leave the other processes waiting for inputs that will not come
+
+
+def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers) -> int:
     from worker.training.recipe import train
     from worker.training.reporting import StaleAttempt, TrainingCancelled, TrainingPaused
 
@@ -131,9 +159,14 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
                                                  target=workdir / "init-adapter")
             reporter.event(f"Continuing training from {parent_model}.", data={"parent_job": parent_id, "step": step})
         wandb = next((i["wandb"] for i in integrations if i.get("type") == "wandb"), None)
-        result = train(config, model_path=Path(entry.path), train_file=train_path, validation_file=valid_path,
-                       output_dir=workdir / "output", reporter=reporter, resume_from=resume_from, wandb=wandb,
-                       init_adapter=init_adapter, trust_remote_code=entry.trust_remote_code)
+        # What every process of the attempt trains on (one process, or torchrun's ranks on this host).
+        inputs: dict[str, Any] = {
+            "model_path": Path(entry.path), "train_file": train_path, "validation_file": valid_path,
+            "output_dir": workdir / "output", "resume_from": resume_from, "init_adapter": init_adapter,
+            "trust_remote_code": entry.trust_remote_code,
+        }  # fmt: skip
+        followers.tell({**inputs, "config": config.model_dump()})
+        result = train(config, reporter=reporter, wandb=wandb, **inputs)
         adapter_name = "model" if config.adapter.type == "full" else "adapter"
         outputs = [
             (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),
@@ -184,12 +217,44 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings) -> int:
         return EXIT_OK
 
 
+def follow_attempt(procs: ProcessGroup) -> int:
+    """Ranks 1..N-1 of a multi-process attempt: train on what rank 0 prepared, silently; rank 0 records the
+    outcome. An error here also stops rank 0 (its next collective fails) and torchrun ends the attempt."""
+    from worker.training.recipe import train
+    from worker.training.reporting import SilentReporter, TrainingCancelled, TrainingPaused
+
+    inputs = distributed.broadcast(procs, None)
+    if inputs is None:
+        return EXIT_OK  # rank 0 recorded why there is nothing to train
+    config = TrainingConfig.model_validate(inputs.pop("config"))
+    with contextlib.suppress(TrainingCancelled, TrainingPaused):  # rank 0 records either
+        train(config, reporter=SilentReporter(), **inputs)
+    return EXIT_OK
+
+
+def _die_with_torchrun() -> None:
+    """A rank gets SIGKILL when torchrun (its parent) dies, like the single process does with the supervisor."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id, attempt = sys.argv[1], int(sys.argv[2])
     configure_logging(get_settings().log_format)
     set_job_context(job_id, attempt)
-    sys.exit(run_attempt(job_id, attempt, settings=get_settings()))
+    procs = distributed.from_environment()
+    if procs.enabled:  # started by torchrun: join the others before anything else
+        from worker.training.model import pick_device
+
+        _die_with_torchrun()
+        distributed.start(procs, pick_device(procs.local_rank))
+        if not procs.is_main:
+            sys.exit(follow_attempt(procs))
+    sys.exit(run_attempt(job_id, attempt, settings=get_settings(), procs=procs))
 
 
 if __name__ == "__main__":

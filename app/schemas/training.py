@@ -94,6 +94,12 @@ class TrainingConfig(BaseModel):
     seed: int = Field(default=42, ge=0, le=2147483647)
     # Also export merged full weights (base + adapter, safetensors shards) when training ends.
     merge: bool = False
+    # Data-parallel training processes for this job on one worker: one per GPU, or gloo processes on a
+    # CPU. The global batch (batch_size x gradient_accumulation_steps) is the same for any count.
+    processes: int = Field(default=1, ge=1, le=64)
+    # "ddp" keeps a full replica of the weights in every process; "fsdp" shards weights, gradients and
+    # optimizer state across them, for models too large for one device.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrainingConfig:

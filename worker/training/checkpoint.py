@@ -23,6 +23,8 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 FULL_WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# RNG states of ranks 1..N-1 of a multi-process run (rank 0's are in rng_state.pt).
+RANK_RNG = "rng_state_ranks.pt"
 
 
 def checkpoint_steps(total_steps: int, *, save_steps: int | None, n_checkpoints: int) -> set[int]:
@@ -79,14 +81,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: Any, directory: Path, *, full: bool) -> None:
-    """Adapter in PEFT layout, or every weight of a full fine-tune, as safetensors."""
-    if full:
-        from safetensors.torch import save_model
+def save_weights(model: Any, directory: Path, *, full: bool, state_dict: dict[str, Any] | None = None) -> None:
+    """Adapter in PEFT layout, or every weight of a full fine-tune, as safetensors.
 
-        save_model(model, str(directory / FULL_WEIGHTS))  # handles tied/shared tensors
-    else:
+    `state_dict`: the model's weights gathered unsharded (FSDP), used instead of the model's own.
+    """
+    if full:
+        from safetensors.torch import save_file, save_model
+
+        if state_dict is None:
+            save_model(model, str(directory / FULL_WEIGHTS))  # handles tied/shared tensors
+        else:  # gathered copies: tied weights arrive as one tensor under two names, which safetensors refuses
+            save_file({k: v.clone().contiguous() for k, v in state_dict.items()}, str(directory / FULL_WEIGHTS),
+                      metadata={"format": "pt"})
+    elif state_dict is None:
         model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def load_weights(model: Any, directory: Path, *, full: bool) -> None:
@@ -102,6 +113,21 @@ def load_weights(model: Any, directory: Path, *, full: bool) -> None:
         set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
 
 
+def read_weights(directory: Path, *, full: bool, model_keys: list[str]) -> dict[str, Any]:
+    """The weights save_weights wrote, named as in the model's own state_dict (to load into a sharded model)."""
+    from safetensors.torch import load_file
+
+    if full:
+        return load_file(str(directory / FULL_WEIGHTS))
+    saved = load_file(str(directory / ADAPTER_WEIGHTS))
+    # PEFT saves "...lora_A.weight" for the model's "...lora_A.default.weight": drop the adapter name.
+    by_saved_name = {key.replace(".default", ""): key for key in model_keys}
+    missing = [k for k in saved if k not in by_saved_name]
+    if missing:
+        raise ValueError(f"adapter weights in {directory} do not fit this model: {missing[:3]}")
+    return {by_saved_name[k]: v for k, v in saved.items()}
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -111,8 +137,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict[str, Any],
+    weights: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Atomically write `output_dir/checkpoints/step-{step}` and return its path."""
+    """Atomically write `output_dir/checkpoints/step-{step}` and return its path.
+
+    Multi-process runs pass what rank 0 gathered: `weights` and `optimizer_state` unsharded (FSDP) and
+    the RNG states of the other ranks (`rank_rng`, ranks 1..N-1), so every process resumes its stream.
+    """
     import torch
 
     root = output_dir / "checkpoints"
@@ -120,10 +153,12 @@ def save_checkpoint(
     target = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=root))
     try:
-        save_weights(model, tmp, full=full)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_weights(model, tmp, full=full, state_dict=weights)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(capture_rng_state(), tmp / "rng_state.pt")
+        if rank_rng:
+            torch.save(rank_rng, tmp / RANK_RNG)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for path in files:
@@ -170,6 +205,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
         "rng": torch.load(path / "rng_state.pt", weights_only=True),
+        "rank_rng": torch.load(path / RANK_RNG, weights_only=True) if (path / RANK_RNG).is_file() else [],
     }
 
 

@@ -45,8 +45,15 @@ def evaluate(
     pad_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[Any]],
+    forward_passes: int | None = None,
+    filler: list[list[int]] | None = None,
 ) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over the batches of `plan`, with torchmetrics."""
+    """Loss, perplexity and token accuracy over the batches of `plan`, with torchmetrics.
+
+    In a multi-process run each process passes its share of the batches and torchmetrics sums the
+    shares across processes. A sharded (FSDP) model needs the same number of forward passes in every
+    process: `forward_passes` beyond len(plan) run on `filler` and count for nothing.
+    """
     import torch
     from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy
@@ -59,8 +66,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch_plan in plan:
-            batch = batch_to_device(collate(batch_plan, examples, pad_id=pad_id, packing=False), device)
+        for k in range(len(plan) if forward_passes is None else forward_passes):
+            if k >= len(plan):
+                assert filler is not None
+                with autocast():
+                    forward_logits(model, batch_to_device(collate(filler, examples, pad_id=pad_id, packing=False),
+                                                          device))
+                continue
+            batch = batch_to_device(collate(plan[k], examples, pad_id=pad_id, packing=False), device)
             with autocast():
                 logits = forward_logits(model, batch).float()
             targets = batch["labels"][:, 1:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 from app.schemas.training import TrainingConfig
 from worker.training import checkpoint as ckpt
+from worker.training import distributed
 from worker.training.data import (
     IGNORE_INDEX,
     MAX_TOKENS_PER_FORWARD,
@@ -45,6 +47,7 @@ from worker.training.model import (
 from worker.training.reporting import (
     PrintReporter,
     Reporter,
+    SilentReporter,
     TrainingCancelled,
     TrainingDiverged,
     TrainingPaused,
@@ -123,8 +126,19 @@ def train(
     `init_adapter`: a PEFT adapter directory to continue training from (adapter types only).
     `trust_remote_code`: the catalogue entry's switch; off unless the operator vouches for the model.
     """
-    # ---- hardware and precision, before any weights load ----
-    device = pick_device()
+    # ---- processes, hardware and precision, before any weights load ----
+    procs = distributed.from_environment()
+    if config.processes != procs.world_size:
+        raise ValueError(
+            f"the job asks for {config.processes} training process(es) but this run has {procs.world_size}; "
+            f"start it with torchrun --nproc-per-node {config.processes} (the worker does this itself)"
+        )
+    strategy = config.distributed
+    if strategy == "fsdp" and config.adapter.type == "qlora":
+        raise ValueError('distributed "fsdp" does not shard 4-bit (QLoRA) weights here; use "ddp" with qlora')
+    if not procs.is_main:
+        reporter = SilentReporter()  # rank 0 speaks for the run; the others follow its decisions
+    device = pick_device(procs.local_rank)
     dtype = resolve_precision(config.precision, device)
     if config.adapter.type == "qlora":
         check_quantization_support()
@@ -144,6 +158,7 @@ def train(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
+    distributed.start(procs, device)
     full = config.adapter.type == "full"
 
     def autocast() -> AbstractContextManager[Any]:
@@ -196,6 +211,11 @@ def train(
             data={"differences": differences},
         )
     trainable, total = count_parameters(model)
+    if resume_state is not None:  # before wrapping: FSDP shards the weights it finds
+        ckpt.load_weights(model, Path(resume_from), full=full)  # type: ignore[arg-type]
+    # What the training step calls: the model itself, DDP around it, or (FSDP) the model sharded in place.
+    wrapped = distributed.wrap(model, group=procs, strategy=strategy, device=device)
+    sharded = procs.enabled and strategy == "fsdp"
     optimizer = make_optimizer(model, config)
     scheduler = get_scheduler(
         SCHEDULERS[config.lr_scheduler],
@@ -205,11 +225,13 @@ def train(
     )
     # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    on = f"{procs.world_size} {device.type} processes ({strategy})" if procs.enabled else device.type
     reporter.event(
-        f"training {config.adapter.type} on {device.type} in {str(dtype).removeprefix('torch.')}: "
+        f"training {config.adapter.type} on {on} in {str(dtype).removeprefix('torch.')}: "
         f"{len(train_examples)} train / {len(valid_examples)} validation examples, {total_steps} steps, "
         f"{trainable:,} of {total:,} parameters trainable",
-        data={"total_steps": total_steps, "trainable_parameters": trainable, "parameters": total},
+        data={"total_steps": total_steps, "trainable_parameters": trainable, "parameters": total,
+              "processes": procs.world_size},
     )
 
     # ---- state, restored from a checkpoint when resuming ----
@@ -220,8 +242,7 @@ def train(
     resumed_plan: EpochPlan | None = None
     if resume_state is not None:
         assert resume_from is not None
-        ckpt.load_weights(model, Path(resume_from), full=full)
-        optimizer.load_state_dict(resume_state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, resume_state["optimizer"], group=procs, strategy=strategy)
         scheduler.load_state_dict(resume_state["scheduler"])
         saved = resume_state["trainer_state"]
         if saved["total_steps"] != total_steps:
@@ -231,26 +252,48 @@ def train(
             )
         state.update({k: saved[k] for k in state})
         resumed_plan = saved["batch_order"]
-        ckpt.restore_rng_state(resume_state["rng"])
+        rank_rng = [resume_state["rng"], *resume_state["rank_rng"]]
+        if procs.rank < len(rank_rng):
+            ckpt.restore_rng_state(rank_rng[procs.rank])
+        else:  # a checkpoint from a run with fewer processes: this one's dropout stream starts afresh
+            torch.manual_seed(config.seed + procs.rank)
         reporter.event(f"resumed from checkpoint at step {state['step']}", data={"step": state["step"]})
+    elif procs.rank > 0:
+        torch.manual_seed(config.seed + procs.rank)  # same weights everywhere, but each its own dropout
 
     metrics_csv = output_dir / "metrics.csv"
-    csv_file = open(metrics_csv, "w", newline="")  # noqa: SIM115 - closed in the finally below
+    # Only rank 0 writes files: the processes of one run share output_dir.
+    csv_file = open(metrics_csv, "w", newline="") if procs.is_main else io.StringIO()  # noqa: SIM115 - closed below
     csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     csv_writer.writeheader()
     csv_writer.writerows(state["log_history"])
-    wandb_run = _start_wandb(wandb, config, reporter) if wandb else None
+    wandb_run = _start_wandb(wandb, config, reporter) if wandb and procs.is_main else None
 
     def save(step: int, plan: EpochPlan | None) -> Path:
+        """Write a checkpoint (rank 0 writes; under FSDP every process first hands over its shards)."""
         trainer_state = {**state, "total_steps": total_steps, "batch_order": plan, "config": config.model_dump()}
-        path = ckpt.save_checkpoint(
-            output_dir, step=step, model=model, full=full, optimizer=optimizer, scheduler=scheduler,
-            trainer_state=trainer_state,
-        )  # fmt: skip
-        # The best step is kept by number too: its valid_loss may tie a later, not-better-enough one.
-        ckpt.prune_checkpoints(output_dir, keep_steps={state["best_step"]} if state["best_step"] else set())
-        reporter.checkpoint_saved(step=step, path=path, metrics=state["log_history"][-1])
+        weights = distributed.full_state_dict(model, group=procs, strategy=strategy) if sharded else None
+        optimizer_state = distributed.optimizer_state(model, optimizer, group=procs, strategy=strategy)
+        rank_rng = distributed.all_gather(procs, ckpt.capture_rng_state())[1:]
+        path = output_dir / "checkpoints" / f"step-{step}"
+        if procs.is_main:
+            path = ckpt.save_checkpoint(
+                output_dir, step=step, model=model, full=full, optimizer=optimizer, scheduler=scheduler,
+                trainer_state=trainer_state, weights=weights, optimizer_state=optimizer_state, rank_rng=rank_rng,
+            )  # fmt: skip
+            # The best step is kept by number too: its valid_loss may tie a later, not-better-enough one.
+            ckpt.prune_checkpoints(output_dir, keep_steps={state["best_step"]} if state["best_step"] else set())
+            reporter.checkpoint_saved(step=step, path=path, metrics=state["log_history"][-1])
+        distributed.barrier(procs)  # the directory is complete before any process reads it
         return path
+
+    def evaluate_shared(plan: EpochPlan) -> dict[str, float]:
+        """Each process evaluates its share of the batches; torchmetrics sums the shares across processes."""
+        mine = plan[procs.rank :: procs.world_size]
+        # Under FSDP every forward pass gathers weights from all processes: all run the same number.
+        passes = distributed.all_max(procs, len(mine)) if sharded else None
+        return evaluate(model, mine, valid_examples, pad_id=pad_id, device=device, autocast=autocast,
+                        forward_passes=passes, filler=plan[0])  # fmt: skip
 
     # ---- train ----
     model.train()
@@ -264,23 +307,39 @@ def train(
             batch_index = state["next_batch"]
             group = plan[batch_index : batch_index + accum]
             started = time.perf_counter()
+            # Each process takes every world_size-th row of each batch (all of it when alone).
             micro_batches = [
                 batch_to_device(collate(part, train_examples, pad_id=pad_id, packing=config.packing), device)
                 for b in group
-                for part in split_by_tokens(b, lengths, max_tokens=MAX_TOKENS_PER_FORWARD)
-            ]
-            # Normalise by the labelled tokens of the whole accumulated step, so the step's loss is the
-            # true token mean whatever the micro-batch split or padding.
-            step_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+                for part in split_by_tokens(b[procs.rank :: procs.world_size], lengths,
+                                            max_tokens=MAX_TOKENS_PER_FORWARD)
+            ]  # fmt: skip
+            # Gradients cross processes in every process's last backward, so all run the same number:
+            # one with fewer micro-batches runs weightless repeats of the step's first row.
+            n_passes = distributed.all_max(procs, len(micro_batches))
+            filler = group[0][:1]
+            # Normalise by the labelled tokens of the whole accumulated step (over all processes), so the
+            # step's loss is the true token mean whatever the micro-batch split, padding or process count.
+            local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+            step_tokens = int(distributed.all_sum(procs, [local_tokens])[0])
             loss_total, correct = 0.0, 0
-            for mb in micro_batches:
-                with autocast():
-                    logits = forward_logits(model, mb)
-                loss_sum, _, n_correct = token_loss_sum(logits, mb["labels"])
-                loss = loss_sum / step_tokens
-                scaler.scale(loss).backward()
-                loss_total += loss.item()
-                correct += n_correct
+            for k in range(n_passes):
+                real = k < len(micro_batches)
+                mb = micro_batches[k] if real else batch_to_device(
+                    collate(filler, train_examples, pad_id=pad_id, packing=config.packing), device)
+                with distributed.accumulate(wrapped, group=procs, strategy=strategy, sync=k == n_passes - 1):
+                    with autocast():
+                        logits = forward_logits(wrapped, mb)
+                    loss_sum, _, n_correct = token_loss_sum(logits, mb["labels"])
+                    # DDP and FSDP average gradients over processes; scaling by their count makes that a sum.
+                    loss = loss_sum / step_tokens * procs.world_size if real else loss_sum * 0.0
+                    scaler.scale(loss).backward()
+                if real:
+                    loss_total += (loss_sum / step_tokens).item()
+                    correct += n_correct
+            loss_total, summed_correct, summed_tokens = distributed.all_sum(
+                procs, [loss_total, correct, sum(mb["n_tokens"] for mb in micro_batches)])
+            correct, real_tokens = int(summed_correct), int(summed_tokens)
             state["step"] += 1
             step = state["step"]
             if not math.isfinite(loss_total):
@@ -296,7 +355,6 @@ def train(
             learning_rate = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            real_tokens = sum(mb["n_tokens"] for mb in micro_batches)
             state["trained_tokens"] += real_tokens
             elapsed = time.perf_counter() - started
 
@@ -318,7 +376,7 @@ def train(
             new_best = False
             state["valid_loss"] = None  # the valid_loss of these weights, if evaluated this step
             if step in eval_at:
-                valid = evaluate(model, subset_plan, valid_examples, pad_id=pad_id, device=device, autocast=autocast)
+                valid = evaluate_shared(subset_plan)
                 metrics.update({"valid_loss": valid["loss"], "valid_perplexity": valid["perplexity"],
                                 "valid_mean_token_accuracy": valid["mean_token_accuracy"]})  # fmt: skip
                 state["valid_loss"] = valid["loss"]
@@ -337,7 +395,7 @@ def train(
                     )
             last = step == total_steps or stop_reason is not None
             if last and valid_examples:
-                valid = evaluate(model, full_plan, valid_examples, pad_id=pad_id, device=device, autocast=autocast)
+                valid = evaluate_shared(full_plan)
                 metrics.update({"full_valid_loss": valid["loss"], "full_valid_perplexity": valid["perplexity"],
                                 "full_valid_mean_token_accuracy": valid["mean_token_accuracy"]})  # fmt: skip
             state["log_history"].append(metrics)
@@ -355,7 +413,7 @@ def train(
             saved_now = step in save_at or last or (config.load_best_at_end and new_best)
             if saved_now:
                 save(step, next_plan)
-            command = reporter.control()
+            command = distributed.broadcast(procs, reporter.control())  # rank 0 asks; every process obeys
             if command == "cancel":
                 raise TrainingCancelled(f"training cancelled at step {step}")
             if command == "pause":
@@ -368,21 +426,32 @@ def train(
         if wandb_run is not None:
             wandb_run.finish()
 
-    # ---- save the final adapter / model ----
+    # ---- save the final adapter / model (rank 0 writes) ----
     if config.load_best_at_end and state["best_step"] is not None:
         best_dir = output_dir / "checkpoints" / f"step-{state['best_step']}"
-        ckpt.load_weights(model, best_dir, full=full)
+        if sharded:  # every process loads its shard of the best weights
+            best = ckpt.read_weights(best_dir, full=full, model_keys=list(model.state_dict()))
+            distributed.load_full_state_dict(model, best, group=procs, strategy=strategy)
+        elif procs.is_main:
+            ckpt.load_weights(model, best_dir, full=full)
         reporter.event(
             f"loaded the best checkpoint (step {state['best_step']}, valid_loss "
             f"{state['best_valid_loss']:.4f}) as the final weights",
             data={"step": state["best_step"], "valid_loss": state["best_valid_loss"]},
         )
     final_dir = output_dir / "final"
-    model.save_pretrained(str(final_dir), safe_serialization=True)
-    tokenizer.save_pretrained(final_dir)
-    (final_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    weights = distributed.full_state_dict(model, group=procs, strategy=strategy) if sharded else None
+    if procs.is_main:
+        if weights is None:
+            model.save_pretrained(str(final_dir), safe_serialization=True)
+        else:
+            model.save_pretrained(str(final_dir), safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(final_dir)
+        (final_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
     reporter.event(f"saved the final {'model' if full else 'adapter'} after {state['step']} steps",
                    data={"path": str(final_dir)})  # fmt: skip
+    distributed.barrier(procs)
+    distributed.stop(procs)
     return TrainingResult(
         final_dir=final_dir,
         steps=state["step"],
@@ -434,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         reporter=PrintReporter(),
         resume_from=args.resume,
     )
+    if not distributed.from_environment().is_main:
+        return  # under torchrun, rank 0 prints the result
     print(
         json.dumps(
             {

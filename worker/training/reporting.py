@@ -80,6 +80,23 @@ class PrintReporter:
         return "continue"
 
 
+class SilentReporter:
+    """Says nothing and always continues: the other processes of a multi-process run (rank 0 reports)."""
+
+    def event(self, message: str, *, level: Level = "info", data: dict[str, Any] | None = None) -> None:
+        """Drop the event."""
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        """Drop the metrics."""
+
+    def checkpoint_saved(self, *, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        """Drop the checkpoint notice."""
+
+    def control(self) -> Control:
+        """Continue; rank 0's answer is what counts."""
+        return "continue"
+
+
 @dataclass
 class RecordingReporter:
     """Keeps everything in lists; `commands` maps a step number to the control answer to give then."""
