@@ -251,6 +251,8 @@ def train(
                 "resume with the same config and data"
             )
         state.update({k: saved[k] for k in state})
+        if saved.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(saved["grad_scaler"])
         resumed_plan = saved["batch_order"]
         rank_rng = [resume_state["rng"], *resume_state["rank_rng"]]
         if procs.rank < len(rank_rng):
@@ -271,7 +273,8 @@ def train(
 
     def save(step: int, plan: EpochPlan | None) -> Path:
         """Write a checkpoint (rank 0 writes; under FSDP every process first hands over its shards)."""
-        trainer_state = {**state, "total_steps": total_steps, "batch_order": plan, "config": config.model_dump()}
+        trainer_state = {**state, "total_steps": total_steps, "batch_order": plan, "config": config.model_dump(),
+                         "grad_scaler": scaler.state_dict()}  # fp16's loss scale ({} when unused)
         weights = distributed.full_state_dict(model, group=procs, strategy=strategy) if sharded else None
         optimizer_state = distributed.optimizer_state(model, optimizer, group=procs, strategy=strategy)
         rank_rng = distributed.all_gather(procs, ckpt.capture_rng_state())[1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter
+from worker.training.reporting import RecordingReporter, TrainingPaused
 
 torch = pytest.importorskip("torch")
 
@@ -51,3 +52,30 @@ def test_training_benchmark_quick_mode_runs_on_cuda(tmp_path: Path, capsys: pyte
     main(["--quick", "--dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.startswith("device: cuda") and "targets: tuneforge/seed tokens/s =" in out
+
+
+def test_fp16_loss_scale_survives_a_pause_and_resume(tmp_path: Path, tiny_model: Path) -> None:
+    paused = RecordingReporter(commands={3: "pause"})
+    train_file = write_jsonl(tmp_path / "t.jsonl", code_mapping(16))
+    with pytest.raises(TrainingPaused) as stop:
+        train(make_config(precision="fp16", n_epochs=2), model_path=tiny_model, train_file=train_file,
+              validation_file=None, output_dir=tmp_path / "out", reporter=paused)  # fmt: skip
+    saved = json.loads((stop.value.checkpoint / "trainer_state.json").read_text())["grad_scaler"]
+    assert saved["scale"] > 0 and "_growth_tracker" in saved
+    resumed = RecordingReporter()
+    train(make_config(precision="fp16", n_epochs=2), model_path=tiny_model, train_file=train_file,
+          validation_file=None, output_dir=tmp_path / "again", reporter=resumed, resume_from=stop.value.checkpoint)
+    assert resumed.events[1]["message"] == "resumed from checkpoint at step 3"
+    assert all(math.isfinite(x) for x in resumed.losses())
+
+
+def test_two_gpu_ddp_processes_follow_the_one_process_curve(tmp_path: Path, tiny_model: Path) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from tests.worker.training.test_distributed import SETTINGS, _torchrun
+
+    write_jsonl(tmp_path / "t.jsonl", code_mapping(24))
+    write_jsonl(tmp_path / "v.jsonl", code_mapping(6, seed=1))
+    report = _torchrun(tmp_path, tiny_model, make_config(**SETTINGS, processes=2, precision="bf16"), tmp_path / "d")
+    assert report["events"][0]["message"].startswith("training lora on 2 cuda processes (ddp)")
+    assert all(math.isfinite(s["train_loss"]) for s in report["steps"])
