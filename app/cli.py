@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli_client import files_app, jobs_app, models_app
+from app.cli_client import admin_app, files_app, jobs_app, models_app
 
 app = typer.Typer(help="tuneforge: self-hosted LLM fine-tuning with an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -22,6 +22,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.add_typer(admin_app, name="admin")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -74,12 +75,17 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 @app.command()
 def worker(loglevel: str = "INFO") -> None:
-    """Run a training worker (one per GPU; run more processes for more GPUs): takes jobs from the queue."""
+    """Run a training worker (one per GPU host, or one per GPU): takes jobs from the queues."""
     from app.core.config import get_settings
+    from app.services.workers import direct_queue
     from worker.celery_app import celery_app
+    from worker.registry import worker_name
 
     settings = get_settings()
-    celery_app.worker_main(["worker", "-Q", settings.training_queue, "--pool=solo",
+    # The shared queue takes jobs any worker can run; the direct one, jobs routed to this worker for
+    # its GPUs or labels (app/services/dispatch.py).
+    queues = f"{settings.training_queue},{direct_queue(settings, worker_name(settings))}"
+    celery_app.worker_main(["worker", "-Q", queues, "--pool=solo",
                             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
                             "-n", f"tuneforge-{os.getpid()}@%h"])
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -27,6 +28,7 @@ from rich.table import Table
 files_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Create, follow and control fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base and fine-tuned models.", no_args_is_help=True)
+admin_app = typer.Typer(help="Operator views of the whole service (needs an admin API key).", no_args_is_help=True)
 
 console = Console()
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -137,13 +139,18 @@ def list_files(url: Url = DEFAULT_URL, api_key: ApiKey = "", limit: int = 100) -
 
 def job_request(spec: dict[str, Any], *, model: str | None, training_file: str | None, validation_file: str | None,
                 suffix: str | None, seed: int | None, n_epochs: int | None, batch_size: int | None,
-                learning_rate: float | None, adapter: str | None) -> dict[str, Any]:
+                learning_rate: float | None, adapter: str | None, priority: int | None = None,
+                gpus: int | None = None, labels: list[str] | None = None) -> dict[str, Any]:
     """The create body: the spec file's, with every given flag on top."""
     body = copy.deepcopy(spec)
     for key, value in (("model", model), ("training_file", training_file), ("validation_file", validation_file),
-                       ("suffix", suffix), ("seed", seed)):
+                       ("suffix", suffix), ("seed", seed), ("priority", priority)):
         if value is not None:
             body[key] = value
+    if gpus is not None:
+        body.setdefault("resources", {})["gpus"] = gpus
+    if labels:
+        body.setdefault("resources", {})["labels"] = labels
     hyper = {k: v for k, v in (("n_epochs", n_epochs), ("batch_size", batch_size),
                                ("learning_rate", learning_rate)) if v is not None}
     if hyper or adapter:
@@ -174,11 +181,15 @@ def create_job(spec: Annotated[Path | None, typer.Option(help="YAML or JSON job 
                suffix: str | None = None, seed: int | None = None, n_epochs: int | None = None,
                batch_size: int | None = None, learning_rate: float | None = None,
                adapter: Annotated[str | None, typer.Option(help="lora | qlora | dora | full")] = None,
+               priority: Annotated[int | None, typer.Option(help="-100..100; higher runs first.")] = None,
+               gpus: Annotated[int | None, typer.Option(help="GPUs on one worker (one process each).")] = None,
+               label: Annotated[list[str] | None, typer.Option(help="A worker label the job needs (repeat).")] = None,
                idempotency_key: str | None = None, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """Create a fine-tuning job from flags or a spec file; prints its id and status."""
     body = job_request(_load_spec(spec) if spec else {}, model=model, training_file=training_file,
                        validation_file=validation_file, suffix=suffix, seed=seed, n_epochs=n_epochs,
-                       batch_size=batch_size, learning_rate=learning_rate, adapter=adapter)
+                       batch_size=batch_size, learning_rate=learning_rate, adapter=adapter, priority=priority,
+                       gpus=gpus, labels=label)
     if "model" not in body or "training_file" not in body:
         raise typer.BadParameter("give --model and --training-file (or put them in --spec)")
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -362,4 +373,37 @@ def list_models(url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
     for row in page["data"]:
         table.add_row(row["id"], row.get("owned_by") or "-", row.get("root") or "-",
                       row.get("fine_tuning_job") or "-")
+    console.print(table)
+
+
+# --- admin -------------------------------------------------------------------------------------------
+
+
+def worker_row(worker: dict[str, Any]) -> tuple[str, ...]:
+    """One table row: name, status, GPUs, labels, heartbeat age, current job, host."""
+    status = worker["status"] if worker["live"] else "gone"
+    gpus = str(worker["gpus"])
+    if worker["gpus"] and worker.get("gpu_memory_gb"):
+        gpus += f" x {worker['gpu_memory_gb']:g} GiB"
+    job = worker.get("current_job")
+    running = "-" if not job else f"{job['id']} {job['step']}/{job['total_steps'] or '?'} ({job['project']})"
+    return (worker["name"], status, gpus, ",".join(worker["labels"]) or "-",
+            f"{worker['seconds_since_heartbeat']:.0f}s ago", running, f"{worker['hostname']}:{worker['pid']}")
+
+
+@admin_app.command("workers")
+def list_workers(name: Annotated[str | None, typer.Argument(help="Show one worker.")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+                 url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """List workers: status (idle, busy, draining, or gone when its heartbeat stopped), GPUs, labels, job."""
+    if name is not None:
+        workers = [_call(url, api_key, "GET", f"/admin/workers/{quote(name, safe=':@')}")]
+    else:
+        workers = _call(url, api_key, "GET", "/admin/workers")["data"]
+    if as_json:
+        typer.echo(json.dumps(workers if name is None else workers[0], indent=2))
+        return
+    table = _table("name", "status", "gpus", "labels", "heartbeat", "job", "host")
+    for worker in workers:
+        table.add_row(*worker_row(worker))
     console.print(table)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.core.config import Settings, get_settings
 
@@ -70,13 +70,27 @@ celery_app = build_celery()
 
 @worker_ready.connect
 def _start_reaper(**_kwargs: Any) -> None:
+    from worker import registry
     from worker.reaper import start_reaper
+    from worker.supervisor import shutting_down
 
-    start_reaper(settings=get_settings())
+    settings = get_settings()
+    start_reaper(settings=settings)
+    registry.this_worker(settings)  # detect GPUs once, before any job needs the answer
+    registry.start(settings, draining=shutting_down())
 
 
 @worker_shutting_down.connect
 def _release_running_job(**_kwargs: Any) -> None:
     from worker.supervisor import request_shutdown
 
+    # Only sets a flag: this runs inside the signal handler. The heartbeat thread marks the worker
+    # draining in the registry and the supervisor asks the running attempt to hand its job back.
     request_shutdown()
+
+
+@worker_shutdown.connect
+def _leave_registry(**_kwargs: Any) -> None:
+    from worker import registry
+
+    registry.stop(get_settings())

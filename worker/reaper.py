@@ -1,4 +1,5 @@
-"""The reaper: requeues jobs whose lease expired and re-sends jobs whose dispatch was lost.
+"""The reaper: requeues jobs whose lease expired and re-sends jobs whose dispatch was lost (and routes
+again jobs that no live worker fitted, so they start once one registers).
 
 Every worker runs it in a background thread; the claims are transactional, so several reapers at
 once do no harm (embedded mode needs no separate beat process)."""
@@ -25,7 +26,7 @@ def reap_once(*, settings: Settings) -> list[str]:
     sent = []
     for job_id in waiting:
         with session_scope() as session:
-            if dispatch_job(session, job_id=job_id):
+            if dispatch_job(session, job_id=job_id, settings=settings):
                 sent.append(job_id)
     return sent
 

@@ -6,21 +6,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import set_job_context
+from app.models import FineTuningJob
 from app.services import attempts
-from app.services.dispatch import dispatch_job
+from app.services.dispatch import dispatch_job, send
 from app.services.intake import validate_job_files
+from app.services.workers import needs_of, worker_fits
+from worker import registry
 
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
@@ -34,8 +38,8 @@ def request_shutdown() -> None:
     _shutting_down.set()
 
 
-def worker_name(settings: Settings) -> str:
-    return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+def shutting_down() -> threading.Event:
+    return _shutting_down
 
 
 def _die_with_parent() -> None:
@@ -65,24 +69,83 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 def supervise_job(job_id: str, *, settings: Settings) -> str:
-    """Validate, claim and run one attempt of job_id; returns what happened (for logs and tests)."""
+    """Validate job_id's files, then claim and run one attempt of the best queued job this worker fits
+    (usually job_id itself); returns what happened (for logs and tests)."""
     set_job_context(job_id, None)
     with session_scope() as session:
         validate_job_files(session, job_id=job_id, settings=settings)
-    owner = worker_name(settings)
+    me = registry.this_worker(settings)
     with session_scope() as session:
-        job = attempts.claim_job(session, job_id=job_id, owner=owner, settings=settings)
-        if job is None:
-            return "not-claimed"  # already running elsewhere, finished, cancelled, or a duplicate message
-        job_pk, attempt = job.pk, job.attempt
+        job = attempts.claim_next_job(session, worker=me, settings=settings, message_job_id=job_id)
+        claimed = None if job is None else (job.id, job.pk, job.attempt, job.project_pk)
+    with session_scope() as session:
+        _pass_on(session, message_job_id=job_id, claimed_job_id=claimed and claimed[0], settings=settings)
+    if claimed is None:
+        return "not-claimed"  # nothing this worker may run now: running elsewhere, finished, or waiting
+    job_id, job_pk, attempt, project_pk = claimed
+    registry.set_current_job(settings, job_id, draining=_shutting_down.is_set())
+    try:
+        return _run_attempt(job_id, job_pk=job_pk, attempt=attempt, settings=settings)
+    finally:
+        registry.set_current_job(settings, None, draining=_shutting_down.is_set())
+        try:
+            with session_scope() as session:
+                _wake_next(session, project_pk=project_pk, settings=settings)
+        except Exception:  # broker or database down: the reaper re-sends waiting jobs
+            logger.exception("could not dispatch the next waiting job")
+
+
+def _pass_on(session: Session, *, message_job_id: str, claimed_job_id: str | None, settings: Settings) -> None:
+    """A message is a wake-up call: if it did not start its own job, send that job on again when another
+    worker may run it (this one took another job, or it does not fit this one). A job left waiting only
+    for its project's running-jobs limit is woken when one of the project's attempts ends (_wake_next)."""
+    if claimed_job_id == message_job_id:
+        return
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == message_job_id))
+    if job is None or job.status != "queued":
+        return
+    if claimed_job_id is not None or not worker_fits(needs_of(job.resources), registry.this_worker(settings)):
+        dispatch_job(session, job_id=message_job_id, settings=settings)
+
+
+def _wake_next(session: Session, *, project_pk: int, settings: Settings) -> None:
+    """After an attempt ends, a worker and one of its project's slots are free: send a message for the
+    best job this worker may run now (to its own queue) and for the best waiting job of that project."""
+    sent = set()
+    if not _shutting_down.is_set():
+        mine = attempts.claimable_jobs(session, worker=registry.this_worker(settings), settings=settings)
+        if mine:
+            send(session, job_id=mine[0][1], queue=registry.this_worker(settings).queue)
+            sent.add(mine[0][1])
+    # The project's best job may fit no live worker; then the next one gets the slot.
+    for _pk, job_id, _project in attempts.claimable_jobs(session, worker=None, settings=settings,
+                                                          project_pk=project_pk)[:5]:
+        if job_id in sent or dispatch_job(session, job_id=job_id, settings=settings):
+            return
+
+
+def _attempt_command(job_id: str, attempt: int) -> list[str]:
+    """The training process: `python -m worker.attempt`, or torchrun starting one per process the job asks for."""
+    with session_scope() as session:
+        config = session.scalar(select(FineTuningJob.config).where(FineTuningJob.id == job_id)) or {}
+    processes = int(config.get("processes", 1))
+    if processes <= 1:
+        return [sys.executable, "-m", "worker.attempt", job_id, str(attempt)]
+    # --standalone: a rendezvous of its own on a free local port, so several jobs can share a host.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "worker.attempt", job_id, str(attempt)]
+
+
+def _run_attempt(job_id: str, *, job_pk: int, attempt: int, settings: Settings) -> str:
+    """Run the claimed attempt in a child process, renewing its lease, until it ends."""
     set_job_context(job_id, attempt)
 
     log_dir = (settings.data_dir / "logs").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{job_id}-attempt-{attempt}.log"
     with open(log_path, "wb") as log:
-        child = subprocess.Popen([sys.executable, "-m", "worker.attempt", job_id, str(attempt)],
-                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        child = subprocess.Popen(_attempt_command(job_id, attempt), stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
     logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
     next_beat = time.monotonic() + settings.heartbeat_seconds
     release_requested = False
@@ -92,6 +155,8 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
             release_requested = True
             logger.info("job %s: worker shutting down; asking attempt %s to checkpoint and release", job_id,
                         attempt)
+            # Draining before the job is handed back, so routing does not send it here again.
+            registry.set_current_job(settings, job_id, draining=True)
             with session_scope() as session:
                 attempts.request_release(session, job_pk=job_pk, attempt=attempt)
         if time.monotonic() < next_beat:
@@ -126,5 +191,5 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
         return "stopped"
     if outcome == "queued":
         with session_scope() as session:
-            dispatch_job(session, job_id=job_id)
+            dispatch_job(session, job_id=job_id, settings=settings)
     return outcome

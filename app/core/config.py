@@ -6,12 +6,16 @@ Every setting reads from the environment with the TUNEFORGE_ prefix (docs/settin
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Worker labels and the labels a job asks for: short tokens safe in logs, URLs and queue names.
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class CatalogueModel(BaseModel):
@@ -70,6 +74,21 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(default=5.0, gt=0)
     training_queue: str = "training"
     worker_name: str = ""
+    # What this worker offers to jobs that ask for resources (docs/operators.md, "Adding a worker host").
+    # Labels: comma-separated or a JSON list, e.g. "a100,eu-west"; a job asking for labels runs only on
+    # a worker that has all of them.
+    worker_labels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # None = ask nvidia-smi at start (honouring CUDA_VISIBLE_DEVICES); set them where detection is wrong
+    # (MIG slices, containers without nvidia-smi) or to keep a GPU host for CPU jobs (0).
+    worker_gpus: int | None = Field(default=None, ge=0, le=64)
+    # Memory of the worker's smallest GPU, in GiB as nvidia-smi reports it.
+    worker_gpu_memory_gb: float | None = Field(default=None, gt=0)
+    # A worker whose registry heartbeat is older than this is not live: jobs are not routed to it and
+    # the admin view shows it as gone. None = 3 heartbeats, at least 15 s.
+    worker_stale_seconds: float | None = Field(default=None, gt=0)
+    # Running jobs per project at once, so one team's backlog cannot hold every worker; its other jobs
+    # wait queued (in priority order) for one of its slots. 0 = no limit (single-team deployments).
+    max_running_jobs_per_project: int = Field(default=4, ge=0)
 
     # Request bodies other than multipart uploads (JSON); uploads are capped by max_upload_bytes.
     max_json_body_bytes: int = Field(default=1024**2, ge=1)
@@ -96,11 +115,29 @@ class Settings(BaseSettings):
     def _strip(cls, value: str) -> str:
         return value.strip()
 
+    @field_validator("worker_labels", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        if isinstance(value, list):
+            for label in value:
+                if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+                    raise ValueError(f"TUNEFORGE_WORKER_LABELS: {label!r} is not a label (1 to 64 of "
+                                     "A-Z a-z 0-9 _ . : -)")
+            value = list(dict.fromkeys(value))
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.heartbeat_seconds * 2 > self.lease_seconds:
             raise ValueError("TUNEFORGE_HEARTBEAT_SECONDS must be at most half of TUNEFORGE_LEASE_SECONDS")
         return self
+
+    @property
+    def resolved_worker_stale_seconds(self) -> float:
+        return self.worker_stale_seconds or max(3 * self.heartbeat_seconds, 15.0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -6,6 +6,7 @@ from app.models.file import File
 from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent
 from app.models.project import ApiKey, Project
 from app.models.webhook import WebhookDelivery, WebhookEndpoint
+from app.models.worker import Worker
 
 __all__ = [
     "ApiKey",
@@ -20,4 +21,5 @@ __all__ = [
     "Project",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "Worker",
 ]

@@ -52,6 +52,13 @@ class FineTuningJob(KeyedMixin, Base):
     requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Last time the job was handed to the broker; the reaper re-sends stale dispatches.
     dispatched_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # The queue that last message went to (shared, or one worker's direct queue): routing spreads
+    # jobs over fitting workers by counting what already waits on each.
+    dispatch_queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # What the job needs from a worker (JobResources, normalized; None = anything, as before 0005) and
+    # its priority (higher is claimed first; FIFO within a priority).
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)

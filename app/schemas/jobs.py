@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -90,6 +90,30 @@ class Integration(BaseModel):
     wandb: WandbIntegration
 
 
+class JobResources(BaseModel):
+    """What a job needs from a worker; a job that asks for nothing runs on any worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # GPUs on one worker host; the job trains with one process per GPU.
+    gpus: int = Field(default=0, ge=0, le=64)
+    # Each of those GPUs has at least this much memory (GiB, as nvidia-smi reports it: an 80 GB card
+    # shows about 79.6). Needs gpus >= 1.
+    min_gpu_memory_gb: float | None = Field(default=None, gt=0, le=4096)
+    # The worker must carry every one of these (TUNEFORGE_WORKER_LABELS), e.g. ["a100", "eu-west"].
+    labels: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]] = Field(
+        default_factory=list, max_length=16)
+    # Training processes on that worker (data parallel): defaults to gpus, or 1 without GPUs (more
+    # CPU processes only make sense for testing multi-process training).
+    processes: int | None = Field(default=None, ge=1, le=64)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+    @property
+    def requires_worker(self) -> bool:
+        """True when only some workers can run the job (it is routed, not sent to the shared queue)."""
+        return self.gpus > 0 or self.min_gpu_memory_gb is not None or bool(self.labels)
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +129,9 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters | None = None
     # Extension: also export merged full weights (base + adapter) as an artifact.
     merge: bool = False
+    # Extensions: what the job needs from a worker, and its place in the queue (higher runs first).
+    resources: JobResources = Field(default_factory=JobResources)
+    priority: int = Field(default=0, ge=-100, le=100)
 
     @field_validator("metadata")
     @classmethod
@@ -149,6 +176,8 @@ class JobPublic(BaseModel):
     # Extensions.
     progress: dict[str, Any]
     attempt: int
+    resources: JobResources
+    priority: int
 
 
 class JobList(ListPage[JobPublic]):

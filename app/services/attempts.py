@@ -11,14 +11,15 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, Project
 from app.models.base import new_id, now_seconds
 from app.services.jobs import add_event
 from app.services.webhooks import enqueue_job_event
+from app.services.workers import WorkerSpec, needs_of, worker_fits
 
 
 class StaleAttempt(Exception):
@@ -36,17 +37,22 @@ def _fence(job_pk: int, attempt: int) -> Any:
 
 def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) -> FineTuningJob | None:
     """Take the lease of a queued job: returns the job with its new attempt number, or None."""
-    now = time.time()
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
     if job is None or job.status != "queued":
         return None
+    return _take(session, job=job, owner=owner, settings=settings)
+
+
+def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Settings) -> FineTuningJob | None:
+    """The claim itself: one fenced UPDATE that bumps the attempt and writes the lease, then the event."""
     if job.attempt >= settings.max_attempts:
         fail_job_unfenced(session, job=job, code="too_many_attempts",
                           message=f"The job's training process died {job.attempt} times (for example killed "
                                   "for running out of memory); giving up. Try a smaller batch_size or "
                                   "max_seq_length, gradient_checkpointing, or QLoRA.")
         return None
-    result = _execute(session, 
+    now = time.time()
+    result = _execute(session,
         update(FineTuningJob)
         .where(FineTuningJob.pk == job.pk, FineTuningJob.status == "queued", FineTuningJob.attempt == job.attempt)
         .values(status="running", attempt=FineTuningJob.attempt + 1, lease_owner=owner,
@@ -61,6 +67,64 @@ def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) 
               data={"attempt": job.attempt, "worker": owner})
     session.commit()
     return job
+
+
+def _running_per_project(session: Session, project_pk: int | None = None) -> dict[int, int]:
+    query = select(FineTuningJob.project_pk, func.count()).where(FineTuningJob.status == "running")
+    if project_pk is not None:
+        query = query.where(FineTuningJob.project_pk == project_pk)
+    return {project: count for project, count in session.execute(query.group_by(FineTuningJob.project_pk))}
+
+
+def claimable_jobs(session: Session, *, worker: WorkerSpec | None, settings: Settings,
+                   prefer_job_id: str | None = None, project_pk: int | None = None) -> list[tuple[int, str, int]]:
+    """Queued jobs in claim order, as (pk, id, project_pk): those that fit the worker (any worker when
+    None) and whose project is under max_running_jobs_per_project; by priority, then the preferred job
+    (a message's own), then age. Read without locks: claim_next_job re-checks under them."""
+    query = select(FineTuningJob.pk, FineTuningJob.id, FineTuningJob.project_pk, FineTuningJob.priority,
+                   FineTuningJob.resources).where(FineTuningJob.status == "queued")
+    if project_pk is not None:
+        query = query.where(FineTuningJob.project_pk == project_pk)
+    limit = settings.max_running_jobs_per_project
+    running = _running_per_project(session, project_pk) if limit else {}
+    rows = [r for r in session.execute(query).all()
+            if (worker is None or worker_fits(needs_of(r.resources), worker))
+            and (not limit or running.get(r.project_pk, 0) < limit)]
+    rows.sort(key=lambda r: (-r.priority, r.id != prefer_job_id, r.pk))
+    return [(r.pk, r.id, r.project_pk) for r in rows]
+
+
+def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
+                   message_job_id: str | None = None) -> FineTuningJob | None:
+    """Claim the best queued job this worker can run (see claimable_jobs); None when there is none.
+
+    Postgres: the job row is locked FOR UPDATE SKIP LOCKED, so concurrent workers pass over each other's
+    candidates instead of queueing on them, and the project row is locked while its running jobs are
+    counted, so two claims cannot both take a project's last slot. SQLite (embedded mode, one worker)
+    ignores both; the fenced UPDATE in _take still lets only one claim win.
+    """
+    limit = settings.max_running_jobs_per_project
+    full: set[int] = set()
+    for pk, _id, project_pk in claimable_jobs(session, worker=worker, settings=settings,
+                                              prefer_job_id=message_job_id):
+        if project_pk in full:
+            continue
+        if limit:
+            session.execute(select(Project.pk).where(Project.pk == project_pk).with_for_update())
+            if _running_per_project(session, project_pk).get(project_pk, 0) >= limit:
+                full.add(project_pk)
+                session.rollback()
+                continue
+        job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == pk, FineTuningJob.status == "queued")
+                             .with_for_update(skip_locked=True).execution_options(populate_existing=True))
+        if job is None:  # claimed, cancelled or being claimed by someone else since we read the list
+            session.rollback()
+            continue
+        taken = _take(session, job=job, owner=worker.name, settings=settings)
+        if taken is not None:
+            return taken
+    session.rollback()
+    return None
 
 
 def renew_lease(session: Session, *, job_pk: int, attempt: int, settings: Settings) -> bool:

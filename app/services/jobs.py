@@ -23,6 +23,7 @@ from app.schemas.jobs import (
     JobError,
     JobEventPublic,
     JobPublic,
+    JobResources,
 )
 from app.schemas.training import AdapterConfig, TrainingConfig
 from app.services.paging import page_after
@@ -67,6 +68,20 @@ def _training_file(session: Session, *, project: Project, file_id: str, param: s
     return row
 
 
+def resolve_resources(requested: JobResources) -> JobResources:
+    """The job's resources with processes decided and labels de-duplicated; InvalidRequest if inconsistent."""
+    if requested.min_gpu_memory_gb is not None and requested.gpus == 0:
+        raise InvalidRequest("resources.min_gpu_memory_gb applies to the GPUs a job asks for; set resources.gpus "
+                             "to at least 1, or remove min_gpu_memory_gb.", param="resources.min_gpu_memory_gb",
+                             code="invalid_value")
+    processes = requested.processes or max(requested.gpus, 1)
+    if requested.gpus > 0 and processes != requested.gpus:
+        raise InvalidRequest(f"resources.processes must equal resources.gpus ({requested.gpus}): training runs one "
+                             f"process per GPU. Ask for {processes} GPU(s) or leave processes out.",
+                             param="resources.processes", code="invalid_value")
+    return requested.model_copy(update={"processes": processes, "labels": list(dict.fromkeys(requested.labels))})
+
+
 def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
     """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
     supervised = request.method.supervised if request.method and request.method.supervised else None
@@ -96,13 +111,22 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
         learning_rate = base_lr * multiplier
     extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
                               exclude_none=True)
+    resources = resolve_resources(request.resources)
     return TrainingConfig(adapter=adapter, n_epochs=n_epochs, batch_size=batch_size,
                           learning_rate=learning_rate, learning_rate_multiplier=round(multiplier, 6),
-                          seed=request.seed if request.seed is not None else 42, merge=request.merge, **extras)
+                          seed=request.seed if request.seed is not None else 42, merge=request.merge,
+                          processes=resources.processes or 1, distributed=resources.distributed, **extras)
 
 
 def _request_hash(request: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    body = request.model_dump(mode="json")
+    # Left at their defaults, the extensions added in 0005 stay out of the hash, so an Idempotency-Key
+    # replayed across the upgrade still matches; given, they count like any other field.
+    if request.priority == 0:
+        body.pop("priority")
+    if request.resources == JobResources():
+        body.pop("resources")
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def create_job(session: Session, *, project: Project, request: JobCreate, settings: Settings,
@@ -126,11 +150,15 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
+    resources = resolve_resources(request.resources)
     try:
         config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(["method.supervised.hyperparameters", *(str(p) for p in first["loc"])])
+        loc = [str(p) for p in first["loc"]]
+        prefix = "resources" if loc and loc[0] in ("processes", "distributed") else \
+            "method.supervised.hyperparameters"
+        param = ".".join([prefix, *loc])
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}",
                              param=param, code="invalid_value") from None
 
@@ -142,6 +170,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
         integrations={"items": [i.model_dump(mode="json") for i in request.integrations]}
         if request.integrations else None,
         idempotency_key=idempotency_key, request_hash=request_hash,
+        resources=resources.model_dump(mode="json"), priority=request.priority,
     )
     session.add(job)
     try:
@@ -287,14 +316,34 @@ def fine_tuned_model_name(job: FineTuningJob, *, organization: str) -> str:
     return f"ft:{job.base_model}:{organization}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[-8:]}"
 
 
-def job_public(session: Session, job: FineTuningJob, *, project: Project) -> JobPublic:
+def result_files_of(session: Session, jobs: list[FineTuningJob]) -> dict[int, list[str]]:
+    """Each job's result file ids, in one query for a page of jobs. Only a succeeded job has any (they
+    are attached in the transaction that marks it succeeded), so the others cost nothing."""
+    found: dict[int, list[str]] = {job.pk: [] for job in jobs}
+    succeeded = [job.pk for job in jobs if job.status == "succeeded"]
+    if succeeded:
+        rows = session.execute(select(JobArtifact.job_pk, File.id).join(File, JobArtifact.file_pk == File.pk)
+                               .where(JobArtifact.job_pk.in_(succeeded)).order_by(JobArtifact.pk))
+        for job_pk, file_id in rows.tuples():
+            found[job_pk].append(file_id)
+    return found
+
+
+def jobs_public(session: Session, jobs: list[FineTuningJob], *, projects: dict[int, Project]) -> list[JobPublic]:
+    """A page of jobs for the wire; projects: each job's project by pk."""
+    files = result_files_of(session, jobs)
+    return [job_public(session, job, project=projects[job.project_pk], result_files=files[job.pk]) for job in jobs]
+
+
+def job_public(session: Session, job: FineTuningJob, *, project: Project,
+               result_files: list[str] | None = None) -> JobPublic:
+    """The job on the wire; result_files when the caller has read them already (jobs_public)."""
     config = TrainingConfig.model_validate(job.config)
     hyperparameters = {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
                        "learning_rate_multiplier": config.learning_rate_multiplier}
     full = config.model_dump(mode="json", exclude={"adapter"})
-    result_files = list(session.scalars(
-        select(File.id).join(JobArtifact, JobArtifact.file_pk == File.pk)
-        .where(JobArtifact.job_pk == job.pk).order_by(JobArtifact.pk)))
+    if result_files is None:
+        result_files = result_files_of(session, [job])[job.pk]
     error = JobError(**job.error) if job.error else None
     return JobPublic(
         id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
@@ -306,7 +355,15 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project) -> Job
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
+        resources=job_resources(job), priority=job.priority,
     )
+
+
+def job_resources(job: FineTuningJob) -> JobResources:
+    """What the job needs from a worker (jobs created before 0005 need nothing)."""
+    if job.resources is None:
+        return JobResources(processes=1)
+    return JobResources.model_validate(job.resources)
 
 
 def event_public(event: JobEvent) -> JobEventPublic:

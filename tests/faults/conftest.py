@@ -1,1 +1,1 @@
-from tests.integration.conftest import service  # noqa: F401  (the same real processes)
+from tests.integration.conftest import service  # noqa: F401  (an instance of its own for this package)

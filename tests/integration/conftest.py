@@ -46,9 +46,11 @@ class Service:
     root: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_worker(self, name: str, *, own_data_dir: bool = False) -> subprocess.Popen[bytes]:
-        """A worker process; with own_data_dir it shares nothing on disk with the others (another host)."""
-        env = {**self.env, "TUNEFORGE_WORKER_NAME": name}
+    def start_worker(self, name: str, *, own_data_dir: bool = False,
+                     extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; with own_data_dir it shares nothing on disk with the others (another host);
+        extra_env sets more of its settings (TUNEFORGE_WORKER_LABELS, TUNEFORGE_WORKER_GPUS, ...)."""
+        env = {**self.env, "TUNEFORGE_WORKER_NAME": name, **(extra_env or {})}
         if own_data_dir:
             env["TUNEFORGE_DATA_DIR"] = str(self.root / f"host-{name}")
         log = open(self.root / f"worker-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -72,11 +74,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
+# Package scope: tests/faults imports this fixture too, and each package gets its own processes, database
+# and queue, torn down when the package is done. (Shared names once let the faults package's workers,
+# still alive, take the integration package's jobs.)
+@pytest.fixture(scope="package")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
     """API and one worker as separate processes, sharing only Postgres and Redis."""
     root = tmp_path_factory.mktemp("service")
-    database_name = f"tuneforge_it_{os.getpid()}"
+    database_name = f"tuneforge_it_{os.getpid()}_{root.name}"
     database_url = recreate_database(database_name)
     (root / "wandb").mkdir()
     catalogue = root / "catalogue.json"
@@ -95,7 +100,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
            # W&B runs offline into the test's folder; no key, no network.
            "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
            # A queue of our own: parallel test sessions share Redis but never each other's jobs.
-           "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}"}
+           "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}-{root.name}",
+           # Routing tests rely on what workers offer: no GPUs, even on a GPU machine.
+           "TUNEFORGE_WORKER_GPUS": "0"}
     created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
                              check=True, capture_output=True, text=True)
     key = json.loads(created.stdout.strip().splitlines()[-1])["key"]

@@ -1,7 +1,8 @@
-"""Admin API: keys and projects across tenants, and jobs across projects. Admin keys only."""
+"""Admin API: keys and projects across tenants, jobs across projects, and the workers. Admin keys only."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -10,12 +11,15 @@ from sqlalchemy import select
 
 from app.api.deps import AdminKey, SessionDep, SettingsDep
 from app.api.routes.files import check_limit
+from app.core.config import Settings
 from app.core.errors import InvalidRequest, NotFound
-from app.models import ApiKey, FineTuningJob, Project
+from app.models import ApiKey, FineTuningJob, Project, Worker
 from app.schemas.common import ListPage
 from app.schemas.jobs import JobList
+from app.schemas.workers import WorkerJob, WorkerList, WorkerPublic
 from app.services import jobs as job_service
 from app.services import projects as project_service
+from app.services import workers as worker_service
 from app.services.paging import page_after
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -132,5 +136,40 @@ def list_all_jobs(session: SessionDep, _admin: AdminKey, settings: SettingsDep, 
         query = query.where(FineTuningJob.project_pk == found.pk)
     rows, has_more = page_after(session, query, FineTuningJob, project_pk=None, after=after, limit=limit)
     projects = _projects(session, {j.project_pk for j in rows})
-    return JobList(data=[job_service.job_public(session, j, project=projects[j.project_pk]) for j in rows],
-                   has_more=has_more)
+    return JobList(data=job_service.jobs_public(session, rows, projects=projects), has_more=has_more)
+
+
+def _workers_public(session: SessionDep, rows: list[Worker], settings: Settings) -> list[WorkerPublic]:
+    now = time.time()
+    jobs = worker_service.current_jobs(session, rows)
+    projects = _projects(session, {j.project_pk for j in jobs.values()})
+    data = []
+    for w in rows:
+        job = jobs.get(w.current_job_id or "")
+        current = None if job is None else WorkerJob(
+            id=job.id, project_id=projects[job.project_pk].id, project=projects[job.project_pk].name,
+            status=job.status, attempt=job.attempt, step=job.step, total_steps=job.total_steps)
+        data.append(WorkerPublic(
+            name=w.name, hostname=w.hostname, pid=w.pid, status=w.status,
+            live=worker_service.is_live(w, settings=settings, now=now), labels=list(w.labels), gpus=w.gpus,
+            gpu_memory_gb=w.gpu_memory_gb, gpu_names=list(w.gpu_names), cpu_count=w.cpu_count,
+            memory_gb=w.memory_gb, queue=w.queue, version=w.version, started_at=w.started_at,
+            heartbeat_at=w.heartbeat_at, seconds_since_heartbeat=round(max(0.0, now - w.heartbeat_at), 1),
+            current_job=current))
+    return data
+
+
+@router.get("/workers", response_model=WorkerList)
+def list_workers(session: SessionDep, _admin: AdminKey, settings: SettingsDep) -> WorkerList:
+    """List registered workers by name: resources, labels, heartbeat, liveness and current job."""
+    rows = worker_service.list_workers(session)
+    return WorkerList(data=_workers_public(session, rows, settings), has_more=False)
+
+
+@router.get("/workers/{name}", response_model=WorkerPublic)
+def read_worker(session: SessionDep, _admin: AdminKey, settings: SettingsDep, name: str) -> WorkerPublic:
+    """Retrieve one worker by name."""
+    row = worker_service.get_worker(session, name=name)
+    if row is None:
+        raise NotFound(f"No such worker: {name}", param="name")
+    return _workers_public(session, [row], settings)[0]

@@ -49,7 +49,7 @@ def list_jobs(request: Request, session: SessionDep, project: CurrentProject, se
     check_limit(limit, settings.list_limit_max)
     rows, has_more = job_service.list_jobs(session, project=project, after=after, limit=limit,
                                            metadata=_metadata_filter(request))
-    return JobList(data=[job_service.job_public(session, j, project=project) for j in rows], has_more=has_more)
+    return JobList(data=job_service.jobs_public(session, rows, projects={project.pk: project}), has_more=has_more)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobPublic)
