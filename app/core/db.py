@@ -12,6 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import get_settings
 
+# Connections per process: POOL_SIZE kept open, up to POOL_MAX_OVERFLOW more at busy times; one more checkout
+# waits up to pool_timeout (30 s). An API request holds its connection from the caller lookup to the end of its
+# response, across thread-pool hops: once every thread (anyio's default 40) waits here for a connection, the
+# requests holding the connections wait for a thread, and the API stalls until pool_timeout (bench/api.py shows
+# it at 100 concurrent requests). Admitting at most this many sessions at once (FastAPI's
+# Depends(get_session, max_concurrency=...) in app/api/deps.py) avoids it.
+POOL_SIZE, POOL_MAX_OVERFLOW = 10, 20
+
 
 def build_engine(url: str) -> Engine:
     """An engine for url; SQLite gets WAL and a busy timeout so API and worker can share it."""
@@ -28,7 +36,7 @@ def build_engine(url: str) -> Engine:
 
         return engine
     # pre_ping: a Postgres restart must cost one failed checkout, not a poisoned pool.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW)
 
 
 @lru_cache

@@ -1,0 +1,39 @@
+"""The service benchmark runs end to end in quick mode and prints every row with numbers (no timing assertion)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROWS = ["direct: fresh process, end to end", "direct: train() in that process", "direct: start -> step 1 done",
+        "direct: steps 2..", "direct: last step -> process exit", "direct: interpreter exit after train()",
+        "service: POST -> succeeded", "service: POST -> running (pickup)", "service: POST -> step 1 done",
+        "service: steps 2..", "service: last step -> succeeded", "service events: created -> running",
+        "service events: running -> training loop", "service events: training loop",
+        "service events: loop end -> succeeded", "pickup POST -> running, 1 jobs: median",
+        "pickup POST -> running, 1 jobs: max", "pickup POST -> queued, 1 jobs: median",
+        "worker busy after succeeded (attempt exit)"]
+
+
+def test_service_benchmark_quick_run_prints_direct_service_and_pickup_rows(tmp_path: Path) -> None:
+    # A subprocess, like the service it starts: its API and worker processes get settings of their own.
+    result = subprocess.run([sys.executable, "-m", "bench.service", "--quick", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for label in ROWS:
+        row = next(line for line in lines if line.startswith(label))
+        seconds, cpu = row.split()[-2:]
+        assert float(seconds) >= 0, row
+        assert cpu == "-" or float(cpu) > 0, row
+    ratios = next(line for line in lines if line.startswith("ratios: service/direct fresh process wall "))
+    assert float(ratios.split()[5]) > 0
+    assert any(line.startswith("targets: overhead <= 1.15x: ") for line in lines)
+    assert list(tmp_path.iterdir()) == []  # the scratch directory is removed
