@@ -34,7 +34,7 @@ def create_app() -> FastAPI:
     app.include_router(webhook_routes.router, prefix="/v1")
     app.include_router(dashboard_routes.router)
     app.include_router(metrics.router)
-    app.middleware("http")(metrics.record_latency)
+    app.add_middleware(metrics.RecordLatency)
     return app
 
 

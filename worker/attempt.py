@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app.core.config import Settings, get_settings
-from app.core.db import session_scope
+from app.core.db import get_engine, session_scope
 from app.core.logging import configure_logging, set_job_context
 from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, Project
@@ -253,8 +254,21 @@ def main() -> None:
         _die_with_torchrun()
         distributed.start(procs, pick_device(procs.local_rank))
         if not procs.is_main:
-            sys.exit(follow_attempt(procs))
-    sys.exit(run_attempt(job_id, attempt, settings=get_settings(), procs=procs))
+            _exit(follow_attempt(procs))
+    _exit(run_attempt(job_id, attempt, settings=get_settings(), procs=procs))
+
+
+def _exit(code: int) -> None:
+    """End the process once the attempt is recorded. Everything that matters is committed or closed by now,
+    so skip the interpreter's teardown of torch and friends (a second or more that the next job on this
+    worker would wait for) - unless W&B ran: its exit hooks stop its service process."""
+    get_engine().dispose()  # close the database connections cleanly rather than drop them
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "wandb" in sys.modules:
+        sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":

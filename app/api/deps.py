@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import get_sessionmaker
+from app.core.db import POOL_MAX_OVERFLOW, POOL_SIZE, get_sessionmaker
 from app.core.errors import PermissionDenied, RateLimited, Unauthorized
 from app.core.ratelimit import seconds_until_allowed
 from app.models import ApiKey, Project
@@ -25,8 +25,19 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+# At most as many request sessions at once as the pool has connections, so a request never waits for a
+# connection while holding a thread that a connection holder needs (see app/core/db.py); scope="function"
+# closes the session when the endpoint returns, so a streamed response (events, downloads) holds no slot.
+SessionDep = Annotated[Session, Depends(get_session, scope="function",
+                                        max_concurrency=POOL_SIZE + POOL_MAX_OVERFLOW)]
+
+
+async def current_settings() -> Settings:
+    """The settings (async: a cached value needs no trip through the thread pool)."""
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(current_settings)]
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,12 @@ def get_caller(request: Request, session: SessionDep, settings: SettingsDep) -> 
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_current_project(caller: CallerDep) -> Project:
+# Async: plain attribute checks, run on the event loop rather than each taking a thread-pool hop.
+async def get_current_project(caller: CallerDep) -> Project:
     return caller.project
 
 
-def get_admin_key(caller: CallerDep) -> ApiKey:
+async def get_admin_key(caller: CallerDep) -> ApiKey:
     """The caller's key if it is an admin key; 403 otherwise (keyless mode has no admin)."""
     if caller.api_key is None or not caller.api_key.is_admin:
         raise PermissionDenied("This endpoint needs an admin API key (tuneforge keys create --admin).")

@@ -28,13 +28,15 @@ def _environment_secrets() -> list[str]:
             if _SECRET_ENV.search(name) and len(value) >= _MIN_SECRET_LENGTH]
 
 
-def redact(text: str) -> str:
-    """text with API keys, URL passwords and secret environment values (WANDB_API_KEY, ...) masked."""
+def redact(text: str, *, secrets: list[str] | None = None) -> str:
+    """text with API keys, URL passwords and secret environment values (WANDB_API_KEY, ...) masked;
+    secrets: those values, when the caller has read them already (one scan of the environment per record)."""
     text = _API_KEY.sub(f"tf-{REDACTED}", text)
     text = _WEBHOOK_SECRET.sub(f"whsec_{REDACTED}", text)
     text = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
-    for secret in _environment_secrets():
-        text = text.replace(secret, REDACTED)
+    for secret in _environment_secrets() if secrets is None else secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
     return text
 
 
@@ -44,22 +46,25 @@ _formatter = logging.Formatter()
 def _redacted_record_factory(factory: Any) -> Any:
     def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record: logging.LogRecord = factory(*args, **kwargs)
+        secrets = _environment_secrets()  # read per record, not per string: the environment may change
         # Redact the template and each argument in place: formatters such as uvicorn's access log read
         # record.args by position, so the structure must survive.
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            record.msg = redact(record.msg, secrets=secrets)
         if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact(a, secrets=secrets) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+            record.args = {k: redact(v, secrets=secrets) if isinstance(v, str) else v
+                           for k, v in record.args.items()}
         try:
             message = record.getMessage()
         except Exception:  # a broken format string is logged as it is, like logging itself does
             return record
-        if redact(message) != message:  # a secret inside a non-string argument: flatten the message
-            record.msg, record.args = redact(message), None
+        masked = redact(message, secrets=secrets)
+        if masked != message:  # a secret inside a non-string argument: flatten the message
+            record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
-            record.exc_text = redact(_formatter.formatException(record.exc_info))
+            record.exc_text = redact(_formatter.formatException(record.exc_info), secrets=secrets)
         return record
 
     make_record.tuneforge_redacting = True  # type: ignore[attr-defined]

@@ -9,14 +9,14 @@ a process restarts. HTTP latency is measured in each API process (one series per
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.config import Settings
@@ -36,19 +36,38 @@ HTTP_LATENCY = Histogram("tuneforge_http_request_duration_seconds",
 router = APIRouter(tags=["health"])
 
 
-async def record_latency(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Middleware: observe each request under its route template (/v1/files/{file_id}), never the raw path."""
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        # Routes of included routers keep their own path; FastAPI records the prefixed template.
-        context = (request.scope.get("fastapi") or {}).get("effective_route_context")
-        template = getattr(context, "path", None) or getattr(request.scope.get("route"), "path", None) or "unmatched"
-        HTTP_LATENCY.labels(request.method, template, str(status)).observe(time.perf_counter() - start)
+class RecordLatency:
+    """ASGI middleware: observe each request, until its response starts, under its route template
+    (/v1/files/{file_id}), never the raw path. Plain ASGI: no extra task or body stream per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        observed = False
+
+        def observe(status: int) -> None:
+            nonlocal observed
+            observed = True
+            # Routes of included routers keep their own path; FastAPI records the prefixed template.
+            context = (scope.get("fastapi") or {}).get("effective_route_context")
+            template = getattr(context, "path", None) or getattr(scope.get("route"), "path", None) or "unmatched"
+            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(time.perf_counter() - start)
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start" and not observed:
+                observe(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            if not observed:  # an error no handler turned into a response: the server answers 500
+                observe(500)
 
 
 def job_families(session: Session, *, settings: Settings, now: float | None = None) -> list[object]:

@@ -36,11 +36,11 @@ def create_api_key(session: Session, *, project_name: str, name: str = "",
 def authenticate(session: Session, *, key: str) -> tuple[Project, ApiKey] | None:
     """The project a live key belongs to, or None."""
     presented = hash_api_key(key)
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == presented, ApiKey.revoked_at.is_(None)))
-    if row is None or not keys_match(presented, row.key_hash):
+    found = session.execute(select(ApiKey, Project).join(Project, ApiKey.project_pk == Project.pk)
+                            .where(ApiKey.key_hash == presented, ApiKey.revoked_at.is_(None))).first()
+    if found is None or not keys_match(presented, found[0].key_hash):
         return None
-    project = session.get(Project, row.project_pk)
-    return (project, row) if project is not None else None
+    return found[1], found[0]
 
 
 def list_api_keys(session: Session) -> list[tuple[ApiKey, Project]]:

@@ -51,12 +51,13 @@ def test_metrics_report_jobs_queue_tokens_durations_heartbeats_and_http_latency(
 
 
 def test_readyz_checks_the_database_and_the_broker(client: TestClient) -> None:
+    from app.api.deps import current_settings
     from app.core.config import Settings
     from app.main import app
 
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json() == {"status": "ok", "database": "ok", "broker": "ok"}
-    app.dependency_overrides[get_settings] = lambda: Settings(broker_url="redis://127.0.0.1:1/0")
+    app.dependency_overrides[current_settings] = lambda: Settings(broker_url="redis://127.0.0.1:1/0")
     down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["broker"] == "ConnectionError"
     assert client.get("/healthz").status_code == 200

@@ -92,13 +92,14 @@ def poll_sessions(session: Any) -> Iterator[None]:
 @pytest.fixture
 def override_settings(client: TestClient) -> Iterator[Callable[..., Any]]:
     """Call with Settings fields to change them for route dependencies and middleware alike."""
+    from app.api.deps import current_settings
     from app.core.config import get_settings
     from app.main import app
 
     def apply(**changes: Any) -> Any:
         changed = get_settings().model_copy(update=changes)
-        app.dependency_overrides[get_settings] = lambda: changed
+        app.dependency_overrides[current_settings] = lambda: changed
         return changed
 
     yield apply
-    app.dependency_overrides.pop(get_settings, None)
+    app.dependency_overrides.pop(current_settings, None)
