@@ -44,7 +44,7 @@ def _fuzz_app(session: Any, project_a: ProjectAObjects, *, admin: bool) -> Itera
     """The app with a fresh session per request (on the test's connection) and the rate limit off."""
     from sqlalchemy.orm import Session
 
-    from app.api.deps import get_session
+    from app.api.deps import current_settings, get_session
     from app.api.routes.stream import get_poll_sessions
     from app.core.config import get_settings
     from app.main import app
@@ -66,7 +66,7 @@ def _fuzz_app(session: Any, project_a: ProjectAObjects, *, admin: bool) -> Itera
         yield from per_request()
 
     unlimited = get_settings().model_copy(update={"rate_limit_per_minute": 0})
-    app.dependency_overrides.update({get_session: per_request, get_settings: lambda: unlimited,
+    app.dependency_overrides.update({get_session: per_request, current_settings: lambda: unlimited,
                                      get_poll_sessions: lambda: poll_session})
     try:
         yield FuzzTarget(schema=schemathesis.openapi.from_asgi("/openapi.json", app),
