@@ -51,7 +51,8 @@ import httpx
 import psutil
 from fastapi import FastAPI
 
-PG = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+from bench.common import create_database, drop_database, free_port, wait_until_up
+
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 BODY_ENV = "TUNEFORGE_BENCH_BARE_BODY"
 BARE_ROUTE = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
@@ -223,28 +224,6 @@ def sequential_latencies(base: str, path: str, headers: dict[str, str], *, n: in
 
 
 # ---------------------------------------------------------------- database setup
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_up(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 def insert_jobs(project_pk: int, *, count: int, start: int) -> float:
     """Bulk-insert `count` finished jobs (numbered from start) through the ORM table; returns seconds taken."""
     from sqlalchemy import insert
@@ -319,7 +298,7 @@ def _phase_row(label: str, r: PhaseResult) -> str:
 def _start_server(command: list[str], env: dict[str, str], log: Path, ready: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _wait_up(ready, server)
+    wait_until_up(ready, process=server)
     return server
 
 
@@ -353,14 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = QUICK if args.quick else FULL
     seconds = args.seconds or setup.phase_seconds
 
-    from sqlalchemy import create_engine, text
-
     name = f"tuneforge_bench_api_{os.getpid()}"
-    database_url = f"{PG}/{name}"
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    database_url = create_database(name)
     root = Path(tempfile.mkdtemp(prefix="tuneforge-bench-api-"))
     # The rate limit stays on (its Redis round trip is part of every request), far above this load.
     env = {**os.environ, "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_DATA_DIR": str(root / "data"),
@@ -381,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         job_id = create_polled_job(project_pk)
         small_seconds = insert_jobs(project_pk, count=setup.small_jobs, start=0)
 
-        api_port, bare_port = _free_port(), _free_port()
+        api_port, bare_port = free_port(), free_port()
         api = _start_server([sys.executable, "-m", "app.cli", "api", "--port", str(api_port), "--workers",
                              str(args.workers)], env,
                             root / "api.log", f"http://127.0.0.1:{api_port}/healthz")
@@ -473,9 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         from app.core.db import get_engine
 
         get_engine().dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(name)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Artifact download benchmark: throughput and the API server's memory while it streams a large file.
 
-    python bench/download.py [--size-mb 100] [--backend database|local]
+    python -m bench.download [--size-mb 100] [--backend database|local]
 
 Starts a real `tuneforge api` process against a scratch Postgres database, stores SIZE MB of random
 bytes as a result file (the same streaming path artifacts use), downloads it over loopback in full and
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import httpx
 import psutil
-from sqlalchemy import create_engine, text
 
-PG = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+from bench.common import create_database, drop_database, free_port
 
 
 def _random_chunks(size: int, chunk: int = 1024 * 1024):  # type: ignore[no-untyped-def]
@@ -34,22 +33,11 @@ def _random_chunks(size: int, chunk: int = 1024 * 1024):  # type: ignore[no-unty
         remaining -= n
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(size_mb: int, backend: str) -> dict[str, float]:
     name = f"tuneforge_bench_{os.getpid()}"
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    database_url = create_database(name)
     data_dir = Path(tempfile.mkdtemp(prefix="tuneforge-bench-"))
-    env = {**os.environ, "TUNEFORGE_DATABASE_URL": f"{PG}/{name}", "TUNEFORGE_DATA_DIR": str(data_dir),
+    env = {**os.environ, "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_DATA_DIR": str(data_dir),
            "TUNEFORGE_STORAGE_BACKEND": backend, "TUNEFORGE_REQUIRE_API_KEYS": "true",
            "TUNEFORGE_BROKER_URL": "redis://127.0.0.1:6379/13", "TUNEFORGE_RATE_LIMIT_PER_MINUTE": "0"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("TUNEFORGE_")})
@@ -68,7 +56,7 @@ def run(size_mb: int, backend: str) -> dict[str, float]:
         session.add(file)
         session.flush()
         file_id = file.id
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -116,9 +104,7 @@ def run(size_mb: int, backend: str) -> dict[str, float]:
         from app.core.db import get_engine
 
         get_engine().dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(name)
 
 
 def main() -> None:

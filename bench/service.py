@@ -47,7 +47,8 @@ from typing import Any
 import httpx
 import psutil
 
-PG = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+from bench.common import create_database, drop_database, free_port, wait_until_up
+
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 WORDS = tuple(" ".join([
@@ -159,28 +160,6 @@ def run_direct(config_file: Path, model_dir: Path, train_file: Path, output_dir:
 
 
 # ---------------------------------------------------------------- service
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_up(url: str, process: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the API exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 def _cpu_seconds(process: psutil.Process) -> float:
     """User + system CPU of the process and of its children that it has waited for."""
     t = process.cpu_times()
@@ -330,20 +309,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     setup = QUICK if args.quick else FULL
 
-    from sqlalchemy import create_engine, text
-
     from app.schemas.jobs import JobCreate
     from app.services.jobs import resolve_training_config
     from worker.training.tiny_model import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.dir))
     name = f"tuneforge_bench_svc_{os.getpid()}"
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        database_url = create_database(name)
         tiny_dir = make_tiny_model(root / "models" / "tiny-llama")
         model_dir = make_tiny_model(root / "models" / "bench-model", **setup.model) if setup.model else tiny_dir
         train_file = write_jsonl(root / "train.jsonl", chat_examples(setup.n_examples,
@@ -360,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         config_file.write_text(config.model_dump_json())
 
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
-               "TUNEFORGE_DATABASE_URL": f"{PG}/{name}", "TUNEFORGE_BROKER_URL": f"{REDIS}/11",
+               "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_BROKER_URL": f"{REDIS}/11",
                "TUNEFORGE_DATA_DIR": str(root / "data"), "TUNEFORGE_CATALOGUE_FILE": str(catalogue),
                "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
                "TUNEFORGE_TRAINING_QUEUE": f"bench-svc-{os.getpid()}",
@@ -374,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         key = json.loads(created.stdout.strip().splitlines()[-1])["key"]
 
         # ---- the service: API and worker processes, idle while the direct runs go ----
-        port = _free_port()
+        port = free_port()
         with open(root / "api.log", "ab") as log:
             api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
@@ -384,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                                       stderr=subprocess.STDOUT)
         processes.append(worker)
         base = f"http://127.0.0.1:{port}"
-        _wait_up(f"{base}/healthz", api)
+        wait_until_up(f"{base}/healthz", process=api, timeout=90.0)
         wait_for_line(root / "worker.log", " ready.", worker)
         procs = {"api": psutil.Process(api.pid), "worker": psutil.Process(worker.pid)}
         directs: list[dict[str, float]] = []
@@ -413,9 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(name)
         _forget_queue(f"bench-svc-{os.getpid()}")
         if args.keep:
             print(f"scratch directory kept: {root}")

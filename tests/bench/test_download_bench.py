@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_download_benchmark_smoke_run_prints_its_figures() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "download.py"), "--size-mb", "8"],
+    result = subprocess.run([sys.executable, "-m", "bench.download", "--size-mb", "8"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MB/s" in result.stdout and "sha256 verified" in result.stdout
