@@ -1,6 +1,6 @@
 """Training benchmark: tuneforge's train() against the seed recipe, HF Trainer and TRL, side by side in one run.
 
-    python -m bench.train            # the figures in docs/benchmarks.md (~25M Llama-shape model, ~10 min on 2 cores)
+    python -m bench.train            # the figures in docs/benchmarks.md (~25M Llama-shape model, ~6 min on 2 cores)
     python -m bench.train --quick    # CI smoke run on the tests' tiny model (< 60 s; no timing assertion)
 
 Every variant trains the same locally built model on the same token ids (tuneforge's tokenisation of a
@@ -16,7 +16,8 @@ CUDA). Variants:
 - trl / trl-packing: TRL's SFTTrainer with its defaults, and with packing=True (its default "bfd" strategy);
 - tuneforge: worker.training.recipe.train with length-grouped batches (its default);
 - QLoRA: seed and tuneforge again with a 4-bit NF4 base (the seed as such recipes do it:
-  prepare_model_for_kbit_training, which turns on gradient checkpointing).
+  prepare_model_for_kbit_training, which turns on gradient checkpointing; tuneforge-qlora then sets
+  gradient_checkpointing too, so both save activation memory the same way).
 
 Throughput is real (non-padding) tokens per second of the training loop (model load, tokenisation and
 evaluation excluded, for every variant alike). Memory is each variant's peak RSS (its own spawned process;
@@ -69,7 +70,7 @@ class Setup:
 # starting loss is ~9.5 (above ln(vocab)); 0.04 starts near ln(vocab) with room to learn.
 FULL = Setup(model={"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "intermediate": 1536,
                     "initializer_range": 0.04},
-             n_train=32, n_valid=16, median_tokens=96, max_tokens=1024, qlora_train=16)
+             n_train=96, n_valid=16, median_tokens=96, max_tokens=1024, qlora_train=16)
 QUICK = Setup(model={}, n_train=16, n_valid=8, median_tokens=24, max_tokens=128, qlora_train=16)
 
 
@@ -189,6 +190,8 @@ def run_tuneforge(model_dir: Path, train_file: Path, valid: list[Any], work: Pat
         "adapter": {"type": "qlora" if qlora else "lora", **LORA}, "n_epochs": 1, "batch_size": BATCH,
         "learning_rate": LEARNING_RATE, "lr_scheduler": "linear", "max_seq_length": 1024, "precision": precision,
         "seed": 42, "train_on_inputs": True,
+        # The seed's QLoRA recipe checkpoints activations (prepare_model_for_kbit_training): the same here.
+        "gradient_checkpointing": qlora,
     })
 
     class TimedReporter(RecordingReporter):
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run every variant in this process (faster start; peak RSS is then cumulative)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     parser.add_argument("--examples", type=int, default=None,
-                        help="training examples (full mode: 32; the issue's setup has 384, a long run on a CPU)")
+                        help="training examples (full mode: 96; the issue's setup has 384, a long run on a CPU)")
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
     if args.examples:
