@@ -8,6 +8,7 @@ lost. Everything here writes through fenced updates, so a stale attempt changes 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -268,6 +269,7 @@ def _exit(code: int) -> None:
     sys.stderr.flush()
     if "wandb" in sys.modules:
         sys.exit(code)
+    ctypes.CDLL(None).fflush(None)  # C-level stdio too (native libraries' lines in the attempt log)
     os._exit(code)
 
 

@@ -1,14 +1,43 @@
-"""Streaming downloads from storage with Content-Length, a sha256 header and single-range requests."""
+"""Streaming downloads from storage with Content-Length, a sha256 header and single-range requests.
+
+Streamed reads (blob chunks here, event polls in routes/stream.py) run on threads of their own, at most
+STREAM_THREADS at once: they take pooled connections outside SessionDep's limit (app/api/deps.py), and a
+read waiting for a connection must never hold one of the threads that request handlers need.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.core.errors import APIError
 from app.core.storage import get_storage
+
+T = TypeVar("T")
+STREAM_THREADS = anyio.CapacityLimiter(8)
+
+
+async def in_stream_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) on one of the streaming threads."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=STREAM_THREADS)
+
+
+async def iterate_in_stream_threads(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks of a blocking iterator, each read on a streaming thread; closed if the client goes away."""
+    done = object()
+    try:
+        while (chunk := await in_stream_thread(next, chunks, done)) is not done:
+            yield chunk  # type: ignore[misc]
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await in_stream_thread(close)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -39,5 +68,6 @@ def stream_blob(request: Request, *, key: str, size: int, sha256: str, filename:
         status = 206
         headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
-    return StreamingResponse(get_storage().read(key, start, end), status_code=status, headers=headers,
+    return StreamingResponse(iterate_in_stream_threads(get_storage().read(key, start, end)), status_code=status,
+                             headers=headers,
                              media_type=media_type)

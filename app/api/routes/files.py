@@ -156,6 +156,9 @@ def check_limit(limit: int, maximum: int) -> None:
 async def create_file(request: Request, session: SessionDep, project: CurrentProject, settings: SettingsDep,
                       model: Annotated[str | None, Query()] = None) -> FilePublic:
     """Upload a JSONL dataset (purpose `fine-tune`); it streams into storage and is validated as it arrives."""
+    # End the key lookup's transaction: its pooled connection is not held while the body streams in (the
+    # storage write takes a connection of its own).
+    await anyio.to_thread.run_sync(session.commit)
     upload = MultipartUpload(request, max_file_bytes=settings.max_upload_bytes)
     await upload.start()
     # Fields sent before the file are checked before a byte is stored; later ones once it has streamed in.

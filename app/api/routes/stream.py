@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentProject, SessionDep
+from app.api.streaming import in_stream_thread
 from app.core.db import get_sessionmaker
 from app.core.errors import InvalidRequest
 from app.models import FineTuningJob, JobEvent
@@ -74,7 +74,7 @@ async def job_frames(sessions: SessionFactory, *, job_pk: int, after_pk: int) ->
     last_state: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while True:
-        state, events = await run_in_threadpool(poll_job, sessions, job_pk=job_pk, after_pk=after_pk)
+        state, events = await in_stream_thread(poll_job, sessions, job_pk=job_pk, after_pk=after_pk)
         changed = state != last_state
         for pk, payload in events:
             yield _frame("event", payload, id_=json.loads(payload)["id"])
