@@ -33,6 +33,17 @@ def wait_until_up(url: str, *, process: subprocess.Popen[bytes], timeout: float 
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def stop(process: subprocess.Popen[bytes], *, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def create_database(name: str) -> str:
     """A new, empty Postgres database called name (dropped first if it exists); returns its URL."""
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')

@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.common import create_database, drop_database, free_port, wait_until_up
+from bench.common import create_database, drop_database, free_port, stop, wait_until_up
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -381,12 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         print_report(setup, directs=directs, services=services, pickups=pickups, model_dir=model_dir)
     finally:
         for process in processes:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=30)
         drop_database(name)
         _forget_queue(f"bench-svc-{os.getpid()}")
         if args.keep:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import free_port, wait_until_up
+from bench.common import free_port, stop, wait_until_up
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
 
 
@@ -42,16 +42,6 @@ class Service:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
                             timeout=30)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # Package scope: tests/faults imports this fixture too, and each package gets its own processes, database
