@@ -324,7 +324,7 @@ def result_files_of(session: Session, jobs: list[FineTuningJob]) -> dict[int, li
     if succeeded:
         rows = session.execute(select(JobArtifact.job_pk, File.id).join(File, JobArtifact.file_pk == File.pk)
                                .where(JobArtifact.job_pk.in_(succeeded)).order_by(JobArtifact.pk))
-        for job_pk, file_id in rows.tuples():
+        for job_pk, file_id in rows:
             found[job_pk].append(file_id)
     return found
 

@@ -47,7 +47,7 @@ def list_api_keys(session: Session) -> list[tuple[ApiKey, Project]]:
     """Every key with its project, oldest first (the CLI's listing)."""
     rows = session.execute(select(ApiKey, Project).join(Project, ApiKey.project_pk == Project.pk)
                            .order_by(ApiKey.pk))
-    return [(key, project) for key, project in rows.tuples()]
+    return [(key, project) for key, project in rows]
 
 
 def revoke_api_key(session: Session, *, key_id: str) -> bool:
