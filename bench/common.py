@@ -1,4 +1,5 @@
-"""What the service benchmarks share: a free port, waiting for a server, a scratch Postgres database."""
+"""What the service benchmarks (and the integration tests) share: a free port, waiting for a server, a scratch
+Postgres database. Stopping a process: worker.supervisor.stop_process."""
 
 from __future__ import annotations
 
@@ -31,17 +32,6 @@ def wait_until_up(url: str, *, process: subprocess.Popen[bytes], timeout: float 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def stop(process: subprocess.Popen[bytes], *, timeout: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within timeout seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def create_database(name: str) -> str:

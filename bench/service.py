@@ -47,7 +47,8 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.common import create_database, drop_database, free_port, stop, wait_until_up
+from bench.common import create_database, drop_database, free_port, wait_until_up
+from worker.supervisor import stop_process
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         print_report(setup, directs=directs, services=services, pickups=pickups, model_dir=model_dir)
     finally:
         for process in processes:
-            stop(process, timeout=30)
+            stop_process(process, grace=30)
         drop_database(name)
         _forget_queue(f"bench-svc-{os.getpid()}")
         if args.keep:

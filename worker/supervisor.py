@@ -49,7 +49,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _stop(child: subprocess.Popen[bytes], *, grace: float) -> None:
+def stop_process(child: subprocess.Popen[bytes], *, grace: float) -> None:
     """SIGTERM, then SIGKILL after the grace period; returns once the process is gone."""
     if child.poll() is not None:
         return
@@ -171,7 +171,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, settings: Settings) 
         if not alive:
             logger.info("job %s attempt %s no longer owns the job (cancelled or reaped); stopping", job_id,
                         attempt)
-            _stop(child, grace=settings.cancel_grace_seconds)
+            stop_process(child, grace=settings.cancel_grace_seconds)
             return "stopped"
 
     code = child.returncode

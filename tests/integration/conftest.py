@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import free_port, stop, wait_until_up
+from bench.common import free_port, wait_until_up
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
+from worker.supervisor import stop_process
 
 
 @dataclass
@@ -87,7 +88,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         yield svc
     finally:
         for process in [api, *svc.workers]:
-            stop(process)
+            stop_process(process, grace=20)
         drop_database(database_name)
         for log in sorted(root.glob("*.log")):
             sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
@@ -117,4 +118,4 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         after = page["data"][-1]["id"]
 
 
-__all__ = ["all_events", "PG_ADMIN_URL", "Service", "free_port", "stop", "wait_for_status", "wait_until_up"]
+__all__ = ["all_events", "PG_ADMIN_URL", "Service", "free_port", "stop_process", "wait_for_status", "wait_until_up"]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import Service, all_events, stop, wait_for_status
+from tests.integration.conftest import Service, all_events, stop_process, wait_for_status
 
 pytestmark = [pytest.mark.integration]
 NO_FIT = "No worker can run this job"
@@ -91,7 +91,7 @@ def test_labelled_jobs_wait_for_their_worker_then_run_there_by_priority(service:
             assert json.loads(listed.stdout)["queue"].endswith(".it-lab-1")
         finally:
             if labelled is not None:
-                stop(labelled)
+                stop_process(labelled, grace=20)
     # A clean shutdown leaves the registry.
     with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {admin}"}) as admin_client:
         assert admin_client.get("/v1/admin/workers/it-lab-1").status_code == 404

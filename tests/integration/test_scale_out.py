@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import Service, stop, wait_for_status
+from tests.integration.conftest import Service, stop_process, wait_for_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,4 +39,4 @@ def test_twenty_jobs_spread_over_workers_on_separate_hosts_each_run_once(service
         assert sum(runners.values()) == 20
     finally:
         for process in extra:
-            stop(process)
+            stop_process(process, grace=20)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import chat_lines, jsonl
-from tests.integration.conftest import free_port, stop, wait_for_status, wait_until_up
+from tests.integration.conftest import free_port, stop_process, wait_for_status, wait_until_up
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,6 @@ def test_serve_runs_a_job_end_to_end_with_no_servers_and_no_key(tmp_path: Path) 
         sys.stderr.write(f"serve: demo job finished {time.monotonic() - started:.1f}s after start\n")
         assert (tmp_path / "data" / "tuneforge.db").exists()  # embedded SQLite, not Postgres
     finally:
-        stop(serve)
+        stop_process(serve, grace=20)
         sys.stderr.write((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
     assert serve.returncode is not None
