@@ -35,16 +35,10 @@ def _fence(job_pk: int, attempt: int) -> Any:
     return (FineTuningJob.pk == job_pk) & (FineTuningJob.attempt == attempt) & (FineTuningJob.status == "running")
 
 
-def claim_job(session: Session, *, job_id: str, owner: str, settings: Settings) -> FineTuningJob | None:
-    """Take the lease of a queued job: returns the job with its new attempt number, or None."""
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
-    if job is None or job.status != "queued":
-        return None
-    return _take(session, job=job, owner=owner, settings=settings)
-
-
 def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Settings) -> FineTuningJob | None:
-    """The claim itself: one fenced UPDATE that bumps the attempt and writes the lease, then the event."""
+    """Take the lease of the queued job claim_next_job picked: one fenced UPDATE that bumps the attempt and
+    writes the lease, then the event; None when another claim won or the job has used up its attempts
+    (it fails instead)."""
     if job.attempt >= settings.max_attempts:
         fail_job_unfenced(session, job=job, code="too_many_attempts",
                           message=f"The job's training process died {job.attempt} times (for example killed "

@@ -7,29 +7,36 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import JobEvent
+from app.models import FineTuningJob, JobEvent
 from app.services import attempts
+from app.services.workers import WorkerSpec
 from tests.factories import create_job
 
 SETTINGS = Settings(lease_seconds=10, heartbeat_seconds=1, max_attempts=2)
 
 
+def claim(session: Session, job: FineTuningJob, owner: str) -> FineTuningJob | None:
+    """What a worker named owner does when job's message reaches it."""
+    worker = WorkerSpec(name=owner, hostname="host", pid=1, queue=f"training.{owner}", version="test")
+    return attempts.claim_next_job(session, worker=worker, settings=SETTINGS, message_job_id=job.id)
+
+
 def test_claim_takes_a_queued_job_once(session: Session) -> None:
     job = create_job(session)
-    claimed = attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    claimed = claim(session, job, "w1")
     assert claimed is not None and claimed.status == "running" and claimed.attempt == 1
     assert claimed.lease_owner == "w1" and claimed.lease_expires_at > time.time()
-    assert attempts.claim_job(session, job_id=job.id, owner="w2", settings=SETTINGS) is None
+    assert claim(session, job, "w2") is None
 
 
 def test_writes_of_a_stale_attempt_are_rejected(session: Session) -> None:
     job = create_job(session)
-    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    claim(session, job, "w1")
     # The lease expires and the reaper requeues; a second attempt claims the job.
     job.lease_expires_at = time.time() - 1
     session.commit()
     assert attempts.reap_expired_leases(session, settings=SETTINGS) == [job.id]
-    second = attempts.claim_job(session, job_id=job.id, owner="w2", settings=SETTINGS)
+    second = claim(session, job, "w2")
     assert second is not None and second.attempt == 2
     with pytest.raises(attempts.StaleAttempt):
         attempts.record_event(session, job_pk=job.pk, attempt=1, message="late metrics")
@@ -45,11 +52,11 @@ def test_writes_of_a_stale_attempt_are_rejected(session: Session) -> None:
 
 def test_crashed_attempts_requeue_until_the_limit_then_fail(session: Session) -> None:
     job = create_job(session)
-    first = attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    first = claim(session, job, "w1")
     assert first is not None
     assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=1, reason="killed", settings=SETTINGS) \
         == "queued"
-    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    claim(session, job, "w1")
     assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=2, reason="killed by signal 9",
                                         settings=SETTINGS) == "failed"
     session.refresh(job)
@@ -62,7 +69,7 @@ def test_cancelled_job_tells_its_running_attempt_to_stop(session: Session) -> No
     from app.services.jobs import cancel_job
 
     job = create_job(session)
-    attempts.claim_job(session, job_id=job.id, owner="w1", settings=SETTINGS)
+    claim(session, job, "w1")
     assert attempts.requested_action(session, job_pk=job.pk, attempt=1) == "continue"
     project = session.get(Project, job.project_pk)
     assert project is not None
