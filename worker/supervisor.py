@@ -77,15 +77,16 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
     me = registry.this_worker(settings)
     with session_scope() as session:
         job = attempts.claim_next_job(session, worker=me, settings=settings, message_job_id=job_id)
-        claimed = None if job is None else (job.id, job.pk, job.attempt, job.project_pk)
+        claimed = None if job is None else (job.id, job.pk, job.attempt, job.project_pk,
+                                            int(job.config.get("processes", 1)))
     with session_scope() as session:
         _pass_on(session, message_job_id=job_id, claimed_job_id=claimed and claimed[0], settings=settings)
     if claimed is None:
         return "not-claimed"  # nothing this worker may run now: running elsewhere, finished, or waiting
-    job_id, job_pk, attempt, project_pk = claimed
+    job_id, job_pk, attempt, project_pk, processes = claimed
     registry.set_current_job(settings, job_id, draining=_shutting_down.is_set())
     try:
-        return _run_attempt(job_id, job_pk=job_pk, attempt=attempt, settings=settings)
+        return _run_attempt(job_id, job_pk=job_pk, attempt=attempt, processes=processes, settings=settings)
     finally:
         registry.set_current_job(settings, None, draining=_shutting_down.is_set())
         try:
@@ -124,11 +125,8 @@ def _wake_next(session: Session, *, project_pk: int, settings: Settings) -> None
             return
 
 
-def _attempt_command(job_id: str, attempt: int) -> list[str]:
+def _attempt_command(job_id: str, attempt: int, processes: int) -> list[str]:
     """The training process: `python -m worker.attempt`, or torchrun starting one per process the job asks for."""
-    with session_scope() as session:
-        config = session.scalar(select(FineTuningJob.config).where(FineTuningJob.id == job_id)) or {}
-    processes = int(config.get("processes", 1))
     if processes <= 1:
         return [sys.executable, "-m", "worker.attempt", job_id, str(attempt)]
     # --standalone: a rendezvous of its own on a free local port, so several jobs can share a host.
@@ -136,7 +134,7 @@ def _attempt_command(job_id: str, attempt: int) -> list[str]:
             "-m", "worker.attempt", job_id, str(attempt)]
 
 
-def _run_attempt(job_id: str, *, job_pk: int, attempt: int, settings: Settings) -> str:
+def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, settings: Settings) -> str:
     """Run the claimed attempt in a child process, renewing its lease, until it ends."""
     set_job_context(job_id, attempt)
 
@@ -144,7 +142,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, settings: Settings) 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{job_id}-attempt-{attempt}.log"
     with open(log_path, "wb") as log:
-        child = subprocess.Popen(_attempt_command(job_id, attempt), stdout=log, stderr=subprocess.STDOUT,
+        child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent)
     logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
     next_beat = time.monotonic() + settings.heartbeat_seconds

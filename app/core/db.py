@@ -14,10 +14,10 @@ from app.core.config import get_settings
 
 # Connections per process: POOL_SIZE kept open, up to POOL_MAX_OVERFLOW more at busy times; one more checkout
 # waits up to pool_timeout (30 s). An API request holds its connection from the caller lookup to the end of its
-# response, across thread-pool hops: once every thread (anyio's default 40) waits here for a connection, the
-# requests holding the connections wait for a thread, and the API stalls until pool_timeout (bench/api.py shows
-# it at 100 concurrent requests). Admitting at most this many sessions at once (FastAPI's
-# Depends(get_session, max_concurrency=...) in app/api/deps.py) avoids it.
+# handler, across thread-pool hops: were every thread (anyio's default 40) waiting here for a connection, the
+# requests holding the connections would wait for a thread, and the API would stall until pool_timeout (it did,
+# at 100 concurrent requests in bench/api.py). Admitting at most this many sessions at once (FastAPI's
+# Depends(get_session, max_concurrency=...) in app/api/deps.py) prevents it.
 POOL_SIZE, POOL_MAX_OVERFLOW = 10, 20
 
 

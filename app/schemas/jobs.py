@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.config import LABEL_PATTERN
 from app.schemas.common import ListPage
 from app.schemas.training import AdapterConfig, Precision, SchedulerName
 
@@ -101,8 +102,7 @@ class JobResources(BaseModel):
     # shows about 79.6). Needs gpus >= 1.
     min_gpu_memory_gb: float | None = Field(default=None, gt=0, le=4096)
     # The worker must carry every one of these (TUNEFORGE_WORKER_LABELS), e.g. ["a100", "eu-west"].
-    labels: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]] = Field(
-        default_factory=list, max_length=16)
+    labels: list[Annotated[str, Field(pattern=LABEL_PATTERN.pattern)]] = Field(default_factory=list, max_length=16)
     # Training processes on that worker (data parallel): defaults to gpus, or 1 without GPUs (more
     # CPU processes only make sense for testing multi-process training).
     processes: int | None = Field(default=None, ge=1, le=64)

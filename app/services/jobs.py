@@ -28,6 +28,7 @@ from app.schemas.jobs import (
 from app.schemas.training import AdapterConfig, TrainingConfig
 from app.services.paging import page_after
 from app.services.webhooks import enqueue_job_event
+from app.services.workers import needs_of
 
 # Starting learning rates that work for most models; learning_rate_multiplier scales them.
 BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -355,15 +356,8 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
-        resources=job_resources(job), priority=job.priority,
+        resources=needs_of(job.resources), priority=job.priority,
     )
-
-
-def job_resources(job: FineTuningJob) -> JobResources:
-    """What the job needs from a worker (jobs created before 0005 need nothing)."""
-    if job.resources is None:
-        return JobResources(processes=1)
-    return JobResources.model_validate(job.resources)
 
 
 def event_public(event: JobEvent) -> JobEventPublic:

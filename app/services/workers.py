@@ -62,8 +62,8 @@ def worker_fits(needs: JobResources, worker: Worker | WorkerSpec) -> bool:
 
 
 def needs_of(resources: dict[str, Any] | None) -> JobResources:
-    """A job row's resources (None: a job from before resources existed, which needs nothing)."""
-    return JobResources.model_validate(resources) if resources else JobResources()
+    """A job row's resources (None: a job from before resources existed, which needs nothing: one process)."""
+    return JobResources.model_validate(resources) if resources else JobResources(processes=1)
 
 
 def _plural(n: int, word: str) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.api.deps import AdminKey, SessionDep, SettingsDep
 from app.api.routes.files import check_limit
@@ -74,7 +75,7 @@ def key_public(row: ApiKey, project: Project) -> ApiKeyPublic:
                         revoked_at=row.revoked_at)
 
 
-def _projects(session: SessionDep, pks: set[int]) -> dict[int, Project]:
+def _projects(session: Session, pks: set[int]) -> dict[int, Project]:
     return {p.pk: p for p in session.scalars(select(Project).where(Project.pk.in_(pks)))} if pks else {}
 
 
@@ -139,7 +140,7 @@ def list_all_jobs(session: SessionDep, _admin: AdminKey, settings: SettingsDep, 
     return JobList(data=job_service.jobs_public(session, rows, projects=projects), has_more=has_more)
 
 
-def _workers_public(session: SessionDep, rows: list[Worker], settings: Settings) -> list[WorkerPublic]:
+def _workers_public(session: Session, rows: list[Worker], settings: Settings) -> list[WorkerPublic]:
     now = time.time()
     jobs = worker_service.current_jobs(session, rows)
     projects = _projects(session, {j.project_pk for j in jobs.values()})
