@@ -67,10 +67,13 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
     from app.core.config import get_settings
 
-    if not get_settings().require_api_keys and not _is_loopback(host):
+    settings = get_settings()
+    if not settings.require_api_keys and not _is_loopback(host):
         raise typer.BadParameter("TUNEFORGE_REQUIRE_API_KEYS=false is only allowed on a loopback host",
                                  param_hint="--host")
-    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
+    # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (at most stop_grace_seconds), exit.
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info",
+                timeout_graceful_shutdown=int(settings.stop_grace_seconds))
 
 
 @app.command()
@@ -135,14 +138,20 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
     typer.echo(f"tuneforge serving on http://{host}:{port}/v1 (worker pid {worker_process.pid}, "
                f"data in {data_dir.resolve()})")
+    # uvicorn drains on SIGTERM, then re-raises the signal with the default handler restored, which would end
+    # this process before the `finally` below: make it an exit that runs the `finally`.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api(host=host, port=port, workers=1)
     finally:
-        worker_process.send_signal(signal.SIGTERM)
-        try:
-            worker_process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker_process.kill()
+        from app.core.processes import stop_process
+
+        typer.echo("stopping the worker (its running job checkpoints and is handed back)", err=True)
+        stop_process(worker_process, grace=settings.stop_grace_seconds)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @keys_app.command("create")

@@ -1,5 +1,5 @@
 """What the service benchmarks (and the integration tests) share: a free port, waiting for a server, a scratch
-Postgres database. Stopping a process: worker.supervisor.stop_process."""
+Postgres database. Stopping a process: app.core.processes.stop_process."""
 
 from __future__ import annotations
 

@@ -47,8 +47,8 @@ from typing import Any
 import httpx
 import psutil
 
+from app.core.processes import stop_process
 from bench.common import create_database, drop_database, free_port, wait_until_up
-from worker.supervisor import stop_process
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -32,7 +32,7 @@ from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.reporter import DatabaseReporter
-from worker.training import distributed
+from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
 
 logger = logging.getLogger("tuneforge.attempt")
@@ -118,7 +118,7 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings, procs: Process
 
 def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers) -> int:
     from worker.training.recipe import train
-    from worker.training.reporting import StaleAttempt, TrainingCancelled, TrainingPaused
+    from worker.training.reporting import StaleAttempt, TrainingCancelled, TrainingPaused, TrainingReleased
 
     storage = get_storage()
     with session_scope() as session:
@@ -195,8 +195,10 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         return EXIT_OK
     except TrainingCancelled:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)
-    except TrainingPaused:
+    except TrainingPaused as stop:
         with session_scope() as session:
+            if isinstance(stop, TrainingReleased):  # this process was told to stop: hand the job on
+                attempts.request_release(session, job_pk=job_pk, attempt=attempt)
             outcome = attempts.stop_after_checkpoint(session, job_pk=job_pk, attempt=attempt)
         if outcome == "queued":
             with session_scope() as session:
@@ -246,6 +248,7 @@ def _die_with_torchrun() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id, attempt = sys.argv[1], int(sys.argv[2])
+    stopping.install_handlers()  # SIGTERM / SIGINT: checkpoint, hand the job back, exit 0
     configure_logging(get_settings().log_format)
     set_job_context(job_id, attempt)
     procs = distributed.from_environment()

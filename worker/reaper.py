@@ -36,7 +36,9 @@ def start_reaper(*, settings: Settings) -> threading.Thread:
     stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(settings.reaper_interval_seconds):
+        # The first pass at start: jobs left queued by a stopped worker (or by a whole `tuneforge serve`)
+        # continue at once rather than one interval later.
+        while True:
             try:
                 sent = reap_once(settings=settings)
                 if sent:
@@ -44,6 +46,8 @@ def start_reaper(*, settings: Settings) -> threading.Thread:
                 send_due_webhooks(settings=settings)
             except Exception:  # database or broker down: try again next round
                 logger.exception("reaper pass failed")
+            if stop.wait(settings.reaper_interval_seconds):
+                return
 
     thread = threading.Thread(target=loop, name="tuneforge-reaper", daemon=True)
     thread.start()

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import set_job_context
+from app.core.processes import stop_process
 from app.models import FineTuningJob
 from app.services import attempts
-from app.services.dispatch import dispatch_job, send
+from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
 from app.services.workers import needs_of, worker_fits
 from worker import registry
@@ -49,18 +50,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def stop_process(child: subprocess.Popen[bytes], *, grace: float) -> None:
-    """SIGTERM, then SIGKILL after the grace period; returns once the process is gone."""
-    if child.poll() is not None:
-        return
-    child.terminate()
-    try:
-        child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -68,10 +57,47 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed in this host's (or container's) cgroup
+    (cgroup v2 memory.events); None where that cannot be read."""
+    try:
+        text = Path("/sys/fs/cgroup/memory.events").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
+
+
+def describe_exit(code: int, *, oom_killed: bool) -> str:
+    """Why a training process that recorded no outcome ended, in words an operator can act on."""
+    if code > 0:
+        return (f"the training process exited with code {code} without recording an outcome (a crash outside "
+                "Python's error handling, e.g. in native code; the worker's log has its last lines)")
+    if -code == signal.SIGKILL:
+        return ("the training process was killed by the kernel's out-of-memory killer; lower batch_size or "
+                "max_seq_length, or use gradient_checkpointing or QLoRA" if oom_killed else
+                "the training process was killed (SIGKILL) by someone other than tuneforge, e.g. an operator, "
+                "the orchestrator or an out-of-memory killer outside this host")
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"the training process was killed by signal {-code} ({name})"
+
+
 def supervise_job(job_id: str, *, settings: Settings) -> str:
     """Validate job_id's files, then claim and run one attempt of the best queued job this worker fits
     (usually job_id itself); returns what happened (for logs and tests)."""
     set_job_context(job_id, None)
+    if _shutting_down.is_set():
+        # A message taken while this worker drains (Celery still runs the one it had reserved): leave the job
+        # to the others: the next reaper pass of any worker sends it again.
+        with session_scope() as session:
+            mark_undispatched(session, job_id=job_id)
+        return "declined"
     with session_scope() as session:
         validate_job_files(session, job_id=job_id, settings=settings)
     me = registry.this_worker(settings)
@@ -142,6 +168,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{job_id}-attempt-{attempt}.log"
     with open(log_path, "wb") as log:
+        oom_before = oom_kills()
         child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent)
     logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
@@ -175,10 +202,9 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
     code = child.returncode
     if code == 0:
         return "finished"
-    reason = f"training process exited with code {code}"
-    if code < 0:
-        reason = f"training process was killed by signal {-code}" + (
-            " (out of memory?)" if -code == signal.SIGKILL else "")
+    oom_after = oom_kills()
+    oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
+    reason = describe_exit(code, oom_killed=oom_killed)
     tail = _log_tail(log_path)
     logger.warning("job %s attempt %s: %s\n%s", job_id, attempt, reason, tail)
     try:

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
-    # A job whose attempts all die (OOM kill every time) fails instead of looping forever.
+    # A job whose attempts keep dying (OOM kill every time) fails instead of looping forever: this many
+    # crashes in a row without a new checkpoint in between. Pauses, resumes, a worker's graceful hand-off
+    # and a lease lost with a dead worker host never count.
     max_attempts: int = Field(default=3, ge=1)
     # A running job also checkpoints when this much time passed since its last checkpoint: bounds the
     # work a crash loses, whatever save_steps/n_checkpoints the job chose.
@@ -72,6 +74,9 @@ class Settings(BaseSettings):
     checkpoints_kept_after_finish: int = Field(default=3, ge=1)
     # How long a cancelled training process gets to stop by itself before it is killed.
     cancel_grace_seconds: float = Field(default=5.0, gt=0)
+    # How long a stopping process waits for its work: `tuneforge api` for in-flight requests (open event
+    # streams are closed after it), `tuneforge serve` for its worker to checkpoint and hand its job back.
+    stop_grace_seconds: float = Field(default=60.0, gt=0)
     training_queue: str = "training"
     worker_name: str = ""
     # What this worker offers to jobs that ask for resources (docs/operators.md, "Adding a worker host").

@@ -46,6 +46,9 @@ class FineTuningJob(KeyedMixin, Base):
 
     # Lease: which attempt may write, who runs it and until when (Unix seconds, float).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that died (killed, crashed) since the job last registered a new checkpoint; pauses, releases
+    # and lost leases do not count. Settings.max_attempts bounds it.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
     # "cancel" or "pause", set by the API and honoured by the running attempt.

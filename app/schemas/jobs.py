@@ -176,6 +176,8 @@ class JobPublic(BaseModel):
     # Extensions.
     progress: dict[str, Any]
     attempt: int
+    # Attempts that died since the job's last new checkpoint; the job fails when it reaches max_attempts.
+    crashes: int
     resources: JobResources
     priority: int
 

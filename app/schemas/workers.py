@@ -17,6 +17,7 @@ class WorkerJob(BaseModel):
     project: str
     status: str
     attempt: int
+    crashes: int
     step: int
     total_steps: int | None
 

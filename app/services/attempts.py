@@ -37,14 +37,9 @@ def _fence(job_pk: int, attempt: int) -> Any:
 
 def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Settings) -> FineTuningJob | None:
     """Take the lease of the queued job claim_next_job picked: one fenced UPDATE that bumps the attempt and
-    writes the lease, then the event; None when another claim won or the job has used up its attempts
-    (it fails instead)."""
-    if job.attempt >= settings.max_attempts:
-        fail_job_unfenced(session, job=job, code="too_many_attempts",
-                          message=f"The job's training process died {job.attempt} times (for example killed "
-                                  "for running out of memory); giving up. Try a smaller batch_size or "
-                                  "max_seq_length, gradient_checkpointing, or QLoRA.")
-        return None
+    writes the lease, then the event; None when another claim won. A claim never fails a job: every kind of
+    hand-over (pause and resume, a worker's shutdown, a lost lease) is a claim, and only crashes count
+    (requeue_after_crash)."""
     now = time.time()
     result = _execute(session,
         update(FineTuningJob)
@@ -140,8 +135,11 @@ def requested_action(session: Session, *, job_pk: int, attempt: int) -> str:
 
 
 def request_release(session: Session, *, job_pk: int, attempt: int) -> bool:
-    """Ask a running attempt to checkpoint and requeue its job (its worker is shutting down)."""
-    result = _execute(session, update(FineTuningJob).where(_fence(job_pk, attempt)).values(requested_action="release"))
+    """Ask a running attempt to checkpoint and requeue its job (its worker is shutting down, or its process was
+    told to stop). A user's pause already asked for stays: the job then pauses rather than moves on."""
+    result = _execute(session, update(FineTuningJob)
+                      .where(_fence(job_pk, attempt), FineTuningJob.requested_action.is_distinct_from("pause"))
+                      .values(requested_action="release"))
     session.commit()
     return result.rowcount == 1
 
@@ -151,8 +149,9 @@ def stop_after_checkpoint(session: Session, *, job_pk: int, attempt: int) -> str
     action = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt)))
     if action == "release":
         release_job(session, job_pk=job_pk, attempt=attempt, status="queued",
-                    message=f"Attempt {attempt}'s worker is shutting down; checkpoint saved, the job is queued "
-                            "to continue on another worker.")
+                    message=f"Attempt {attempt} was asked to stop (its worker is shutting down); checkpoint "
+                            "saved, the job is queued to continue on another worker.",
+                    data={"attempt": attempt, "reason": "release"})
         return "queued"
     release_job(session, job_pk=job_pk, attempt=attempt, status="paused",
                 message="Job paused after saving a checkpoint; resume it to continue.")
@@ -181,10 +180,12 @@ def record_event(session: Session, *, job_pk: int, attempt: int, message: str, l
 
 def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: int, metrics: dict[str, Any],
                         blob_key: str, sha256: str, size: int) -> JobCheckpoint:
-    """Record a stored, verified checkpoint; only registered checkpoints are resumed from."""
-    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, lease_owner=FineTuningJob.lease_owner)
+    """Record a stored, verified checkpoint; only registered checkpoints are resumed from. A new step is
+    progress: the job's count of crashes in a row starts again."""
     existing = session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk,
                                                          JobCheckpoint.step_number == step))
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt,
+                         **({"crashes": 0} if existing is None else {"lease_owner": FineTuningJob.lease_owner}))
     if existing is not None:  # a resumed attempt saved the same step again: keep the newer bytes
         existing.blob_key, existing.sha256, existing.bytes = blob_key, sha256, size
         existing.metrics, existing.attempt = metrics, attempt
@@ -220,42 +221,42 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
     session.commit()
 
 
-def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str) -> None:
-    """failed, from the running attempt (fenced)."""
+def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str, **values: Any) -> None:
+    """failed, from the running attempt (fenced); values: more job columns to write with it."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status="failed", finished_at=now_seconds(),
                          error={"code": code, "message": message, "param": None},
-                         lease_owner=None, lease_expires_at=None, estimated_finish=None)
+                         lease_owner=None, lease_expires_at=None, estimated_finish=None, **values)
     add_event(session, job=job, level="error", message=message)
     enqueue_job_event(session, job=job)
     session.commit()
 
 
-def fail_job_unfenced(session: Session, *, job: FineTuningJob, code: str, message: str) -> None:
-    job.status, job.finished_at = "failed", now_seconds()
-    job.error = {"code": code, "message": message, "param": None}
-    job.lease_owner, job.lease_expires_at = None, None
-    add_event(session, job=job, level="error", message=message)
-    enqueue_job_event(session, job=job)
-    session.commit()
-
-
-def release_job(session: Session, *, job_pk: int, attempt: int, status: str, message: str) -> None:
+def release_job(session: Session, *, job_pk: int, attempt: int, status: str, message: str, level: str = "info",
+                data: dict[str, Any] | None = None, **values: Any) -> None:
     """Give the job up without finishing it: "paused" (resume later) or "queued" (run elsewhere)."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=status, lease_owner=None,
-                         lease_expires_at=None, requested_action=None, dispatched_at=None)
-    add_event(session, job=job, message=message)
+                         lease_expires_at=None, requested_action=None, dispatched_at=None, **values)
+    add_event(session, job=job, message=message, level=level, data=data)
     session.commit()
 
 
 def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: str, settings: Settings) -> str:
-    """An attempt died without finishing: queue it again, or fail it once attempts run out."""
-    if attempt >= settings.max_attempts:
-        fail_job(session, job_pk=job_pk, attempt=attempt, code="too_many_attempts",
-                 message=f"Training failed {attempt} times; last failure: {reason}")
+    """An attempt died without recording an outcome: count the crash and queue the job again (it resumes from
+    its last checkpoint), or fail it after max_attempts crashes in a row with no new checkpoint between them."""
+    crashes = session.scalar(select(FineTuningJob.crashes).where(_fence(job_pk, attempt)))
+    if crashes is None:
+        raise StaleAttempt(f"attempt {attempt} of job {job_pk} no longer owns the job")
+    crashes += 1
+    if crashes >= settings.max_attempts:
+        fail_job(session, job_pk=job_pk, attempt=attempt, code="too_many_attempts", crashes=crashes,
+                 message=f"The job's training process died {crashes} times in a row without saving a new "
+                         f"checkpoint; giving up. Last failure: {reason}")
         return "failed"
-    release_job(session, job_pk=job_pk, attempt=attempt, status="queued",
-                message=f"Attempt {attempt} ended without finishing ({reason}); the job is queued again "
-                        "and resumes from its last checkpoint.")
+    release_job(session, job_pk=job_pk, attempt=attempt, status="queued", crashes=crashes, level="warn",
+                message=f"Attempt {attempt} ended without finishing: {reason}. The job is queued again and "
+                        f"resumes from its last checkpoint (crash {crashes} of {settings.max_attempts} allowed in "
+                        "a row without progress).", data={"attempt": attempt, "crashes": crashes,
+                                                          "max_attempts": settings.max_attempts})
     return "queued"
 
 

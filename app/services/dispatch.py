@@ -50,13 +50,17 @@ def dispatch_job(session: Session, *, job_id: str, settings: Settings | None = N
         elif needs.requires_worker:
             target = route(session, job=job, needs=needs, settings=settings)
             if target is None:
-                # Nothing to send: the reaper routes it again on its next pass.
-                session.execute(update(FineTuningJob).where(FineTuningJob.pk == job.pk)
-                                .values(dispatched_at=None, dispatch_queue=None))
-                session.commit()
+                mark_undispatched(session, job_id=job_id)  # nothing to send: the reaper routes it again
                 return False
             queue = target
     return send(session, job_id=job_id, queue=queue)
+
+
+def mark_undispatched(session: Session, *, job_id: str) -> None:
+    """The waiting job has no message on its way: the next reaper pass of any worker sends (or routes) it."""
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.status.in_(WAITING_STATUSES))
+                    .values(dispatched_at=None, dispatch_queue=None))
+    session.commit()
 
 
 def send(session: Session, *, job_id: str, queue: str) -> bool:

@@ -356,7 +356,7 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
-        resources=needs_of(job.resources), priority=job.priority,
+        crashes=job.crashes, resources=needs_of(job.resources), priority=job.priority,
     )
 
 

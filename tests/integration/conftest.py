@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.core.processes import stop_process
 from bench.common import free_port, wait_until_up
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
-from worker.supervisor import stop_process
 
 
 @dataclass

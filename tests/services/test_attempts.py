@@ -50,18 +50,85 @@ def test_writes_of_a_stale_attempt_are_rejected(session: Session) -> None:
     assert "fresh metrics" in messages and "late metrics" not in messages
 
 
+def crash(session: Session, job: FineTuningJob, reason: str = "killed") -> str:
+    session.refresh(job)
+    return attempts.requeue_after_crash(session, job_pk=job.pk, attempt=job.attempt, reason=reason, settings=SETTINGS)
+
+
+def checkpoint(session: Session, job: FineTuningJob, step: int) -> None:
+    session.refresh(job)
+    attempts.register_checkpoint(session, job_pk=job.pk, attempt=job.attempt, step=step, metrics={"step": step},
+                                 blob_key=f"k{step}-{job.attempt}", sha256="0" * 64, size=1)
+
+
 def test_crashed_attempts_requeue_until_the_limit_then_fail(session: Session) -> None:
     job = create_job(session)
-    first = claim(session, job, "w1")
-    assert first is not None
-    assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=1, reason="killed", settings=SETTINGS) \
-        == "queued"
     claim(session, job, "w1")
-    assert attempts.requeue_after_crash(session, job_pk=job.pk, attempt=2, reason="killed by signal 9",
-                                        settings=SETTINGS) == "failed"
+    assert crash(session, job) == "queued"
+    session.refresh(job)
+    assert job.crashes == 1 and job.status == "queued"
+    claim(session, job, "w1")
+    assert crash(session, job, "the training process was killed (SIGKILL)") == "failed"
     session.refresh(job)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "too_many_attempts"
-    assert "killed by signal 9" in job.error["message"]
+    assert job.crashes == 2
+    assert "died 2 times in a row" in job.error["message"]
+    assert "the training process was killed (SIGKILL)" in job.error["message"]
+
+
+def test_pauses_resumes_and_hand_offs_never_count_as_crashes(session: Session) -> None:
+    from app.models import Project
+    from app.services.jobs import pause_job, resume_job
+
+    job = create_job(session)
+    project = session.get(Project, job.project_pk)
+    assert project is not None
+    for _ in range(3):  # max_attempts is 2: three claims used to fail the job
+        claim(session, job, "w1")
+        pause_job(session, project=project, job_id=job.id)
+        assert attempts.stop_after_checkpoint(session, job_pk=job.pk, attempt=job.attempt) == "paused"
+        resume_job(session, project=project, job_id=job.id)
+    for _ in range(3):  # a worker's graceful shutdown hands the job on
+        claim(session, job, "w1")
+        assert attempts.request_release(session, job_pk=job.pk, attempt=job.attempt)
+        assert attempts.stop_after_checkpoint(session, job_pk=job.pk, attempt=job.attempt) == "queued"
+    for _ in range(3):  # a worker host that died: the reaper takes the lease back
+        claim(session, job, "w1")
+        job.lease_expires_at = time.time() - 1
+        session.commit()
+        assert attempts.reap_expired_leases(session, settings=SETTINGS) == [job.id]
+    claimed = claim(session, job, "w1")
+    assert claimed is not None and claimed.status == "running" and claimed.attempt == 10 and claimed.crashes == 0
+
+
+def test_a_new_checkpoint_resets_the_crash_count_and_a_repeated_one_does_not(session: Session) -> None:
+    job = create_job(session)
+    claim(session, job, "w1")
+    checkpoint(session, job, 10)
+    assert crash(session, job) == "queued"
+    claim(session, job, "w1")
+    checkpoint(session, job, 10)  # the resumed attempt saved the step it resumed from again: no progress
+    session.refresh(job)
+    assert job.crashes == 1
+    checkpoint(session, job, 20)  # progress
+    session.refresh(job)
+    assert job.crashes == 0
+    assert crash(session, job) == "queued"
+    claim(session, job, "w1")
+    assert crash(session, job) == "failed"
+
+
+def test_a_release_does_not_override_a_users_pause(session: Session) -> None:
+    from app.models import Project
+    from app.services.jobs import pause_job
+
+    job = create_job(session)
+    claim(session, job, "w1")
+    project = session.get(Project, job.project_pk)
+    assert project is not None
+    pause_job(session, project=project, job_id=job.id)
+    assert not attempts.request_release(session, job_pk=job.pk, attempt=job.attempt)
+    assert attempts.stop_after_checkpoint(session, job_pk=job.pk, attempt=job.attempt) == "paused"
 
 
 def test_cancelled_job_tells_its_running_attempt_to_stop(session: Session) -> None:

@@ -99,14 +99,10 @@ def test_claim_skips_projects_at_their_running_jobs_limit(session: Session) -> N
     assert [j[1] for j in attempts.claimable_jobs(session, worker=None, settings=SETTINGS)] == [a_waiting.id]
 
 
-def test_a_job_out_of_attempts_fails_and_the_claim_moves_on(session: Session) -> None:
-    worn_out = create_job(session, attempt=2)
-    fresh = create_job(session)
+def test_a_job_with_many_attempts_but_no_crashes_is_still_claimed(session: Session) -> None:
+    handed_on = create_job(session, attempt=7)  # paused, resumed and handed between workers
     claimed = attempts.claim_next_job(session, worker=spec(), settings=SETTINGS)
-    assert claimed is not None and claimed.id == fresh.id
-    session.refresh(worn_out)
-    assert worn_out.status == "failed" and worn_out.error is not None
-    assert worn_out.error["code"] == "too_many_attempts"
+    assert claimed is not None and claimed.id == handed_on.id and claimed.attempt == 8
 
 
 def test_a_job_no_live_worker_fits_says_so_once_until_the_workers_change(session: Session) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from app.schemas.training import TrainingConfig
 from worker.training import checkpoint as ckpt
-from worker.training import distributed
+from worker.training import distributed, stopping
 from worker.training.data import (
     IGNORE_INDEX,
     MAX_TOKENS_PER_FORWARD,
@@ -51,6 +51,7 @@ from worker.training.reporting import (
     TrainingCancelled,
     TrainingDiverged,
     TrainingPaused,
+    TrainingReleased,
 )
 
 # Evaluations during training use at most this many validation examples so that a big validation
@@ -94,6 +95,18 @@ def evaluation_steps(config: TrainingConfig, total_steps: int) -> set[int]:
         n = min(config.n_evals, total_steps)
         return {round(total_steps * (k + 1) / n) for k in range(n)}
     return set()
+
+
+def next_command(procs: distributed.ProcessGroup, answer: str) -> str:
+    """What every process does after a step: rank 0's answer to Reporter.control(), or "release" (checkpoint,
+    then stop so the job continues elsewhere) when any process of the run was signalled to stop. A user's
+    cancel or pause wins over a release."""
+    if procs.enabled:
+        answers = distributed.all_gather(procs, (answer, stopping.requested()))
+        answer, stop = answers[0][0], any(signalled for _, signalled in answers)
+    else:
+        stop = stopping.requested()
+    return "release" if stop and answer in ("continue", "checkpoint") else answer
 
 
 def make_optimizer(model: Any, config: TrainingConfig) -> Any:
@@ -416,12 +429,12 @@ def train(
             saved_now = step in save_at or last or (config.load_best_at_end and new_best)
             if saved_now:
                 save(step, next_plan)
-            command = distributed.broadcast(procs, reporter.control())  # rank 0 asks; every process obeys
+            command = next_command(procs, reporter.control())  # rank 0 asks; every process obeys
             if command == "cancel":
                 raise TrainingCancelled(f"training cancelled at step {step}")
-            if command == "pause":
+            if command in ("pause", "release"):
                 path = output_dir / "checkpoints" / f"step-{step}" if saved_now else save(step, next_plan)
-                raise TrainingPaused(path)
+                raise TrainingPaused(path) if command == "pause" else TrainingReleased(path)
             if command == "checkpoint" and not saved_now:
                 save(step, next_plan)
     finally:

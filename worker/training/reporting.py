@@ -34,6 +34,11 @@ class TrainingPaused(Exception):
         self.checkpoint = checkpoint
 
 
+class TrainingReleased(TrainingPaused):
+    """The run stopped after saving `checkpoint` because its process was asked to stop (SIGTERM/SIGINT);
+    the job goes on elsewhere from that checkpoint."""
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite."""
 

@@ -149,7 +149,7 @@ def _workers_public(session: Session, rows: list[Worker], settings: Settings) ->
         job = jobs.get(w.current_job_id or "")
         current = None if job is None else WorkerJob(
             id=job.id, project_id=projects[job.project_pk].id, project=projects[job.project_pk].name,
-            status=job.status, attempt=job.attempt, step=job.step, total_steps=job.total_steps)
+            status=job.status, attempt=job.attempt, crashes=job.crashes, step=job.step, total_steps=job.total_steps)
         data.append(WorkerPublic(
             name=w.name, hostname=w.hostname, pid=w.pid, status=w.status,
             live=worker_service.is_live(w, settings=settings, now=now), labels=list(w.labels), gpus=w.gpus,

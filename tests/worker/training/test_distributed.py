@@ -102,6 +102,17 @@ def test_two_fsdp_processes_pause_and_resume_on_the_one_process_curve(
     _assert_same_adapter(tmp_path / "fsdp-resumed" / "final", one_process["final"])
 
 
+def test_sigterm_to_any_rank_checkpoints_and_releases_the_whole_run(
+    tmp_path: Path, tiny_model: Path, one_process: dict[str, Any]
+) -> None:
+    config = make_config(**SETTINGS, processes=2)
+    first = _torchrun(tmp_path, tiny_model, config, tmp_path / "ddp", "--sigterm-rank", "1", "--sigterm-at", "3")
+    assert first["released"] and [s["step"] for s in first["steps"]] == [1, 2, 3]
+    second = _torchrun(tmp_path, tiny_model, config, tmp_path / "ddp-resumed", "--resume", first["paused"])
+    _assert_same_curve(first["steps"] + second["steps"], one_process["steps"])
+    _assert_same_adapter(tmp_path / "ddp-resumed" / "final", one_process["final"])
+
+
 def test_a_process_count_that_differs_from_the_launch_is_refused(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ValueError, match=r"asks for 2 training process\(es\) but this run has 1; start it with "
                                          r"torchrun --nproc-per-node 2"):

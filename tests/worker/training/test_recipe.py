@@ -3,18 +3,23 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.worker.training.factories import chat_records, code_mapping, make_config, write_jsonl
+from worker.training import stopping
 from worker.training.recipe import train
 from worker.training.reporting import (
     RecordingReporter,
     TrainingCancelled,
     TrainingDiverged,
     TrainingPaused,
+    TrainingReleased,
 )
 
 
@@ -194,6 +199,45 @@ def test_cancel_and_pause_stop_at_the_requested_step(tmp_path: Path, tiny_model:
         train(make_config(), output_dir=tmp_path / "p", reporter=reporter, **common)
     assert paused.value.checkpoint == tmp_path / "p" / "checkpoints" / "step-3"
     assert reporter.checkpoints[-1]["step"] == 3
+
+
+@pytest.fixture
+def stop_handlers() -> Iterator[None]:
+    """The training process's SIGTERM/SIGINT handlers, installed in this process for one test."""
+    saved = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    stopping.install_handlers()
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        stopping.clear()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_after_the_current_step_and_releases(
+    tmp_path: Path, tiny_model: Path, stop_handlers: None, signum: int
+) -> None:
+    class SignalledAtStep3(RecordingReporter):
+        def metrics(self, data: dict) -> None:
+            super().metrics(data)
+            if data["step"] == 3:
+                os.kill(os.getpid(), signum)
+
+    reporter = SignalledAtStep3()
+    with pytest.raises(TrainingReleased) as released:
+        train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+              validation_file=None, output_dir=tmp_path / "out", reporter=reporter)
+    assert released.value.checkpoint == tmp_path / "out" / "checkpoints" / "step-3"
+    assert [s["step"] for s in reporter.steps] == [1, 2, 3] and reporter.checkpoints[-1]["step"] == 3
+
+
+def test_a_users_pause_wins_over_a_stop_signal(tmp_path: Path, tiny_model: Path, stop_handlers: None) -> None:
+    stopping.request()
+    with pytest.raises(TrainingPaused) as paused:
+        train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+              validation_file=None, output_dir=tmp_path / "out", reporter=RecordingReporter(commands={1: "pause"}))
+    assert type(paused.value) is TrainingPaused
 
 
 def test_accumulated_step_loss_is_the_token_mean_over_all_its_micro_batches(
