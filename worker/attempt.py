@@ -91,6 +91,14 @@ def download_init_adapter(storage: Storage, *, parent_job_id: str, step: int | N
     return target
 
 
+def without_server_paths(message: str, replacements: dict[str, str]) -> str:
+    """A failure message fit for clients: the server's directories named by role (the worker log keeps them);
+    longest first, so a directory inside another is named as itself."""
+    for path in sorted(replacements, key=len, reverse=True):
+        message = message.replace(path, replacements[path])
+    return message
+
+
 class _Followers:
     """The other processes of a multi-process attempt: they wait for rank 0 to say what to train on."""
 
@@ -140,10 +148,12 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
     workdir.mkdir(parents=True)
     reporter = DatabaseReporter(job_pk=job_pk, job_id=job_id, attempt=attempt, storage=storage,
                                 settings=settings, scratch=workdir)
+    model_paths: list[str] = []
     try:
         entry = settings.catalogue().get(base_model)
         if entry is None:
             raise ValueError(f"base model {base_model!r} was removed from the catalogue")
+        model_paths += [entry.path, str(Path(entry.path).resolve())]
         train_path = _download(storage, file_id=training_file, project_pk=project_pk, target=workdir / "train.jsonl")
         valid_path = (_download(storage, file_id=validation_file, project_pk=project_pk,
                                 target=workdir / "validation.jsonl") if validation_file else None)
@@ -211,6 +221,8 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         logger.error("attempt %s of %s failed:\n%s", attempt, job_id, traceback.format_exc())
         message = str(exc) if isinstance(exc, ValueError | FileNotFoundError) else \
             f"Training failed with {type(exc).__name__}: {exc}"
+        message = without_server_paths(message, {str(workdir): "<job work dir>", str(settings.data_dir.resolve()):
+                                                 "<data dir>", **{p: f"<model {base_model}>" for p in model_paths}})
         try:
             with session_scope() as session:
                 attempts.fail_job(session, job_pk=job_pk, attempt=attempt,

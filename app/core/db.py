@@ -19,6 +19,7 @@ from app.core.config import get_settings
 # at 100 concurrent requests in bench/api.py). Admitting at most this many sessions at once (FastAPI's
 # Depends(get_session, max_concurrency=...) in app/api/deps.py) prevents it.
 POOL_SIZE, POOL_MAX_OVERFLOW = 10, 20
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def build_engine(url: str) -> Engine:
@@ -35,8 +36,10 @@ def build_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # pre_ping: a Postgres restart must cost one failed checkout, not a poisoned pool.
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW)
+    # pre_ping: a Postgres restart must cost one failed checkout, not a poisoned pool. connect_timeout: an
+    # unreachable host fails a request (503) in seconds instead of hanging it for the TCP timeout.
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW,
+                         connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
 
 
 @lru_cache

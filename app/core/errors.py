@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("tuneforge.api")
@@ -86,6 +87,10 @@ class RateLimited(APIError):
         super().__init__(message, code=code, headers=headers)
 
 
+# Seconds a client is told to wait while the database is away (a restart takes a few).
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
 def envelope(message: str, *, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -137,6 +142,16 @@ def install_error_handlers(app: FastAPI) -> None:
                                          type_="invalid_request_error", param=None, code="invalid_value"),
                                 status_code=400)
         return await _unexpected(request, exc)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # A database restarting, failing over or unreachable: nothing was written, the request can be retried.
+        logger.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return JSONResponse(envelope("The database is unavailable at the moment; retry the request shortly.",
+                                     type_="server_error", param=None, code="database_unavailable"),
+                            status_code=503, headers={"retry-after": str(DATABASE_RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -132,3 +132,22 @@ def test_models_list_the_catalogue(client: TestClient) -> None:
     assert [m["id"] for m in models["data"]] == ["tiny-llama"]
     assert client.get("/v1/models/tiny-llama").json()["object"] == "model"
     assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_an_unreachable_database_answers_503_with_retry_after(client: TestClient) -> None:
+    from sqlalchemy.orm import Session
+
+    from app.api.deps import get_session
+    from app.core.db import build_engine
+    from app.main import app
+
+    down = build_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")  # nothing listens on port 1
+    app.dependency_overrides[get_session] = lambda: Session(bind=down)
+    try:
+        response = client.get("/v1/fine_tuning/jobs")
+    finally:
+        down.dispose()
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert "retry" in response.json()["error"]["message"]

@@ -75,6 +75,12 @@ def assert_invariants(service: Service) -> None:
         keys = conn.execute(text("SELECT idempotency_key, count(*) FROM fine_tuning_jobs WHERE idempotency_key "
                                  "IS NOT NULL GROUP BY project_pk, idempotency_key HAVING count(*) > 1")).all()
         assert not keys
+        # Nothing of the server's inside reaches a client: no path under the service's root in any event or error.
+        leaked = conn.execute(text("SELECT e.message, e.data::text FROM job_events e WHERE e.message LIKE :root "
+                                   "OR e.data::text LIKE :root UNION ALL SELECT j.id, j.error::text FROM "
+                                   "fine_tuning_jobs j WHERE j.error::text LIKE :root"),
+                              {"root": f"%{service.root}%"}).all()
+        assert not leaked, leaked
     engine.dispose()
 
 
@@ -151,16 +157,22 @@ def test_killed_worker_is_replaced_by_another_worker(service: Service) -> None:
     assert_invariants(service)
 
 
-def test_terminated_worker_checkpoints_and_hands_the_job_to_another(service: Service) -> None:
+@pytest.mark.parametrize("whom", ["worker", "process group"])
+def test_terminated_worker_checkpoints_and_hands_the_job_to_another(service: Service, whom: str) -> None:
+    """SIGTERM to the worker alone (its supervisor asks the training process to release) or to its whole process
+    group, as `systemctl stop` and container runtimes send it (the training process hears it first)."""
     ensure_workers(service, 2)
     with service.client() as client:
         job = long_job(client, save_steps=1000)  # only the shutdown itself checkpoints mid-run
         wait_for_step(client, job["id"], 25)
         victim = owner_of(client, service, job["id"], attempt=1)
-        victim.send_signal(signal.SIGTERM)
+        if whom == "worker":
+            victim.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(victim.pid, signal.SIGTERM)
         assert victim.wait(timeout=60) == 0
         final = wait_for_status(client, job["id"], TERMINAL)
-        assert final["status"] == "succeeded" and final["attempt"] == 2, final
+        assert final["status"] == "succeeded" and final["attempt"] == 2 and final["crashes"] == 0, final
         steps = metric_steps(client, job["id"])
         assert set(steps) == set(range(1, 241)) and len(steps) == 240  # nothing lost, nothing redone
         assert any("shutting down" in e["message"] for e in all_events(client, job["id"]))
@@ -228,6 +240,22 @@ def test_pause_checkpoints_and_resume_continues_to_the_same_end(service: Service
         # Retention: of the 20 checkpoints taken, a finished job keeps the latest 3 (no validation set).
         kept = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
         assert [c["step_number"] for c in kept] == [200, 190, 180]
+    assert_invariants(service)
+
+
+def test_a_job_paused_and_resumed_three_times_succeeds(service: Service) -> None:
+    """Pauses and resumes are claims, not crashes: more of them than max_attempts (3) must not fail the job."""
+    with service.client() as client:
+        job = long_job(client, n_epochs=10)
+        for pause in range(3):
+            wait_for_step(client, job["id"], 4 + 10 * pause)
+            client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
+            paused = wait_for_status(client, job["id"], {"paused"} | TERMINAL, timeout=60)
+            assert paused["status"] == "paused", paused
+            assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded" and final["attempt"] == 4 and final["crashes"] == 0, final
+        assert set(metric_steps(client, job["id"])) == set(range(1, 201))
     assert_invariants(service)
 
 

@@ -464,8 +464,9 @@ def train(
             model.save_pretrained(str(final_dir), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(final_dir)
         (final_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    # The directory stays out of the event: events reach clients, and the server's paths are not theirs.
     reporter.event(f"saved the final {'model' if full else 'adapter'} after {state['step']} steps",
-                   data={"path": str(final_dir)})  # fmt: skip
+                   data={"step": state["step"]})
     distributed.barrier(procs)
     distributed.stop(procs)
     return TrainingResult(
