@@ -1,4 +1,5 @@
-"""Shared test setup: a real Postgres database (savepoint per test), real Redis, the tiny model."""
+"""Shared test setup: a real Postgres database (savepoint per test), real Redis, the tiny model. Helpers that are
+not fixtures live in tests/support/."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
+from tests.support.databases import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="tuneforge-tests-"))
 
 # One database per test session, so that parallel sessions (several developers, CI) never collide.
@@ -30,31 +31,6 @@ os.environ.update({
 })
 TINY_MODEL_PATH = _SESSION_DIR / "models" / "tiny-llama"
 Path(os.environ["TUNEFORGE_CATALOGUE_FILE"]).write_text(json.dumps({"tiny-llama": {"path": str(TINY_MODEL_PATH)}}))
-
-
-def drop_database(name: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def recreate_database(name: str) -> str:
-    """Drop and create a Postgres database, migrate it, and return its URL."""
-    from sqlalchemy import create_engine, text
-
-    drop_database(name)
-    admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = f"{PG_ADMIN_URL}/{name}"
-    from app.cli import run_migrations
-
-    run_migrations(url)
-    return url
 
 
 @pytest.fixture(scope="session")
@@ -91,15 +67,3 @@ def session(database_url: str) -> Iterator[object]:
         db.close()
         transaction.rollback()
         connection.close()
-
-
-def chat_lines(n: int, *, offset: int = 0) -> list[dict[str, object]]:
-    """n small chat examples that a tiny model can learn (a fixed answer per key)."""
-    return [{"messages": [{"role": "system", "content": "You map codes to colours."},
-                          {"role": "user", "content": f"code {i + offset}"},
-                          {"role": "assistant", "content": ["red", "blue", "green"][(i + offset) % 3]}]}
-            for i in range(n)]
-
-
-def jsonl(rows: list[dict[str, object]]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()

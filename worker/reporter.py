@@ -60,8 +60,9 @@ class DatabaseReporter:
         estimated = int(time.time() + elapsed / step * (total - step)) if step and total else None
         loss = data.get("train_loss")
         message = f"Step {step}/{total}: training loss={loss:.4f}" if isinstance(loss, float) else f"Step {step}"
-        self._guard(attempts.record_event, message=message, type_="metrics", data=data, step=step,
-                    total_steps=total or None, estimated_finish=estimated)
+        # The attempt that measured the step: who reads the events can check that no stale attempt wrote one.
+        self._guard(attempts.record_event, message=message, type_="metrics", data={**data, "attempt": self.attempt},
+                    step=step, total_steps=total or None, estimated_finish=estimated)
 
     def checkpoint_saved(self, *, step: int, path: Path, metrics: dict[str, Any]) -> None:
         archive = tar_directory(path, self.scratch / f"checkpoint-step-{step}.tar")

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import upload, upload_chat
-from tests.conftest import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl
 
 
 def test_upload_valid_chat_file_is_processed_with_report(client: TestClient) -> None:

@@ -25,7 +25,7 @@ from app.core.config import get_settings
 from app.models import Blob, BlobChunk, File
 from app.services.intake import validate_job_files
 from tests.api.conftest import upload, upload_chat
-from tests.conftest import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl
 
 BOUNDARY = "tuneforge-test-boundary"
 

@@ -96,6 +96,6 @@ def test_idempotency_covers_resources_and_priority(client: TestClient) -> None:
 
 
 def _chat() -> bytes:
-    from tests.conftest import chat_lines, jsonl
+    from tests.support.data import chat_lines, jsonl
 
     return jsonl(chat_lines(12))

@@ -15,10 +15,10 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, all_events, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 

@@ -1,48 +1,17 @@
-"""Real processes: `tuneforge api` and `tuneforge worker` against Postgres and Redis."""
+"""Real processes: `tuneforge api` and `tuneforge worker` against Postgres and Redis (tests/support/service.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.core.processes import stop_process
 from bench.common import free_port, wait_until_up
-from tests.conftest import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
-
-
-@dataclass
-class Service:
-    base_url: str
-    api_key: str
-    env: dict[str, str]
-    root: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start_worker(self, name: str, *, own_data_dir: bool = False,
-                     extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """A worker process; with own_data_dir it shares nothing on disk with the others (another host);
-        extra_env sets more of its settings (TUNEFORGE_WORKER_LABELS, TUNEFORGE_WORKER_GPUS, ...)."""
-        env = {**self.env, "TUNEFORGE_WORKER_NAME": name, **(extra_env or {})}
-        if own_data_dir:
-            env["TUNEFORGE_DATA_DIR"] = str(self.root / f"host-{name}")
-        log = open(self.root / f"worker-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers.append(process)
-        return process
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
-                            timeout=30)
+from tests.support.databases import PG_ADMIN_URL
+from tests.support.service import Service, all_events, running_service, wait_for_status
 
 
 # Package scope: tests/faults imports this fixture too, and each package gets its own processes, database
@@ -52,70 +21,8 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
     """API and one worker as separate processes, sharing only Postgres and Redis."""
     root = tmp_path_factory.mktemp("service")
-    database_name = f"tuneforge_it_{os.getpid()}_{root.name}"
-    database_url = recreate_database(database_name)
-    (root / "wandb").mkdir()
-    catalogue = root / "catalogue.json"
-    catalogue.write_text(json.dumps({"tiny-llama": {"path": str(tiny_model_dir)}}))
-    # W&B leaves its service address (WANDB_SERVICE, ...) in this process's environment once a test used
-    # it in-process; the service's processes must not inherit that.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
-           "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_BROKER_URL": f"{REDIS_URL}/14",
-           "TUNEFORGE_DATA_DIR": str(root / "data"), "TUNEFORGE_CATALOGUE_FILE": str(catalogue),
-           "TUNEFORGE_STORAGE_BACKEND": "database", "TUNEFORGE_REQUIRE_API_KEYS": "true",
-           "TUNEFORGE_HEARTBEAT_SECONDS": "1", "TUNEFORGE_LEASE_SECONDS": "8",
-           "TUNEFORGE_REAPER_INTERVAL_SECONDS": "2", "TUNEFORGE_MIN_TRAINING_EXAMPLES": "10",
-           # The scale-out test queues 20 jobs at once and tests poll hard: lift those limits here.
-           "TUNEFORGE_MAX_ACTIVE_JOBS_PER_PROJECT": "100", "TUNEFORGE_RATE_LIMIT_PER_MINUTE": "100000",
-           "TUNEFORGE_RATE_LIMIT_BURST": "10000",
-           # W&B runs offline into the test's folder; no key, no network.
-           "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
-           # A queue of our own: parallel test sessions share Redis but never each other's jobs.
-           "TUNEFORGE_TRAINING_QUEUE": f"training-{os.getpid()}-{root.name}",
-           # Routing tests rely on what workers offer: no GPUs, even on a GPU machine.
-           "TUNEFORGE_WORKER_GPUS": "0"}
-    created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
-                             check=True, capture_output=True, text=True)
-    key = json.loads(created.stdout.strip().splitlines()[-1])["key"]
-    port = free_port()
-    api_log = open(root / "api.log", "ab")  # noqa: SIM115
-    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env,
-                           stdout=api_log, stderr=subprocess.STDOUT)
-    svc = Service(base_url=f"http://127.0.0.1:{port}", api_key=key, env=env, root=root)
-    svc.start_worker("worker-1")
-    try:
-        wait_until_up(f"{svc.base_url}/healthz", process=api)
+    with running_service(root, tiny_model_dir=tiny_model_dir, name=f"it_{os.getpid()}_{root.name}") as svc:
         yield svc
-    finally:
-        for process in [api, *svc.workers]:
-            stop_process(process, grace=20)
-        drop_database(database_name)
-        for log in sorted(root.glob("*.log")):
-            sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
-
-
-def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout}s: {job}")
-
-
-def all_events(client: httpx.Client, job_id: str) -> list[dict]:
-    """Every event of a job, newest first, following the list's pages."""
-    events: list[dict] = []
-    after = None
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                          params={"limit": 100, **({"after": after} if after else {})}).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return events
-        after = page["data"][-1]["id"]
 
 
 __all__ = ["all_events", "PG_ADMIN_URL", "Service", "free_port", "stop_process", "wait_for_status", "wait_until_up"]

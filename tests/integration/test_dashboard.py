@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = pytest.mark.integration
 

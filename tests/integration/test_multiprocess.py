@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, all_events, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TERMINAL = {"succeeded", "failed", "cancelled"}

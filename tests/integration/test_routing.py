@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, all_events, stop_process, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = [pytest.mark.integration]
 NO_FIT = "No worker can run this job"

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, stop_process, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

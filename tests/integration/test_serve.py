@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import free_port, stop_process, wait_for_status, wait_until_up
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, all_events, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli
 from tests.api.test_webhooks import Receiver, serve_receiver
-from tests.conftest import chat_lines, jsonl
 from tests.integration.conftest import Service, wait_for_status
+from tests.support.data import chat_lines, jsonl
 
 pytestmark = pytest.mark.integration
 

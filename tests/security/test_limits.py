@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import upload, upload_chat
-from tests.conftest import chat_lines, jsonl
 from tests.security.conftest import ProjectAObjects
+from tests.support.data import chat_lines, jsonl
 
 
 @pytest.fixture
