@@ -71,7 +71,10 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     if not settings.require_api_keys and not _is_loopback(host):
         raise typer.BadParameter("TUNEFORGE_REQUIRE_API_KEYS=false is only allowed on a loopback host",
                                  param_hint="--host")
-    # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (at most stop_grace_seconds), exit.
+    # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (at most stop_grace_seconds), exit 0.
+    # uvicorn re-raises SIGTERM after its drain with the default handler restored, which would end the process
+    # by the signal (and skip `tuneforge serve`'s stopping of its worker): make it a clean exit instead.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info",
                 timeout_graceful_shutdown=int(settings.stop_grace_seconds))
 
@@ -138,9 +141,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
     typer.echo(f"tuneforge serving on http://{host}:{port}/v1 (worker pid {worker_process.pid}, "
                f"data in {data_dir.resolve()})")
-    # uvicorn drains on SIGTERM, then re-raises the signal with the default handler restored, which would end
-    # this process before the `finally` below: make it an exit that runs the `finally`.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api(host=host, port=port, workers=1)
     finally:
@@ -150,8 +150,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         stop_process(worker_process, grace=settings.stop_grace_seconds)
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _exit_after_drain(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 @keys_app.command("create")
