@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic.fields import FieldInfo
 
 from app.core.config import LABEL_PATTERN
 from app.schemas.common import ListPage
-from app.schemas.training import AdapterConfig, Precision, SchedulerName
+from app.schemas.training import HYPERPARAMETER_FIELDS, AdapterConfig, TrainingConfig
 
 
-class Hyperparameters(BaseModel):
-    """OpenAI's three hyperparameters plus tuneforge's; anything left out takes its default."""
+class _OpenAIHyperparameters(BaseModel):
+    """OpenAI's three hyperparameters, each "auto" or a value."""
 
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: Literal["auto"] | int = Field(default="auto")
     batch_size: Literal["auto"] | int = Field(default="auto")
     learning_rate_multiplier: Literal["auto"] | float = Field(default="auto")
-    learning_rate: float | None = None
-    lr_scheduler: SchedulerName | None = None
-    warmup_ratio: float | None = None
-    weight_decay: float | None = None
-    max_grad_norm: float | None = None
-    gradient_accumulation_steps: int | None = None
-    max_seq_length: int | None = None
-    packing: bool | None = None
-    train_on_inputs: bool | None = None
-    gradient_checkpointing: bool | None = None
-    precision: Precision | None = None
-    eval_steps: int | None = None
-    n_evals: int | None = None
-    early_stopping_patience: int | None = None
-    early_stopping_threshold: float | None = None
-    save_steps: int | None = None
-    n_checkpoints: int | None = None
-    load_best_at_end: bool | None = None
 
     @field_validator("n_epochs")
     @classmethod
@@ -58,6 +41,27 @@ class Hyperparameters(BaseModel):
         if v != "auto" and not 0 < v <= 100:
             raise ValueError("learning_rate_multiplier must be \"auto\" or a number in (0, 100]")
         return v
+
+
+def _left_out(name: str) -> tuple[Any, FieldInfo]:
+    """TrainingConfig's field `name`, optional: left out (None), it takes TrainingConfig's default."""
+    field = TrainingConfig.model_fields[name]
+    return field.annotation | None, FieldInfo.merge_field_infos(field, default=None)  # type: ignore[operator]
+
+
+# OpenAI's three plus every other TrainingConfig hyperparameter, with TrainingConfig's bounds: adding a setting to
+# TrainingConfig adds it here.
+if TYPE_CHECKING:
+    class Hyperparameters(_OpenAIHyperparameters):
+        """What mypy sees of the model built below: the three fields, and the others as Any."""
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    Hyperparameters = create_model(
+        "Hyperparameters", __base__=_OpenAIHyperparameters, __module__=__name__,
+        __doc__="OpenAI's three hyperparameters plus tuneforge's; anything left out takes its default.",
+        **{name: _left_out(name) for name in HYPERPARAMETER_FIELDS if name not in _OpenAIHyperparameters.model_fields},
+    )
 
 
 class SupervisedMethod(BaseModel):
@@ -174,6 +178,7 @@ class JobPublic(BaseModel):
     integrations: list[dict[str, Any]] | None
     estimated_finish: int | None
     # Extensions.
+    merge: bool
     progress: dict[str, Any]
     attempt: int
     # Attempts that died since the job's last new checkpoint; the job fails when it reaches max_attempts.

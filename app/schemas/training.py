@@ -9,11 +9,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 AdapterType = Literal["lora", "qlora", "dora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 SchedulerName = Literal["linear", "cosine", "constant"]
+
+
+class ConfigConflict(ValueError):
+    """Settings that contradict each other or would do nothing; `field` is the TrainingConfig field to change
+    (or "validation_file", which the request carries), so the API can name the request's parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# Settings that act on the validation set: without a validation_file they would silently do nothing.
+NEEDS_VALIDATION_FILE = ("eval_steps", "n_evals", "early_stopping_patience", "load_best_at_end")
 
 
 class QuantizationConfig(BaseModel):
@@ -102,11 +115,48 @@ class TrainingConfig(BaseModel):
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
-    def _check_combination(self) -> TrainingConfig:
+    def _check_combination(self, info: ValidationInfo) -> TrainingConfig:
+        """Every setting must act: a combination where one would be ignored is refused, saying what to change.
+        A new job's config is validated with context {"validation_file": bool}; a stored one (no context) is
+        held only to the rules it was created under, so jobs from earlier releases still load."""
+        evaluates = self.eval_steps is not None or bool(self.n_evals)
         if self.eval_steps is not None and self.n_evals is not None:
-            raise ValueError("give eval_steps or n_evals, not both")
-        if self.early_stopping_patience is not None and self.eval_steps is None and not self.n_evals:
-            raise ValueError("early_stopping_patience needs evaluation: set eval_steps or n_evals")
+            raise ConfigConflict("n_evals", "give eval_steps or n_evals, not both")
+        if self.early_stopping_patience is not None and not evaluates:
+            raise ConfigConflict("early_stopping_patience",
+                                 "early_stopping_patience needs evaluation: set eval_steps or n_evals")
         if self.merge and self.adapter.type == "full":
-            raise ValueError("merge applies to adapters; a full fine-tune already produces full weights")
+            raise ConfigConflict("merge", "merge applies to adapters; a full fine-tune already produces full weights")
+        if info.context is None:
+            return self
+        if self.early_stopping_threshold and self.early_stopping_patience is None:
+            raise ConfigConflict("early_stopping_threshold",
+                                 "early_stopping_threshold applies to early stopping: set early_stopping_patience "
+                                 "or remove the threshold")
+        if self.load_best_at_end and not evaluates:
+            raise ConfigConflict("load_best_at_end", "load_best_at_end picks the best evaluated checkpoint: set "
+                                 "eval_steps or n_evals")
+        if self.adapter.type == "full":
+            defaults = AdapterConfig()
+            ignored = [name for name in ("r", "alpha", "dropout", "target_modules", "use_rslora")
+                       if getattr(self.adapter, name) != getattr(defaults, name)]
+            if ignored:
+                raise ConfigConflict("adapter", f"{', '.join(ignored)} configure an adapter; a full fine-tune "
+                                     "trains every weight and has none: remove them or choose an adapter type")
+        if self.distributed == "fsdp" and self.processes == 1:
+            raise ConfigConflict("distributed", "distributed \"fsdp\" shards across processes; with one process "
+                                 "it does nothing: ask for more processes (or GPUs) or use \"ddp\"")
+        given = [name for name in NEEDS_VALIDATION_FILE if getattr(self, name) not in (None, False, 0)]
+        if given and not info.context.get("validation_file"):
+            raise ConfigConflict("validation_file", f"{', '.join(given)} evaluate{'s' if len(given) == 1 else ''} "
+                                 "on the validation set, and this job has none: set validation_file to a validation "
+                                 f"file's id, or remove {', '.join(given)}")
         return self
+
+
+# Fields of TrainingConfig a request sets outside `hyperparameters`: the adapter block, the top-level `seed` and
+# `merge`, and `resources.processes` / `resources.distributed`. Every other field is a hyperparameter
+# (app/schemas/jobs.py derives the wire model from this split).
+JOB_LEVEL_FIELDS = ("adapter", "seed", "merge", "processes", "distributed")
+HYPERPARAMETER_FIELDS = tuple(name for name in TrainingConfig.model_fields if name not in JOB_LEVEL_FIELDS)
+

@@ -25,7 +25,7 @@ from app.schemas.jobs import (
     JobPublic,
     JobResources,
 )
-from app.schemas.training import AdapterConfig, TrainingConfig
+from app.schemas.training import HYPERPARAMETER_FIELDS, AdapterConfig, ConfigConflict, TrainingConfig
 from app.services.paging import page_after
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import needs_of
@@ -113,10 +113,33 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
     extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
                               exclude_none=True)
     resources = resolve_resources(request.resources)
-    return TrainingConfig(adapter=adapter, n_epochs=n_epochs, batch_size=batch_size,
-                          learning_rate=learning_rate, learning_rate_multiplier=round(multiplier, 6),
-                          seed=request.seed if request.seed is not None else 42, merge=request.merge,
-                          processes=resources.processes or 1, distributed=resources.distributed, **extras)
+    resolved = {"adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                "learning_rate_multiplier": round(multiplier, 6), "merge": request.merge,
+                "seed": request.seed if request.seed is not None else 42, "processes": resources.processes or 1,
+                "distributed": resources.distributed, **extras}
+    try:
+        return TrainingConfig.model_validate(resolved, context={"validation_file": request.validation_file is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        conflict = (first.get("ctx") or {}).get("error")
+        field = conflict.field if isinstance(conflict, ConfigConflict) else ".".join(str(p) for p in first["loc"])
+        prefix = "method.supervised.hyperparameters" if supervised and supervised.hyperparameters else \
+            "hyperparameters"
+        param = wire_param(field, hyperparameters=prefix)
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}",
+                             param=param, code="invalid_value") from None
+
+
+def wire_param(field: str, *, hyperparameters: str = "method.supervised.hyperparameters") -> str:
+    """The request parameter that sets TrainingConfig's `field` (hyperparameters under the given prefix)."""
+    name = field.split(".")[0]
+    if name in HYPERPARAMETER_FIELDS:
+        return f"{hyperparameters}.{field}"
+    if name == "adapter":
+        return f"method.supervised.{field}"
+    if name in ("processes", "distributed"):
+        return f"resources.{field}"
+    return field  # seed, merge, validation_file: top-level request fields
 
 
 def _request_hash(request: JobCreate) -> str:
@@ -152,16 +175,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
     resources = resolve_resources(request.resources)
-    try:
-        config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        prefix = "resources" if loc and loc[0] in ("processes", "distributed") else \
-            "method.supervised.hyperparameters"
-        param = ".".join([prefix, *loc])
-        raise InvalidRequest(f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}",
-                             param=param, code="invalid_value") from None
+    config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
 
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
@@ -342,7 +356,9 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
     config = TrainingConfig.model_validate(job.config)
     hyperparameters = {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
                        "learning_rate_multiplier": config.learning_rate_multiplier}
-    full = config.model_dump(mode="json", exclude={"adapter"})
+    # Echoed where a request sets them, so the echo can be sent back as a new job: hyperparameters under
+    # method, seed and merge at the top level, processes and distributed in resources.
+    full = config.model_dump(mode="json", include=set(HYPERPARAMETER_FIELDS))
     if result_files is None:
         result_files = result_files_of(session, [job])[job.pk]
     error = JobError(**job.error) if job.error else None
@@ -356,7 +372,7 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
-        crashes=job.crashes, resources=needs_of(job.resources), priority=job.priority,
+        crashes=job.crashes, merge=config.merge, resources=needs_of(job.resources), priority=job.priority,
     )
 
 

@@ -59,7 +59,7 @@ def test_bad_requests_get_the_error_envelope_naming_the_param(client: TestClient
          "method.supervised.adapter.r", "invalid_value"),
         ({"model": "tiny-llama", "training_file": file_id,
           "method": {"supervised": {"hyperparameters": {"early_stopping_patience": 2}}}},
-         "method.supervised.hyperparameters", "invalid_value"),
+         "method.supervised.hyperparameters.early_stopping_patience", "invalid_value"),
     ]
     for body, param, code in cases:
         response = client.post("/v1/fine_tuning/jobs", json=body)

@@ -37,7 +37,7 @@ def test_admin_lists_workers_with_resources_heartbeat_and_current_job(admin_clie
                                                                                       ["h100"])
     assert gpu["queue"] == "training.gpu-a-0" and 0 <= gpu["seconds_since_heartbeat"] < 5
     assert gpu["current_job"] == {"id": job.id, "project_id": gpu["current_job"]["project_id"], "project": "team-a",
-                                  "status": "running", "attempt": 1, "step": 12, "total_steps": 240}
+                                  "status": "running", "attempt": 1, "crashes": 0, "step": 12, "total_steps": 240}
     cpu = by_name["cpu-1"]
     assert cpu["live"] is False and cpu["seconds_since_heartbeat"] >= 600 and cpu["current_job"] is None
     assert cpu["cpu_count"] == 16 and cpu["memory_gb"] == 62.5

@@ -155,6 +155,12 @@ class Campaign:
     def running(self, job_ids: list[str]) -> list[dict[str, Any]]:
         return [job for job in (self.api.job(j) for j in job_ids) if job["status"] == "running"]
 
+    def stepping(self, job: dict[str, Any]) -> bool:
+        """Whether the job's current attempt has reported a step."""
+        page = self.api.call("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 10}).json()
+        return any(e["type"] == "metrics" and (e.get("data") or {}).get("attempt") == job["attempt"]
+                   for e in page["data"])
+
     # ---- workers ----
     def keep_workers(self) -> None:
         while len(self.service.live_workers()) < WORKERS:
@@ -186,6 +192,8 @@ class Campaign:
         if kind in TARGETED:
             # A crash counts against a job until it registers a new checkpoint: never three in a row on purpose.
             candidates = [j for j in running if kind != "training_sigkill" or j["crashes"] == 0]
+            # Aimed at attempts that are training (not still loading), so the steps a fault costs are measured.
+            candidates = [j for j in candidates if self.stepping(j)]
             candidates = [j for j in candidates if kind == "pause_resume" or self.worker_of(j["id"]) is not None]
             if not candidates:
                 fault.skipped = "no running job to aim at"

@@ -1,0 +1,88 @@
+"""A job's echoed configuration is a valid request for the same job, and no accepted setting is silently
+ignored: each combination that would do nothing is refused, naming the parameter to change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.schemas.jobs import JobCreate
+from app.schemas.training import HYPERPARAMETER_FIELDS, NEEDS_VALIDATION_FILE
+from tests.api.conftest import upload_chat
+
+# Every extension set, each away from its default.
+EVERYTHING: dict[str, Any] = {
+    "suffix": "all-knobs", "seed": 11, "metadata": {"team": "search"}, "merge": True, "priority": 5,
+    "resources": {"processes": 2, "distributed": "fsdp", "labels": ["cpu"]},
+    "method": {"type": "supervised", "supervised": {
+        "adapter": {"type": "dora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                    "use_rslora": True},
+        "hyperparameters": {
+            "n_epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
+            "weight_decay": 0.01, "max_grad_norm": 0.5, "gradient_accumulation_steps": 2, "max_seq_length": 256,
+            "packing": True, "train_on_inputs": True, "gradient_checkpointing": True, "precision": "fp32",
+            "eval_steps": 3, "early_stopping_patience": 2, "early_stopping_threshold": 0.01, "save_steps": 4,
+            "load_best_at_end": True}}},
+}
+
+
+def test_every_echoed_field_of_a_job_is_accepted_back_and_makes_the_same_job(client: TestClient) -> None:
+    hyperparameters = EVERYTHING["method"]["supervised"]["hyperparameters"]
+    assert set(hyperparameters) | {"learning_rate_multiplier", "n_evals", "n_checkpoints"} == set(HYPERPARAMETER_FIELDS)
+    first = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client),
+                                                      "validation_file": upload_chat(client, offset=50), **EVERYTHING})
+    assert first.status_code == 200, first.text
+    echoed = first.json()
+    # Everything the job echoes that a request can carry, sent back as it came.
+    body = {name: echoed[name] for name in JobCreate.model_fields if echoed.get(name) is not None}
+    assert {"method", "hyperparameters", "seed", "merge", "resources", "priority", "suffix"} <= set(body)
+    second = client.post("/v1/fine_tuning/jobs", json=body)
+    assert second.status_code == 200, second.text
+    again = second.json()
+    for name in [*body, "method"]:
+        assert again[name] == echoed[name], name
+
+
+@pytest.mark.parametrize("setting", [{"eval_steps": 5}, {"n_evals": 3}, {"load_best_at_end": True, "n_evals": 2},
+                                     {"early_stopping_patience": 2, "eval_steps": 2}])
+def test_settings_that_evaluate_are_refused_without_a_validation_file(client: TestClient,
+                                                                      setting: dict[str, Any]) -> None:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client),
+        "method": {"supervised": {"hyperparameters": setting}}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "validation_file" and error["code"] == "invalid_value"
+    named = [name for name in NEEDS_VALIDATION_FILE if name in setting]
+    assert f"{', '.join(named)} evaluate" in error["message"] and "set validation_file" in error["message"]
+
+
+@pytest.mark.parametrize(("method", "resources", "param", "words"), [
+    ({"hyperparameters": {"early_stopping_threshold": 0.1}}, None,
+     "method.supervised.hyperparameters.early_stopping_threshold", "set early_stopping_patience"),
+    ({"hyperparameters": {"load_best_at_end": True}}, None,
+     "method.supervised.hyperparameters.load_best_at_end", "set eval_steps or n_evals"),
+    ({"adapter": {"type": "full", "r": 8}}, None, "method.supervised.adapter", "r configure an adapter"),
+    ({}, {"distributed": "fsdp"}, "resources.distributed", "with one process it does nothing"),
+])
+def test_settings_that_would_do_nothing_are_refused_naming_what_to_change(
+        client: TestClient, method: dict[str, Any], resources: dict[str, Any] | None, param: str, words: str) -> None:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client), "validation_file": upload_chat(client, offset=50),
+        "method": {"supervised": method}, **({"resources": resources} if resources else {})})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert words in response.json()["error"]["message"]
+
+
+def test_the_deprecated_top_level_hyperparameters_are_named_as_sent(client: TestClient) -> None:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client), "hyperparameters": {"n_evals": 2}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "validation_file"
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client), "validation_file": upload_chat(client, 50),
+        "hyperparameters": {"early_stopping_threshold": 0.5}})
+    assert response.json()["error"]["param"] == "hyperparameters.early_stopping_threshold"
