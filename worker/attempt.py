@@ -34,6 +34,7 @@ from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.reporter import DatabaseReporter
 from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
+from worker.workdirs import remove_attempt_dir
 
 logger = logging.getLogger("tuneforge.attempt")
 
@@ -122,6 +123,8 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings, procs: Process
         return _run(job_id, attempt, settings=settings, followers=followers)
     finally:
         followers.tell(None)  # never leave the other processes waiting for inputs that will not come
+        # Its outputs are in storage (or it ended without any): nothing here is needed again.
+        remove_attempt_dir(settings, job_id=job_id, attempt=attempt)
 
 
 def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers) -> int:
@@ -143,7 +146,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         # Continued training: `model` names a fine-tuned model (or checkpoint) trained on base_model.
         parent_model = job.model if job.model != job.base_model else None
 
-    workdir = (settings.data_dir / "work" / job_id / f"attempt-{attempt}").resolve()
+    workdir = settings.attempt_work_dir(job_id, attempt)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     reporter = DatabaseReporter(job_pk=job_pk, job_id=job_id, attempt=attempt, storage=storage,

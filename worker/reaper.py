@@ -1,5 +1,6 @@
 """The reaper: requeues jobs whose lease expired and re-sends jobs whose dispatch was lost (and routes
-again jobs that no live worker fitted, so they start once one registers).
+again jobs that no live worker fitted, so they start once one registers); sends due webhooks; removes this
+host's leftovers of ended attempts.
 
 Every worker runs it in a background thread; the claims are transactional, so several reapers at
 once do no harm (embedded mode needs no separate beat process)."""
@@ -15,6 +16,7 @@ from app.core.logging import configure_logging
 from app.services import attempts
 from app.services.dispatch import dispatch_job
 from app.services.webhooks import send_due_webhooks
+from worker.workdirs import sweep
 
 logger = logging.getLogger("tuneforge.reaper")
 
@@ -44,6 +46,8 @@ def start_reaper(*, settings: Settings) -> threading.Thread:
                 if sent:
                     logger.info("reaper re-dispatched %s", sent)
                 send_due_webhooks(settings=settings)
+                with session_scope() as session:
+                    sweep(session, settings=settings)  # this host's leftovers of ended attempts
             except Exception:  # database or broker down: try again next round
                 logger.exception("reaper pass failed")
             if stop.wait(settings.reaper_interval_seconds):

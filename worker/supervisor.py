@@ -26,6 +26,7 @@ from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
 from app.services.workers import needs_of, worker_fits
 from worker import registry
+from worker.workdirs import remove_attempt_dir
 
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
@@ -164,9 +165,8 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
     """Run the claimed attempt in a child process, renewing its lease, until it ends."""
     set_job_context(job_id, attempt)
 
-    log_dir = (settings.data_dir / "logs").resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{job_id}-attempt-{attempt}.log"
+    log_path = settings.attempt_log_path(job_id, attempt)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         oom_before = oom_kills()
         child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log, stderr=subprocess.STDOUT,
@@ -200,6 +200,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
             return "stopped"
 
     code = child.returncode
+    remove_attempt_dir(settings, job_id=job_id, attempt=attempt)  # what a killed attempt left behind
     if code == 0:
         return "finished"
     oom_after = oom_kills()

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     checkpoint_interval_seconds: float = Field(default=600.0, gt=0)
     # Retention: a job keeps its latest N registered checkpoints (and the best by validation loss).
     checkpoints_kept_after_finish: int = Field(default=3, ge=1)
+    # A worker host keeps each training attempt's log this long (the work directories go with their attempt).
+    attempt_log_retention_days: float = Field(default=7.0, gt=0)
     # How long a cancelled training process gets to stop by itself before it is killed.
     cancel_grace_seconds: float = Field(default=5.0, gt=0)
     # How long a stopping process waits for its work: `tuneforge api` for in-flight requests (open event
@@ -159,6 +161,23 @@ class Settings(BaseSettings):
         if self.storage_backend != "auto":
             return self.storage_backend
         return "local" if self.resolved_database_url.startswith("sqlite") else "database"
+
+    # Where a worker host keeps each attempt's scratch files (downloaded data, checkpoints before upload, the
+    # adapter and merged weights before upload) and its log. Work directories live only as long as their
+    # attempt (worker/workdirs.py removes them); logs are kept attempt_log_retention_days.
+    @property
+    def work_root(self) -> Path:
+        return (self.data_dir / "work").resolve()
+
+    def attempt_work_dir(self, job_id: str, attempt: int) -> Path:
+        return self.work_root / job_id / f"attempt-{attempt}"
+
+    @property
+    def log_root(self) -> Path:
+        return (self.data_dir / "logs").resolve()
+
+    def attempt_log_path(self, job_id: str, attempt: int) -> Path:
+        return self.log_root / f"{job_id}-attempt-{attempt}.log"
 
     @property
     def catalogue_path(self) -> Path:

@@ -4,6 +4,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.api.deps import CurrentProject, SessionDep, SettingsDep
+from app.core.errors import PermissionDenied
 from app.core.storage import get_storage
 from app.models import FineTuningJob, JobArtifact
 from app.schemas.models import ModelDeleted, ModelList, ModelPublic
@@ -40,7 +41,10 @@ def read_model(session: SessionDep, project: CurrentProject, settings: SettingsD
 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted)
-def delete_model(session: SessionDep, project: CurrentProject, model_id: str) -> ModelDeleted:
+def delete_model(session: SessionDep, project: CurrentProject, settings: SettingsDep, model_id: str) -> ModelDeleted:
     """Delete a fine-tuned model: its adapter, merged weights, result files and checkpoints."""
+    if model_id in settings.catalogue():
+        raise PermissionDenied(f"'{model_id}' is a base model from the catalogue: only fine-tuned models can be "
+                               "deleted through the API (base models are managed by the operator).", param="model")
     artifact_service.delete_fine_tuned_model(session, storage=get_storage(), project=project, model_id=model_id)
     return ModelDeleted(id=model_id)
