@@ -23,12 +23,13 @@ from app.core.config import Settings, get_settings
 from app.core.db import get_engine, session_scope
 from app.core.logging import configure_logging, set_job_context
 from app.core.storage import Storage, get_storage
-from app.models import File, FineTuningJob, Project
+from app.models import File, FineTuningJob, JobStatus, Project
 from app.schemas.training import TrainingConfig
 from app.services import attempts
 from app.services.artifacts import find_fine_tuned_model
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
+from app.services.intake import token_report
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.reporter import DatabaseReporter
@@ -134,7 +135,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
     storage = get_storage()
     with session_scope() as session:
         job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
-        if job is None or job.attempt != attempt or job.status != "running":
+        if job is None or job.attempt != attempt or job.status != JobStatus.RUNNING:
             return EXIT_STALE
         project = session.get(Project, job.project_pk)
         assert project is not None
@@ -160,6 +161,12 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         train_path = _download(storage, file_id=training_file, project_pk=project_pk, target=workdir / "train.jsonl")
         valid_path = (_download(storage, file_id=validation_file, project_pk=project_pk,
                                 target=workdir / "validation.jsonl") if validation_file else None)
+        if attempt == 1:  # what the job's data is in its model's tokens (once per job)
+            with session_scope() as session:
+                job_row = session.get(FineTuningJob, job_pk)
+                assert job_row is not None
+                for level, message, data in token_report(session, job_row, settings=settings):
+                    reporter.event(message, level=level, data=data)
         resume_from = _resume_point(storage, job_pk=job_pk, workdir=workdir)
         if resume_from is not None:
             reporter.event(f"Resuming from the checkpoint at {resume_from.name}.")

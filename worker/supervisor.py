@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import set_job_context
 from app.core.processes import stop_process
-from app.models import FineTuningJob
+from app.models import FineTuningJob, JobStatus
 from app.services import attempts
 from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
@@ -130,7 +130,7 @@ def _pass_on(session: Session, *, message_job_id: str, claimed_job_id: str | Non
     if claimed_job_id == message_job_id:
         return
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == message_job_id))
-    if job is None or job.status != "queued":
+    if job is None or job.status != JobStatus.QUEUED:
         return
     if claimed_job_id is not None or not worker_fits(needs_of(job.resources), registry.this_worker(settings)):
         dispatch_job(session, job_id=message_job_id, settings=settings)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import FineTuningJob
+from app.models import FineTuningJob, JobStatus
 
 logger = logging.getLogger("tuneforge.workdirs")
 
@@ -37,7 +37,7 @@ def sweep(session: Session, *, settings: Settings, now: float | None = None) -> 
     removed: list[Path] = []
     if settings.work_root.is_dir():
         running = {(job_id, attempt) for job_id, attempt in session.execute(
-            select(FineTuningJob.id, FineTuningJob.attempt).where(FineTuningJob.status == "running"))}
+            select(FineTuningJob.id, FineTuningJob.attempt).where(FineTuningJob.status == JobStatus.RUNNING))}
         for job_dir in settings.work_root.iterdir():
             for attempt_dir in job_dir.glob("attempt-*"):
                 number = attempt_dir.name.removeprefix("attempt-")

@@ -20,10 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.config import Settings
-from app.models import FineTuningJob
-from app.models.job import TERMINAL_STATUSES
+from app.models import FineTuningJob, JobStatus
+from app.models.job import TERMINAL_STATUSES, WAITING_STATUSES
 
-STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+STATUSES = tuple(JobStatus)
 # Fine-tuning runs take minutes to days: buckets from 1 minute to 2 days.
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0,
                     48 * 3600.0)
@@ -78,8 +78,8 @@ def job_families(session: Session, *, settings: Settings, now: float | None = No
     jobs = GaugeMetricFamily("tuneforge_jobs", "Fine-tuning jobs by status.", labels=["status"])
     for status in sorted(set(STATUSES) | set(counts)):
         jobs.add_metric([status], counts.get(status, 0))
-    queue = GaugeMetricFamily("tuneforge_queue_depth", "Jobs waiting for a worker (status queued).",
-                              value=counts.get("queued", 0))
+    queue = GaugeMetricFamily("tuneforge_queue_depth", "Jobs waiting for a worker (validating_files or queued).",
+                              value=sum(counts.get(status, 0) for status in WAITING_STATUSES))
 
     tokens = session.scalar(select(func.coalesce(func.sum(FineTuningJob.trained_tokens), 0)))
     trained = GaugeMetricFamily("tuneforge_trained_tokens", "Tokens trained by succeeded jobs, all time.",
@@ -99,7 +99,7 @@ def job_families(session: Session, *, settings: Settings, now: float | None = No
 
     # A lease renewal sets lease_expires_at = renewal time + lease_seconds.
     renewals = session.execute(select(FineTuningJob.lease_owner, func.max(FineTuningJob.lease_expires_at))
-                               .where(FineTuningJob.status == "running", FineTuningJob.lease_owner.is_not(None))
+                               .where(FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_owner.is_not(None))
                                .group_by(FineTuningJob.lease_owner)).all()
     heartbeat = GaugeMetricFamily("tuneforge_worker_heartbeat_age_seconds",
                                   "Seconds since each busy worker last renewed a job lease.", labels=["worker"])

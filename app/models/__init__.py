@@ -3,7 +3,7 @@
 from app.models.base import Base
 from app.models.blob import Blob, BlobChunk
 from app.models.file import File
-from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent
+from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus  # noqa: F401
 from app.models.project import ApiKey, Project
 from app.models.webhook import WebhookDelivery, WebhookEndpoint
 from app.models.worker import Worker

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Double, ForeignKey, Index, Integer, String, UniqueConstraint
@@ -7,7 +8,44 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, BigIntKey, JSONType, KeyedMixin, now_seconds
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """A job's status: OpenAI's, plus `paused`."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# The one map of who may move a job where. Each state change is an UPDATE guarded by its source statuses
+# (`sources_of`), so two processes racing for one job cannot both move it.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    # files checked (queued), failed validation, paused or cancelled before starting
+    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.PAUSED, JobStatus.CANCELLED}),
+    # claimed by a worker (running), or paused/cancelled while waiting
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.PAUSED, JobStatus.CANCELLED}),
+    # finished; paused after a checkpoint; handed back (queued) on a stop, a crash or a lost lease
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED,
+                                  JobStatus.QUEUED}),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+TERMINAL_STATUSES = tuple(status for status, targets in TRANSITIONS.items() if not targets)
+# Accepted and not yet running: waiting for a worker.
+WAITING_STATUSES = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
+# Holding (or about to hold) a worker or the project's running-job quota.
+ACTIVE_STATUSES = (*WAITING_STATUSES, JobStatus.RUNNING)
+
+
+def sources_of(target: JobStatus) -> tuple[JobStatus, ...]:
+    """The statuses a job may move to `target` from."""
+    return tuple(status for status, targets in TRANSITIONS.items() if target in targets)
 
 
 class FineTuningJob(KeyedMixin, Base):
@@ -27,7 +65,7 @@ class FineTuningJob(KeyedMixin, Base):
     base_model: Mapped[str] = mapped_column(String(255))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[str] = mapped_column(String(20), default="validating_files")
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.VALIDATING_FILES)
     # TrainingConfig.model_dump(): what the worker runs, fully resolved.
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)

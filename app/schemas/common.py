@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
 T = TypeVar("T")
 
@@ -13,3 +13,18 @@ class ListPage(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     has_more: bool
+
+
+class OmitsUnsetOptionals(BaseModel):
+    """Leaves out the fields named in OMITTED_WHEN_NONE when they are None: OpenAI's schema lets them be absent
+    but not null (a file's status_details, an event's data), so strict clients reject a null."""
+
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.OMITTED_WHEN_NONE:
+            if data.get(name, "") is None:
+                del data[name]
+        return data

@@ -4,12 +4,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.schemas.common import ListPage
+from app.schemas.common import ListPage, OmitsUnsetOptionals
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
 
 
-class FilePublic(BaseModel):
+class FilePublic(OmitsUnsetOptionals):
+    OMITTED_WHEN_NONE = ("status_details",)
+
     id: str
     object: Literal["file"] = "file"
     bytes: int

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from app.core.config import LABEL_PATTERN
-from app.schemas.common import ListPage
+from app.models.job import JobStatus
+from app.schemas.common import ListPage, OmitsUnsetOptionals
 from app.schemas.training import HYPERPARAMETER_FIELDS, AdapterConfig, TrainingConfig
 
 
@@ -164,7 +165,7 @@ class JobPublic(BaseModel):
     model: str
     fine_tuned_model: str | None
     organization_id: str
-    status: str
+    status: JobStatus
     error: JobError | None
     hyperparameters: dict[str, Any]
     method: dict[str, Any]
@@ -179,6 +180,8 @@ class JobPublic(BaseModel):
     estimated_finish: int | None
     # Extensions.
     merge: bool
+    # A pause answers at once; a running job keeps training until its next checkpoint is saved, then pauses.
+    pause_requested: bool
     progress: dict[str, Any]
     attempt: int
     # Attempts that died since the job's last new checkpoint; the job fails when it reaches max_attempts.
@@ -191,14 +194,16 @@ class JobList(ListPage[JobPublic]):
     pass
 
 
-class JobEventPublic(BaseModel):
+class JobEventPublic(OmitsUnsetOptionals):
+    OMITTED_WHEN_NONE = ("data",)
+
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
     level: str
     message: str
     type: str
-    data: dict[str, Any] | None
+    data: dict[str, Any] | None = None
 
 
 class JobEventList(ListPage[JobEventPublic]):

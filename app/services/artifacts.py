@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import NotFound
 from app.core.storage import Storage
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, Project
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
 
 # Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
 WEIGHT_KINDS = ("adapter", "model")
@@ -61,7 +61,7 @@ def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) 
         base_id, step = head, int(tail)
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
                                                      FineTuningJob.fine_tuned_model == base_id,
-                                                     FineTuningJob.status == "succeeded"))
+                                                     FineTuningJob.status == JobStatus.SUCCEEDED))
     if job is None or not has_weights(session, job=job):
         raise NotFound(f"The model '{model_id}' does not exist.", param="model")
     if step is not None and session.scalar(select(JobCheckpoint.pk).where(

@@ -15,8 +15,9 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, Project
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
 from app.models.base import new_id, now_seconds
+from app.models.job import WAITING_STATUSES
 from app.services.jobs import add_event
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import WorkerSpec, needs_of, worker_fits
@@ -32,7 +33,8 @@ def _execute(session: Session, statement: Any) -> CursorResult[Any]:
 
 
 def _fence(job_pk: int, attempt: int) -> Any:
-    return (FineTuningJob.pk == job_pk) & (FineTuningJob.attempt == attempt) & (FineTuningJob.status == "running")
+    return ((FineTuningJob.pk == job_pk) & (FineTuningJob.attempt == attempt)
+            & (FineTuningJob.status == JobStatus.RUNNING))
 
 
 def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Settings) -> FineTuningJob | None:
@@ -43,8 +45,9 @@ def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Setting
     now = time.time()
     result = _execute(session,
         update(FineTuningJob)
-        .where(FineTuningJob.pk == job.pk, FineTuningJob.status == "queued", FineTuningJob.attempt == job.attempt)
-        .values(status="running", attempt=FineTuningJob.attempt + 1, lease_owner=owner,
+        .where(FineTuningJob.pk == job.pk, FineTuningJob.status == JobStatus.QUEUED,
+               FineTuningJob.attempt == job.attempt)
+        .values(status=JobStatus.RUNNING, attempt=FineTuningJob.attempt + 1, lease_owner=owner,
                 lease_expires_at=now + settings.lease_seconds, requested_action=None,
                 started_at=job.started_at or int(now))
     )
@@ -59,7 +62,7 @@ def _take(session: Session, *, job: FineTuningJob, owner: str, settings: Setting
 
 
 def _running_per_project(session: Session, project_pk: int | None = None) -> dict[int, int]:
-    query = select(FineTuningJob.project_pk, func.count()).where(FineTuningJob.status == "running")
+    query = select(FineTuningJob.project_pk, func.count()).where(FineTuningJob.status == JobStatus.RUNNING)
     if project_pk is not None:
         query = query.where(FineTuningJob.project_pk == project_pk)
     return {project: count for project, count in session.execute(query.group_by(FineTuningJob.project_pk))}
@@ -71,7 +74,7 @@ def claimable_jobs(session: Session, *, worker: WorkerSpec | None, settings: Set
     None) and whose project is under max_running_jobs_per_project; by priority, then the preferred job
     (a message's own), then age. Read without locks: claim_next_job re-checks under them."""
     query = select(FineTuningJob.pk, FineTuningJob.id, FineTuningJob.project_pk, FineTuningJob.priority,
-                   FineTuningJob.resources).where(FineTuningJob.status == "queued")
+                   FineTuningJob.resources).where(FineTuningJob.status == JobStatus.QUEUED)
     if project_pk is not None:
         query = query.where(FineTuningJob.project_pk == project_pk)
     limit = settings.max_running_jobs_per_project
@@ -104,7 +107,8 @@ def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
                 full.add(project_pk)
                 session.rollback()
                 continue
-        job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == pk, FineTuningJob.status == "queued")
+        job = session.scalar(select(FineTuningJob)
+                             .where(FineTuningJob.pk == pk, FineTuningJob.status == JobStatus.QUEUED)
                              .with_for_update(skip_locked=True).execution_options(populate_existing=True))
         if job is None:  # claimed, cancelled or being claimed by someone else since we read the list
             session.rollback()
@@ -128,7 +132,7 @@ def requested_action(session: Session, *, job_pk: int, attempt: int) -> str:
     """"continue", "pause" or "cancel" (which also covers a lost lease) for a running attempt."""
     row = session.execute(select(FineTuningJob.status, FineTuningJob.attempt, FineTuningJob.requested_action)
                           .where(FineTuningJob.pk == job_pk)).one_or_none()
-    if row is None or row.status != "running" or row.attempt != attempt:
+    if row is None or row.status != JobStatus.RUNNING or row.attempt != attempt:
         return "cancel"
     # "release" (worker shutting down) stops like a pause: checkpoint first, then give the job up.
     return "pause" if row.requested_action in ("pause", "release") else "continue"
@@ -148,12 +152,12 @@ def stop_after_checkpoint(session: Session, *, job_pk: int, attempt: int) -> str
     """After a requested stop saved its checkpoint: "paused" (user pause) or "queued" (worker shutdown)."""
     action = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt)))
     if action == "release":
-        release_job(session, job_pk=job_pk, attempt=attempt, status="queued",
+        release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED,
                     message=f"Attempt {attempt} was asked to stop (its worker is shutting down); checkpoint "
                             "saved, the job is queued to continue on another worker.",
                     data={"attempt": attempt, "reason": "release"})
         return "queued"
-    release_job(session, job_pk=job_pk, attempt=attempt, status="paused",
+    release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.PAUSED,
                 message="Job paused after saving a checkpoint; resume it to continue.")
     return "paused"
 
@@ -207,7 +211,7 @@ def latest_checkpoint(session: Session, *, job_pk: int) -> JobCheckpoint | None:
 def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model: str, trained_tokens: int,
                artifacts: list[tuple[str, str, File]]) -> None:
     """succeeded, with its result files, in one fenced transaction."""
-    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status="succeeded",
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.SUCCEEDED,
                          fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens,
                          finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
                          estimated_finish=None)
@@ -223,7 +227,7 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
 
 def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str, **values: Any) -> None:
     """failed, from the running attempt (fenced); values: more job columns to write with it."""
-    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status="failed", finished_at=now_seconds(),
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.FAILED, finished_at=now_seconds(),
                          error={"code": code, "message": message, "param": None},
                          lease_owner=None, lease_expires_at=None, estimated_finish=None, **values)
     add_event(session, job=job, level="error", message=message)
@@ -252,7 +256,7 @@ def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: 
                  message=f"The job's training process died {crashes} times in a row without saving a new "
                          f"checkpoint; giving up. Last failure: {reason}")
         return "failed"
-    release_job(session, job_pk=job_pk, attempt=attempt, status="queued", crashes=crashes, level="warn",
+    release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED, crashes=crashes, level="warn",
                 message=f"Attempt {attempt} ended without finishing: {reason}. The job is queued again and "
                         f"resumes from its last checkpoint (crash {crashes} of {settings.max_attempts} allowed in "
                         "a row without progress).", data={"attempt": attempt, "crashes": crashes,
@@ -264,16 +268,17 @@ def reap_expired_leases(session: Session, *, settings: Settings) -> list[str]:
     """Requeue running jobs whose lease expired; return the ids that need dispatching."""
     now = time.time()
     expired = list(session.scalars(select(FineTuningJob).where(
-        FineTuningJob.status == "running", FineTuningJob.lease_expires_at < now).with_for_update(skip_locked=True)))
+        FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_expires_at < now
+    ).with_for_update(skip_locked=True)))
     for job in expired:
         message = (f"Attempt {job.attempt} on {job.lease_owner} stopped renewing its lease; "
                    "the job is queued again and resumes from its last checkpoint.")
-        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = "queued", None, None, None
+        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = JobStatus.QUEUED, None, None, None
         add_event(session, job=job, level="warn", message=message)
     session.commit()
     # Jobs accepted while the broker was down (or whose message was lost) are sent again.
     stale = now - max(settings.lease_seconds, 60.0)
     waiting = session.scalars(select(FineTuningJob.id).where(
-        FineTuningJob.status.in_(("validating_files", "queued")),
+        FineTuningJob.status.in_(WAITING_STATUSES),
         (FineTuningJob.dispatched_at.is_(None)) | (FineTuningJob.dispatched_at < stale)))
     return list(waiting)

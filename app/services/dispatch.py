@@ -19,7 +19,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.models import FineTuningJob, JobEvent, Worker
+from app.models import FineTuningJob, JobEvent, JobStatus, Worker
+from app.models.job import WAITING_STATUSES
 from app.schemas.jobs import JobResources
 from app.services import workers as registry
 from app.services.jobs import add_event
@@ -28,7 +29,6 @@ logger = logging.getLogger("tuneforge.dispatch")
 
 NO_FIT_PREFIX = "No worker can run this job"
 FIT_AGAIN_PREFIX = "A worker that can run this job is live"
-WAITING_STATUSES = ("validating_files", "queued")
 MAX_WORKERS_NAMED = 10
 
 
@@ -42,7 +42,7 @@ def dispatch_job(session: Session, *, job_id: str, settings: Settings | None = N
     if queue is None:
         queue = settings.training_queue
         needs = registry.needs_of(job.resources)
-        if needs.requires_worker and job.status == "validating_files":
+        if needs.requires_worker and job.status == JobStatus.VALIDATING_FILES:
             # Any free worker checks the files (that needs no GPU) and then routes the job on
             # (worker/supervisor.py), so a job waiting for a busy or missing worker already waits
             # `queued`, in priority order, instead of behind that worker's backlog.

@@ -13,11 +13,12 @@ from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
 from app.core.storage import Storage, TooLarge
 from app.models import File, FineTuningJob, Project
 from app.models.base import new_id
+from app.models.job import ACTIVE_STATUSES, JobStatus
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
 
 UPLOAD_PURPOSES = ("fine-tune",)
-ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
+ACTIVE_JOB_STATUSES = (*ACTIVE_STATUSES, JobStatus.PAUSED)
 
 
 def check_purpose(purpose: str | None) -> str:

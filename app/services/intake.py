@@ -1,5 +1,6 @@
-"""The validating_files phase of a job, run in the worker before the job is queued: full validation of
-files that were too large to validate during upload, and token statistics with the job's tokenizer.
+"""The validating_files phase of a job, run in a worker before the job is queued: full validation of files
+that were too large to validate during upload (a job whose files were validated at upload is queued at once);
+and token statistics with the job's tokenizer, which the job's first attempt reports.
 
 Token counts use the `tokenizers` library (no torch, so the API can compute them too). Chat examples
 are rendered with the model's chat template when it has one and jinja2 is installed (as the trainer
@@ -12,14 +13,14 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.storage import Storage, get_storage
-from app.models import File, FineTuningJob
+from app.models import File, FineTuningJob, JobStatus
 from app.models.base import now_seconds
 from app.schemas.training import TrainingConfig
 from app.services.datasets import LengthStats, detect_format, status_details, validate_chunks
@@ -176,9 +177,9 @@ def validate_stored_file(session: Session, *, storage: Storage, file: File) -> N
 def _fail(session: Session, job: FineTuningJob, *, param: str, code: str, message: str) -> bool:
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
                          .execution_options(populate_existing=True)) or job
-    if job.status != "validating_files":
+    if job.status != JobStatus.VALIDATING_FILES:
         return False
-    job.status = "failed"
+    job.status = JobStatus.FAILED
     job.finished_at = now_seconds()
     job.error = {"code": code, "param": param, "message": message}
     add_event(session, job=job, level="error", message=message)
@@ -187,27 +188,41 @@ def _fail(session: Session, job: FineTuningJob, *, param: str, code: str, messag
     return False
 
 
-def _report_tokens(session: Session, job: FineTuningJob, *, file: File, param: str, settings: Settings) -> None:
-    """Token statistics for the job's model, as a message event (and a warning for examples to truncate)."""
+# (level, message, data) of one event to record.
+TokenEvent = tuple[Literal["info", "warn"], str, dict[str, Any]]
+
+
+def token_report(session: Session, job: FineTuningJob, *, settings: Settings) -> list[TokenEvent]:
+    """Token statistics of the job's files for its model, as (level, message, data) events to record: one line per
+    file, and a warning for examples that max_seq_length will truncate. Needs the model's tokenizer files."""
+    if job.base_model not in settings.catalogue():
+        return []
     max_seq_length = int(job.config.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
-    stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model,
-                               settings=settings, max_seq_length=max_seq_length)
-    if stats is None:
-        add_event(session, job=job, message=f"No token statistics for {file.id}: model {job.base_model!r} has no "
-                                            "tokenizer.json.")
-        return
-    summary = stats["tokens_per_example"] or {}
-    add_event(session, job=job, data={"file": file.id, "param": param, "model": job.base_model, **stats},
-              message=f"{param} {file.id}: {stats['examples']} examples, {stats['total_tokens']} tokens; tokens per "
-                      f"example min {summary.get('min')}, mean {summary.get('mean')}, p50 {summary.get('p50')}, "
-                      f"p95 {summary.get('p95')}, max {summary.get('max')} ({stats['method']}).")
-    over = stats["over_max_seq_length"][str(max_seq_length)]
-    if over:
-        add_event(session, job=job, level="warn",
-                  data={"file": file.id, "param": param, "over_max_seq_length": over, "max_seq_length": max_seq_length},
-                  message=f"{over} example(s) in {param} {file.id} are longer than max_seq_length={max_seq_length} "
-                          "tokens and will be truncated; raise max_seq_length to keep them whole.")
-    session.commit()
+    events: list[TokenEvent] = []
+    for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
+        file = session.scalar(select(File).where(File.id == file_id, File.project_pk == job.project_pk)) \
+            if file_id else None
+        if file is None:
+            continue
+        stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model,
+                                   settings=settings, max_seq_length=max_seq_length)
+        if stats is None:
+            events.append(("info", f"No token statistics for {file.id}: model {job.base_model!r} has no "
+                                   "tokenizer.json.", {"file": file.id}))
+            continue
+        summary = stats["tokens_per_example"] or {}
+        events.append(("info", f"{param} {file.id}: {stats['examples']} examples, {stats['total_tokens']} tokens; "
+                               f"tokens per example min {summary.get('min')}, mean {summary.get('mean')}, p50 "
+                               f"{summary.get('p50')}, p95 {summary.get('p95')}, max {summary.get('max')} "
+                               f"({stats['method']}).", {"file": file.id, "param": param, "model": job.base_model,
+                                                         **stats}))
+        over = stats["over_max_seq_length"][str(max_seq_length)]
+        if over:
+            events.append(("warn", f"{over} example(s) in {param} {file.id} are longer than max_seq_length="
+                                   f"{max_seq_length} tokens and will be truncated; raise max_seq_length to keep "
+                                   "them whole.", {"file": file.id, "param": param, "over_max_seq_length": over,
+                                                   "max_seq_length": max_seq_length}))
+    return events
 
 
 def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> bool:
@@ -216,7 +231,7 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
     No lock is held while files are read (a large file takes a while): the job is locked only to change state.
     """
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
-    if job is None or job.status != "validating_files":
+    if job is None or job.status != JobStatus.VALIDATING_FILES:
         return False
     for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
         if file_id is None:
@@ -236,14 +251,12 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
             return _fail(session, job, param=param, code="too_few_examples",
                          message=f"{param} {file_id} has {examples} example(s); training needs at least "
                                  f"{settings.min_training_examples}.")
-        if job.base_model in settings.catalogue():
-            _report_tokens(session, job, file=row, param=param, settings=settings)
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
                          .execution_options(populate_existing=True))
-    if job is None or job.status != "validating_files":
+    if job is None or job.status != JobStatus.VALIDATING_FILES:
         session.commit()
         return False
-    job.status = "queued"
+    job.status = JobStatus.QUEUED
     add_event(session, job=job, message="Files validated; job queued.")
     session.commit()
     return True

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, Project
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus, Project
 from app.models.base import new_id, now_seconds
+from app.models.job import WAITING_STATUSES
 from app.schemas.jobs import (
     CheckpointPublic,
     Hyperparameters,
@@ -167,20 +168,25 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     base_model = _base_model(session, project=project, model=request.model, settings=settings)
     training = _training_file(session, project=project, file_id=request.training_file,
                               param="training_file", settings=settings)
+    files = [training]
     if request.validation_file is not None:
-        _training_file(session, project=project, file_id=request.validation_file, param="validation_file",
-                       settings=settings)
+        files.append(_training_file(session, project=project, file_id=request.validation_file,
+                                    param="validation_file", settings=settings))
         if request.validation_file == request.training_file:
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
+    # Files validated in full at upload need no worker to check them: the job waits `queued`, as it is. Only a
+    # file too large to validate during upload sends the job through validating_files (app/services/intake.py).
+    validated = all(f.status == "processed" for f in files)
 
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
         training_file=request.training_file, validation_file=request.validation_file,
-        status="validating_files", config=config.model_dump(mode="json"), suffix=request.suffix,
+        status=JobStatus.QUEUED if validated else JobStatus.VALIDATING_FILES, config=config.model_dump(mode="json"),
+        suffix=request.suffix,
         seed=config.seed, metadata_=request.metadata,
         integrations={"items": [i.model_dump(mode="json") for i in request.integrations]}
         if request.integrations else None,
@@ -200,6 +206,8 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
             raise
         return existing, False
     add_event(session, job=job, message=f"Created fine-tuning job: {job.id}")
+    if validated:
+        add_event(session, job=job, message="Files validated at upload; job queued.")
     session.commit()
     return job, True
 
@@ -260,7 +268,7 @@ def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuning
     if job.is_terminal:
         raise InvalidRequest(f"Job {job_id} has already {job.status} and cannot be cancelled.",
                              param="fine_tuning_job_id", code="job_not_cancellable")
-    job.status = "cancelled"
+    job.status = JobStatus.CANCELLED
     job.finished_at = now_seconds()
     job.requested_action = None
     job.lease_owner, job.lease_expires_at = None, None
@@ -273,13 +281,13 @@ def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuning
 def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
     """Queued jobs pause at once; a running job checkpoints first, then its attempt marks it paused."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.status in ("validating_files", "queued"):
-        job.status = "paused"
+    if job.status in WAITING_STATUSES:
+        job.status = JobStatus.PAUSED
         add_event(session, job=job, message="Job paused before it started.")
-    elif job.status == "running":
+    elif job.status == JobStatus.RUNNING:
         job.requested_action = "pause"
         add_event(session, job=job, message="Pause requested: the job will checkpoint and stop.")
-    elif job.status != "paused":
+    elif job.status != JobStatus.PAUSED:
         raise InvalidRequest(f"Job {job_id} has {job.status} and cannot be paused.", param="fine_tuning_job_id",
                              code="job_not_pausable")
     session.commit()
@@ -289,10 +297,10 @@ def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJ
 def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
     """A paused job goes back to the queue and continues from its last checkpoint."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.status != "paused":
+    if job.status != JobStatus.PAUSED:
         raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
                              param="fine_tuning_job_id", code="job_not_paused")
-    job.status = "queued"
+    job.status = JobStatus.QUEUED
     job.requested_action = None
     job.dispatched_at = None
     add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
@@ -335,7 +343,7 @@ def result_files_of(session: Session, jobs: list[FineTuningJob]) -> dict[int, li
     """Each job's result file ids, in one query for a page of jobs. Only a succeeded job has any (they
     are attached in the transaction that marks it succeeded), so the others cost nothing."""
     found: dict[int, list[str]] = {job.pk: [] for job in jobs}
-    succeeded = [job.pk for job in jobs if job.status == "succeeded"]
+    succeeded = [job.pk for job in jobs if job.status == JobStatus.SUCCEEDED]
     if succeeded:
         rows = session.execute(select(JobArtifact.job_pk, File.id).join(File, JobArtifact.file_pk == File.pk)
                                .where(JobArtifact.job_pk.in_(succeeded)).order_by(JobArtifact.pk))
@@ -364,7 +372,7 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
     error = JobError(**job.error) if job.error else None
     return JobPublic(
         id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
-        fine_tuned_model=job.fine_tuned_model, organization_id=project.id, status=job.status, error=error,
+        fine_tuned_model=job.fine_tuned_model, organization_id=project.id, status=JobStatus(job.status), error=error,
         hyperparameters=hyperparameters,
         method={"type": "supervised", "supervised": {"hyperparameters": full,
                                                      "adapter": config.adapter.model_dump(mode="json")}},
@@ -372,7 +380,8 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
-        crashes=job.crashes, merge=config.merge, resources=needs_of(job.resources), priority=job.priority,
+        crashes=job.crashes, merge=config.merge,
+        pause_requested=job.requested_action == "pause", resources=needs_of(job.resources), priority=job.priority,
     )
 
 

@@ -8,9 +8,10 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import RateLimited
 from app.models import FineTuningJob, Project
+from app.models.job import ACTIVE_STATUSES
 
 # Jobs that hold (or wait for) a worker; paused jobs hold only a checkpoint and do not count.
-QUOTA_JOB_STATUSES = ("validating_files", "queued", "running")
+QUOTA_JOB_STATUSES = ACTIVE_STATUSES
 # A training job runs for minutes to hours: a hint for clients that poll, not a promise.
 QUOTA_RETRY_AFTER_SECONDS = 60
 

@@ -183,7 +183,7 @@ def test_large_upload_is_validated_by_the_worker_before_the_job_is_queued(
     assert validate_job_files(session, job_id=job["id"], settings=settings) is True
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
     file = client.get(f"/v1/files/{body['id']}").json()
-    assert file["status"] == "processed" and file["status_details"] is None
+    assert file["status"] == "processed" and "status_details" not in file  # absent, not null (OpenAI schema)
     report = client.get(f"/v1/files/{body['id']}/validation_report").json()["report"]
     assert report["examples"] == 12_000 and report["partial"] is False
 
@@ -202,20 +202,28 @@ def test_large_upload_with_a_bad_line_late_fails_the_waiting_job_naming_training
     assert client.get(f"/v1/files/{body['id']}").json()["status"] == "error"
 
 
-def test_job_creation_measures_tokens_with_the_jobs_model_and_warns_about_truncation(
+def test_a_job_on_files_validated_at_upload_is_queued_at_once(client: TestClient) -> None:
+    job = create_job(client, upload_chat(client, 12)).json()
+    assert job["status"] == "queued"
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert events[0]["message"] == "Files validated at upload; job queued."
+
+
+def test_the_token_report_measures_with_the_jobs_model_and_warns_about_truncation(
         client: TestClient, session: Any, tiny_model_dir: Path) -> None:
+    from app.models import FineTuningJob
+    from app.services.intake import token_report
+
     file_id = upload_chat(client, 12)
     job = create_job(client, file_id, max_seq_length=16).json()
-    assert validate_job_files(session, job_id=job["id"], settings=get_settings()) is True
-    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    stats = next(e for e in events if e["message"].startswith(f"training_file {file_id}:"))
-    assert stats["level"] == "info" and stats["data"]["examples"] == 12
-    assert stats["data"]["method"] == "chat_template"
-    summary = stats["data"]["tokens_per_example"]
+    row = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job["id"]))
+    events = token_report(session, row, settings=get_settings())
+    level, message, data = next(e for e in events if e[1].startswith(f"training_file {file_id}:"))
+    assert level == "info" and data["examples"] == 12 and data["method"] == "chat_template"
+    summary = data["tokens_per_example"]
     assert 16 < summary["min"] <= summary["p50"] <= summary["p95"] <= summary["max"] < 100
-    warn = next(e for e in events if e["level"] == "warn")
-    assert warn["data"]["over_max_seq_length"] == 12 and "12 example(s)" in warn["message"]
-    assert "truncated" in warn["message"]
+    level, message, data = next(e for e in events if e[0] == "warn")
+    assert data["over_max_seq_length"] == 12 and "12 example(s)" in message and "truncated" in message
     report = client.get(f"/v1/files/{file_id}/validation_report").json()["report"]
     assert report["tokens"]["tiny-llama"]["over_max_seq_length"] == {"16": 12}
 

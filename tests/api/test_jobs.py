@@ -18,7 +18,7 @@ def test_create_job_resolves_auto_and_echoes_the_config(client: TestClient) -> N
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
-    assert job["status"] == "validating_files" and job["fine_tuned_model"] is None
+    assert job["status"] == "queued" and job["fine_tuned_model"] is None  # its file was validated at upload
     assert job["finished_at"] is None and job["trained_tokens"] is None and job["error"] is None
     # 12 examples: auto epochs reach at least 100 examples seen; auto batch is 4 on small data.
     assert job["hyperparameters"] == {"n_epochs": 9, "batch_size": 4, "learning_rate_multiplier": 1.0}
@@ -151,3 +151,26 @@ def test_an_unreachable_database_answers_503_with_retry_after(client: TestClient
     assert response.headers["retry-after"] == "5"
     assert response.json()["error"]["code"] == "database_unavailable"
     assert "retry" in response.json()["error"]["message"]
+
+
+def test_pausing_a_running_job_answers_that_the_pause_is_pending(client: TestClient, session: Any) -> None:
+    from sqlalchemy import select
+
+    from app.models import FineTuningJob
+
+    job = create(client).json()
+    row = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job["id"]))
+    row.status, row.attempt = "running", 1  # as a worker's claim leaves it
+    session.commit()
+    assert job["pause_requested"] is False
+    paused = client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").json()
+    assert paused["status"] == "running" and paused["pause_requested"] is True
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert events[0]["message"] == "Pause requested: the job will checkpoint and stop."
+
+
+def test_events_without_data_leave_the_field_out(client: TestClient) -> None:
+    job = create(client).json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    created = next(e for e in events if e["message"].startswith("Created fine-tuning job"))
+    assert "data" not in created  # OpenAI's schema allows it absent, not null

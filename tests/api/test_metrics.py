@@ -22,6 +22,7 @@ def test_metrics_report_jobs_queue_tokens_durations_heartbeats_and_http_latency(
     lease = get_settings().lease_seconds
     create_job(session, project=project, status="queued")
     create_job(session, project=project, status="queued")
+    create_job(session, project=project, status="validating_files")  # waiting too: a file is being checked
     create_job(session, project=project, status="running", lease_owner="gpu-host-1:42",
                lease_expires_at=now - 3 + lease)
     create_job(session, project=project, status="succeeded", trained_tokens=1000, started_at=now - 120,
@@ -35,7 +36,7 @@ def test_metrics_report_jobs_queue_tokens_durations_heartbeats_and_http_latency(
     assert got[("tuneforge_jobs", (("status", "queued"),))] == 2
     assert got[("tuneforge_jobs", (("status", "running"),))] == 1
     assert got[("tuneforge_jobs", (("status", "cancelled"),))] == 0
-    assert got[("tuneforge_queue_depth", ())] == 2
+    assert got[("tuneforge_queue_depth", ())] == 3
     assert got[("tuneforge_trained_tokens", ())] == 1000
     assert got[("tuneforge_job_duration_seconds_count", ())] == 2
     assert got[("tuneforge_job_duration_seconds_sum", ())] == 100 + 3990

@@ -65,7 +65,8 @@ def test_job_created_while_redis_is_down_runs_once_redis_is_back(servers: Server
             assert response.status_code == 200, response.text
             job = response.json()
             time.sleep(3)
-            assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "validating_files"
+            waiting = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert waiting["status"] == "queued" and waiting["attempt"] == 0
         finally:
             servers.redis.start()
         final = wait_for_status(client, job["id"], TERMINAL, timeout=180)

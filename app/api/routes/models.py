@@ -6,7 +6,7 @@ from sqlalchemy import select
 from app.api.deps import CurrentProject, SessionDep, SettingsDep
 from app.core.errors import PermissionDenied
 from app.core.storage import get_storage
-from app.models import FineTuningJob, JobArtifact
+from app.models import FineTuningJob, JobArtifact, JobStatus
 from app.schemas.models import ModelDeleted, ModelList, ModelPublic
 from app.services import artifacts as artifact_service
 
@@ -19,7 +19,7 @@ def list_models(session: SessionDep, project: CurrentProject, settings: Settings
     data = [ModelPublic(id=name, created=0, owned_by=entry.owned_by, root=name)
             for name, entry in sorted(settings.catalogue().items())]
     jobs = session.scalars(select(FineTuningJob).where(
-        FineTuningJob.project_pk == project.pk, FineTuningJob.status == "succeeded",
+        FineTuningJob.project_pk == project.pk, FineTuningJob.status == JobStatus.SUCCEEDED,
         FineTuningJob.fine_tuned_model.is_not(None),
         select(JobArtifact.pk).where(JobArtifact.job_pk == FineTuningJob.pk,
                                      JobArtifact.kind.in_(artifact_service.WEIGHT_KINDS)).exists(),
