@@ -32,6 +32,8 @@ admin_app = typer.Typer(help="Operator views of the whole service (needs an admi
 
 console = Console()
 TERMINAL = ("succeeded", "failed", "cancelled")
+# A job's trained weights: an adapter job's `adapter`, a full fine-tune's `model`.
+MAIN_ARTIFACTS = ("adapter", "model")
 CHUNK = 1024 * 1024
 
 Url = Annotated[str, typer.Option("--url", envvar="TUNEFORGE_URL", help="The tuneforge server.")]
@@ -121,6 +123,10 @@ def upload_file(path: Path, purpose: str = "fine-tune", url: Url = DEFAULT_URL, 
                     data={"purpose": purpose})
     console.print(f"{row['id']}\t{row['status']}" + (f"\t{row['status_details']}" if row.get("status_details")
                                                       else ""))
+    if row["status"] == "error":  # stored, but no job can use it: a script must not carry on
+        console.print(f"[red]error[/red] {path} failed validation; GET /v1/files/{row['id']}/validation_report "
+                      "lists every problem with its line number")
+        raise typer.Exit(1)
 
 
 @files_app.command("list")
@@ -315,11 +321,16 @@ def _sha256(path: Path) -> str:
 
 
 @jobs_app.command("download")
-def download_artifact(job_id: str, artifact: str = "adapter",
+def download_artifact(job_id: str, artifact: Annotated[str | None, typer.Option(
+                          help="Artifact name (default: the trained weights, `adapter` or, for a full fine-tune, "
+                               "`model`).")] = None,
                       output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
                       url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """Download an artifact (progress bar); resumes a partial file with a Range request; checks its sha256."""
     listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")
+    if artifact is None:
+        present = {a["name"] for a in listing["data"]}
+        artifact = next((name for name in MAIN_ARTIFACTS if name in present), MAIN_ARTIFACTS[0])
     entry = next((a for a in listing["data"] if a["name"] == artifact), None)
     if entry is None:
         names = ", ".join(a["name"] for a in listing["data"]) or "none yet"

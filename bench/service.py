@@ -48,6 +48,7 @@ import httpx
 import psutil
 
 from app.core.processes import stop_process
+from app.schemas.training import HYPERPARAMETER_FIELDS
 from bench.common import create_database, drop_database, free_port, wait_until_up
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 directs.append(run_direct(config_file, model_dir, train_file, root / f"direct-{repeat}"))
                 run = run_service_job(client, {**body, "training_file": service_file}, **procs)
                 assert run.status == "succeeded", run.events[-3:]
-                assert run.config["hyperparameters"] == config.model_dump(mode="json", exclude={"adapter"}), \
+                resolved = config.model_dump(mode="json", include=set(HYPERPARAMETER_FIELDS))
+                assert run.config["hyperparameters"] == resolved, \
                     "the service resolved a different training config than the direct run used"
                 services.append(run)
             pickups = list(services)

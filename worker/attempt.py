@@ -181,6 +181,10 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
                                                  target=workdir / "init-adapter")
             reporter.event(f"Continuing training from {parent_model}.", data={"parent_job": parent_id, "step": step})
         wandb = next((i["wandb"] for i in integrations if i.get("type") == "wandb"), None)
+        if wandb is not None:  # what W&B reads, from the service's settings
+            os.environ["WANDB_MODE"] = settings.wandb_mode
+            if settings.wandb_api_key is not None:
+                os.environ["WANDB_API_KEY"] = settings.wandb_api_key.get_secret_value()
         # What every process of the attempt trains on (one process, or torchrun's ranks on this host).
         inputs: dict[str, Any] = {
             "model_path": Path(entry.path), "train_file": train_path, "validation_file": valid_path,

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Worker labels and the labels a job asks for: short tokens safe in logs, URLs and queue names.
@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # How long a stopping process waits for its work: `tuneforge api` for in-flight requests (open event
     # streams are closed after it), `tuneforge serve` for its worker to checkpoint and hand its job back.
     stop_grace_seconds: float = Field(default=60.0, gt=0)
+    # Jobs may log to Weights & Biases (`integrations: [{"type": "wandb", ...}]`). "online" needs an API key,
+    # set on the API (it refuses such jobs without one) and on every worker (the training process uses it);
+    # "offline" keeps each run on its worker host for `wandb sync`.
+    wandb_api_key: SecretStr | None = None
+    wandb_mode: Literal["online", "offline"] = "online"
     training_queue: str = "training"
     worker_name: str = ""
     # What this worker offers to jobs that ask for resources (docs/operators.md, "Adding a worker host").

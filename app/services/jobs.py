@@ -176,6 +176,12 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
+    if request.integrations and settings.wandb_mode == "online" and settings.wandb_api_key is None:
+        raise InvalidRequest("The wandb integration needs a W&B API key on this service, and none is configured: the "
+                             "operator sets TUNEFORGE_WANDB_API_KEY on the API and the workers (or "
+                             "TUNEFORGE_WANDB_MODE=offline to keep runs on the worker hosts for `wandb sync`). "
+                             "Remove integrations to train without W&B.", param="integrations",
+                             code="integration_not_configured")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
     # Files validated in full at upload need no worker to check them: the job waits `queued`, as it is. Only a

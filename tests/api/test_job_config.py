@@ -86,3 +86,23 @@ def test_the_deprecated_top_level_hyperparameters_are_named_as_sent(client: Test
         "model": "tiny-llama", "training_file": upload_chat(client), "validation_file": upload_chat(client, 50),
         "hyperparameters": {"early_stopping_threshold": 0.5}})
     assert response.json()["error"]["param"] == "hyperparameters.early_stopping_threshold"
+
+
+def test_a_wandb_integration_without_a_configured_key_is_refused_at_creation(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from app.core.config import get_settings
+
+    body = {"model": "tiny-llama", "training_file": upload_chat(client),
+            "integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}
+    response = client.post("/v1/fine_tuning/jobs", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "integrations" and error["code"] == "integration_not_configured"
+    assert "TUNEFORGE_WANDB_API_KEY" in error["message"] and "TUNEFORGE_WANDB_MODE=offline" in error["message"]
+    monkeypatch.setattr(get_settings(), "wandb_mode", "offline")  # runs kept on the workers: no key needed
+    assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200
+    monkeypatch.setattr(get_settings(), "wandb_mode", "online")
+    monkeypatch.setattr(get_settings(), "wandb_api_key", SecretStr("k" * 40))
+    assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200

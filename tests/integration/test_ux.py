@@ -179,3 +179,25 @@ def test_webhooks_reach_a_local_receiver_signed_for_succeeded_and_cancelled_jobs
                 ("fine_tuning.job.cancelled", "succeeded", 1), ("fine_tuning.job.succeeded", "succeeded", 1)]
         finally:
             client.delete(f"/v1/webhooks/{endpoint['id']}")
+
+
+def test_cli_upload_of_a_file_that_fails_validation_exits_non_zero(service: Service, tmp_path: Path) -> None:
+    dataset = tmp_path / "bad.jsonl"
+    dataset.write_text("".join(json.dumps({"colour": "red"}) + "\n" for _ in range(12)))  # JSON, not examples
+    uploaded = run_cli(service, "files", "upload", str(dataset))
+    assert uploaded.exit_code == 1, uploaded.output
+    assert "error" in uploaded.output and "validation_report" in uploaded.output
+
+
+def test_cli_download_defaults_to_the_jobs_weights_for_a_full_fine_tune(service: Service, tmp_path: Path) -> None:
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id,
+            "method": {"supervised": {"adapter": {"type": "full"}, "hyperparameters": {"n_epochs": 1}}}}).json()
+        assert wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
+        names = {a["name"] for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
+    assert "model" in names and "adapter" not in names
+    downloaded = run_cli(service, "jobs", "download", job["id"], "-o", str(tmp_path / "model.tar"))
+    assert downloaded.exit_code == 0 and "verified" in downloaded.output, downloaded.output

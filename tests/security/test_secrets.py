@@ -108,9 +108,14 @@ def test_database_failures_reveal_neither_the_url_nor_the_password(broken_databa
         assert DB_PASSWORD not in text and key not in text and WANDB_TOKEN not in text
 
 
-def test_wandb_integrations_never_carry_the_token(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+def test_wandb_integrations_never_carry_the_token(client: TestClient, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from app.core.config import get_settings
     from tests.api.conftest import upload_chat
 
+    monkeypatch.setattr(get_settings(), "wandb_api_key", SecretStr(WANDB_TOKEN))
     caplog.set_level(logging.DEBUG)
     response = client.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-llama", "training_file": upload_chat(client),

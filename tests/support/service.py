@@ -74,7 +74,7 @@ def running_service(root: Path, *, tiny_model_dir: Path, name: str, pg_server: s
            "TUNEFORGE_MAX_ACTIVE_JOBS_PER_PROJECT": "100", "TUNEFORGE_RATE_LIMIT_PER_MINUTE": "100000",
            "TUNEFORGE_RATE_LIMIT_BURST": "10000",
            # W&B runs offline into the test's folder; no key, no network.
-           "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
+           "TUNEFORGE_WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
            # A queue of our own: parallel test sessions share Redis but never each other's jobs.
            "TUNEFORGE_TRAINING_QUEUE": f"training-{name}",
            # Routing tests rely on what workers offer: no GPUs, even on a GPU machine.

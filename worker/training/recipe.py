@@ -282,7 +282,7 @@ def train(
     csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     csv_writer.writeheader()
     csv_writer.writerows(state["log_history"])
-    wandb_run = _start_wandb(wandb, config, reporter) if wandb and procs.is_main else None
+    wandb_run = _start_wandb(wandb, config, reporter) if wandb and procs.is_main else None  # None if it failed
 
     def save(step: int, plan: EpochPlan | None) -> Path:
         """Write a checkpoint (rank 0 writes; under FSDP every process first hands over its shards)."""
@@ -419,7 +419,7 @@ def train(
             csv_writer.writerow(metrics)
             csv_file.flush()
             if wandb_run is not None:
-                wandb_run.log(metrics, step=step)
+                wandb_run = _log_to_wandb(wandb_run, metrics, step=step, reporter=reporter)
             if stop_reason is not None:
                 reporter.event(stop_reason, data={"step": step, "best_step": state["best_step"]})
 
@@ -440,7 +440,8 @@ def train(
     finally:
         csv_file.close()
         if wandb_run is not None:
-            wandb_run.finish()
+            with contextlib.suppress(Exception):  # the run is over; W&B's own troubles must not fail it
+                wandb_run.finish()
 
     # ---- save the final adapter / model (rank 0 writes) ----
     if config.load_best_at_end and state["best_step"] is not None:
@@ -480,24 +481,52 @@ def train(
 
 
 def _start_wandb(options: dict[str, Any], config: TrainingConfig, reporter: Reporter) -> Any:
-    """Start a W&B run and say where it logs; WANDB_MODE / WANDB_DIR come from the environment (offline in tests)."""
-    import wandb as wandb_module  # optional dependency, only needed when a job asks for it
+    """Start a W&B run and say where it logs (WANDB_MODE / WANDB_DIR / WANDB_API_KEY come from the environment);
+    None, with a warning event, when W&B cannot start: logging is never a reason to stop training."""
+    try:
+        import wandb as wandb_module  # optional dependency, only needed when a job asks for it
 
-    run = wandb_module.init(
-        project=options["project"],
-        name=options.get("name"),
-        entity=options.get("entity"),
-        tags=options.get("tags"),
-        config=config.model_dump(),
-        dir=os.environ.get("WANDB_DIR"),
-    )
-    mode = run.settings.mode
-    # Online runs have a page to open; offline ones a log file to `wandb sync` later.
-    where = run.url if run.url else str(run.settings.sync_file)
-    reporter.event(f"W&B run {run.id} ({mode}) logging to {where}",
-                   data={"run_id": run.id, "project": run.project, "mode": mode, "url": run.url,
-                         "sync_file": str(run.settings.sync_file), "tags": list(run.tags or ())})  # fmt: skip
+        run = wandb_module.init(
+            project=options["project"],
+            name=options.get("name"),
+            entity=options.get("entity"),
+            tags=options.get("tags"),
+            config=config.model_dump(),
+            dir=os.environ.get("WANDB_DIR"),
+        )
+    except Exception as exc:  # no key, no network, a W&B outage, the package missing
+        reporter.event(f"W&B logging could not start ({type(exc).__name__}: {str(exc)[:300]}); training goes on "
+                       "without it", level="warn", data={"integration": "wandb"})
+        return None
+    message, data = _describe_wandb_run(run)
+    reporter.event(message, data=data)
     return run
+
+
+def _describe_wandb_run(run: Any) -> tuple[str, dict[str, Any]]:
+    """Where a W&B run logs: online runs have a page to open; offline ones a log to `wandb sync` later, named
+    relative to the worker's W&B directory (server paths stay out of events)."""
+    mode = run.settings.mode
+    sync_path = Path(run.settings.sync_file)
+    root = Path(run.settings.root_dir)
+    sync_file = str(sync_path.relative_to(root) if sync_path.is_relative_to(root) else sync_path.name)
+    where = run.url if run.url else f"{sync_file} under the worker's W&B directory"
+    return f"W&B run {run.id} ({mode}) logging to {where}", {
+        "run_id": run.id, "project": run.project, "mode": mode, "url": run.url, "sync_file": sync_file,
+        "tags": list(run.tags or ())}
+
+
+def _log_to_wandb(run: Any, metrics: dict[str, Any], *, step: int, reporter: Reporter) -> Any:
+    """Log one step to W&B; on failure warn once and carry on without W&B (returns None)."""
+    try:
+        run.log(metrics, step=step)
+        return run
+    except Exception as exc:
+        reporter.event(f"W&B logging failed at step {step} ({type(exc).__name__}: {str(exc)[:300]}); training goes "
+                       "on without it", level="warn", data={"integration": "wandb", "step": step})
+        with contextlib.suppress(Exception):
+            run.finish(exit_code=1)
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
