@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -104,3 +105,17 @@ def test_continued_training_starts_from_the_parent_adapter(service: Service) -> 
         messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{child['id']}/events",
                                                      params={"limit": 100}).json()["data"]]
         assert f"Continuing training from {parent['fine_tuned_model']}." in messages
+
+
+def test_the_readmes_curl_download_saves_the_adapter_under_its_tar_name(service: Service, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = next(line.split("#")[0].split() for line in readme.splitlines()
+                   if line.startswith("curl") and "artifacts/adapter" in line)
+    with service.client() as client:
+        jobs = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+        job = next(j for j in jobs if j["status"] == "succeeded" and j["method"]["supervised"]["adapter"]["type"]
+                   != "full")
+    host = service.base_url.removeprefix("http://")
+    url = command[-1].replace("localhost:8000", host).replace("ftjob-...", job["id"])
+    subprocess.run([*command[:-1], "-H", f"Authorization: Bearer {service.api_key}", url], cwd=tmp_path, check=True)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{job['id']}-adapter.tar"]
