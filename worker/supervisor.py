@@ -58,11 +58,14 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def oom_kills() -> int | None:
+CGROUP_MEMORY_EVENTS = Path("/sys/fs/cgroup/memory.events")
+
+
+def oom_kills(events: Path = CGROUP_MEMORY_EVENTS) -> int | None:
     """How many processes the kernel's out-of-memory killer has killed in this host's (or container's) cgroup
     (cgroup v2 memory.events); None where that cannot be read."""
     try:
-        text = Path("/sys/fs/cgroup/memory.events").read_text()
+        text = events.read_text()
     except OSError:
         return None
     for line in text.splitlines():
