@@ -75,10 +75,25 @@ def test_bad_requests_get_the_error_envelope_naming_the_param(client: TestClient
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing half-created
 
 
-def test_file_with_too_few_examples_or_wrong_purpose_is_refused(client: TestClient) -> None:
+def test_file_with_too_few_examples_or_wrong_purpose_is_refused(client: TestClient, session: Any) -> None:
+    from sqlalchemy import select
+
+    from app.models import Project
+    from app.services.files import build_result_file
+
     small = upload_chat(client, n=3)
     response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": small})
     assert response.status_code == 400 and response.json()["error"]["code"] == "too_few_examples"
+    project = session.scalar(select(Project).where(Project.name == "team-a"))
+    result = build_result_file(project_pk=project.pk, filename="ftjob-x-metrics.csv", blob_key="k", size=1,
+                               sha256="0" * 64)  # a job's output, purpose fine-tune-results
+    session.add(result)
+    session.commit()
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": result.id})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_file_purpose" and error["param"] == "training_file"
+    assert "purpose 'fine-tune-results'" in error["message"]
 
 
 def test_unknown_job_is_404(client: TestClient) -> None:

@@ -31,11 +31,12 @@ def test_api_benchmark_quick_run_prints_every_polling_phase_and_list_row() -> No
     for label in POLLING_PHASES:
         row = next(line for line in lines if line.startswith(label + " "))
         requests, rate, p50, p90, p99, top, errors, stalled, cpu = _numbers(row, label)
-        assert requests >= 0 and errors >= 0 and stalled >= 0 and rate >= 0
+        assert requests > 0 and rate > 0, row  # every phase answered requests
+        assert p50 <= p90 <= p99 <= top, row
         # Not a timing assertion: a stall means the API deadlocked (request sessions held across thread-pool
         # hops once exhausted the pool; SessionDep's max_concurrency prevents it) - seconds late, not ms.
         assert errors == 0 and stalled == 0, row
-        assert all(not math.isnan(v) for v in (p50, p90, p99, top)) or requests == 0, row
+        assert not any(math.isnan(v) for v in (p50, p90, p99, top)), row
     for label in LIST_ROWS:
         database, _, page = label.partition(" jobs ")
         row = next(line for line in lines if line.split()[:3] == [database, "jobs", page])

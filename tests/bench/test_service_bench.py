@@ -28,11 +28,17 @@ def test_service_benchmark_quick_run_prints_direct_service_and_pickup_rows(tmp_p
                             capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
+    seconds = {}
     for label in ROWS:
         row = next(line for line in lines if line.startswith(label))
-        seconds, cpu = row.split()[-2:]
-        assert float(seconds) >= 0, row
+        wall, cpu = row.split()[-2:]
+        seconds[label] = float(wall)
         assert cpu == "-" or float(cpu) > 0, row
+    # The parts add up: each whole takes at least as long as the part of it measured alone, and work takes time.
+    assert seconds["direct: fresh process, end to end"] >= seconds["direct: train() in that process"] > 0
+    assert seconds["service: POST -> succeeded"] >= seconds["service: POST -> step 1 done"] \
+        >= seconds["service: POST -> running (pickup)"] > 0
+    assert seconds["service: steps 2.."] > 0 and seconds["direct: steps 2.."] > 0
     ratios = next(line for line in lines if line.startswith("ratios: service/direct fresh process wall "))
     assert float(ratios.split()[5]) > 0
     assert any(line.startswith("targets: overhead <= 1.15x: ") for line in lines)
