@@ -39,6 +39,24 @@ def test_gpu_dockerfile_copies_existing_paths_and_runs_a_real_command() -> None:
     assert cmd is not None and cmd.group(1) in _cli_commands()
 
 
+# The Python each Ubuntu release's archive carries (python3 is that version; no other minor version is there).
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
+
+
+def test_gpu_dockerfile_installs_the_python_its_ubuntu_carries_and_the_project_supports_it() -> None:
+    text = (ROOT / "Dockerfile.gpu").read_text()
+    release = re.search(r"^FROM nvidia/cuda:\S+-ubuntu(\d+\.\d+)$", text, flags=re.M)
+    assert release is not None and release.group(1) in UBUNTU_PYTHON
+    python = UBUNTU_PYTHON[release.group(1)]
+    packages = re.search(r"apt-get install -y --no-install-recommends ([^&\\]+)", text)
+    assert packages is not None
+    versioned = [p for p in packages.group(1).split() if re.fullmatch(r"python3\.\d+.*", p)]
+    assert versioned in ([], [f"python{python}"]), f"Ubuntu {release.group(1)} has Python {python}, not {versioned}"
+    assert not re.search(r"python3\.(?!" + python.split(".")[1] + r")\d+ -m venv", text)
+    minimum = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert minimum is not None and (int(minimum.group(1)), int(minimum.group(2))) <= tuple(map(int, python.split(".")))
+
+
 def test_every_setting_is_documented() -> None:
     doc = (ROOT / "docs" / "settings.md").read_text()
     missing = [name for name in Settings.model_fields if f"TUNEFORGE_{name.upper()}" not in doc]

@@ -18,6 +18,7 @@ import time
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core.broker import RUN_JOB_TASK, celery_client
 from app.core.config import Settings, get_settings
 from app.models import FineTuningJob, JobEvent, JobStatus, Worker
 from app.models.job import WAITING_STATUSES
@@ -65,10 +66,8 @@ def mark_undispatched(session: Session, *, job_id: str) -> None:
 
 def send(session: Session, *, job_id: str, queue: str) -> bool:
     """Publish the run-job message to one queue and record when and where it went."""
-    from worker.celery_app import RUN_JOB_TASK, celery_app  # celery only, no torch
-
     try:
-        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,
+        celery_client().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,
                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception as exc:  # broker down: the reaper re-dispatches undispatched jobs
         logger.warning("could not dispatch job %s (will retry from the reaper): %s", job_id, exc)
