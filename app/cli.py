@@ -88,6 +88,16 @@ def worker(loglevel: str = "INFO") -> None:
     from worker.registry import worker_name
 
     settings = get_settings()
+    if os.geteuid() == 0:
+        # Celery's screenful about superuser privileges is about pickle messages executing code as root; this
+        # service accepts JSON only. One line instead, since containers often run as root.
+        import warnings
+
+        from celery.exceptions import SecurityWarning
+
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+        typer.echo("note: the worker runs as root; tuneforge accepts only JSON messages (no pickle), but run "
+                   "workers as an unprivileged user in production (docs/operators.md)", err=True)
     # The shared queue takes jobs any worker can run; the direct one, jobs routed to this worker for
     # its GPUs or labels (app/services/dispatch.py).
     queues = f"{settings.training_queue},{direct_queue(settings, worker_name(settings))}"
@@ -122,13 +132,16 @@ def register_model(name: str, path: Path) -> None:
 
 @app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000,
-          data_dir: Annotated[Path, typer.Option(help="Where everything is kept.")] = Path(".tuneforge"),
+          data_dir: Annotated[Path | None, typer.Option(
+              help="Where everything is kept (default: TUNEFORGE_DATA_DIR, else .tuneforge).")] = None,
           demo: Annotated[bool, typer.Option(help="Build and register the tiny demo model.")] = True) -> None:
     """Embedded mode: API and one worker together, SQLite and a folder broker under data_dir."""
-    os.environ["TUNEFORGE_DATA_DIR"] = str(data_dir.resolve())
-    os.environ.setdefault("TUNEFORGE_REQUIRE_API_KEYS", "false" if _is_loopback(host) else "true")
     from app.core.config import get_settings
 
+    # Flag, then environment, then default, as for every setting: the data dir is the settings' own unless given.
+    data_dir = data_dir or get_settings().data_dir
+    os.environ["TUNEFORGE_DATA_DIR"] = str(data_dir.resolve())
+    os.environ.setdefault("TUNEFORGE_REQUIRE_API_KEYS", "false" if _is_loopback(host) else "true")
     get_settings.cache_clear()
     settings = get_settings()
     data_dir.mkdir(parents=True, exist_ok=True)

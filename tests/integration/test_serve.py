@@ -21,13 +21,15 @@ pytestmark = pytest.mark.integration
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def start_serve(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+def start_serve(tmp_path: Path, port: int, *, data_dir_from_env: bool = False) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    where = ["--data-dir", str(tmp_path / "data")]
+    if data_dir_from_env:  # the setting's environment variable, as for every other setting
+        env["TUNEFORGE_DATA_DIR"], where = str(tmp_path / "data"), []
     log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - lives as long as the process
     # A session of its own: nothing here may signal serve's children for it.
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                              "--data-dir", str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *where], env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_until_up(f"http://127.0.0.1:{port}/healthz", process=serve, timeout=120)
     return serve
 
@@ -35,7 +37,7 @@ def start_serve(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
 def test_serve_runs_a_job_end_to_end_with_no_servers_and_no_key(tmp_path: Path) -> None:
     port = free_port()
     started = time.monotonic()
-    serve = start_serve(tmp_path, port)
+    serve = start_serve(tmp_path, port, data_dir_from_env=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
@@ -48,7 +50,10 @@ def test_serve_runs_a_job_end_to_end_with_no_servers_and_no_key(tmp_path: Path) 
             adapter = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter")
             assert adapter.status_code == 200 and len(adapter.content) > 1000
         sys.stderr.write(f"serve: demo job finished {time.monotonic() - started:.1f}s after start\n")
-        assert (tmp_path / "data" / "tuneforge.db").exists()  # embedded SQLite, not Postgres
+        assert (tmp_path / "data" / "tuneforge.db").exists()  # embedded SQLite, not Postgres, in TUNEFORGE_DATA_DIR
+        log = (tmp_path / "serve.log").read_text(errors="replace")
+        if os.geteuid() == 0:  # one line about running as root, not Celery's screenful
+            assert "superuser privileges" not in log and "the worker runs as root" in log
     finally:
         stop_process(serve, grace=60)
         sys.stderr.write((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
