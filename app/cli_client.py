@@ -117,10 +117,15 @@ def upload_file(path: Path, purpose: str = "fine-tune", url: Url = DEFAULT_URL, 
     if not path.is_file():
         raise typer.BadParameter(f"{path} is not a file", param_hint="PATH")
     with _transfer_progress() as progress, path.open("rb") as raw:
-        task = progress.add_task(f"upload {path.name}", total=path.stat().st_size)
+        size = path.stat().st_size
+        task = progress.add_task(f"upload {path.name}", total=size)
         reader = _ProgressReader(raw, progress, task)
+        started = time.monotonic()
         row = _call(url, api_key, "POST", "/files", files={"file": (path.name, reader, "application/jsonl")},
                     data={"purpose": purpose})
+        # Rich measures speed between reads; a file sent in one read has none ("0 bytes/s"). The rate shown is
+        # the whole request's: bytes over the time until the server had stored and validated them.
+        progress.tasks[task].finished_speed = size / max(time.monotonic() - started, 1e-6)
     console.print(f"{row['id']}\t{row['status']}" + (f"\t{row['status_details']}" if row.get("status_details")
                                                       else ""))
     if row["status"] == "error":  # stored, but no job can use it: a script must not carry on

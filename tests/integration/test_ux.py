@@ -52,6 +52,9 @@ def test_cli_runs_a_job_from_upload_to_verified_resumable_download(service: Serv
     assert uploaded.exit_code == 0, uploaded.output
     file_id = re.search(r"file-[0-9a-f]+", uploaded.output).group(0)  # type: ignore[union-attr]
     assert "processed" in uploaded.output
+    # A small file goes in one read, where a bar measuring between reads would say "0 bytes/s".
+    assert "0 bytes/s" not in uploaded.output and re.search(r" [1-9][\d.]* [kMG]?B/s ", uploaded.output), \
+        uploaded.output
     assert file_id in run_cli(service, "files", "list").output
 
     spec = tmp_path / "job.yaml"
