@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, session_scope
@@ -32,6 +33,7 @@ from app.services.files import build_result_file
 from app.services.intake import token_report
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
+from worker.exits import EXIT_DATABASE, EXIT_OK, EXIT_STALE
 from worker.reporter import DatabaseReporter
 from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
@@ -39,7 +41,6 @@ from worker.workdirs import remove_attempt_dir
 
 logger = logging.getLogger("tuneforge.attempt")
 
-EXIT_OK, EXIT_STALE = 0, 3
 
 
 def _download(storage: Storage, *, file_id: str, project_pk: int, target: Path) -> Path:
@@ -231,6 +232,11 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
     except (StaleAttempt, attempts.StaleAttempt):
         logger.warning("attempt %s of %s lost its lease; stopping", attempt, job_id)
         return EXIT_STALE
+    except (OperationalError, InterfaceError):
+        # A connection cut or a database restart outside the reporter's retries (downloads, the resume point,
+        # the final registration): the job is fine, this attempt is not; the supervisor queues the job again.
+        logger.warning("attempt %s of %s lost the database:\n%s", attempt, job_id, traceback.format_exc())
+        return EXIT_DATABASE
     except Exception as exc:
         logger.error("attempt %s of %s failed:\n%s", attempt, job_id, traceback.format_exc())
         message = str(exc) if isinstance(exc, ValueError | FileNotFoundError) else \

@@ -26,6 +26,7 @@ from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
 from app.services.workers import needs_of, worker_fits
 from worker import registry
+from worker.exits import EXIT_DATABASE, EXIT_OK
 from worker.workdirs import remove_attempt_dir
 
 logger = logging.getLogger("tuneforge.supervisor")
@@ -204,8 +205,19 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
 
     code = child.returncode
     remove_attempt_dir(settings, job_id=job_id, attempt=attempt)  # what a killed attempt left behind
-    if code == 0:
+    if code == EXIT_OK:
         return "finished"
+    if code == EXIT_DATABASE:
+        try:
+            with session_scope() as session:
+                attempts.release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED, level="warn",
+                                     message=f"Attempt {attempt} lost its database connection; the job is queued "
+                                             "again and resumes from its last checkpoint.")
+            with session_scope() as session:
+                dispatch_job(session, job_id=job_id, settings=settings)
+        except attempts.StaleAttempt:
+            return "stopped"
+        return "queued"
     oom_after = oom_kills()
     oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
     reason = describe_exit(code, oom_killed=oom_killed)

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import training_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -43,15 +44,6 @@ def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float =
         assert job["status"] not in TERMINAL, job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} did not reach step {step}")
-
-
-def training_processes(job_id: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "worker.attempt" in cmdline and job_id in cmdline:
-            found.append(process)
-    return found
 
 
 def metric_steps(client: httpx.Client, job_id: str) -> list[int]:

@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support.data import chat_lines, jsonl
 from tests.support.servers import PrivatePostgres, PrivateRedis
-from tests.support.service import Service
+from tests.support.service import Service, training_processes
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # Each kind, with what it does to the service.
@@ -116,15 +116,6 @@ class Resilient:
             if not page["has_more"]:
                 return events[::-1]
             after = page["data"][-1]["id"]
-
-
-def training_processes(job_id: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "worker.attempt" in cmdline and job_id in cmdline:
-            found.append(process)
-    return found
 
 
 class Campaign:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from app.core.processes import stop_process
 from bench.common import free_port, wait_until_up
@@ -123,3 +124,13 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         if not page["has_more"]:
             return events
         after = page["data"][-1]["id"]
+
+
+def training_processes(job_id: str) -> list[psutil.Process]:
+    """A job's running training processes (`python -m worker.attempt JOB ...`; one per rank)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "worker.attempt" in cmdline and job_id in cmdline:
+            found.append(process)
+    return found
