@@ -85,7 +85,7 @@ def worker(loglevel: str = "INFO") -> None:
     from app.core.config import get_settings
     from app.services.workers import direct_queue
     from worker.celery_app import celery_app
-    from worker.registry import worker_name
+    from worker.registration import worker_name
 
     settings = get_settings()
     if os.geteuid() == 0:

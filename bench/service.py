@@ -113,8 +113,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def direct_child(config_file: str, model_dir: str, train_file: str, output_dir: str) -> None:
     """Run train() once in this fresh process and print its timings (wall-clock times) as one JSON line."""
     from app.schemas.training import TrainingConfig
+    from tests.support.reporters import RecordingReporter
     from worker.training.recipe import train
-    from worker.training.reporting import RecordingReporter
 
     class TimedReporter(RecordingReporter):
         """Notes when the first and the last step's metrics arrive."""

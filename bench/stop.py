@@ -26,10 +26,11 @@ from bench.train import BATCH, FULL, LEARNING_RATE, LORA, QUICK, write_data
 
 def measure(model_dir: Path, train_file: Path, work: Path, adapter: str) -> dict[str, float]:
     from app.schemas.training import TrainingConfig
+    from tests.support.reporters import RecordingReporter
     from worker.archive import tar_directory
     from worker.training import stopping
     from worker.training.recipe import train
-    from worker.training.reporting import RecordingReporter, TrainingReleased
+    from worker.training.reporting import TrainingReleased
 
     config = TrainingConfig.model_validate({
         "adapter": {"type": adapter, **({} if adapter == "full" else LORA)}, "n_epochs": 2, "batch_size": BATCH,

@@ -107,8 +107,8 @@ def load_token_ids(path: Path, model_dir: Path, max_seq_length: int, limit: int 
     """tuneforge's own tokenisation, so every variant trains on identical token ids."""
     from transformers import AutoTokenizer
 
+    from tests.support.reporters import RecordingReporter
     from worker.training.data import load_examples
-    from worker.training.reporting import RecordingReporter
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(path, tokenizer, max_seq_length=max_seq_length, train_on_inputs=True,
@@ -178,8 +178,8 @@ def run_tuneforge(model_dir: Path, train_file: Path, valid: list[Any], work: Pat
     import torch
 
     from app.schemas.training import TrainingConfig
+    from tests.support.reporters import RecordingReporter
     from worker.training.recipe import train
-    from worker.training.reporting import RecordingReporter
 
     if limit:
         lines = train_file.read_text().splitlines()[:limit]
@@ -350,7 +350,7 @@ def run_variant(name: str, model_dir: str, train_file: str, valid_file: str, wor
     """Run one variant (in its own process unless --in-process) and measure it."""
     import torch
 
-    from worker.training.reporting import RecordingReporter  # noqa: F401  (import cost outside the timing)
+    from tests.support.reporters import RecordingReporter  # noqa: F401  (import cost outside the timing)
 
     model_path, root = Path(model_dir), Path(work)
     torch.manual_seed(42)

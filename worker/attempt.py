@@ -33,8 +33,8 @@ from app.services.files import build_result_file
 from app.services.intake import token_report
 from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
+from worker.database_reporter import DatabaseReporter
 from worker.exits import EXIT_DATABASE, EXIT_OK, EXIT_STALE
-from worker.reporter import DatabaseReporter
 from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
 from worker.workdirs import remove_attempt_dir
@@ -131,7 +131,7 @@ def run_attempt(job_id: str, attempt: int, *, settings: Settings, procs: Process
 
 def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers) -> int:
     from worker.training.recipe import train
-    from worker.training.reporting import StaleAttempt, TrainingCancelled, TrainingPaused, TrainingReleased
+    from worker.training.reporting import TrainingCancelled, TrainingPaused, TrainingReleased
 
     storage = get_storage()
     with session_scope() as session:
@@ -229,7 +229,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             with session_scope() as session:
                 dispatch_job(session, job_id=job_id)
         return EXIT_OK
-    except (StaleAttempt, attempts.StaleAttempt):
+    except attempts.StaleAttempt:
         logger.warning("attempt %s of %s lost its lease; stopping", attempt, job_id)
         return EXIT_STALE
     except (OperationalError, InterfaceError):

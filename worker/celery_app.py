@@ -18,14 +18,14 @@ celery_app = build_celery(include=["worker.tasks.training"])
 
 @worker_ready.connect
 def _start_reaper(**_kwargs: Any) -> None:
-    from worker import registry
+    from worker import registration
     from worker.reaper import start_reaper
     from worker.supervisor import shutting_down
 
     settings = get_settings()
     start_reaper(settings=settings)
-    registry.this_worker(settings)  # detect GPUs once, before any job needs the answer
-    registry.start(settings, draining=shutting_down())
+    registration.this_worker(settings)  # detect GPUs once, before any job needs the answer
+    registration.start(settings, draining=shutting_down())
 
 
 @worker_shutting_down.connect
@@ -39,6 +39,6 @@ def _release_running_job(**_kwargs: Any) -> None:
 
 @worker_shutdown.connect
 def _leave_registry(**_kwargs: Any) -> None:
-    from worker import registry
+    from worker import registration
 
-    registry.stop(get_settings())
+    registration.stop(get_settings())

@@ -25,7 +25,7 @@ from app.services import attempts
 from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
 from app.services.workers import needs_of, worker_fits
-from worker import registry
+from worker import registration
 from worker.exits import EXIT_DATABASE, EXIT_OK
 from worker.workdirs import remove_attempt_dir
 
@@ -105,7 +105,7 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
         return "declined"
     with session_scope() as session:
         validate_job_files(session, job_id=job_id, settings=settings)
-    me = registry.this_worker(settings)
+    me = registration.this_worker(settings)
     with session_scope() as session:
         job = attempts.claim_next_job(session, worker=me, settings=settings, message_job_id=job_id)
         claimed = None if job is None else (job.id, job.pk, job.attempt, job.project_pk,
@@ -115,11 +115,11 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
     if claimed is None:
         return "not-claimed"  # nothing this worker may run now: running elsewhere, finished, or waiting
     job_id, job_pk, attempt, project_pk, processes = claimed
-    registry.set_current_job(settings, job_id, draining=_shutting_down.is_set())
+    registration.set_current_job(settings, job_id, draining=_shutting_down.is_set())
     try:
         return _run_attempt(job_id, job_pk=job_pk, attempt=attempt, processes=processes, settings=settings)
     finally:
-        registry.set_current_job(settings, None, draining=_shutting_down.is_set())
+        registration.set_current_job(settings, None, draining=_shutting_down.is_set())
         try:
             with session_scope() as session:
                 _wake_next(session, project_pk=project_pk, settings=settings)
@@ -136,7 +136,7 @@ def _pass_on(session: Session, *, message_job_id: str, claimed_job_id: str | Non
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == message_job_id))
     if job is None or job.status != JobStatus.QUEUED:
         return
-    if claimed_job_id is not None or not worker_fits(needs_of(job.resources), registry.this_worker(settings)):
+    if claimed_job_id is not None or not worker_fits(needs_of(job.resources), registration.this_worker(settings)):
         dispatch_job(session, job_id=message_job_id, settings=settings)
 
 
@@ -145,9 +145,9 @@ def _wake_next(session: Session, *, project_pk: int, settings: Settings) -> None
     best job this worker may run now (to its own queue) and for the best waiting job of that project."""
     sent = set()
     if not _shutting_down.is_set():
-        mine = attempts.claimable_jobs(session, worker=registry.this_worker(settings), settings=settings)
+        mine = attempts.claimable_jobs(session, worker=registration.this_worker(settings), settings=settings)
         if mine:
-            send(session, job_id=mine[0][1], queue=registry.this_worker(settings).queue)
+            send(session, job_id=mine[0][1], queue=registration.this_worker(settings).queue)
             sent.add(mine[0][1])
     # The project's best job may fit no live worker; then the next one gets the slot.
     for _pk, job_id, _project in attempts.claimable_jobs(session, worker=None, settings=settings,
@@ -185,7 +185,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
             logger.info("job %s: worker shutting down; asking attempt %s to checkpoint and release", job_id,
                         attempt)
             # Draining before the job is handed back, so routing does not send it here again.
-            registry.set_current_job(settings, job_id, draining=True)
+            registration.set_current_job(settings, job_id, draining=True)
             with session_scope() as session:
                 attempts.request_release(session, job_pk=job_pk, attempt=attempt)
         if time.monotonic() < next_beat:

@@ -15,16 +15,13 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.leases import StaleAttempt as StaleAttempt  # raised by the fenced writes below
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
 from app.models.base import new_id, now_seconds
 from app.models.job import WAITING_STATUSES
 from app.services.jobs import add_event
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import WorkerSpec, needs_of, worker_fits
-
-
-class StaleAttempt(Exception):
-    """This attempt no longer owns the job (lease lost, job cancelled or finished elsewhere)."""
 
 
 def _execute(session: Session, statement: Any) -> CursorResult[Any]:

@@ -23,7 +23,7 @@ from app.core.config import Settings, get_settings
 from app.models import FineTuningJob, JobEvent, JobStatus, Worker
 from app.models.job import WAITING_STATUSES
 from app.schemas.jobs import JobResources
-from app.services import workers as registry
+from app.services import workers as worker_service
 from app.services.jobs import add_event
 
 logger = logging.getLogger("tuneforge.dispatch")
@@ -42,7 +42,7 @@ def dispatch_job(session: Session, *, job_id: str, settings: Settings | None = N
         return False
     if queue is None:
         queue = settings.training_queue
-        needs = registry.needs_of(job.resources)
+        needs = worker_service.needs_of(job.resources)
         if needs.requires_worker and job.status == JobStatus.VALIDATING_FILES:
             # Any free worker checks the files (that needs no GPU) and then routes the job on
             # (worker/supervisor.py), so a job waiting for a busy or missing worker already waits
@@ -102,8 +102,8 @@ def route(session: Session, *, job: FineTuningJob, needs: JobResources, settings
 def _fitting_workers(session: Session, *, job: FineTuningJob, needs: JobResources, settings: Settings
                      ) -> list[Worker]:
     """Live workers that fit the job; when there are none, the job says so (once per reason)."""
-    live = registry.live_workers(session, settings=settings)
-    fitting = [w for w in live if registry.worker_fits(needs, w)]
+    live = worker_service.live_workers(session, settings=settings)
+    fitting = [w for w in live if worker_service.worker_fits(needs, w)]
     if not fitting:
         _note(session, job=job, level="warn", message=_no_fit_message(needs, live),
               data={"code": "no_fitting_worker", "resources": needs.model_dump(mode="json"),
@@ -115,10 +115,10 @@ def _no_fit_message(needs: JobResources, live: list[Worker]) -> str:
     if not live:
         workers = "no worker is live"
     else:
-        named = ", ".join(registry.describe_worker(w) for w in live[:MAX_WORKERS_NAMED])
+        named = ", ".join(worker_service.describe_worker(w) for w in live[:MAX_WORKERS_NAMED])
         more = f" and {len(live) - MAX_WORKERS_NAMED} more" if len(live) > MAX_WORKERS_NAMED else ""
         workers = f"live workers: {named}{more}"
-    return (f"{NO_FIT_PREFIX}: it asks for {registry.describe_needs(needs)}; {workers}. It stays queued and "
+    return (f"{NO_FIT_PREFIX}: it asks for {worker_service.describe_needs(needs)}; {workers}. It stays queued and "
             "starts when a worker that fits registers (or cancel it and ask for less).")
 
 

@@ -1,6 +1,6 @@
 """The worker registry: what each worker offers, whether it is live, and which jobs fit it.
 
-Workers write their own rows (worker/registry.py); routing (app/services/dispatch.py), claims
+Workers write their own rows (worker/registration.py); routing (app/services/dispatch.py), claims
 (app/services/attempts.py) and the admin view read them.
 """
 

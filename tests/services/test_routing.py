@@ -12,7 +12,7 @@ from app.core.config import Settings
 from app.models import FineTuningJob, JobEvent, Worker
 from app.schemas.jobs import JobResources
 from app.services import attempts
-from app.services import workers as registry
+from app.services import workers as worker_service
 from app.services.dispatch import dispatch_job, route
 from tests.factories import create_job, create_project
 
@@ -23,12 +23,13 @@ def needs(**values: Any) -> dict[str, Any]:
     return JobResources(**values).model_dump(mode="json")
 
 
-def spec(name: str = "w1", **values: Any) -> registry.WorkerSpec:
-    return registry.WorkerSpec(name=name, hostname="host", pid=1, queue=f"training.{name}", version="test", **values)
+def spec(name: str = "w1", **values: Any) -> worker_service.WorkerSpec:
+    return worker_service.WorkerSpec(name=name, hostname="host", pid=1, queue=f"training.{name}", version="test",
+                                     **values)
 
 
 def add_worker(session: Session, name: str, **values: Any) -> Worker:
-    return registry.register_worker(session, spec=spec(name, **values))
+    return worker_service.register_worker(session, spec=spec(name, **values))
 
 
 def events(session: Session, job: FineTuningJob) -> list[JobEvent]:
@@ -37,12 +38,12 @@ def events(session: Session, job: FineTuningJob) -> list[JobEvent]:
 
 def test_a_worker_fits_a_job_with_enough_gpus_memory_on_each_and_every_label() -> None:
     worker = spec(gpus=2, gpu_memory_gb=79.6, labels=("h100", "eu"))
-    assert registry.worker_fits(JobResources(), worker)
-    assert registry.worker_fits(JobResources(gpus=2, min_gpu_memory_gb=40, labels=["h100"]), worker)
-    assert not registry.worker_fits(JobResources(gpus=4), worker)
-    assert not registry.worker_fits(JobResources(gpus=1, min_gpu_memory_gb=80), worker)
-    assert not registry.worker_fits(JobResources(labels=["h100", "us"]), worker)
-    assert not registry.worker_fits(JobResources(gpus=1, min_gpu_memory_gb=8), spec(gpus=1))  # memory unknown
+    assert worker_service.worker_fits(JobResources(), worker)
+    assert worker_service.worker_fits(JobResources(gpus=2, min_gpu_memory_gb=40, labels=["h100"]), worker)
+    assert not worker_service.worker_fits(JobResources(gpus=4), worker)
+    assert not worker_service.worker_fits(JobResources(gpus=1, min_gpu_memory_gb=80), worker)
+    assert not worker_service.worker_fits(JobResources(labels=["h100", "us"]), worker)
+    assert not worker_service.worker_fits(JobResources(gpus=1, min_gpu_memory_gb=8), spec(gpus=1))  # memory unknown
 
 
 def test_claim_takes_the_highest_priority_then_the_oldest_job(session: Session) -> None:
@@ -123,7 +124,7 @@ def test_a_job_no_live_worker_fits_says_so_once_until_the_workers_change(session
     assert dispatch_job(session, job_id=job.id, settings=SETTINGS) is False
     assert len([e for e in events(session, job) if e.level == "warn"]) == 2
     add_worker(session, "w4", gpus=2, gpu_memory_gb=80, labels=("a100",))
-    assert route(session, job=job, needs=registry.needs_of(job.resources), settings=SETTINGS) == "training.w4"
+    assert route(session, job=job, needs=worker_service.needs_of(job.resources), settings=SETTINGS) == "training.w4"
     assert events(session, job)[-1].message == "A worker that can run this job is live: sent to w4."
 
 
@@ -131,42 +132,42 @@ def test_routing_prefers_idle_workers_then_fewer_waiting_jobs_then_the_smallest(
     add_worker(session, "big", gpus=8, gpu_memory_gb=80)
     add_worker(session, "small", gpus=1, gpu_memory_gb=80)
     job = create_job(session, resources=needs(gpus=1, processes=1))
-    job_needs = registry.needs_of(job.resources)
+    job_needs = worker_service.needs_of(job.resources)
     assert route(session, job=job, needs=job_needs, settings=SETTINGS) == "training.small"
     create_job(session, resources=needs(gpus=1, processes=1), dispatch_queue="training.small")
     assert route(session, job=job, needs=job_needs, settings=SETTINGS) == "training.big"
-    registry.set_current_job(session, name="big", job_id="ftjob-x")
+    worker_service.set_current_job(session, name="big", job_id="ftjob-x")
     assert route(session, job=job, needs=job_needs, settings=SETTINGS) == "training.small"
 
 
 def test_workers_are_live_while_they_heartbeat_and_not_draining(session: Session) -> None:
     add_worker(session, "w1", labels=("a",))
     add_worker(session, "w2")
-    assert [w.name for w in registry.live_workers(session, settings=SETTINGS)] == ["w1", "w2"]
-    assert registry.record_heartbeat(session, name="w2", draining=True)
-    stale = registry.get_worker(session, name="w1")
+    assert [w.name for w in worker_service.live_workers(session, settings=SETTINGS)] == ["w1", "w2"]
+    assert worker_service.record_heartbeat(session, name="w2", draining=True)
+    stale = worker_service.get_worker(session, name="w1")
     assert stale is not None
     stale.heartbeat_at = time.time() - SETTINGS.resolved_worker_stale_seconds - 1
     session.commit()
-    assert not registry.is_live(stale, settings=SETTINGS)
-    assert registry.live_workers(session, settings=SETTINGS) == []
-    assert registry.record_heartbeat(session, name="w1")
-    assert [w.name for w in registry.live_workers(session, settings=SETTINGS)] == ["w1"]
-    assert not registry.record_heartbeat(session, name="never-registered")
+    assert not worker_service.is_live(stale, settings=SETTINGS)
+    assert worker_service.live_workers(session, settings=SETTINGS) == []
+    assert worker_service.record_heartbeat(session, name="w1")
+    assert [w.name for w in worker_service.live_workers(session, settings=SETTINGS)] == ["w1"]
+    assert not worker_service.record_heartbeat(session, name="never-registered")
 
 
 def test_registering_again_replaces_the_row_and_forgets_long_dead_workers(session: Session) -> None:
     add_worker(session, "w1", labels=("old",))
     dead = add_worker(session, "dead")
-    dead.heartbeat_at = time.time() - registry.FORGET_AFTER_SECONDS - 1
+    dead.heartbeat_at = time.time() - worker_service.FORGET_AFTER_SECONDS - 1
     session.commit()
     add_worker(session, "w1", labels=("new",), gpus=1)
-    rows = registry.list_workers(session)
+    rows = worker_service.list_workers(session)
     assert [(w.name, w.labels, w.gpus, w.status) for w in rows] == [("w1", ["new"], 1, "idle")]
-    registry.set_current_job(session, name="w1", job_id="ftjob-1")
-    assert registry.get_worker(session, name="w1").status == "busy"  # type: ignore[union-attr]
-    registry.remove_worker(session, name="w1")
-    assert registry.list_workers(session) == []
+    worker_service.set_current_job(session, name="w1", job_id="ftjob-1")
+    assert worker_service.get_worker(session, name="w1").status == "busy"  # type: ignore[union-attr]
+    worker_service.remove_worker(session, name="w1")
+    assert worker_service.list_workers(session) == []
 
 
 def test_stale_worker_setting_defaults_to_three_heartbeats_and_at_least_fifteen_seconds() -> None:

@@ -12,7 +12,7 @@ from app.core.config import Settings
 from app.services import attempts
 from app.services.workers import WorkerSpec, register_worker
 from tests.factories import create_job, create_project
-from worker import registry, supervisor
+from worker import registration, supervisor
 
 SETTINGS = Settings(lease_seconds=10, heartbeat_seconds=1, max_running_jobs_per_project=1)
 ME = WorkerSpec(name="w-me", hostname="host", pid=1, queue="training.w-me", version="test")
@@ -20,7 +20,7 @@ ME = WorkerSpec(name="w-me", hostname="host", pid=1, queue="training.w-me", vers
 
 @pytest.fixture(autouse=True)
 def this_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_spec", ME)
+    monkeypatch.setattr(registration, "_spec", ME)
 
 
 def test_a_message_that_started_another_job_sends_its_own_job_on(session: Session) -> None:

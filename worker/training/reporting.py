@@ -1,25 +1,24 @@
 """How a training run talks to whoever runs it: events, per-step metrics, checkpoints, control.
 
-The recipe only calls a `Reporter`; the Celery task passes one that writes to Postgres, the command
-line passes `PrintReporter`, tests pass `RecordingReporter`.
+The recipe only calls a `Reporter`; the worker passes one that writes to Postgres
+(worker/database_reporter.py), the command line passes `PrintReporter`, tests and benchmarks pass
+`RecordingReporter` (tests/support/reporters.py).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+# What a reporter raises when the attempt lost its lease; the recipe lets it propagate.
+from app.core.leases import StaleAttempt as StaleAttempt
 
 Level = Literal["info", "warn", "error"]
 # "checkpoint" asks for a checkpoint at the current step and then continues: the caller's way to bound
 # the work a crash loses (e.g. one every 10 minutes), whatever save_steps / n_checkpoints say.
 Control = Literal["continue", "cancel", "pause", "checkpoint"]
-
-
-class StaleAttempt(Exception):
-    """Raised by a reporter when this attempt lost its lease; the recipe lets it propagate."""
 
 
 class TrainingCancelled(Exception):
@@ -100,38 +99,3 @@ class SilentReporter:
     def control(self) -> Control:
         """Continue; rank 0's answer is what counts."""
         return "continue"
-
-
-@dataclass
-class RecordingReporter:
-    """Keeps everything in lists; `commands` maps a step number to the control answer to give then."""
-
-    events: list[dict[str, Any]] = field(default_factory=list)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    commands: dict[int, Control] = field(default_factory=dict)
-
-    def event(self, message: str, *, level: Level = "info", data: dict[str, Any] | None = None) -> None:
-        """Record an event."""
-        self.events.append({"message": message, "level": level, "data": data or {}})
-
-    def metrics(self, data: dict[str, Any]) -> None:
-        """Record a step's metrics."""
-        self.steps.append(dict(data))
-
-    def checkpoint_saved(self, *, step: int, path: Path, metrics: dict[str, Any]) -> None:
-        """Record a saved checkpoint."""
-        self.checkpoints.append({"step": step, "path": path, "metrics": dict(metrics)})
-
-    def control(self) -> Control:
-        """Answer what `commands` says for the step just reported, else continue."""
-        step = self.steps[-1]["step"] if self.steps else 0
-        return self.commands.get(step, "continue")
-
-    def losses(self) -> list[float]:
-        """The train_loss of every reported step, in order."""
-        return [s["train_loss"] for s in self.steps]
-
-    def warnings(self) -> list[str]:
-        """The messages of warn-level events."""
-        return [e["message"] for e in self.events if e["level"] == "warn"]

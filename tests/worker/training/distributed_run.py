@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from app.schemas.training import TrainingConfig
+from tests.support.reporters import RecordingReporter
 from worker.training import distributed, stopping
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter, TrainingPaused, TrainingReleased
+from worker.training.reporting import TrainingPaused, TrainingReleased
 
 
 def sigterm_after(steps: int) -> None:

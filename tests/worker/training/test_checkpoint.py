@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.checkpoint import checkpoint_steps, verify_checkpoint
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter, TrainingPaused
+from worker.training.reporting import TrainingPaused
 
 
 def test_checkpoint_schedule() -> None:

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import chat_records, code_mapping, write_jsonl
 from worker.training.data import (
     IGNORE_INDEX,
@@ -16,7 +17,6 @@ from worker.training.data import (
     tokenize_prompt_completion,
     tokenize_record,
 )
-from worker.training.reporting import RecordingReporter
 
 
 def _labelled_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter
 
 pytestmark = pytest.mark.slow
 SETTINGS: dict[str, Any] = {"n_epochs": 2, "batch_size": 4, "gradient_accumulation_steps": 2, "eval_steps": 4,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter, TrainingPaused
+from worker.training.reporting import TrainingPaused
 
 torch = pytest.importorskip("torch")
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.model import count_parameters, load_model, resolve_precision
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter
 
 
 def test_fp16_on_cpu_is_refused_before_any_weights_load(tmp_path: Path) -> None:

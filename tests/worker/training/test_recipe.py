@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import chat_records, code_mapping, make_config, write_jsonl
 from worker.training import stopping
 from worker.training.recipe import train
 from worker.training.reporting import (
-    RecordingReporter,
     TrainingCancelled,
     TrainingDiverged,
     TrainingPaused,

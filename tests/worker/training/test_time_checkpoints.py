@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-import worker.reporter as reporter_module
-from worker.reporter import DatabaseReporter
+import worker.database_reporter as reporter_module
+from worker.database_reporter import DatabaseReporter
 
 
 class Clock:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
 from worker.training.recipe import train
-from worker.training.reporting import RecordingReporter
 
 
 def test_wandb_logs_every_step_offline(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

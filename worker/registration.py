@@ -1,4 +1,5 @@
-"""This worker in the registry: what it offers (settings, or nvidia-smi), its heartbeat, its shutdown.
+"""This worker's registration in the workers table (app/services/workers.py): what it offers (settings, or
+nvidia-smi), its heartbeat, its shutdown.
 
 Runs in the Celery parent process, which never imports torch or touches CUDA (a CUDA context there
 would hold GPU memory for the worker's lifetime and break the training child's fork-free start):
@@ -16,7 +17,7 @@ from importlib import metadata
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.services import workers as registry
+from app.services import workers as worker_service
 from app.services.workers import WorkerSpec
 
 logger = logging.getLogger("tuneforge.registry")
@@ -90,7 +91,7 @@ def build_spec(settings: Settings) -> WorkerSpec:
         memory = min(m for _, m in detected) or None
     name = worker_name(settings)
     return WorkerSpec(name=name, hostname=socket.gethostname(), pid=os.getpid(),
-                      queue=registry.direct_queue(settings, name), version=_version(), gpus=gpus,
+                      queue=worker_service.direct_queue(settings, name), version=_version(), gpus=gpus,
                       gpu_memory_gb=memory if gpus else None, labels=tuple(settings.worker_labels),
                       gpu_names=tuple(n for n, _ in detected[:gpus]), cpu_count=os.cpu_count() or 1,
                       memory_gb=_memory_gb())
@@ -108,7 +109,7 @@ def set_current_job(settings: Settings, job_id: str | None, *, draining: bool = 
     """Tell the registry what this worker runs now; a failure costs only a stale admin view."""
     try:
         with session_scope() as session:
-            registry.set_current_job(session, name=this_worker(settings).name, job_id=job_id, draining=draining)
+            worker_service.set_current_job(session, name=this_worker(settings).name, job_id=job_id, draining=draining)
     except Exception:  # database restarting: the next claim or finish writes it again
         logger.exception("could not record the current job in the worker registry")
 
@@ -116,7 +117,7 @@ def set_current_job(settings: Settings, job_id: str | None, *, draining: bool = 
 def register(settings: Settings) -> None:
     spec = this_worker(settings)
     with session_scope() as session:
-        registry.register_worker(session, spec=spec)
+        worker_service.register_worker(session, spec=spec)
     logger.info("worker %s registered: %s GPU(s)%s, labels %s, queue %s", spec.name, spec.gpus,
                 f" ({spec.gpu_memory_gb:g} GiB each)" if spec.gpu_memory_gb else "", list(spec.labels), spec.queue)
 
@@ -124,7 +125,7 @@ def register(settings: Settings) -> None:
 def beat(settings: Settings, *, draining: bool) -> None:
     """One heartbeat; registers again when the row is gone (pruned, or the database was restored)."""
     with session_scope() as session:
-        found = registry.record_heartbeat(session, name=this_worker(settings).name, draining=draining)
+        found = worker_service.record_heartbeat(session, name=this_worker(settings).name, draining=draining)
     if not found:
         register(settings)
 
@@ -161,6 +162,6 @@ def stop(settings: Settings) -> None:
         _heartbeat_thread.join(timeout=30)
     try:
         with session_scope() as session:
-            registry.remove_worker(session, name=this_worker(settings).name)
+            worker_service.remove_worker(session, name=this_worker(settings).name)
     except Exception:  # the row goes stale and is shown as not live, then forgotten
         logger.exception("could not remove this worker from the registry")

@@ -11,11 +11,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.config import Settings
 from app.core.db import session_scope
+from app.core.leases import StaleAttempt
 from app.core.storage import Storage
 from app.services import attempts
 from app.services.artifacts import prune_checkpoints
 from worker.archive import file_chunks, tar_directory
-from worker.training.reporting import StaleAttempt as TrainingStaleAttempt
 
 logger = logging.getLogger("tuneforge.reporter")
 
@@ -42,8 +42,6 @@ class DatabaseReporter:
             try:
                 with session_scope() as session:
                     return write(session, job_pk=self.job_pk, attempt=self.attempt, **kwargs)
-            except attempts.StaleAttempt as exc:
-                raise TrainingStaleAttempt(str(exc)) from exc
             except (OperationalError, InterfaceError):
                 if time.monotonic() > deadline:
                     raise
@@ -74,7 +72,7 @@ class DatabaseReporter:
         try:
             self._guard(attempts.register_checkpoint, step=step, metrics=wire, blob_key=key,
                         sha256=stored.sha256, size=stored.bytes)
-        except TrainingStaleAttempt:
+        except StaleAttempt:
             self.storage.delete(key)
             raise
         self._last_checkpoint = time.monotonic()
