@@ -24,7 +24,7 @@ from app.models import File, FineTuningJob, JobStatus
 from app.models.base import now_seconds
 from app.schemas.training import TrainingConfig
 from app.services.datasets import LengthStats, detect_format, status_details, validate_chunks
-from app.services.jobs import add_event
+from app.services.jobs import add_event, too_few_examples
 from app.services.webhooks import enqueue_job_event
 
 # What a ChatML-style template adds around each message: turn start, role, newline, turn end, newline.
@@ -246,11 +246,9 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
         if row.status != "processed":
             return _fail(session, job, param=param, code="invalid_file",
                          message=f"{param} {file_id} failed validation: {row.status_details}")
-        examples = (row.report or {}).get("examples", 0)
-        if param == "training_file" and examples < settings.min_training_examples:
-            return _fail(session, job, param=param, code="too_few_examples",
-                         message=f"{param} {file_id} has {examples} example(s); training needs at least "
-                                 f"{settings.min_training_examples}.")
+        shortfall = too_few_examples(row, settings=settings) if param == "training_file" else None
+        if shortfall:
+            return _fail(session, job, param=param, code="too_few_examples", message=shortfall)
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
                          .execution_options(populate_existing=True))
     if job is None or job.status != JobStatus.VALIDATING_FILES:

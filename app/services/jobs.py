@@ -63,11 +63,20 @@ def _training_file(session: Session, *, project: Project, file_id: str, param: s
                              "chat, prompt/completion or text examples.", param=param, code="invalid_file")
     # A file too large to validate during upload ("uploaded") is counted in full by the worker's
     # validating_files phase, which fails the job then if it is short; its report covers a prefix only.
-    if param == "training_file" and row.status != "uploaded" \
-            and report.get("examples", 0) < settings.min_training_examples:
-        raise InvalidRequest(f"File {file_id} has {report.get('examples', 0)} example(s); training needs at "
-                             f"least {settings.min_training_examples}.", param=param, code="too_few_examples")
+    shortfall = too_few_examples(row, settings=settings) if param == "training_file" and row.status != "uploaded" \
+        else None
+    if shortfall:
+        raise InvalidRequest(shortfall, param=param, code="too_few_examples")
     return row
+
+
+def too_few_examples(file: File, *, settings: Settings) -> str | None:
+    """Why a training file cannot train a job for want of examples (the rule job creation and the
+    validating_files phase both apply), or None."""
+    examples = (file.report or {}).get("examples", 0)
+    if examples < settings.min_training_examples:
+        return f"File {file.id} has {examples} example(s); training needs at least {settings.min_training_examples}."
+    return None
 
 
 def resolve_resources(requested: JobResources) -> JobResources:
@@ -316,29 +325,15 @@ def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuning
 
 def list_events(session: Session, *, job: FineTuningJob, after: str | None, limit: int
                 ) -> tuple[list[JobEvent], bool]:
-    query = select(JobEvent).where(JobEvent.job_pk == job.pk)
-    if after:
-        after_pk = session.scalar(select(JobEvent.pk).where(JobEvent.id == after, JobEvent.job_pk == job.pk))
-        if after_pk is None:
-            raise InvalidRequest(f"Invalid 'after': no event with id {after!r} in this job.", param="after",
-                                 code="invalid_value")
-        query = query.where(JobEvent.pk < after_pk)
-    rows = list(session.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return page_after(session, select(JobEvent).where(JobEvent.job_pk == job.pk), JobEvent, project_pk=None,
+                      scope=JobEvent.job_pk == job.pk, noun="event of this job", after=after, limit=limit)
 
 
 def list_checkpoints(session: Session, *, job: FineTuningJob, after: str | None, limit: int
                      ) -> tuple[list[JobCheckpoint], bool]:
-    query = select(JobCheckpoint).where(JobCheckpoint.job_pk == job.pk)
-    if after:
-        after_pk = session.scalar(select(JobCheckpoint.pk).where(JobCheckpoint.id == after,
-                                                                 JobCheckpoint.job_pk == job.pk))
-        if after_pk is None:
-            raise InvalidRequest(f"Invalid 'after': no checkpoint with id {after!r} in this job.",
-                                 param="after", code="invalid_value")
-        query = query.where(JobCheckpoint.pk < after_pk)
-    rows = list(session.scalars(query.order_by(JobCheckpoint.pk.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return page_after(session, select(JobCheckpoint).where(JobCheckpoint.job_pk == job.pk), JobCheckpoint,
+                      project_pk=None, scope=JobCheckpoint.job_pk == job.pk, noun="checkpoint of this job", after=after,
+                      limit=limit)
 
 
 def fine_tuned_model_name(job: FineTuningJob, *, organization: str) -> str:
