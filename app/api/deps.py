@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import POOL_MAX_OVERFLOW, POOL_SIZE, get_sessionmaker
-from app.core.errors import PermissionDenied, RateLimited, Unauthorized
+from app.core.errors import InvalidRequest, PermissionDenied, RateLimited, Unauthorized
 from app.core.ratelimit import seconds_until_allowed
 from app.models import ApiKey, Project
 from app.services.projects import authenticate, get_or_create_project
@@ -94,3 +94,10 @@ async def get_admin_key(caller: CallerDep) -> ApiKey:
 
 CurrentProject = Annotated[Project, Depends(get_current_project)]
 AdminKey = Annotated[ApiKey, Depends(get_admin_key)]
+
+
+def check_limit(limit: int, maximum: int) -> None:
+    """A list endpoint's `limit`: 1 to the list_limit_max setting."""
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"Invalid 'limit': must be between 1 and {maximum}.", param="limit",
+                             code="invalid_value")

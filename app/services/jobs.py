@@ -323,6 +323,15 @@ def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuning
     return job
 
 
+def list_all_jobs(session: Session, *, project_pk: int | None, after: str | None, limit: int
+                  ) -> tuple[list[FineTuningJob], bool]:
+    """Every project's jobs (or one project's), newest first: the admin view."""
+    query = select(FineTuningJob)
+    if project_pk is not None:
+        query = query.where(FineTuningJob.project_pk == project_pk)
+    return page_after(session, query, FineTuningJob, project_pk=None, after=after, limit=limit)
+
+
 def list_events(session: Session, *, job: FineTuningJob, after: str | None, limit: int
                 ) -> tuple[list[JobEvent], bool]:
     return page_after(session, select(JobEvent).where(JobEvent.job_pk == job.pk), JobEvent, project_pk=None,

@@ -75,3 +75,8 @@ def get_api_key(session: Session, *, key_id: str) -> ApiKey | None:
 
 def get_project(session: Session, *, project_id: str) -> Project | None:
     return session.scalar(select(Project).where(Project.id == project_id))
+
+
+def projects_by_pk(session: Session, pks: set[int]) -> dict[int, Project]:
+    """The projects with these internal keys, by key (one query)."""
+    return {p.pk: p for p in session.scalars(select(Project).where(Project.pk.in_(pks)))} if pks else {}

@@ -3,70 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.deps import AdminKey, SessionDep, SettingsDep
-from app.api.routes.files import check_limit
+from app.api.deps import AdminKey, SessionDep, SettingsDep, check_limit
 from app.core.config import Settings
 from app.core.errors import InvalidRequest, NotFound
-from app.models import ApiKey, FineTuningJob, Project, Worker
-from app.schemas.common import ListPage
+from app.models import ApiKey, Project, Worker
+from app.schemas.admin import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic, ProjectList, ProjectPublic
 from app.schemas.jobs import JobList
 from app.schemas.workers import WorkerJob, WorkerList, WorkerPublic
 from app.services import jobs as job_service
 from app.services import projects as project_service
 from app.services import workers as worker_service
-from app.services.paging import page_after
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-
-
-class ApiKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # The project is created on first use, as with `tuneforge keys create`.
-    project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    name: str = Field(default="", max_length=128)
-    is_admin: bool = False
-
-
-class ApiKeyPublic(BaseModel):
-    id: str
-    object: Literal["api_key"] = "api_key"
-    name: str
-    project_id: str
-    project: str
-    # The first characters only, to tell keys apart; the key itself is never shown again.
-    key_prefix: str
-    is_admin: bool
-    created_at: int
-    revoked_at: int | None
-
-
-class ApiKeyCreated(ApiKeyPublic):
-    """The new key, in full: shown in this response only."""
-
-    key: str
-
-
-class ApiKeyList(ListPage[ApiKeyPublic]):
-    pass
-
-
-class ProjectPublic(BaseModel):
-    id: str
-    object: Literal["project"] = "project"
-    name: str
-    created_at: int
-
-
-class ProjectList(ListPage[ProjectPublic]):
-    pass
 
 
 def key_public(row: ApiKey, project: Project) -> ApiKeyPublic:
@@ -76,7 +29,7 @@ def key_public(row: ApiKey, project: Project) -> ApiKeyPublic:
 
 
 def _projects(session: Session, pks: set[int]) -> dict[int, Project]:
-    return {p.pk: p for p in session.scalars(select(Project).where(Project.pk.in_(pks)))} if pks else {}
+    return project_service.projects_by_pk(session, pks)
 
 
 @router.post("/keys", response_model=ApiKeyCreated)
@@ -128,14 +81,14 @@ def list_all_jobs(session: SessionDep, _admin: AdminKey, settings: SettingsDep, 
                   limit: int = 20, project: Annotated[str | None, Query(max_length=64)] = None) -> JobList:
     """List jobs across projects, newest first (filter with project=<project id>)."""
     check_limit(limit, settings.list_limit_max)
-    query = select(FineTuningJob)
+    project_pk = None
     if project is not None:
         found = project_service.get_project(session, project_id=project)
         if found is None:
             raise InvalidRequest(f"Invalid 'project': no project with id {project!r}.", param="project",
                                  code="invalid_value")
-        query = query.where(FineTuningJob.project_pk == found.pk)
-    rows, has_more = page_after(session, query, FineTuningJob, project_pk=None, after=after, limit=limit)
+        project_pk = found.pk
+    rows, has_more = job_service.list_all_jobs(session, project_pk=project_pk, after=after, limit=limit)
     projects = _projects(session, {j.project_pk for j in rows})
     return JobList(data=job_service.jobs_public(session, rows, projects=projects), has_more=has_more)
 

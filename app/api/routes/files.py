@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.api.deps import CurrentProject, SessionDep, SettingsDep
+from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
 from app.api.streaming import stream_blob
 from app.core.errors import InvalidRequest
 from app.core.security import plain_filename
@@ -144,12 +144,6 @@ class MultipartUpload:
 def file_public(row: file_service.File) -> FilePublic:
     return FilePublic(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
                       purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
-
-
-def check_limit(limit: int, maximum: int) -> None:
-    if not 1 <= limit <= maximum:
-        raise InvalidRequest(f"Invalid 'limit': must be between 1 and {maximum}.", param="limit",
-                             code="invalid_value")
 
 
 @router.post("", response_model=FilePublic, openapi_extra=UPLOAD_OPENAPI)

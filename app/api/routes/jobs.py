@@ -5,8 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
-from app.api.deps import CurrentProject, SessionDep, SettingsDep
-from app.api.routes.files import check_limit
+from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
 from app.api.streaming import stream_blob
 from app.schemas.jobs import (
     ArtifactList,

@@ -1,0 +1,52 @@
+"""Wire models of the admin API: keys and projects across tenants (workers are in app/schemas/workers.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import ListPage
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The project is created on first use, as with `tuneforge keys create`.
+    project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="", max_length=128)
+    is_admin: bool = False
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    project_id: str
+    project: str
+    # The first characters only, to tell keys apart; the key itself is never shown again.
+    key_prefix: str
+    is_admin: bool
+    created_at: int
+    revoked_at: int | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    """The new key, in full: shown in this response only."""
+
+    key: str
+
+
+class ApiKeyList(ListPage[ApiKeyPublic]):
+    pass
+
+
+class ProjectPublic(BaseModel):
+    id: str
+    object: Literal["project"] = "project"
+    name: str
+    created_at: int
+
+
+class ProjectList(ListPage[ProjectPublic]):
+    pass
