@@ -96,3 +96,10 @@ def test_missing_or_wrong_api_key_is_401_in_the_envelope(client: TestClient) -> 
         assert response.json()["error"]["type"] == "authentication_error"
         response = anonymous.get("/v1/files", headers={"Authorization": "Bearer tf-wrong"})
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_an_empty_model_query_parameter_is_a_400_not_a_500(client: TestClient) -> None:
+    response = client.post("/v1/files?model=", files={"file": ("t.jsonl", b'{"prompt": "a", "completion": "b"}\n')},
+                           data={"purpose": "fine-tune"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "model" and response.json()["error"]["code"] == "model_not_available"
