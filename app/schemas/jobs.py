@@ -10,7 +10,13 @@ from pydantic.fields import FieldInfo
 from app.core.config import LABEL_PATTERN
 from app.models.job import JobStatus
 from app.schemas.common import ListPage, OmitsUnsetOptionals
-from app.schemas.training import HYPERPARAMETER_FIELDS, AdapterConfig, TrainingConfig
+from app.schemas.training import (
+    HYPERPARAMETER_FIELDS,
+    MAX_PROCESSES,
+    AdapterConfig,
+    DistributedStrategy,
+    TrainingConfig,
+)
 
 
 class _OpenAIHyperparameters(BaseModel):
@@ -102,7 +108,7 @@ class JobResources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # GPUs on one worker host; the job trains with one process per GPU.
-    gpus: int = Field(default=0, ge=0, le=64)
+    gpus: int = Field(default=0, ge=0, le=MAX_PROCESSES)  # one process per GPU
     # Each of those GPUs has at least this much memory (GiB, as nvidia-smi reports it: an 80 GB card
     # shows about 79.6). Needs gpus >= 1.
     min_gpu_memory_gb: float | None = Field(default=None, gt=0, le=4096)
@@ -110,8 +116,8 @@ class JobResources(BaseModel):
     labels: list[Annotated[str, Field(pattern=LABEL_PATTERN.pattern)]] = Field(default_factory=list, max_length=16)
     # Training processes on that worker (data parallel): defaults to gpus, or 1 without GPUs (more
     # CPU processes only make sense for testing multi-process training).
-    processes: int | None = Field(default=None, ge=1, le=64)
-    distributed: Literal["ddp", "fsdp"] = "ddp"
+    processes: int | None = Field(default=None, ge=1, le=MAX_PROCESSES)
+    distributed: DistributedStrategy = "ddp"
 
     @property
     def requires_worker(self) -> bool:

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 AdapterType = Literal["lora", "qlora", "dora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 SchedulerName = Literal["linear", "cosine", "constant"]
+# How a multi-process job splits its work (TrainingConfig.distributed, requested as resources.distributed).
+DistributedStrategy = Literal["ddp", "fsdp"]
+MAX_PROCESSES = 64
 
 
 class ConfigConflict(ValueError):
@@ -109,10 +112,10 @@ class TrainingConfig(BaseModel):
     merge: bool = False
     # Data-parallel training processes for this job on one worker: one per GPU, or gloo processes on a
     # CPU. The global batch (batch_size x gradient_accumulation_steps) is the same for any count.
-    processes: int = Field(default=1, ge=1, le=64)
+    processes: int = Field(default=1, ge=1, le=MAX_PROCESSES)
     # "ddp" keeps a full replica of the weights in every process; "fsdp" shards weights, gradients and
     # optimizer state across them, for models too large for one device.
-    distributed: Literal["ddp", "fsdp"] = "ddp"
+    distributed: DistributedStrategy = "ddp"
 
     @model_validator(mode="after")
     def _check_combination(self, info: ValidationInfo) -> TrainingConfig:
