@@ -72,9 +72,10 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
         raise typer.BadParameter("TUNEFORGE_REQUIRE_API_KEYS=false is only allowed on a loopback host",
                                  param_hint="--host")
     # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (at most stop_grace_seconds), exit 0.
-    # uvicorn re-raises SIGTERM after its drain with the default handler restored, which would end the process
-    # by the signal (and skip `tuneforge serve`'s stopping of its worker): make it a clean exit instead.
-    signal.signal(signal.SIGTERM, _exit_after_drain)
+    # uvicorn re-raises the signal after its drain with the previous handler restored, which would end the
+    # process by the signal (and skip `tuneforge serve`'s stopping of its worker): make it a clean exit instead.
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: a clean exit, not a traceback
+        signal.signal(signum, _exit_after_drain)
     uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info",
                 timeout_graceful_shutdown=int(settings.stop_grace_seconds))
 

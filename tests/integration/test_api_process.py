@@ -1,4 +1,4 @@
-"""`tuneforge api` as a process: SIGTERM drains the requests in flight before it exits."""
+"""`tuneforge api` as a process: SIGTERM or SIGINT drains the requests in flight, then it exits 0."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tests.support.data import chat_lines, jsonl
 pytestmark = pytest.mark.integration
 
 
-def test_sigterm_lets_a_download_in_flight_finish_then_the_api_exits(service: Service) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_lets_a_download_in_flight_finish_then_the_api_exits(service: Service, signum: int) -> None:
     content = jsonl(chat_lines(60_000))  # a few MB, streamed from the database in chunks
     with service.client() as client:
         file_id = client.post("/v1/files", files={"file": ("big.jsonl", content)},
@@ -35,7 +36,7 @@ def test_sigterm_lets_a_download_in_flight_finish_then_the_api_exits(service: Se
                           timeout=30) as response:
             chunks = response.iter_bytes(64 * 1024)
             first = next(chunks)
-            api.send_signal(signal.SIGTERM)  # mid-download
+            api.send_signal(signum)  # mid-download
             time.sleep(0.5)
             for chunk in [first, *chunks]:
                 received.update(chunk)
