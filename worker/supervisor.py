@@ -210,14 +210,13 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
     if code == EXIT_DATABASE:
         try:
             with session_scope() as session:
-                attempts.release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED, level="warn",
-                                     message=f"Attempt {attempt} lost its database connection; the job is queued "
-                                             "again and resumes from its last checkpoint.")
-            with session_scope() as session:
-                dispatch_job(session, job_id=job_id, settings=settings)
+                outcome = attempts.requeue_after_database_loss(session, job_pk=job_pk, attempt=attempt)
         except attempts.StaleAttempt:
             return "stopped"
-        return "queued"
+        if outcome == JobStatus.QUEUED:
+            with session_scope() as session:
+                dispatch_job(session, job_id=job_id, settings=settings)
+        return outcome
     oom_after = oom_kills()
     oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
     reason = describe_exit(code, oom_killed=oom_killed)

@@ -253,12 +253,32 @@ def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: 
                  message=f"The job's training process died {crashes} times in a row without saving a new "
                          f"checkpoint; giving up. Last failure: {reason}")
         return "failed"
-    release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED, crashes=crashes, level="warn",
-                message=f"Attempt {attempt} ended without finishing: {reason}. The job is queued again and "
-                        f"resumes from its last checkpoint (crash {crashes} of {settings.max_attempts} allowed in "
-                        "a row without progress).", data={"attempt": attempt, "crashes": crashes,
-                                                          "max_attempts": settings.max_attempts})
-    return "queued"
+    status = _status_after_loss(session, job_pk=job_pk, attempt=attempt)
+    release_job(session, job_pk=job_pk, attempt=attempt, status=status, crashes=crashes, level="warn",
+                message=f"Attempt {attempt} ended without finishing: {reason}. The job is {_AFTER_LOSS[status]} "
+                        f"(crash {crashes} of {settings.max_attempts} allowed in a row without progress).",
+                data={"attempt": attempt, "crashes": crashes, "max_attempts": settings.max_attempts})
+    return str(status)
+
+
+def requeue_after_database_loss(session: Session, *, job_pk: int, attempt: int) -> str:
+    """An attempt lost its database connection: not the job's fault, no crash counted; "queued" or "paused"."""
+    status = _status_after_loss(session, job_pk=job_pk, attempt=attempt)
+    release_job(session, job_pk=job_pk, attempt=attempt, status=status, level="warn",
+                message=f"Attempt {attempt} lost its database connection. The job is {_AFTER_LOSS[status]}.")
+    return str(status)
+
+
+# What happens to a job whose attempt ended without finishing, in its event's words.
+_AFTER_LOSS = {JobStatus.QUEUED: "queued again and resumes from its last checkpoint",
+               JobStatus.PAUSED: "paused, as requested, at its last checkpoint; resume it to continue"}
+
+
+def _status_after_loss(session: Session, *, job_pk: int, attempt: int) -> JobStatus:
+    """Back to the queue, unless a pause was asked for and the attempt died before it could checkpoint: then the
+    pause holds (at the last checkpoint), instead of the next claim forgetting it."""
+    action = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt)))
+    return JobStatus.PAUSED if action == "pause" else JobStatus.QUEUED
 
 
 def reap_expired_leases(session: Session, *, settings: Settings) -> list[str]:
@@ -268,9 +288,11 @@ def reap_expired_leases(session: Session, *, settings: Settings) -> list[str]:
         FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_expires_at < now
     ).with_for_update(skip_locked=True)))
     for job in expired:
-        message = (f"Attempt {job.attempt} on {job.lease_owner} stopped renewing its lease; "
-                   "the job is queued again and resumes from its last checkpoint.")
-        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = JobStatus.QUEUED, None, None, None
+        status = JobStatus.PAUSED if job.requested_action == "pause" else JobStatus.QUEUED
+        message = (f"Attempt {job.attempt} on {job.lease_owner} stopped renewing its lease; the job is "
+                   f"{_AFTER_LOSS[status]}.")
+        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = status, None, None, None
+        job.requested_action = None
         add_event(session, job=job, level="warn", message=message)
     session.commit()
     # Jobs accepted while the broker was down (or whose message was lost) are sent again.

@@ -150,3 +150,30 @@ def test_reaper_redispatches_jobs_whose_dispatch_was_lost(session: Session) -> N
     recent = create_job(session, status="queued", dispatched_at=time.time())
     found = attempts.reap_expired_leases(session, settings=SETTINGS)
     assert waiting.id in found and recent.id not in found
+
+
+def test_a_pause_asked_for_while_the_attempt_dies_holds(session: Session) -> None:
+    """Found by the fault soak: a pause requested just before the worker died was forgotten by the next claim."""
+    from app.models import Project
+    from app.services.jobs import pause_job
+
+    job = create_job(session)
+    project = session.get(Project, job.project_pk)
+    assert project is not None
+    claim(session, job, "w1")
+    pause_job(session, project=project, job_id=job.id)
+    job.lease_expires_at = time.time() - 1  # the worker host died before the attempt could checkpoint
+    session.commit()
+    assert attempts.reap_expired_leases(session, settings=SETTINGS) == []  # nothing to dispatch: it is paused
+    session.refresh(job)
+    assert job.status == "paused" and job.requested_action is None
+    for end in ("crash", "database"):  # the same when the attempt crashes or loses the database
+        from app.services.jobs import resume_job
+
+        resume_job(session, project=project, job_id=job.id)
+        claim(session, job, "w1")
+        pause_job(session, project=project, job_id=job.id)
+        outcome = crash(session, job) if end == "crash" else attempts.requeue_after_database_loss(
+            session, job_pk=job.pk, attempt=job.attempt)
+        session.refresh(job)
+        assert outcome == "paused" and job.status == "paused", end
