@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from app.api.openapi import install_openapi
 from app.api.routes import admin, files, health, jobs, models
 from app.api.routes import dashboard as dashboard_routes
 from app.api.routes import stream as stream_routes
@@ -26,6 +27,7 @@ def create_app() -> FastAPI:
     install_log_redaction()
     configure_logging(get_settings().log_format)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, limits=_body_limits)
     for router in (files.router, jobs.router, models.router, admin.router):
         app.include_router(router, prefix="/v1")

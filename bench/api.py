@@ -51,7 +51,8 @@ import httpx
 import psutil
 from fastapi import FastAPI
 
-from bench.common import create_database, drop_database, free_port, wait_until_up
+from tests.support.databases import create_database, drop_database
+from tests.support.processes import free_port, wait_until_up
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 BODY_ENV = "TUNEFORGE_BENCH_BARE_BODY"

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.common import create_database, drop_database, free_port
+from tests.support.databases import create_database, drop_database
+from tests.support.processes import free_port
 
 
 def _random_chunks(size: int, chunk: int = 1024 * 1024):  # type: ignore[no-untyped-def]

@@ -49,7 +49,8 @@ import psutil
 
 from app.core.processes import stop_process
 from app.schemas.training import HYPERPARAMETER_FIELDS
-from bench.common import create_database, drop_database, free_port, wait_until_up
+from tests.support.databases import create_database, drop_database
+from tests.support.processes import free_port, wait_until_up
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -9,9 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("tuneforge.api")
 
@@ -103,6 +105,16 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.router.routes):  # included routers' routes, with their prefixes
+        match, _scope = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -116,6 +128,8 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = first.get("type", "")
         if kind == "json_invalid":
             message, code = "The request body is not valid JSON.", "invalid_json"
+        elif kind == "missing" and param is None:
+            message, code = "The request needs a JSON object body.", "missing_required_parameter"
         elif kind == "missing":
             message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
         elif kind == "extra_forbidden":
@@ -128,11 +142,14 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Not found.", 405: "Method not allowed."}
         message = messages.get(exc.status_code, str(exc.detail))
+        headers = {k.lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
+        if exc.status_code == 405:
+            headers["allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(envelope(message, type_="invalid_request_error", param=None, code=None),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.schemas.common import ListPage
 
@@ -15,7 +15,7 @@ class ApiKeyCreate(BaseModel):
     # The project is created on first use, as with `tuneforge keys create`.
     project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     name: str = Field(default="", max_length=128)
-    is_admin: bool = False
+    is_admin: StrictBool = False
 
 
 class ApiKeyPublic(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from app.core.config import LABEL_PATTERN
@@ -139,7 +139,7 @@ class JobCreate(BaseModel):
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None
     # Extension: also export merged full weights (base + adapter) as an artifact.
-    merge: bool = False
+    merge: StrictBool = False
     # Extensions: what the job needs from a worker, and its place in the queue (higher runs first).
     resources: JobResources = Field(default_factory=JobResources)
     priority: int = Field(default=0, ge=-100, le=100)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, model_validator
 
 AdapterType = Literal["lora", "qlora", "dora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -41,7 +41,7 @@ class QuantizationConfig(BaseModel):
     # nf4 fits normally distributed weights better than fp4; both cost the same memory.
     quant_type: Literal["nf4", "fp4"] = "nf4"
     # Quantizes the quantization constants too: about 0.4 bits/parameter saved, slightly slower.
-    double_quant: bool = True
+    double_quant: StrictBool = True
     # dtype the dequantized weights are multiplied in; "auto" follows the job's precision.
     compute_dtype: Precision = "auto"
 
@@ -59,7 +59,7 @@ class AdapterConfig(BaseModel):
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     # "all-linear" adapts every linear layer except the output head; a list names module suffixes.
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    use_rslora: bool = False
+    use_rslora: StrictBool = False
     quantization: QuantizationConfig | None = None
 
     @model_validator(mode="after")
@@ -94,11 +94,11 @@ class TrainingConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
     max_seq_length: int = Field(default=1024, ge=8, le=131072)
     # Packing concatenates examples into full rows; attention never crosses example boundaries.
-    packing: bool = False
+    packing: StrictBool = False
     # True puts prompts / user turns in the loss as well as the answers.
-    train_on_inputs: bool = False
+    train_on_inputs: StrictBool = False
     # Recomputes activations in the backward pass: about 30% slower, far less activation memory.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
     precision: Precision = "auto"
     eval_steps: int | None = Field(default=None, ge=1)
     n_evals: int | None = Field(default=None, ge=0, le=1000)
@@ -106,10 +106,10 @@ class TrainingConfig(BaseModel):
     early_stopping_threshold: float = Field(default=0.0, ge=0.0)
     save_steps: int | None = Field(default=None, ge=1)
     n_checkpoints: int = Field(default=1, ge=1, le=100)
-    load_best_at_end: bool = False
+    load_best_at_end: StrictBool = False
     seed: int = Field(default=42, ge=0, le=2147483647)
     # Also export merged full weights (base + adapter, safetensors shards) when training ends.
-    merge: bool = False
+    merge: StrictBool = False
     # Data-parallel training processes for this job on one worker: one per GPU, or gloo processes on a
     # CPU. The global batch (batch_size x gradient_accumulation_steps) is the same for any count.
     processes: int = Field(default=1, ge=1, le=MAX_PROCESSES)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.core.processes import stop_process
-from bench.common import free_port, wait_until_up
 from tests.support.databases import PG_ADMIN_URL
+from tests.support.processes import free_port, wait_until_up
 from tests.support.service import Service, all_events, running_service, wait_for_status
 
 

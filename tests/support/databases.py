@@ -17,8 +17,8 @@ def drop_database(name: str, *, server: str = PG_ADMIN_URL) -> None:
     admin.dispose()
 
 
-def recreate_database(name: str, *, server: str = PG_ADMIN_URL) -> str:
-    """Drop and create a Postgres database on server, migrate it, and return its URL."""
+def create_database(name: str, *, server: str = PG_ADMIN_URL) -> str:
+    """A new, empty Postgres database called name on server (dropped first if it exists); returns its URL."""
     from sqlalchemy import create_engine, text
 
     drop_database(name, server=server)
@@ -26,7 +26,12 @@ def recreate_database(name: str, *, server: str = PG_ADMIN_URL) -> str:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    url = f"{server}/{name}"
+    return f"{server}/{name}"
+
+
+def recreate_database(name: str, *, server: str = PG_ADMIN_URL) -> str:
+    """Drop and create a Postgres database on server, migrate it, and return its URL."""
+    url = create_database(name, server=server)
     from app.cli import run_migrations
 
     run_migrations(url)

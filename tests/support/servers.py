@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import free_port
+from tests.support.processes import free_port
 
 
 def _postgres_bin(name: str) -> str:

@@ -17,8 +17,8 @@ import httpx
 import psutil
 
 from app.core.processes import stop_process
-from bench.common import free_port, wait_until_up
 from tests.support.databases import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
+from tests.support.processes import free_port, wait_until_up
 
 
 @dataclass

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
 from app.api.multipart import MultipartUpload
+from app.api.openapi import binary_responses, errors
 from app.api.streaming import stream_blob
 from app.core.security import plain_filename
 from app.core.storage import get_storage
@@ -30,7 +31,7 @@ def file_public(row: file_service.File) -> FilePublic:
                       purpose=row.purpose, status=row.status, status_details=row.status_details, sha256=row.sha256)
 
 
-@router.post("", response_model=FilePublic, openapi_extra=UPLOAD_OPENAPI)
+@router.post("", response_model=FilePublic, openapi_extra=UPLOAD_OPENAPI, responses=errors(413))
 async def create_file(request: Request, session: SessionDep, project: CurrentProject, settings: SettingsDep,
                       model: Annotated[str | None, Query()] = None) -> FilePublic:
     """Upload a JSONL dataset (purpose `fine-tune`); it streams into storage and is validated as it arrives."""
@@ -85,14 +86,14 @@ def read_file_validation_report(session: SessionDep, project: CurrentProject, fi
     return FileValidationReport(id=row.id, status=row.status, report=row.report)
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", responses=binary_responses("application/octet-stream", ranges=True))
 def read_file_content(request: Request, session: SessionDep, project: CurrentProject, file_id: str) -> Response:
     """The file's bytes (Range requests supported)."""
     row = file_service.get_file(session, project=project, file_id=file_id)
     return stream_blob(request, key=row.blob_key, size=row.bytes, sha256=row.sha256, filename=row.id)
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=errors(409))
 def delete_file(session: SessionDep, project: CurrentProject, file_id: str) -> FileDeleted:
     """Delete a file, unless a job that has not finished still needs it."""
     file_service.delete_file(session, storage=get_storage(), project=project, file_id=file_id)

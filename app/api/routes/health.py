@@ -1,13 +1,22 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.config import Settings
 
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: str
+    broker: str
 
 
 @router.get("/healthz")
@@ -34,7 +43,8 @@ def broker_status(settings: Settings) -> str:
     return "ok"  # other Celery transports are not probed here
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={200: {"model": Readiness}, 503: {
+    "model": Readiness, "description": "The database or the broker is not reachable (the body says which)."}})
 def read_readiness(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """The database answers and the broker is reachable."""
     body = {"status": "ok", "database": "ok", "broker": broker_status(settings)}

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
+from app.api.openapi import binary_responses, errors
 from app.api.streaming import stream_blob
 from app.schemas.jobs import (
     ArtifactList,
@@ -22,6 +23,7 @@ from app.services.dispatch import dispatch_job
 from app.services.quotas import check_job_quota
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+BLOB = binary_responses("application/octet-stream", ranges=True)
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
@@ -29,7 +31,7 @@ def _metadata_filter(request: Request) -> dict[str, str]:
             if key.startswith("metadata[") and key.endswith("]")}
 
 
-@router.post("", response_model=JobPublic)
+@router.post("", response_model=JobPublic, responses=errors(409))
 def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
     """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
@@ -111,7 +113,7 @@ def list_job_artifacts(session: SessionDep, project: CurrentProject, fine_tuning
     return ArtifactList(data=data, has_more=False)
 
 
-@router.get("/{fine_tuning_job_id}/artifacts/{name}")
+@router.get("/{fine_tuning_job_id}/artifacts/{name}", responses=BLOB)
 def download_job_artifact(request: Request, session: SessionDep, project: CurrentProject,
                           fine_tuning_job_id: str, name: str) -> Response:
     """Stream one artifact (Content-Length, x-content-sha256, Range requests)."""

@@ -4,6 +4,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.api.deps import CurrentProject, SessionDep, SettingsDep
+from app.api.openapi import errors
 from app.core.errors import PermissionDenied
 from app.core.storage import get_storage
 from app.models import FineTuningJob, JobArtifact, JobStatus
@@ -40,7 +41,7 @@ def read_model(session: SessionDep, project: CurrentProject, settings: SettingsD
                        root=job.base_model, fine_tuning_job=job.id)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted)
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(403))
 def delete_model(session: SessionDep, project: CurrentProject, settings: SettingsDep, model_id: str) -> ModelDeleted:
     """Delete a fine-tuned model: its adapter, merged weights, result files and checkpoints."""
     if model_id in settings.catalogue():

@@ -27,6 +27,9 @@ from app.models.job import TERMINAL_STATUSES
 from app.services import jobs as job_service
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-Sent Events: `event:` is a job event's level or `status`, `data:` its JSON.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 # Half a second feels live in a terminal or a chart and costs two indexed queries per stream.
 POLL_SECONDS = 0.5
@@ -95,7 +98,7 @@ async def job_frames(sessions: SessionFactory, *, job_pk: int, after_pk: int) ->
         await asyncio.sleep(POLL_SECONDS)
 
 
-@router.get("/{fine_tuning_job_id}/events/stream")
+@router.get("/{fine_tuning_job_id}/events/stream", responses=EVENT_STREAM)
 def stream_job_events(session: SessionDep, project: CurrentProject, sessions: PollSessions,
                       fine_tuning_job_id: str,
                       last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
