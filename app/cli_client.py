@@ -382,14 +382,64 @@ def download_artifact(job_id: str, artifact: Annotated[str | None, typer.Option(
 
 
 @models_app.command("list")
-def list_models(url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
-    """List base models (the catalogue) and fine-tuned models."""
+def list_models(registered: Annotated[bool, typer.Option(
+                    "--registered", help="Every registered base model with its status and pin (admin key).")] = False,
+                url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """List ready base models and fine-tuned models (or, with --registered, the registry)."""
+    if registered:
+        table = _table("name", "status", "source", "commit", "parameters", "size")
+        for row in _call(url, api_key, "GET", "/admin/models")["data"]:
+            details = row["details"]
+            table.add_row(row["id"], row["status"] + (f": {row['error']}" if row["error"] else ""), row["source"],
+                          (row["commit_sha"] or "-")[:12], _count(details.get("parameters")),
+                          _size(details.get("bytes")))
+        console.print(table)
+        return
     page = _call(url, api_key, "GET", "/models")
     table = _table("id", "owned_by", "root", "job")
     for row in page["data"]:
         table.add_row(row["id"], row.get("owned_by") or "-", row.get("root") or "-",
                       row.get("fine_tuning_job") or "-")
     console.print(table)
+
+
+@models_app.command("add")
+def add_model(name: Annotated[str, typer.Argument(help="What jobs will say in `model`.")],
+              source: Annotated[str, typer.Argument(help="A hub id (ORG/NAME or hf:ORG/NAME) or path:/folder.")],
+              revision: Annotated[str | None, typer.Option(help="Tag, branch or commit (hub sources).")] = None,
+              trust_remote_code: Annotated[bool, typer.Option(help="Run Python shipped with the model.")] = False,
+              allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt weights (they run code).")] = False,
+              url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Register a base model (admin key): a hub model is pinned to the commit its revision resolves to."""
+    body = {"name": name, "source": source, "revision": revision, "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle}
+    row = _call(url, api_key, "POST", "/admin/models", json=body)
+    pin = f" at {row['commit_sha']}" if row["commit_sha"] else ""
+    typer.echo(f"registered {row['id']} ({row['source']}{pin}): {row['status']}")
+
+
+@models_app.command("pull")
+def pull_model(name: str, worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
+               url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Download a hub model into the cache of every live worker (or one) ahead of its jobs (admin key)."""
+    answer = _call(url, api_key, "POST", f"/admin/models/{quote(name, safe='/')}/pull",
+                   json={"worker": worker} if worker else {})
+    typer.echo(f"pull of {answer['model']} sent to: {', '.join(answer['workers']) or 'no live worker'}")
+
+
+@models_app.command("rm")
+def remove_model(name: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Unregister a base model (admin key); refused while a job that has not finished uses it."""
+    row = _call(url, api_key, "DELETE", f"/admin/models/{quote(name, safe='/')}")
+    typer.echo(f"removed {row['id']}")
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}B" if value >= 1e8 else f"{value / 1e6:.1f}M"
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.1f} MB"
 
 
 # --- admin -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import get_engine, session_scope
 from app.core.logging import configure_logging, set_job_context
 from app.core.storage import Storage, get_storage
-from app.models import File, FineTuningJob, JobStatus, Project
+from app.models import File, FineTuningJob, JobStatus, Project, RegisteredModel
 from app.schemas.training import TrainingConfig
 from app.services import attempts
 from app.services.artifacts import find_fine_tuned_model
@@ -35,6 +36,7 @@ from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.database_reporter import DatabaseReporter
 from worker.exits import EXIT_DATABASE, EXIT_OK, EXIT_STALE
+from worker.model_cache import ModelRef, local_model
 from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
 from worker.workdirs import remove_attempt_dir
@@ -155,10 +157,13 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
                                 settings=settings, scratch=workdir)
     model_paths: list[str] = []
     try:
-        entry = settings.catalogue().get(base_model)
-        if entry is None:
-            raise ValueError(f"base model {base_model!r} was removed from the catalogue")
-        model_paths += [entry.path, str(Path(entry.path).resolve())]
+        with session_scope() as session:
+            registered = session.scalar(select(RegisteredModel).where(RegisteredModel.name == base_model))
+            if registered is None:
+                raise ValueError(f"base model {base_model!r} is no longer registered")
+            base = ModelRef.of(registered)
+        model_path = local_model(base, settings=settings, progress=reporter.event)
+        model_paths += [str(model_path), str(model_path.resolve())]
         train_path = _download(storage, file_id=training_file, project_pk=project_pk, target=workdir / "train.jsonl")
         valid_path = (_download(storage, file_id=validation_file, project_pk=project_pk,
                                 target=workdir / "validation.jsonl") if validation_file else None)
@@ -188,12 +193,16 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
                 os.environ["WANDB_API_KEY"] = settings.wandb_api_key.get_secret_value()
         # What every process of the attempt trains on (one process, or torchrun's ranks on this host).
         inputs: dict[str, Any] = {
-            "model_path": Path(entry.path), "train_file": train_path, "validation_file": valid_path,
+            "model_path": model_path, "train_file": train_path, "validation_file": valid_path,
             "output_dir": workdir / "output", "resume_from": resume_from, "init_adapter": init_adapter,
-            "trust_remote_code": entry.trust_remote_code,
+            "trust_remote_code": base.trust_remote_code,
         }  # fmt: skip
         followers.tell({**inputs, "config": config.model_dump()})
         result = train(config, reporter=reporter, wandb=wandb, **inputs)
+        # The exact weights trained on, so the run can be reproduced: the hub commit (or the local folder).
+        record = result.final_dir / "training_config.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "base_model": {
+            "name": base.name, "source": base.source, "commit_sha": base.commit_sha}}, indent=2))
         adapter_name = "model" if config.adapter.type == "full" else "adapter"
         outputs = [
             (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),
@@ -205,7 +214,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             from worker.training.merge import merge_adapter
 
             reporter.event("Merging the adapter into the base model's weights.")
-            merged = merge_adapter(config, model_path=Path(entry.path), adapter_dir=result.final_dir,
+            merged = merge_adapter(config, model_path=model_path, adapter_dir=result.final_dir,
                                    output_dir=workdir / "merged")
             outputs.append(("merged", "merged", tar_directory(merged, workdir / "merged.tar"), f"{job_id}-merged.tar"))
         files = []

@@ -13,7 +13,7 @@ from app.core.config import get_settings
 
 __all__ = ["RUN_JOB_TASK", "celery_app"]
 
-celery_app = build_celery(include=["worker.tasks.training"])
+celery_app = build_celery(include=["worker.tasks.training", "worker.tasks.models"])
 
 
 @worker_ready.connect

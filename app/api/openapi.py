@@ -30,6 +30,7 @@ ERROR_DESCRIPTIONS = {
     413: "The body is larger than the server accepts.",
     416: "The Range header cannot be satisfied.",
     429: "Rate limit or quota reached; retry after the Retry-After delay.",
+    502: "The Hugging Face Hub (or the mirror in HF_ENDPOINT) could not be reached or read.",
     503: "The database is unavailable for a moment; retry after the Retry-After delay.",
 }
 RETRY_AFTER = {"retry-after": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}

@@ -14,6 +14,8 @@ from celery import Celery
 from app.core.config import Settings, get_settings
 
 RUN_JOB_TASK = "tuneforge.run_job"
+# Fetch a registered hub model into one worker's cache ahead of its jobs (sent to that worker's direct queue).
+PULL_MODEL_TASK = "tuneforge.pull_model"
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:

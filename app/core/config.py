@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     # (default: data_dir/catalogue.json, which `tuneforge make-tiny-model --register` writes).
     model_catalogue: dict[str, CatalogueModel] = Field(default_factory=dict)
     catalogue_file: Path | None = None
+    # Where a worker host keeps the hub models it downloaded (default: data_dir/models).
+    model_cache: Path | None = None
+    # A Hugging Face token for gated models: sent to the Hub (HF_ENDPOINT, for a mirror), never logged or shown.
+    hf_token: SecretStr | None = None
+    # Which sources may be registered: comma-separated globs over "hf:ORG/NAME" and "path:/folder" ("*": any).
+    model_sources: str = "*"
+    # Let a job name a hub id ("Qwen/Qwen2.5-0.5B") that is not registered: it is registered on the spot.
+    allow_unregistered_models: bool = False
 
     # Without keys every request acts as the default project; only allowed on a loopback bind.
     require_api_keys: bool = True
@@ -183,6 +191,10 @@ class Settings(BaseSettings):
 
     def attempt_log_path(self, job_id: str, attempt: int) -> Path:
         return self.log_root / f"{job_id}-attempt-{attempt}.log"
+
+    @property
+    def model_cache_root(self) -> Path:
+        return (self.model_cache or self.data_dir / "models").resolve()
 
     @property
     def catalogue_path(self) -> Path:

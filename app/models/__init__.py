@@ -5,6 +5,7 @@ from app.models.blob import Blob, BlobChunk
 from app.models.file import File
 from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus  # noqa: F401
 from app.models.project import ApiKey, Project
+from app.models.registered_model import RegisteredModel
 from app.models.webhook import WebhookDelivery, WebhookEndpoint
 from app.models.worker import Worker
 
@@ -19,6 +20,7 @@ __all__ = [
     "JobCheckpoint",
     "JobEvent",
     "Project",
+    "RegisteredModel",
     "WebhookDelivery",
     "WebhookEndpoint",
     "Worker",

@@ -2,9 +2,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.schemas.common import ListPage
+
+
+class ModelDetails(BaseModel):
+    """What was read from a base model when it was registered (null where the model does not say)."""
+
+    architecture: str | None = None
+    parameters: int | None = None
+    hidden_size: int | None = None
+    layers: int | None = None
+    vocab_size: int | None = None
+    context_length: int | None = None
+    torch_dtype: str | None = None
+    bytes: int | None = None
+    has_chat_template: bool | None = None
+    license: str | None = None
 
 
 class ModelPublic(BaseModel):
@@ -12,9 +27,45 @@ class ModelPublic(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # Extensions: the catalogue base model and the job that produced a fine-tuned model.
+    # Extensions: the base model and the job that produced a fine-tuned model; a base model's source, the
+    # commit it is pinned to and what was read from it.
     root: str | None = None
     fine_tuning_job: str | None = None
+    source: str | None = None
+    commit_sha: str | None = None
+    details: ModelDetails | None = None
+
+
+class ModelRegister(BaseModel):
+    """Register a base model: a Hub repository (pinned to the commit `revision` resolves to) or a local folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255, description="What jobs say in `model`.")
+    source: str = Field(min_length=1, max_length=1024, description="hf:ORG/NAME (or ORG/NAME), or path:/folder.")
+    revision: str | None = Field(default=None, min_length=1, max_length=255,
+                                 description="Tag, branch or commit of a hub source (default: its main branch).")
+    trust_remote_code: StrictBool = False
+    allow_pickle: StrictBool = False
+
+
+class RegisteredModelPublic(BaseModel):
+    id: str
+    object: Literal["registered_model"] = "registered_model"
+    source: str
+    revision: str | None
+    commit_sha: str | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    status: Literal["registered", "ready", "error"]
+    error: str | None
+    details: ModelDetails
+    files: int
+    created_at: int
+
+
+class RegisteredModelList(ListPage[RegisteredModelPublic]):
+    has_more: bool = False
 
 
 class ModelList(ListPage[ModelPublic]):
@@ -25,3 +76,16 @@ class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool = True
+
+
+class ModelPull(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker: str | None = Field(default=None, min_length=1, max_length=255,
+                               description="Only this worker (default: every live worker).")
+
+
+class ModelPullSent(BaseModel):
+    object: Literal["model_pull"] = "model_pull"
+    model: str
+    workers: list[str]

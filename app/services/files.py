@@ -38,11 +38,16 @@ def too_large(max_bytes: int) -> TooLargeError:
                          code="file_too_large")
 
 
-def check_model(model: str | None, *, settings: Settings) -> str | None:
-    """The catalogue model to measure token statistics with at upload time (extension), or None."""
-    if model is not None and model not in settings.catalogue():
-        raise InvalidRequest(f"Model {model!r} is not in the catalogue; token statistics need one of "
-                             f"{sorted(settings.catalogue())}.", param="model", code="model_not_available")
+def check_model(session: Session, model: str | None, *, settings: Settings) -> str | None:
+    """The registered model to measure token statistics with at upload time (extension), or None."""
+    from app.services import base_models
+
+    if model is not None:
+        ready = [m.name for m in base_models.list_models(session, settings=settings, ready_only=True)]
+        if model not in ready:
+            raise InvalidRequest(f"Model {model!r} is not a registered base model; token statistics need one of "
+                                 f"{ready}.", param="model", code="model_not_available")
+    session.commit()  # no transaction (nor pooled connection) held while the upload streams in
     return model
 
 
@@ -76,7 +81,7 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
     try:
         form = fields()
         purpose = check_purpose(form.get("purpose"))
-        model = check_model(form.get("model"), settings=settings)
+        model = check_model(session, form.get("model"), settings=settings)
         if stored.bytes == 0 or validator.valid_json_objects == 0:
             raise InvalidRequest(
                 f"Invalid file format for fine-tuning: {filename!r} is not JSONL (one JSON object per line).",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import select
@@ -89,20 +88,20 @@ def _compile_template(source: str) -> Any | None:
     return env.from_string(source)
 
 
-def load_token_counter(model_path: Path) -> TokenCounter | None:
-    """The counter for a catalogue model directory; None when it has no tokenizer.json."""
+def load_token_counter(files: dict[str, str]) -> TokenCounter | None:
+    """The counter for a model's tokenizer files (name -> text, as the registry keeps them); None when it has no
+    tokenizer.json."""
     from tokenizers import Tokenizer
 
-    if not (model_path / "tokenizer.json").is_file():
+    if "tokenizer.json" not in files:
         return None
-    tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-    config_path = model_path / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tokenizer = Tokenizer.from_str(files["tokenizer.json"])
+    config = json.loads(files.get("tokenizer_config.json") or "{}")
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: the default one
         source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    if not source and (model_path / "chat_template.jinja").is_file():
-        source = (model_path / "chat_template.jinja").read_text()
+    if not source and "chat_template.jinja" in files:
+        source = files["chat_template.jinja"]
     template = _compile_template(source) if source else None
     return TokenCounter(tokenizer=tokenizer, template=template, bos_token=_special(config, "bos_token"),
                         eos_token=_special(config, "eos_token"))
@@ -148,7 +147,9 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
     stats = known.get(model)
     if stats is not None and str(max_seq_length) in stats["over_max_seq_length"]:
         return dict(stats)
-    counter = load_token_counter(Path(settings.catalogue()[model].path))
+    from app.services import base_models
+
+    counter = load_token_counter(base_models.get(session, settings=settings, name=model).tokenizer)
     if counter is None:
         return None
     fresh = token_statistics(storage=storage, file=file, counter=counter, max_seq_length=max_seq_length)
@@ -195,7 +196,10 @@ TokenEvent = tuple[Literal["info", "warn"], str, dict[str, Any]]
 def token_report(session: Session, job: FineTuningJob, *, settings: Settings) -> list[TokenEvent]:
     """Token statistics of the job's files for its model, as (level, message, data) events to record: one line per
     file, and a warning for examples that max_seq_length will truncate. Needs the model's tokenizer files."""
-    if job.base_model not in settings.catalogue():
+    from app.services import base_models
+
+    model = base_models.find(session, settings=settings, name=job.base_model)
+    if model is None or model.status != "ready":
         return []
     max_seq_length = int(job.config.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
     events: list[TokenEvent] = []

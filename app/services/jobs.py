@@ -230,11 +230,9 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
 def _base_model(session: Session, *, project: Project, model: str, settings: Settings) -> str:
     """The catalogue model whose weights a job starts from; a fine-tuned model (or one of its checkpoints)
     continues training from its adapter on its own base."""
+    from app.services import base_models
     from app.services.artifacts import find_fine_tuned_model
 
-    catalogue = settings.catalogue()
-    if model in catalogue:
-        return model
     if model.startswith("ft:"):
         try:
             parent, _step = find_fine_tuned_model(session, project=project, model_id=model)
@@ -244,12 +242,11 @@ def _base_model(session: Session, *, project: Project, model: str, settings: Set
         if TrainingConfig.model_validate(parent.config).adapter.type == "full":
             raise InvalidRequest("Continued training from a full fine-tune is not supported; continue from an "
                                  "adapter (lora, qlora, dora) job.", param="model", code="model_not_available")
-        if parent.base_model not in catalogue:
-            raise InvalidRequest(f"The base model {parent.base_model!r} of {model!r} was removed from the "
-                                 "catalogue.", param="model", code="model_not_available")
+        if base_models.find(session, settings=settings, name=parent.base_model) is None:
+            raise InvalidRequest(f"The base model {parent.base_model!r} of {model!r} is no longer registered.",
+                                 param="model", code="model_not_available")
         return parent.base_model
-    raise InvalidRequest(f"Model {model!r} is not available for fine-tuning. Available: {sorted(catalogue)}.",
-                         param="model", code="model_not_available")
+    return base_models.ready_for_jobs(session, settings=settings, name=model).name
 
 
 def _job_for_key(session: Session, *, project: Project, key: str, request_hash: str) -> FineTuningJob | None:

@@ -10,8 +10,9 @@ from tests.support.data import chat_lines, jsonl
 
 
 @pytest.fixture
-def client(session: Any) -> Iterator[TestClient]:
-    """The app with its database session bound to the test's rolled-back transaction."""
+def client(session: Any, tiny_model_dir: Any) -> Iterator[TestClient]:
+    """The app with its database session bound to the test's rolled-back transaction (the catalogue's
+    tiny-llama built, so the registry can read it)."""
     from app.api.deps import get_session
     from app.main import app
     from app.services.projects import create_api_key

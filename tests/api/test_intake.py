@@ -380,7 +380,8 @@ def test_streaming_upload_over_the_limit_is_refused_mid_stream_and_leaves_nothin
 def test_token_estimate_without_a_chat_template_is_close_to_the_rendered_count(tiny_model_dir: Path) -> None:
     from app.services.intake import load_token_counter
 
-    counter = load_token_counter(tiny_model_dir)
+    files = {p.name: p.read_text() for p in tiny_model_dir.iterdir() if p.suffix in (".json", ".jinja")}
+    counter = load_token_counter(files)
     assert counter is not None and counter.method == "chat_template"
     rows: list[dict[str, Any]] = [*chat_lines(5), FORMATS["tool_calls"], FORMATS["preference"]]
     exact = counter.lengths(rows)

@@ -90,5 +90,5 @@ def test_continued_training_starts_from_a_fine_tuned_model_on_its_base(client: T
 def test_deleting_a_base_model_says_it_is_a_base_model(client: TestClient) -> None:
     response = client.delete("/v1/models/tiny-llama")
     assert response.status_code == 403
-    assert response.json()["error"]["message"].startswith("'tiny-llama' is a base model from the catalogue")
+    assert response.json()["error"]["message"].startswith("'tiny-llama' is a base model: only fine-tuned models")
     assert client.get("/v1/models/tiny-llama").status_code == 200

@@ -54,10 +54,11 @@ class Service:
 
 @contextmanager
 def running_service(root: Path, *, tiny_model_dir: Path, name: str, pg_server: str = PG_ADMIN_URL,
-                    redis_url: str = REDIS_URL, workers: int = 1, quiet: bool = False) -> Iterator[Service]:
+                    redis_url: str = REDIS_URL, workers: int = 1, quiet: bool = False,
+                    extra_env: dict[str, str] | None = None) -> Iterator[Service]:
     """API and `workers` workers as separate processes, sharing only Postgres and Redis, with a database and a
     queue of their own (called `name`); everything is stopped and dropped on exit, and the logs' tails printed
-    unless quiet."""
+    unless quiet. extra_env adds settings for every process (a hub endpoint, a model cache, ...)."""
     database_name = f"tuneforge_{name}"
     database_url = recreate_database(database_name, server=pg_server)
     (root / "wandb").mkdir(exist_ok=True)
@@ -79,7 +80,7 @@ def running_service(root: Path, *, tiny_model_dir: Path, name: str, pg_server: s
            # A queue of our own: parallel test sessions share Redis but never each other's jobs.
            "TUNEFORGE_TRAINING_QUEUE": f"training-{name}",
            # Routing tests rely on what workers offer: no GPUs, even on a GPU machine.
-           "TUNEFORGE_WORKER_GPUS": "0"}
+           "TUNEFORGE_WORKER_GPUS": "0", **(extra_env or {})}
     created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "integration"], env=env,
                              check=True, capture_output=True, text=True)
     key = json.loads(created.stdout.strip().splitlines()[-1])["key"]

@@ -9,12 +9,22 @@ from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
 from app.api.deps import AdminKey, SessionDep, SettingsDep, check_limit
+from app.api.openapi import errors
 from app.core.config import Settings
 from app.core.errors import InvalidRequest, NotFound
-from app.models import ApiKey, Project, Worker
+from app.models import ApiKey, Project, RegisteredModel, Worker
 from app.schemas.admin import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic, ProjectList, ProjectPublic
 from app.schemas.jobs import JobList
+from app.schemas.models import (
+    ModelDetails,
+    ModelPull,
+    ModelPullSent,
+    ModelRegister,
+    RegisteredModelList,
+    RegisteredModelPublic,
+)
 from app.schemas.workers import WorkerJob, WorkerList, WorkerPublic
+from app.services import base_models
 from app.services import jobs as job_service
 from app.services import projects as project_service
 from app.services import workers as worker_service
@@ -127,3 +137,55 @@ def read_worker(session: SessionDep, _admin: AdminKey, settings: SettingsDep, na
     if row is None:
         raise NotFound(f"No such worker: {name}", param="name")
     return _workers_public(session, [row], settings)[0]
+
+
+def registered_model_public(row: RegisteredModel) -> RegisteredModelPublic:
+    return RegisteredModelPublic(
+        id=row.name, source=row.source, revision=row.revision, commit_sha=row.commit_sha,
+        trust_remote_code=row.trust_remote_code, allow_pickle=row.allow_pickle,
+        status=row.status,  # type: ignore[arg-type]
+        error=row.error, details=ModelDetails.model_validate(row.info), files=len(row.files),
+        created_at=row.created_at)
+
+
+@router.post("/models", response_model=RegisteredModelPublic, responses=errors(409, 502))
+def register_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep,
+                   body: ModelRegister) -> RegisteredModelPublic:
+    """Register a base model by hub id (pinned to the commit its revision resolves to) or local folder."""
+    row = base_models.register(session, settings=settings, name=body.name, source=body.source,
+                               revision=body.revision, trust_remote_code=body.trust_remote_code,
+                               allow_pickle=body.allow_pickle)
+    session.commit()
+    return registered_model_public(row)
+
+
+@router.get("/models", response_model=RegisteredModelList)
+def list_registered_models(session: SessionDep, _admin: AdminKey, settings: SettingsDep) -> RegisteredModelList:
+    """Every registered base model, whatever its status, by name."""
+    rows = base_models.list_models(session, settings=settings)
+    return RegisteredModelList(data=[registered_model_public(r) for r in rows])
+
+
+@router.get("/models/{name:path}", response_model=RegisteredModelPublic)
+def read_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep,
+                          name: str) -> RegisteredModelPublic:
+    """Retrieve one registered base model."""
+    return registered_model_public(base_models.get(session, settings=settings, name=name))
+
+
+@router.delete("/models/{name:path}", response_model=RegisteredModelPublic, responses=errors(409))
+def remove_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep,
+                            name: str) -> RegisteredModelPublic:
+    """Unregister a base model, unless a job that has not finished uses it (workers' cached copies stay)."""
+    row = base_models.remove(session, settings=settings, name=name)
+    session.commit()
+    return registered_model_public(row)
+
+
+@router.post("/models/{name:path}/pull", response_model=ModelPullSent)
+def pull_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep, name: str,
+                          body: ModelPull | None = None) -> ModelPullSent:
+    """Download a hub model into the cache of every live worker (or one) before a job needs it."""
+    workers = base_models.request_pull(session, settings=settings, name=name,
+                                       worker=body.worker if body is not None else None)
+    return ModelPullSent(model=name, workers=workers)

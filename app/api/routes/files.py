@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
 import anyio
@@ -44,7 +45,9 @@ async def create_file(request: Request, session: SessionDep, project: CurrentPro
     if "purpose" in upload.fields:
         file_service.check_purpose(upload.fields["purpose"])
     if model is not None or "model" in upload.fields:
-        file_service.check_model(model if model is not None else upload.fields["model"], settings=settings)
+        await anyio.to_thread.run_sync(functools.partial(
+            file_service.check_model, session, model if model is not None else upload.fields["model"],
+            settings=settings))
 
     def fields() -> dict[str, str]:
         form = anyio.from_thread.run(upload.finish)

@@ -1,0 +1,264 @@
+"""The model registry: base models jobs may name, as rows of `registered_models`.
+
+A model is a Hub repository pinned to the commit its revision resolved to (`hf:ORG/NAME`), or a local folder
+every worker host carries (`path:/folder`). Registering one reads what the API needs without the weights
+(config, tokenizer files, the file list with sizes and hashes); workers fetch the weights themselves
+(worker/model_cache.py). The JSON catalogue (TUNEFORGE_CATALOGUE_FILE / TUNEFORGE_MODEL_CATALOGUE) is a
+bootstrap: its entries are imported as `path:` models when a process first looks models up.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.models import FineTuningJob, RegisteredModel
+from app.models.job import ACTIVE_STATUSES
+from app.services import hub
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
+
+
+def source_allowed(source: str, settings: Settings) -> bool:
+    return any(fnmatch.fnmatchcase(source, glob.strip()) for glob in settings.model_sources.split(",") if glob.strip())
+
+
+def normalise_source(source: str) -> str:
+    """"hf:ORG/NAME" or "path:/absolute/folder"; a bare ORG/NAME is a hub id."""
+    if source.startswith("path:"):
+        folder = source.removeprefix("path:")
+        if not Path(folder).is_absolute():
+            raise InvalidRequest("A path: source must be an absolute folder on the worker hosts.", param="source",
+                                 code="invalid_value")
+        return f"path:{Path(folder)}"
+    repo = source.removeprefix("hf:")
+    if HUB_ID.match(repo) is None:
+        raise InvalidRequest(f"Invalid source {source!r}: use hf:ORG/NAME (a Hub repository) or path:/folder.",
+                             param="source", code="invalid_value")
+    return f"hf:{repo}"
+
+
+def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[dict[str, Any]],
+             parameters: int | None, license_: str | None) -> dict[str, Any]:
+    """What jobs and the estimate need to know of a model, from its config.json and files."""
+    text = config.get("text_config") or config
+    dtype = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
+    weights = sum(int(f["size"] or 0) for f in files if hub.wanted(f["name"], allow_pickle=True,
+                                                                   trust_remote_code=False)
+                  and not f["name"].endswith((".json", ".txt", ".model", ".jinja")))
+    if parameters is None and weights and dtype in DTYPE_BYTES:
+        parameters = weights // DTYPE_BYTES[dtype]
+    tokenizer_config = json.loads(tokenizer.get("tokenizer_config.json") or "{}")
+    return {"architecture": (config.get("architectures") or [None])[0], "parameters": parameters,
+            "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
+            "vocab_size": text.get("vocab_size"), "context_length": text.get("max_position_embeddings"),
+            "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
+            "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
+            "license": license_}
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    """The parameter count from the safetensors headers (8-byte length, then JSON): no tensor is read."""
+    total, found = 0, False
+    for weights in sorted(folder.glob("*.safetensors")):
+        with weights.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= int(dim)
+                total, found = total + count, True
+    return total if found else None
+
+
+def _read_folder(row: RegisteredModel) -> None:
+    folder = Path(row.local_path or "")
+    if not (folder / "config.json").is_file():
+        raise InvalidRequest(f"{folder} has no config.json: a path: model is a folder with a transformers model.",
+                             param="source", code="model_not_available")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if not hub.has_safetensors(names) and not (row.allow_pickle and hub.has_pickle(names)):
+        raise InvalidRequest(_pickle_message(row.name), param="source", code="model_not_available")
+    row.files = [{"name": n, "size": (folder / n).stat().st_size, "sha256": None, "git_sha1": None} for n in names
+                 if hub.wanted(n, allow_pickle=row.allow_pickle, trust_remote_code=row.trust_remote_code)]
+    row.tokenizer = {n: (folder / n).read_text() for n in hub.TOKENIZER_FILES if (folder / n).is_file()}
+    config = json.loads((folder / "config.json").read_text())
+    row.info = describe(config, tokenizer=row.tokenizer, files=row.files,
+                        parameters=_safetensors_parameters(folder), license_=None)
+
+
+def _pickle_message(name: str) -> str:
+    return (f"{name!r} has only pickle weights (.bin/.pt), which run code when loaded; register it with "
+            "allow_pickle true if you trust it, or use a repository with safetensors weights.")
+
+
+def _read_hub(row: RegisteredModel, settings: Settings) -> None:
+    repo = row.hub_repo or ""
+    listing = hub.list_repo(repo, row.revision, settings=settings)
+    names = [f["name"] for f in listing.files]
+    if not hub.has_safetensors(names) and not (row.allow_pickle and hub.has_pickle(names)):
+        raise InvalidRequest(_pickle_message(repo), param="source", code="model_not_available")
+    if "config.json" not in names:
+        raise InvalidRequest(f"The Hub repository {repo!r} has no config.json: not a transformers model.",
+                             param="source", code="model_not_available")
+    row.commit_sha = listing.sha
+    row.files = [f for f in listing.files
+                 if hub.wanted(f["name"], allow_pickle=row.allow_pickle, trust_remote_code=row.trust_remote_code)]
+    small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
+                            settings=settings)
+    row.tokenizer = {n: small[n].decode() for n in hub.TOKENIZER_FILES if n in small}
+    row.info = describe(json.loads(small["config.json"]), tokenizer=row.tokenizer, files=row.files,
+                        parameters=listing.parameters, license_=listing.license)
+
+
+def register(session: Session, *, settings: Settings, name: str, source: str, revision: str | None = None,
+             trust_remote_code: bool = False, allow_pickle: bool = False, owned_by: str = "tuneforge",
+             check_allowed: bool = True) -> RegisteredModel:
+    """Register a base model and read it (a hub model: pinned to the commit its revision resolves to)."""
+    source = normalise_source(source)
+    if NAME.match(name) is None or name.startswith("ft:"):
+        raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft:).",
+                             param="name", code="invalid_value")
+    if check_allowed and not source_allowed(source, settings):
+        raise InvalidRequest(f"Source {source!r} is not allowed here (TUNEFORGE_MODEL_SOURCES is "
+                             f"{settings.model_sources!r}).", param="source", code="model_source_not_allowed")
+    if revision is not None and source.startswith("path:"):
+        raise InvalidRequest("revision applies to hf: sources only.", param="revision", code="invalid_value")
+    if session.scalar(select(RegisteredModel.pk).where(RegisteredModel.name == name)) is not None:
+        raise Conflict(f"A model named {name!r} is already registered; remove it first to register it again.",
+                       param="name", code="model_exists")
+    row = RegisteredModel(name=name, source=source, revision=revision, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle, status="registered", info={}, files=[], tokenizer={},
+                          owned_by=owned_by)
+    if row.hub_repo is not None:
+        _read_hub(row, settings)
+    else:
+        _read_folder(row)
+    row.status = "ready"
+    session.add(row)
+    session.flush()
+    return row
+
+
+def import_catalogue(session: Session, *, settings: Settings) -> None:
+    """Register the JSON catalogue's entries that the table lacks. A folder that cannot be read is kept in
+    `error` with the reason (jobs on it fail at once with it) and read again on later lookups."""
+    catalogue = settings.catalogue()
+    if not catalogue:
+        return
+    rows = {r.name: r for r in session.scalars(select(RegisteredModel).where(RegisteredModel.name.in_(catalogue)))}
+    pending = [name for name in catalogue if name not in rows or
+               (rows[name].status == "error" and rows[name].source == _catalogue_source(catalogue[name].path))]
+    if not pending:
+        return
+    for name in pending:
+        entry, source = catalogue[name], _catalogue_source(catalogue[name].path)
+        nested = session.begin_nested()
+        try:
+            row = rows.get(name) or RegisteredModel(name=name, source=source, trust_remote_code=entry.trust_remote_code,
+                                                    allow_pickle=False, owned_by=entry.owned_by)
+            try:
+                _read_folder(row)
+                row.status, row.error = "ready", None
+            except InvalidRequest as exc:
+                row.status, row.error = "error", exc.message
+                row.info, row.files, row.tokenizer = row.info or {}, row.files or [], row.tokenizer or {}
+            session.add(row)
+            session.flush()
+            nested.commit()
+        except IntegrityError:  # another process imported it first
+            nested.rollback()
+    session.commit()  # bootstrap rows stand on their own, whatever the caller's request does next
+
+
+def _catalogue_source(path: str) -> str:
+    return f"path:{Path(path).absolute()}"
+
+
+def list_models(session: Session, *, settings: Settings, ready_only: bool = False) -> list[RegisteredModel]:
+    import_catalogue(session, settings=settings)
+    query = select(RegisteredModel).order_by(RegisteredModel.name)
+    if ready_only:
+        query = query.where(RegisteredModel.status == "ready")
+    return list(session.scalars(query))
+
+
+def find(session: Session, *, settings: Settings, name: str) -> RegisteredModel | None:
+    import_catalogue(session, settings=settings)
+    return session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+
+
+def get(session: Session, *, settings: Settings, name: str) -> RegisteredModel:
+    row = find(session, settings=settings, name=name)
+    if row is None:
+        raise NotFound(f"No registered model {name!r}.", param="name")
+    return row
+
+
+def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> RegisteredModel:
+    """The model a job names, ready to train; registered on the spot when it is a hub id and the operator
+    allowed unregistered models."""
+    row = find(session, settings=settings, name=name)
+    if row is None and settings.allow_unregistered_models and HUB_ID.match(name):
+        row = register(session, settings=settings, name=name, source=f"hf:{name}")
+    if row is None:
+        names = [m.name for m in list_models(session, settings=settings, ready_only=True)]
+        raise InvalidRequest(f"Model {name!r} is not available for fine-tuning. Available: {names}.",
+                             param="model", code="model_not_available")
+    if row.status == "error":
+        raise InvalidRequest(f"Model {name!r} cannot be used: {row.error}", param="model",
+                             code="model_not_available")
+    return row
+
+
+def remove(session: Session, *, settings: Settings, name: str) -> RegisteredModel:
+    """Unregister a model, unless a job that has not finished uses it."""
+    row = get(session, settings=settings, name=name)
+    in_use = session.scalar(select(FineTuningJob.id).where(FineTuningJob.base_model == name,
+                                                           FineTuningJob.status.in_(ACTIVE_STATUSES)).limit(1))
+    if in_use is not None:
+        raise Conflict(f"Model {name!r} is used by fine-tuning job {in_use}, which has not finished.",
+                       param="name", code="model_in_use")
+    session.delete(row)
+    session.flush()
+    return row
+
+
+def mark_error(session: Session, *, name: str, message: str) -> None:
+    row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    if row is not None:
+        row.status, row.error = "error", message
+
+
+def request_pull(session: Session, *, settings: Settings, name: str, worker: str | None = None) -> list[str]:
+    """Ask every live worker (or the one named) to fetch a hub model into its cache; the workers asked."""
+    from app.core.broker import PULL_MODEL_TASK, celery_client
+    from app.services.workers import live_workers
+
+    row = get(session, settings=settings, name=name)
+    if row.hub_repo is None:
+        raise InvalidRequest(f"{name!r} is a local folder ({row.source}): there is nothing to download.",
+                             param="name", code="invalid_value")
+    if row.status != "ready":
+        raise InvalidRequest(f"Model {name!r} is {row.status}: {row.error or 'not ready'}", param="name",
+                             code="model_not_available")
+    targets = [w for w in live_workers(session, settings=settings) if worker is None or w.name == worker]
+    if worker is not None and not targets:
+        raise InvalidRequest(f"No live worker named {worker!r}.", param="worker", code="invalid_value")
+    for target in targets:
+        celery_client().send_task(PULL_MODEL_TASK, args=[name], queue=target.queue, retry=True)
+    return [w.name for w in targets]

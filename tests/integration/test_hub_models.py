@@ -1,0 +1,105 @@
+"""Hub models end to end: real `tuneforge api` and `tuneforge worker` processes on Postgres, a fake Hub on
+loopback (HF_ENDPOINT) serving the tiny model as test-org/tiny-chat."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.data import chat_lines, jsonl
+from tests.support.fake_hub import FakeHub, repo_from_dir
+from tests.support.service import Service, all_events, running_service, wait_for_status
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = "test-org/tiny-chat"
+V1 = "c0ffee" + "0" * 34
+WEIGHTS = "model.safetensors"
+
+
+def cli(service: Service, key: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "app.cli", *args, "--url", service.base_url, "--api-key", key],
+                          env=service.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def run_job(service: Service, file_id: str) -> dict:
+    with service.client() as client:
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-chat", "training_file": file_id,
+                                                        "hyperparameters": {"n_epochs": 1, "batch_size": 4}})
+        assert job.status_code == 200, job.text
+        final = wait_for_status(client, job.json()["id"], {"succeeded", "failed", "cancelled"})
+        assert final["status"] == "succeeded", final
+        return final
+
+
+def test_a_registered_hub_model_is_pulled_once_per_host_and_pinned(tmp_path: Path, tiny_model_dir: Path) -> None:
+    repo = repo_from_dir(REPO, tiny_model_dir, revisions={"main": "f" * 40, "v1": V1}, license="mit")
+    with FakeHub([repo]) as hub, running_service(
+            tmp_path, tiny_model_dir=tiny_model_dir, name=f"hub_{os.getpid()}", quiet=True,
+            extra_env={"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}) as service:
+        created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "ops", "--admin"],
+                                 env=service.env, check=True, capture_output=True, text=True)
+        admin_key = json.loads(created.stdout.strip().splitlines()[-1])["key"]
+        said = cli(service, admin_key, "models", "add", "tiny-chat", f"hf:{REPO}", "--revision", "v1")
+        assert f"at {V1}" in said and "ready" in said
+        assert hub.downloads(REPO, WEIGHTS) == 0  # the API host read config and tokenizer only
+        with service.client() as client:
+            listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            assert listed["tiny-chat"]["commit_sha"] == V1 and listed["tiny-chat"]["details"]["license"] == "mit"
+            # Token statistics at upload come from the tokenizer files kept in the database.
+            upload = client.post("/v1/files", params={"model": "tiny-chat"},
+                                 files={"file": ("t.jsonl", jsonl(chat_lines(16)))}, data={"purpose": "fine-tune"})
+            assert upload.status_code == 200, upload.text
+            report = client.get(f"/v1/files/{upload.json()['id']}/validation_report").json()["report"]
+            tokens = report["tokens"]["tiny-chat"]
+            assert tokens["method"] == "chat_template" and tokens["total_tokens"] > 0
+        first = run_job(service, upload.json()["id"])
+        with service.client() as client:
+            messages = [e["message"] for e in all_events(client, first["id"])]
+            assert any(m.startswith(f"Downloading {REPO}@{V1[:10]}: 0.0 of") for m in messages), messages
+            assert hub.downloads(REPO, WEIGHTS) == 1
+            config = client.get(f"/v1/fine_tuning/jobs/{first['id']}/artifacts/config").json()
+            assert config["base_model"] == {"name": "tiny-chat", "source": f"hf:{REPO}", "commit_sha": V1}
+            adapter = client.get(f"/v1/fine_tuning/jobs/{first['id']}/artifacts/adapter").content
+            with tarfile.open(fileobj=io.BytesIO(adapter)) as tar:
+                names = tar.getnames()
+            assert any(n.endswith("adapter_model.safetensors") for n in names)
+        second = run_job(service, upload.json()["id"])
+        with service.client() as client:
+            assert not any(e["message"].startswith("Downloading") for e in all_events(client, second["id"]))
+        assert hub.downloads(REPO, WEIGHTS) == 1  # the same host's cache
+        # A worker on another host (its own data dir) fetches its own copy when asked to pull.
+        service.start_worker("other-host", own_data_dir=True)
+        deadline = time.monotonic() + 60
+        pulled = ""
+        while time.monotonic() < deadline and hub.downloads(REPO, WEIGHTS) < 2:
+            if "other-host" not in pulled:
+                pulled = cli(service, admin_key, "models", "pull", "tiny-chat", "--worker", "other-host") \
+                    if _live(service, admin_key, "other-host") else ""
+            time.sleep(1)
+        assert hub.downloads(REPO, WEIGHTS) == 2, pulled
+        cached = tmp_path / "host-other-host" / "models" / "test-org--tiny-chat" / V1
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (cached / ".tuneforge-complete").is_file():
+            time.sleep(0.5)
+        assert (cached / WEIGHTS).read_bytes() == (tiny_model_dir / WEIGHTS).read_bytes()
+        # A model a job still uses cannot be removed; a finished one's can.
+        removed = cli(service, admin_key, "models", "rm", "tiny-chat")
+        assert "removed tiny-chat" in removed
+
+
+def _live(service: Service, key: str, worker: str) -> bool:
+    import httpx
+
+    answer = httpx.get(f"{service.base_url}/v1/admin/workers/{worker}", headers={"Authorization": f"Bearer {key}"})
+    return answer.status_code == 200 and answer.json()["live"]

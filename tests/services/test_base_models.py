@@ -1,0 +1,143 @@
+"""The model registry against a fake Hub on loopback: pinning, what is read, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.orm import Session
+
+from app.core.config import CatalogueModel, Settings
+from app.core.errors import APIError, Conflict, InvalidRequest
+from app.services import base_models
+from tests.factories import create_job
+from tests.support.fake_hub import FakeHub, pickle_only, repo_from_dir
+
+MAIN = "a" * 40
+V1 = "b" * 40
+TOKEN = "hf_secret_registry_token"
+
+
+@pytest.fixture
+def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    chat = repo_from_dir("test-org/tiny-chat", tiny_model_dir, revisions={"main": MAIN, "v1": V1},
+                         license="apache-2.0")
+    gated = repo_from_dir("test-org/gated-chat", tiny_model_dir, gated=True)
+    with FakeHub([chat, gated, pickle_only(repo_from_dir("test-org/pickle-chat", tiny_model_dir))],
+                 token=TOKEN) as fake:
+        fake.patch_env(monkeypatch)
+        yield fake
+
+
+def settings(**values: object) -> Settings:
+    """Settings without the test session's catalogue (and with `values`)."""
+    return Settings(**{"model_catalogue": {}, "catalogue_file": Path("/nonexistent/catalogue.json"), **values})
+
+
+def refusal(session: Session, **kwargs: object) -> APIError:
+    with pytest.raises(APIError) as caught:
+        base_models.register(session, settings=kwargs.pop("settings", settings()),  # type: ignore[arg-type]
+                             **kwargs)  # type: ignore[arg-type]
+    return caught.value
+
+
+def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, hub: FakeHub,
+                                                             tiny_model_dir: Path) -> None:
+    row = base_models.register(session, settings=settings(), name="tiny-chat", source="hf:test-org/tiny-chat",
+                               revision="v1")
+    assert (row.status, row.commit_sha, row.revision) == ("ready", V1, "v1")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert row.info["architecture"] == config["architectures"][0]
+    assert (row.info["layers"], row.info["hidden_size"], row.info["vocab_size"]) == (
+        config["num_hidden_layers"], config["hidden_size"], config["vocab_size"])
+    assert row.info["context_length"] == config["max_position_embeddings"]
+    assert row.info["license"] == "apache-2.0" and row.info["has_chat_template"] is True
+    weights = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert row.info["bytes"] >= weights and row.info["parameters"] > 0
+    names = {f["name"] for f in row.files}
+    assert "model.safetensors" in names and "config.json" in names
+    assert next(f for f in row.files if f["name"] == "model.safetensors")["sha256"]
+    # The API host keeps the tokenizer: token statistics need no weights.
+    assert json.loads(row.tokenizer["tokenizer.json"]) == json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    assert hub.downloads("test-org/tiny-chat", "model.safetensors") == 0
+    # The default branch pins to its own commit.
+    other = base_models.register(session, settings=settings(), name="tiny-main", source="test-org/tiny-chat")
+    assert (other.source, other.commit_sha) == ("hf:test-org/tiny-chat", MAIN)
+
+
+def test_unknown_repositories_and_revisions_say_what_to_do(session: Session, hub: FakeHub) -> None:
+    missing = refusal(session, name="x", source="hf:test-org/nope")
+    assert (missing.status_code, missing.code) == (400, "model_not_available")
+    assert "TUNEFORGE_HF_TOKEN" in missing.message
+    revision = refusal(session, name="x", source="hf:test-org/tiny-chat", revision="v9")
+    assert (revision.code, revision.param) == ("model_not_available", "revision") and "'v9'" in revision.message
+
+
+def test_a_gated_model_needs_the_token_which_no_message_shows(session: Session, hub: FakeHub) -> None:
+    gated = refusal(session, name="g", source="hf:test-org/gated-chat")
+    assert gated.code == "model_gated" and "TUNEFORGE_HF_TOKEN" in gated.message
+    wrong = refusal(session, name="g", source="hf:test-org/gated-chat", settings=settings(hf_token="hf_wrong"))
+    assert wrong.code == "model_gated" and "hf_wrong" not in wrong.message
+    row = base_models.register(session, settings=settings(hf_token=SecretStr(TOKEN)), name="g",
+                               source="hf:test-org/gated-chat")
+    assert row.status == "ready" and TOKEN not in json.dumps([row.info, row.files, row.error])
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(session: Session, hub: FakeHub) -> None:
+    refused = refusal(session, name="p", source="hf:test-org/pickle-chat")
+    assert refused.code == "model_not_available" and "allow_pickle" in refused.message
+    row = base_models.register(session, settings=settings(), name="p", source="hf:test-org/pickle-chat",
+                               allow_pickle=True)
+    assert "pytorch_model.bin" in {f["name"] for f in row.files}
+
+
+def test_sources_outside_the_allowlist_are_refused(session: Session, hub: FakeHub) -> None:
+    only_qwen = settings(model_sources="hf:Qwen/*, path:/models/*")
+    refused = refusal(session, name="t", source="hf:test-org/tiny-chat", settings=only_qwen)
+    assert (refused.code, refused.param) == ("model_source_not_allowed", "source")
+    allowed = settings(model_sources="hf:test-org/*")
+    assert base_models.register(session, settings=allowed, name="t", source="test-org/tiny-chat").status == "ready"
+
+
+def test_names_are_unique_and_a_model_in_use_stays(session: Session, hub: FakeHub) -> None:
+    base_models.register(session, settings=settings(), name="tiny-chat", source="hf:test-org/tiny-chat")
+    with pytest.raises(Conflict):
+        base_models.register(session, settings=settings(), name="tiny-chat", source="hf:test-org/tiny-chat")
+    job = create_job(session, model="tiny-chat", base_model="tiny-chat", status="running")
+    with pytest.raises(Conflict) as caught:
+        base_models.remove(session, settings=settings(), name="tiny-chat")
+    assert caught.value.code == "model_in_use" and job.id in caught.value.message
+    job.status = "succeeded"
+    session.commit()
+    assert base_models.remove(session, settings=settings(), name="tiny-chat").name == "tiny-chat"
+    assert base_models.find(session, settings=settings(), name="tiny-chat") is None
+
+
+def test_an_unregistered_hub_id_is_registered_only_when_the_operator_allows_it(session: Session,
+                                                                               hub: FakeHub) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        base_models.ready_for_jobs(session, settings=settings(), name="test-org/tiny-chat")
+    assert caught.value.code == "model_not_available"
+    row = base_models.ready_for_jobs(session, settings=settings(allow_unregistered_models=True),
+                                     name="test-org/tiny-chat")
+    assert (row.name, row.source, row.commit_sha) == ("test-org/tiny-chat", "hf:test-org/tiny-chat", MAIN)
+
+
+def test_the_catalogue_is_imported_and_a_broken_entry_fails_jobs_fast(session: Session, tiny_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    catalogue = {"tiny-local": CatalogueModel(path=str(tiny_model_dir)),
+                 "broken": CatalogueModel(path=str(tmp_path / "missing"))}
+    with_catalogue = settings(model_catalogue=catalogue)
+    rows = {r.name: r for r in base_models.list_models(session, settings=with_catalogue)}
+    assert rows["tiny-local"].status == "ready" and rows["tiny-local"].source == f"path:{tiny_model_dir}"
+    assert rows["broken"].status == "error" and "config.json" in (rows["broken"].error or "")
+    with pytest.raises(InvalidRequest) as caught:
+        base_models.ready_for_jobs(session, settings=with_catalogue, name="broken")
+    assert "cannot be used" in caught.value.message and "config.json" in caught.value.message
+    # Once the folder exists, the next lookup reads it again.
+    shutil.copytree(tiny_model_dir, tmp_path / "missing")
+    assert base_models.ready_for_jobs(session, settings=with_catalogue, name="broken").status == "ready"

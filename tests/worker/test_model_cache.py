@@ -1,0 +1,118 @@
+"""A worker host's model cache against a fake Hub: one verified download per host, corruption caught by hash
+before a load, dropped connections, concurrent jobs, offline hosts and a full disk."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.services import base_models
+from tests.support.fake_hub import FakeHub, repo_from_dir
+from worker import model_cache
+from worker.model_cache import COMPLETE, ModelRef, ModelUnavailable, local_model
+
+REPO = "test-org/tiny-chat"
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture
+def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    # The first GET of the weights breaks off after 4 KiB: huggingface_hub retries within the call.
+    repo = repo_from_dir(REPO, tiny_model_dir, drop_after={WEIGHTS: 4096})
+    with FakeHub([repo]) as fake:
+        fake.patch_env(monkeypatch)
+        yield fake
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "host", model_catalogue={}, catalogue_file=tmp_path / "none.json")
+
+
+@pytest.fixture
+def model(session: Session, hub: FakeHub, settings: Settings) -> ModelRef:
+    row = base_models.register(session, settings=settings, name="tiny-chat", source=f"hf:{REPO}")
+    return ModelRef.of(row)
+
+
+def fetch(model: ModelRef, settings: Settings) -> tuple[Path, list[str]]:
+    said: list[str] = []
+    return local_model(model, settings=settings, progress=said.append), said
+
+
+def test_one_download_per_host_then_loads_from_the_cache(model: ModelRef, settings: Settings, hub: FakeHub,
+                                                         tiny_model_dir: Path) -> None:
+    folder, said = fetch(model, settings)
+    assert folder == settings.model_cache_root / "test-org--tiny-chat" / model.commit_sha
+    assert (folder / WEIGHTS).read_bytes() == (tiny_model_dir / WEIGHTS).read_bytes()
+    assert (folder / COMPLETE).is_file()
+    assert said[0].startswith(f"Downloading {REPO}@{model.commit_sha[:10]}: 0.0 of ")  # type: ignore[index]
+    assert hub.downloads(REPO, WEIGHTS) == 2  # the dropped first GET, and its retry
+    again, said_again = fetch(model, settings)
+    assert again == folder and said_again == [] and hub.downloads(REPO, WEIGHTS) == 2
+
+
+def test_a_corrupted_cache_file_is_caught_by_hash_and_fetched_again(model: ModelRef, settings: Settings,
+                                                                    hub: FakeHub, tiny_model_dir: Path) -> None:
+    folder, _ = fetch(model, settings)
+    weights = bytearray((folder / WEIGHTS).read_bytes())
+    weights[-1] ^= 0xFF  # same size: only the hash can tell
+    (folder / WEIGHTS).write_bytes(bytes(weights))
+    _, said = fetch(model, settings)
+    assert "failed its check (model.safetensors: its hash differs from the Hub's)" in said[0]
+    assert (folder / WEIGHTS).read_bytes() == (tiny_model_dir / WEIGHTS).read_bytes()
+    assert hub.downloads(REPO, WEIGHTS) == 3
+
+
+def test_an_incomplete_entry_never_looks_complete(model: ModelRef, settings: Settings, hub: FakeHub) -> None:
+    folder, _ = fetch(model, settings)
+    (folder / COMPLETE).unlink()  # a download killed before it was verified
+    (folder / WEIGHTS).write_bytes(b"partial")
+    fetch(model, settings)
+    assert model_cache.check(folder, model) == {} and (folder / COMPLETE).is_file()
+
+
+def test_two_jobs_on_one_host_download_once(model: ModelRef, settings: Settings, hub: FakeHub) -> None:
+    results: list[tuple[Path, list[str]]] = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(model, settings))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0][0] == results[1][0]
+    assert hub.downloads(REPO, WEIGHTS) == 2  # one download (its dropped first GET and the retry), not two
+    assert any(m.startswith("Waiting for another job on this host") for _, said in results for m in said)
+
+
+def test_an_offline_host_uses_its_cache_and_says_when_it_has_none(model: ModelRef, settings: Settings,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    fetch(model, settings)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert fetch(model, settings)[0].is_dir()
+    elsewhere = Settings(data_dir=tmp_path / "other-host", model_catalogue={}, catalogue_file=tmp_path / "n.json")
+    with pytest.raises(ModelUnavailable, match="offline .* not in its cache"):
+        fetch(model, elsewhere)
+
+
+def test_a_full_disk_fails_before_writing(model: ModelRef, settings: Settings, hub: FakeHub,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_cache.shutil, "disk_usage", lambda _p: type("Usage", (), {"free": 1000})())
+    with pytest.raises(ModelUnavailable, match="Not enough disk .* 1000|0.0 GB free"):
+        fetch(model, settings)
+    folder = model_cache.cache_folder(settings, model)
+    assert not (folder / COMPLETE).exists() and not (folder / WEIGHTS).exists()
+    assert hub.downloads(REPO, WEIGHTS) == 0
+
+
+def test_a_model_in_error_fails_with_its_reason(model: ModelRef, settings: Settings) -> None:
+    broken = ModelRef(**{**model.__dict__, "status": "error", "error": "the folder is gone"})
+    with pytest.raises(ModelUnavailable, match="the folder is gone"):
+        fetch(broken, settings)

@@ -1,0 +1,179 @@
+"""This host's copies of the hub models its jobs train, in TUNEFORGE_MODEL_CACHE.
+
+A model is fetched at the commit it was registered at (only the files the registry listed: safetensors
+weights, config, tokenizer and generation files), one download per model per host at a time (a file lock: a
+second job waits), and checked against the Hub's sizes and hashes before it is marked complete and again
+before every load, so a cache entry that looks complete is complete. A download killed half way resumes
+(huggingface_hub keeps the partial file); a file that fails its check is fetched again once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.core.config import Settings
+from app.core.errors import APIError
+from app.models import RegisteredModel
+from app.services import hub
+
+COMPLETE = ".tuneforge-complete"
+PROGRESS_EVERY_SECONDS = 10.0
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be had on this host; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What an attempt needs of a registry row (read once, used outside the database session)."""
+
+    name: str
+    source: str
+    commit_sha: str | None
+    files: list[dict[str, Any]]
+    trust_remote_code: bool
+    status: str
+    error: str | None
+
+    @classmethod
+    def of(cls, row: RegisteredModel) -> ModelRef:
+        return cls(name=row.name, source=row.source, commit_sha=row.commit_sha, files=list(row.files),
+                   trust_remote_code=row.trust_remote_code, status=row.status, error=row.error)
+
+    @property
+    def repo(self) -> str | None:
+        return self.source.removeprefix("hf:") if self.source.startswith("hf:") else None
+
+
+def cache_folder(settings: Settings, model: ModelRef) -> Path:
+    return settings.model_cache_root / (model.repo or "").replace("/", "--") / (model.commit_sha or "")
+
+
+@contextmanager
+def _locked(path: Path, *, waiting: Callable[[], None]) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _digest(path: Path, spec: dict[str, Any]) -> str | None:
+    """Why path does not match its listing (size, then the Hub's sha256 or git blob sha1), or None."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if spec.get("size") is not None and size != int(spec["size"]):
+        return f"{size} bytes, expected {spec['size']}"
+    if spec.get("sha256"):
+        digest = hashlib.sha256()
+    elif spec.get("git_sha1"):
+        digest = hashlib.sha1(usedforsecurity=False)
+        digest.update(f"blob {size}\0".encode())
+    else:
+        return None
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    expected = spec.get("sha256") or spec.get("git_sha1")
+    return None if digest.hexdigest() == expected else "its hash differs from the Hub's"
+
+
+def check(folder: Path, model: ModelRef) -> dict[str, str]:
+    """Every listed file that fails its check, with why."""
+    return {spec["name"]: why for spec in model.files if (why := _digest(folder / spec["name"], spec)) is not None}
+
+
+def local_model(model: ModelRef, *, settings: Settings, progress: Callable[[str], None]) -> Path:
+    """The folder to load the model from on this host, fetching and checking it first when needed."""
+    if model.status == "error":
+        raise ModelUnavailable(f"Model {model.name!r} cannot be used: {model.error}")
+    if model.repo is None:
+        return Path(model.source.removeprefix("path:"))
+    assert model.commit_sha is not None
+    folder = cache_folder(settings, model)
+    label = f"{model.repo}@{model.commit_sha[:10]}"
+
+    def waiting() -> None:
+        progress(f"Waiting for another job on this host to finish downloading {label}.")
+
+    with _locked(folder.with_name(f"{model.commit_sha}.lock"), waiting=waiting):
+        if (folder / COMPLETE).is_file():
+            failed = check(folder, model)
+            if not failed:
+                return folder
+            progress(f"The cached copy of {label} failed its check ({_listing(failed)}); fetching those files "
+                     "again.")
+            (folder / COMPLETE).unlink()
+            for name in failed:
+                (folder / name).unlink(missing_ok=True)
+        _fetch(model, folder, settings=settings, progress=progress, label=label)
+        failed = check(folder, model)
+        if failed:  # one more try for what failed (a file replaced under us, a broken transfer)
+            for name in failed:
+                (folder / name).unlink(missing_ok=True)
+            _fetch(model, folder, settings=settings, progress=progress, label=label)
+            failed = check(folder, model)
+        if failed:
+            raise ModelUnavailable(f"{label} failed its check after downloading it twice: {_listing(failed)}.")
+        (folder / COMPLETE).write_text(json.dumps({"verified_at": time.time(), "files": len(model.files)}))
+    return folder
+
+
+def _listing(failed: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+
+
+def _fetch(model: ModelRef, folder: Path, *, settings: Settings, progress: Callable[[str], None],
+           label: str) -> None:
+    from huggingface_hub import hf_hub_download
+
+    total = sum(int(f.get("size") or 0) for f in model.files)
+    missing = [f for f in model.files if _digest(folder / f["name"], {"size": f.get("size")}) is not None]
+    needed = sum(int(f.get("size") or 0) for f in missing)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ModelUnavailable(f"Not enough disk for {label} on this host: {_gb(needed)} GB to download, "
+                               f"{_gb(free)} GB free in the model cache (TUNEFORGE_MODEL_CACHE).")
+    done = total - needed
+    progress(f"Downloading {label}: {_gb(done)} of {_gb(total)} GB.")
+    last = time.monotonic()
+    try:
+        for spec in missing:
+            with hub.hub_errors(model.repo or "", model.commit_sha):
+                hf_hub_download(model.repo or "", spec["name"], revision=model.commit_sha, local_dir=folder,
+                                token=hub.token(settings) or False)
+            done += int(spec.get("size") or 0)
+            if time.monotonic() - last >= PROGRESS_EVERY_SECONDS or spec is missing[-1]:
+                progress(f"Downloading {label}: {_gb(done)} of {_gb(total)} GB.")
+                last = time.monotonic()
+    except APIError as exc:
+        raise ModelUnavailable(exc.message) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            shutil.rmtree(folder / ".cache", ignore_errors=True)  # the partial files: nothing half-written stays
+            raise ModelUnavailable(f"The disk filled up while downloading {label}; free space in the model "
+                                   "cache (TUNEFORGE_MODEL_CACHE) and resume the job.") from None
+        raise
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f}"
