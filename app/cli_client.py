@@ -195,17 +195,42 @@ def create_job(spec: Annotated[Path | None, typer.Option(help="YAML or JSON job 
                priority: Annotated[int | None, typer.Option(help="-100..100; higher runs first.")] = None,
                gpus: Annotated[int | None, typer.Option(help="GPUs on one worker (one process each).")] = None,
                label: Annotated[list[str] | None, typer.Option(help="A worker label the job needs (repeat).")] = None,
+               estimate: Annotated[bool, typer.Option(
+                   "--estimate", help="Print tokens, steps, peak memory and fitting workers; create nothing.")] = False,
                idempotency_key: str | None = None, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
-    """Create a fine-tuning job from flags or a spec file; prints its id and status."""
+    """Create a fine-tuning job from flags or a spec file; prints its id and status (or, with --estimate,
+    what it would cost)."""
     body = job_request(_load_spec(spec) if spec else {}, model=model, training_file=training_file,
                        validation_file=validation_file, suffix=suffix, seed=seed, n_epochs=n_epochs,
                        batch_size=batch_size, learning_rate=learning_rate, adapter=adapter, priority=priority,
                        gpus=gpus, labels=label)
     if "model" not in body or "training_file" not in body:
         raise typer.BadParameter("give --model and --training-file (or put them in --spec)")
+    if estimate:
+        print_estimate(_call(url, api_key, "POST", "/fine_tuning/jobs/estimate", json=body))
+        return
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     job = _call(url, api_key, "POST", "/fine_tuning/jobs", json=body, headers=headers)
     console.print(f"{job['id']}\t{job['status']}")
+
+
+def print_estimate(found: dict[str, Any]) -> None:
+    tokens = f"{found['tokens']} tokens" if found["tokens"] is not None else "tokens unknown (upload with ?model=)"
+    typer.echo(f"{found['model']} ({found['method']}): {found['examples']} examples, {tokens}; "
+               f"{found['n_epochs']} epochs x {found['batches_per_epoch'] or '?'} batches of {found['batch_size']} "
+               f"-> {found['steps'] or '?'} steps")
+    memory = found["memory"]
+    if memory is None:
+        typer.echo("peak memory: unknown (the model's shape was not read)")
+    else:
+        parts = ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in memory.items()
+                          if k.endswith("_gib") and k != "total_gib" and v)
+        typer.echo(f"peak accelerator memory per process: {memory['total_gib']:.2f} GiB at {memory['precision']} "
+                   f"({parts}); {memory['trainable_parameters']:,} trainable parameters")
+    for worker in found["workers"]:
+        verdict = {True: "fits", False: "does not fit", None: "no GPU memory stated"}[worker["fits"]]
+        gpu = f"{worker['gpus']} GPU x {worker['gpu_memory_gb']:g} GiB" if worker["gpu_memory_gb"] else "no GPU"
+        typer.echo(f"  {worker['name']}: {gpu}: {verdict}")
 
 
 @jobs_app.command("list")

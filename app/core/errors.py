@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,13 +107,22 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at the request's path (Starlette's own 405 names only the first route's)."""
-    methods: set[str] = set()
+    """The methods served at the request's path by its most specific matching templates (Starlette's own 405
+    names only the first route's; `/jobs/estimate` also matches `/jobs/{id}`, but the literal one is meant)."""
+    found: dict[str, set[str]] = {}
     for route in iter_route_contexts(request.app.router.routes):  # included routers' routes, with their prefixes
         match, _scope = route.matches({**request.scope, "method": "GET"})
         if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+            template = getattr(route, "path_format", "")
+            found.setdefault(template, set()).update(getattr(route, "methods", None) or ())
+    if not found:
+        return []
+    literal = max(len(_PARAM.sub("", template)) for template in found)
+    return sorted({m for template, methods in found.items() if len(_PARAM.sub("", template)) == literal
+                   for m in methods})
+
+
+_PARAM = re.compile(r"\{[^}]*\}")
 
 
 def install_error_handlers(app: FastAPI) -> None:

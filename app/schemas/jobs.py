@@ -244,3 +244,44 @@ class ArtifactPublic(BaseModel):
 
 class ArtifactList(ListPage[ArtifactPublic]):
     pass
+
+
+class MemoryEstimatePublic(BaseModel):
+    """Predicted peak accelerator memory of one training process (GiB), by component."""
+
+    total_gib: float
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    runtime_gib: float
+    trainable_parameters: int
+    precision: str
+
+
+class WorkerFitPublic(BaseModel):
+    name: str
+    gpus: int
+    gpu_memory_gb: float | None
+    # null: the worker states no GPU memory (a CPU worker).
+    fits: bool | None
+
+
+class JobEstimate(BaseModel):
+    """What a job would cost, without training: its data, steps, memory and the live workers it fits."""
+
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    model: str
+    base_model: str
+    method: str
+    examples: int
+    # Known when the training file was tokenised for the base model (upload with ?model=, or an earlier job).
+    tokens: int | None
+    n_epochs: int
+    batch_size: int
+    batches_per_epoch: int | None
+    steps: int | None
+    # null when the model's shape is unknown.
+    memory: MemoryEstimatePublic | None
+    workers: list[WorkerFitPublic]

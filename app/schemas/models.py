@@ -16,6 +16,9 @@ class ModelDetails(BaseModel):
     layers: int | None = None
     vocab_size: int | None = None
     context_length: int | None = None
+    intermediate_size: int | None = None
+    attention_heads: int | None = None
+    kv_heads: int | None = None
     torch_dtype: str | None = None
     bytes: int | None = None
     has_chat_template: bool | None = None

@@ -64,12 +64,14 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
     return {"architecture": (config.get("architectures") or [None])[0], "parameters": parameters,
             "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
             "vocab_size": text.get("vocab_size"), "context_length": text.get("max_position_embeddings"),
+            "intermediate_size": text.get("intermediate_size"), "attention_heads": text.get("num_attention_heads"),
+            "kv_heads": text.get("num_key_value_heads") or text.get("num_attention_heads"),
             "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
             "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
             "license": license_}
 
 
-def _safetensors_parameters(folder: Path) -> int | None:
+def safetensors_parameters(folder: Path) -> int | None:
     """The parameter count from the safetensors headers (8-byte length, then JSON): no tensor is read."""
     total, found = 0, False
     for weights in sorted(folder.glob("*.safetensors")):
@@ -98,7 +100,7 @@ def _read_folder(row: RegisteredModel) -> None:
     row.tokenizer = {n: (folder / n).read_text() for n in hub.TOKENIZER_FILES if (folder / n).is_file()}
     config = json.loads((folder / "config.json").read_text())
     row.info = describe(config, tokenizer=row.tokenizer, files=row.files,
-                        parameters=_safetensors_parameters(folder), license_=None)
+                        parameters=safetensors_parameters(folder), license_=None)
 
 
 def _pickle_message(name: str) -> str:
@@ -130,8 +132,9 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
              check_allowed: bool = True) -> RegisteredModel:
     """Register a base model and read it (a hub model: pinned to the commit its revision resolves to)."""
     source = normalise_source(source)
-    if NAME.match(name) is None or name.startswith("ft:"):
-        raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft:).",
+    if NAME.match(name) is None or name.startswith("ft:") or name.endswith("/pull"):
+        raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft: nor "
+                             "ending with /pull).",
                              param="name", code="invalid_value")
     if check_allowed and not source_allowed(source, settings):
         raise InvalidRequest(f"Source {source!r} is not allowed here (TUNEFORGE_MODEL_SOURCES is "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -163,14 +164,18 @@ def _request_hash(request: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def create_job(session: Session, *, project: Project, request: JobCreate, settings: Settings,
-               idempotency_key: str | None = None) -> tuple[FineTuningJob, bool]:
-    """Validate and store a new job; returns (job, created). The caller dispatches it after commit."""
-    request_hash = _request_hash(request)
-    if idempotency_key is not None:
-        existing = _job_for_key(session, project=project, key=idempotency_key, request_hash=request_hash)
-        if existing is not None:
-            return existing, False
+@dataclass(frozen=True)
+class JobPlan:
+    """A request checked and resolved as creation would store it (the estimate answers from the same)."""
+
+    base_model: str
+    files: list[File]
+    resources: JobResources
+    config: TrainingConfig
+
+
+def plan_job(session: Session, *, project: Project, request: JobCreate, settings: Settings) -> JobPlan:
+    """Validate a job request and resolve its model, files, resources and training config; nothing written."""
     if request.method is not None and request.method.type == "dpo":
         raise InvalidRequest("method.type 'dpo' is not supported yet; use 'supervised'.", param="method.type",
                              code="unsupported_method")
@@ -193,6 +198,40 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
                              code="integration_not_configured")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
+    return JobPlan(base_model=base_model, files=files, resources=resources, config=config)
+
+
+def check_fits_some_worker(session: Session, *, plan: JobPlan, settings: Settings) -> None:
+    """400 with the numbers when every live worker states its GPU memory and none has enough for the job."""
+    from app.services import base_models, estimates
+
+    model = base_models.find(session, settings=settings, name=plan.base_model)
+    if model is None:
+        return
+    memory = estimates.peak_memory(model.info, plan.config)
+    if memory is None:
+        return
+    fits = estimates.worker_fits(session, peak_gib=memory.total_gib, resources=plan.resources, settings=settings)
+    if fits and not any(f.fits is None or f.fits for f in fits):
+        best = max(f.gpu_memory_gb or 0 for f in fits)
+        raise InvalidRequest(
+            f"This job needs about {memory.total_gib:.1f} GiB of accelerator memory per process ({memory.summary()}), "
+            f"and the largest GPU of a live worker has {best:g} GiB. Use QLoRA, gradient_checkpointing, a smaller "
+            "batch_size or max_seq_length, more processes with distributed \"fsdp\", or add a larger worker "
+            "(POST /v1/fine_tuning/jobs/estimate shows the numbers).", param="model", code="insufficient_memory")
+
+
+def create_job(session: Session, *, project: Project, request: JobCreate, settings: Settings,
+               idempotency_key: str | None = None) -> tuple[FineTuningJob, bool]:
+    """Validate and store a new job; returns (job, created). The caller dispatches it after commit."""
+    request_hash = _request_hash(request)
+    if idempotency_key is not None:
+        existing = _job_for_key(session, project=project, key=idempotency_key, request_hash=request_hash)
+        if existing is not None:
+            return existing, False
+    plan = plan_job(session, project=project, request=request, settings=settings)
+    base_model, files, resources, config = plan.base_model, plan.files, plan.resources, plan.config
+    check_fits_some_worker(session, plan=plan, settings=settings)
     # Files validated in full at upload need no worker to check them: the job waits `queued`, as it is. Only a
     # file too large to validate during upload sends the job through validating_files (app/services/intake.py).
     validated = all(f.status == "processed" for f in files)

@@ -148,7 +148,7 @@ def test_training_process_logs_json_lines_with_job_id_and_attempt(service: Servi
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert lines and all(line["job_id"] == job.id and line["attempt"] == 1 for line in lines)
-    assert any(line["level"] == "ERROR" and "removed from the catalogue" in line.get("message", "")
+    assert any(line["level"] == "ERROR" and "is no longer registered" in line.get("message", "")
                for line in lines)
 
 

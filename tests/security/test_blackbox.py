@@ -48,8 +48,9 @@ def test_blackbox_fuzz_of_the_real_api(tmp_path: Path, tiny_model_dir: Path) -> 
     chosen = os.environ.get("TUNEFORGE_FUZZ_SEED", "1")
     seed = random.randrange(1, 1_000_000) if chosen == "random" else int(chosen)
     print(f"black-box fuzz seed {seed} (replay with TUNEFORGE_FUZZ_SEED={seed})")
+    # Model registrations go to a hub that refuses at once (port 9, discard): 502 hub_unavailable, no waiting.
     with running_service(tmp_path, tiny_model_dir=tiny_model_dir, name=f"blackbox_{os.getpid()}", workers=0,
-                         quiet=True) as service:
+                         quiet=True, extra_env={"HF_ENDPOINT": "http://127.0.0.1:9"}) as service:
         created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "fuzz-admin", "--admin"],
                                  env=service.env, check=True, capture_output=True, text=True)
         admin_key = json.loads(created.stdout.strip().splitlines()[-1])["key"]

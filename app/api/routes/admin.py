@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.api.deps import AdminKey, SessionDep, SettingsDep, check_limit
 from app.api.openapi import errors
@@ -30,6 +31,22 @@ from app.services import projects as project_service
 from app.services import workers as worker_service
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class ModelNameConvertor(Convertor[str]):
+    """A registered model's name in a path: may hold "/" (hub ids do) but never ends with "/pull", so that
+    `/models/{name}/pull` is the pull action and nothing else."""
+
+    regex = r".+(?<!/pull)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model_name", ModelNameConvertor())
 
 
 def key_public(row: ApiKey, project: Project) -> ApiKeyPublic:
@@ -166,14 +183,14 @@ def list_registered_models(session: SessionDep, _admin: AdminKey, settings: Sett
     return RegisteredModelList(data=[registered_model_public(r) for r in rows])
 
 
-@router.get("/models/{name:path}", response_model=RegisteredModelPublic)
+@router.get("/models/{name:model_name}", response_model=RegisteredModelPublic)
 def read_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep,
                           name: str) -> RegisteredModelPublic:
     """Retrieve one registered base model."""
     return registered_model_public(base_models.get(session, settings=settings, name=name))
 
 
-@router.delete("/models/{name:path}", response_model=RegisteredModelPublic, responses=errors(409))
+@router.delete("/models/{name:model_name}", response_model=RegisteredModelPublic, responses=errors(409))
 def remove_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep,
                             name: str) -> RegisteredModelPublic:
     """Unregister a base model, unless a job that has not finished uses it (workers' cached copies stay)."""
@@ -182,7 +199,7 @@ def remove_registered_model(session: SessionDep, _admin: AdminKey, settings: Set
     return registered_model_public(row)
 
 
-@router.post("/models/{name:path}/pull", response_model=ModelPullSent)
+@router.post("/models/{name:model_name}/pull", response_model=ModelPullSent)
 def pull_registered_model(session: SessionDep, _admin: AdminKey, settings: SettingsDep, name: str,
                           body: ModelPull | None = None) -> ModelPullSent:
     """Download a hub model into the cache of every live worker (or one) before a job needs it."""

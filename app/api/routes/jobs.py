@@ -13,11 +13,13 @@ from app.schemas.jobs import (
     ArtifactPublic,
     CheckpointList,
     JobCreate,
+    JobEstimate,
     JobEventList,
     JobList,
     JobPublic,
 )
 from app.services import artifacts as artifact_service
+from app.services import estimates
 from app.services import jobs as job_service
 from app.services.dispatch import dispatch_job
 from app.services.quotas import check_job_quota
@@ -41,6 +43,13 @@ def create_job(session: SessionDep, project: CurrentProject, settings: SettingsD
     if created:
         dispatch_job(session, job_id=job.id)
     return job_service.job_public(session, job, project=project)
+
+
+@router.post("/estimate", response_model=JobEstimate)
+def estimate_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate) -> JobEstimate:
+    """Without training: a job's tokens, steps, predicted peak accelerator memory and the live workers it fits."""
+    return JobEstimate.model_validate(estimates.estimate_job(session, project=project, request=body,
+                                                             settings=settings))
 
 
 @router.get("", response_model=JobList)

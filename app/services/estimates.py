@@ -1,0 +1,193 @@
+"""What a job will cost before it runs: tokens and optimizer steps from its files, and the peak accelerator
+memory of one training process from the model's shape and the job's method, precision, batch and sequence
+length. Calibrated against measured peaks (bench/memory.py; the error is in docs/benchmarks.md).
+
+The memory model, per process (c = bytes per value at the compute precision):
+- weights: full fine-tunes keep fp32 master weights (4 bytes/parameter, trained under autocast); LoRA/DoRA
+  keep the frozen base at c; QLoRA stores the decoder's linear weights in 4 bits (0.5 byte plus its
+  quantization constants) and the rest (embeddings, head, norms) at c;
+- trainable parameters (all for full, r x (in + out) per adapted linear for adapters) get fp32 gradients and
+  two fp32 AdamW moments: 4 + 8 bytes each;
+- activations kept for the backward pass, per token and decoder layer: the inputs and outputs of the norms,
+  projections, rotary embedding, attention and MLP (13h + 4kv + 4i values) plus each adapter's dropout copy
+  of its input and mask; on a CPU also the attention scores and probabilities (the eager kernel); with
+  gradient checkpointing only each layer's input, plus one layer recomputed at a time;
+- logits: per token, the vocabulary at c, its fp32 copy for the loss and the fp32 gradient;
+- FSDP shards weights, gradients and optimizer state over the processes; on a GPU a fixed runtime allowance
+  (CUDA context, kernels, allocator slack).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.schemas.jobs import JobResources
+from app.schemas.training import TrainingConfig
+
+# CUDA context, cuBLAS workspaces and caching-allocator slack, measured on the lent GPU when there was one.
+GPU_RUNTIME_BYTES = 0.75e9
+# 4-bit weights: half a byte, plus an fp32 absmax per 64 values (double quantization stores those in 8 bits).
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+GIB = float(2**30)  # the unit workers state their GPU memory in
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    runtime: float
+    trainable_parameters: int
+    precision: str
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def summary(self) -> str:
+        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("logits", self.logits), ("runtime", self.runtime)]
+        return ", ".join(f"{name} {value / GIB:.2f} GiB" for name, value in parts if value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total_gib": round(self.total_gib, 3), "weights_gib": round(self.weights / GIB, 3),
+                "gradients_gib": round(self.gradients / GIB, 3), "optimizer_gib": round(self.optimizer / GIB, 3),
+                "activations_gib": round(self.activations / GIB, 3), "logits_gib": round(self.logits / GIB, 3),
+                "runtime_gib": round(self.runtime / GIB, 3), "trainable_parameters": self.trainable_parameters,
+                "precision": self.precision}
+
+
+def _bytes_per_value(config: TrainingConfig, device: str) -> tuple[int, str]:
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    return (4 if precision == "fp32" else 2), precision
+
+
+def _module_shapes(h: int, kv: int, i: int) -> dict[str, tuple[int, int]]:
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal["cuda", "cpu"] = "cuda",
+                seq_length: int | None = None) -> MemoryEstimate | None:
+    """The peak memory of one training process; None when the model's shape is not known."""
+    parameters, h, layers = info.get("parameters"), info.get("hidden_size"), info.get("layers")
+    vocab = info.get("vocab_size") or 0
+    if not parameters or not h or not layers:
+        return None
+    heads = info.get("attention_heads") or 1
+    kv = (info.get("kv_heads") or heads) * (h // heads)
+    i = info.get("intermediate_size") or 4 * h
+    c, precision = _bytes_per_value(config, device)
+    shapes = _module_shapes(h, kv, i)
+    linear_parameters = layers * sum(a * b for a, b in shapes.values())
+    adapter = config.adapter
+    if adapter.type == "full":
+        adapted: list[str] = []
+        trainable = parameters
+        weights = parameters * 4.0
+    else:
+        targets = adapter.target_modules
+        adapted = list(LINEARS) if targets == "all-linear" else [m for m in LINEARS if m in targets]
+        trainable = layers * sum(adapter.r * (shapes[m][0] + shapes[m][1]) for m in adapted)
+        if adapter.type == "dora":
+            trainable += layers * sum(shapes[m][1] for m in adapted)
+        if adapter.type == "qlora" and adapter.quantization is not None:
+            rest = max(parameters - linear_parameters, 0)
+            weights = linear_parameters * NF4_BYTES[adapter.quantization.double_quant] + rest * c
+        else:
+            weights = parameters * float(c)
+        weights += trainable * 4.0  # the adapters' own fp32 weights
+    gradients, optimizer = trainable * 4.0, trainable * 8.0
+    if config.distributed == "fsdp" and config.processes > 1:
+        weights, gradients, optimizer = (x / config.processes for x in (weights, gradients, optimizer))
+    micro_batch = math.ceil(config.batch_size / config.processes)
+    tokens = micro_batch * min(seq_length or config.max_seq_length, config.max_seq_length)
+    # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
+    # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
+    # gate, activation and product (3i); each adapter's dropped-out input (its in-features) and down-projection
+    # (r), and the dropout mask (a byte each).
+    dropped = sum(shapes[m][0] for m in adapted)
+    per_token_layer = c * (13 * h + 4 * kv + 4 * i + dropped + adapter.r * len(adapted)) + dropped
+    # The eager CPU kernel for masked attention keeps the scores and probabilities (heads x row length each);
+    # the fused GPU kernels (flash / memory-efficient) keep neither.
+    if device == "cpu":
+        per_token_layer += 2 * c * heads * min(seq_length or config.max_seq_length, config.max_seq_length)
+    if config.gradient_checkpointing:
+        activations = tokens * (layers * h * c + per_token_layer)
+    else:
+        activations = tokens * layers * per_token_layer
+    logits = tokens * vocab * (c + 8.0)
+    runtime = GPU_RUNTIME_BYTES if device == "cuda" else 0.0
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
+                          logits=logits, runtime=runtime, trainable_parameters=int(trainable), precision=precision)
+
+
+def plan_steps(config: TrainingConfig, *, examples: int, total_tokens: int | None) -> dict[str, int | None]:
+    """Rows per epoch and optimizer steps, as the recipe will plan them (packing fills rows of
+    max_seq_length, so it needs the token count)."""
+    if config.packing and total_tokens is not None:
+        rows = math.ceil(total_tokens / config.max_seq_length)
+    elif config.packing:
+        return {"batches_per_epoch": None, "steps": None}
+    else:
+        rows = examples
+    batches = math.ceil(rows / config.batch_size) if rows else 0
+    steps = math.ceil(batches / config.gradient_accumulation_steps) * config.n_epochs
+    return {"batches_per_epoch": batches, "steps": steps}
+
+
+@dataclass(frozen=True)
+class WorkerFit:
+    name: str
+    gpus: int
+    gpu_memory_gb: float | None
+    # None: the worker states no GPU memory (a CPU worker), so nothing can be said.
+    fits: bool | None
+
+
+def worker_fits(session: Session, *, peak_gib: float, resources: JobResources, settings: Settings) -> list[WorkerFit]:
+    """Each live worker, and whether one training process of the job fits one of its GPUs."""
+    from app.services.workers import live_workers
+
+    found = []
+    for worker in live_workers(session, settings=settings):
+        known = worker.gpus > 0 and worker.gpu_memory_gb is not None
+        fits = None if not known else bool(peak_gib <= (worker.gpu_memory_gb or 0) and worker.gpus >= resources.gpus)
+        found.append(WorkerFit(name=worker.name, gpus=worker.gpus, gpu_memory_gb=worker.gpu_memory_gb, fits=fits))
+    return found
+
+
+def estimate_job(session: Session, *, project: Any, request: Any, settings: Settings) -> dict[str, Any]:
+    """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
+    from app.services import base_models
+    from app.services.jobs import plan_job
+
+    plan = plan_job(session, project=project, request=request, settings=settings)
+    report = plan.files[0].report or {}
+    stats = (report.get("tokens") or {}).get(plan.base_model)
+    tokens = stats["total_tokens"] if stats else None
+    longest = ((stats or {}).get("tokens_per_example") or {}).get("max")
+    model = base_models.find(session, settings=settings, name=plan.base_model)
+    memory = peak_memory(model.info, plan.config, seq_length=longest) if model is not None else None
+    fits = worker_fits(session, peak_gib=memory.total_gib, resources=plan.resources, settings=settings) \
+        if memory is not None else []
+    return {"model": request.model, "base_model": plan.base_model, "method": plan.config.adapter.type,
+            "examples": int(report.get("examples") or 0), "tokens": tokens, "n_epochs": plan.config.n_epochs,
+            "batch_size": plan.config.batch_size,
+            **plan_steps(plan.config, examples=int(report.get("examples") or 0), total_tokens=tokens),
+            "memory": memory.as_dict() if memory is not None else None,
+            "workers": [f.__dict__ for f in fits]}

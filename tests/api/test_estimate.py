@@ -1,0 +1,83 @@
+"""POST /v1/fine_tuning/jobs/estimate, the memory model behind it, and creation refusing a job no worker fits."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import FineTuningJob, RegisteredModel
+from app.schemas.training import AdapterConfig, TrainingConfig
+from app.services import workers as worker_service
+from app.services.estimates import GIB, peak_memory
+from tests.api.conftest import upload_chat
+
+# Llama-2-7B's shape.
+SEVEN_B = {"parameters": 6_738_415_616, "hidden_size": 4096, "layers": 32, "vocab_size": 32000,
+           "intermediate_size": 11008, "attention_heads": 32, "kv_heads": 32}
+
+
+def config(adapter: str = "lora", **values: Any) -> TrainingConfig:
+    return TrainingConfig(adapter=AdapterConfig(type=adapter), **{"batch_size": 1, "max_seq_length": 512,
+                                                                    **values})  # type: ignore[arg-type]
+
+
+def test_the_memory_model_orders_methods_and_knobs_as_they_behave() -> None:
+    full, lora, qlora = (peak_memory(SEVEN_B, config(a)) for a in ("full", "lora", "qlora"))
+    assert full is not None and lora is not None and qlora is not None
+    # Full: fp32 weights, gradients and two AdamW moments, 16 bytes a parameter.
+    assert full.total_gib > 16 * SEVEN_B["parameters"] / GIB
+    # LoRA: the frozen base in bf16 (12.6 GiB) and r=16 adapters on every linear (40M parameters).
+    assert 12.5 < lora.weights / GIB < 13 and lora.trainable_parameters == 16 * 32 * (
+        2 * 8192 + 2 * 8192 + 3 * (4096 + 11008))
+    # QLoRA: the decoder's linears in 4 bits.
+    assert qlora.weights / GIB < 4.5 and qlora.weights < lora.weights / 3 and qlora.total_gib < lora.total_gib
+    checkpointed = peak_memory(SEVEN_B, config(gradient_checkpointing=True, batch_size=8, max_seq_length=2048))
+    plain = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=2048))
+    assert checkpointed is not None and plain is not None and checkpointed.activations < plain.activations / 5
+    sharded = peak_memory(SEVEN_B, config("full", processes=4, distributed="fsdp"))
+    assert sharded is not None and sharded.weights == pytest.approx(full.weights / 4)
+    assert peak_memory({"parameters": None}, config()) is None
+
+
+def test_an_estimate_answers_without_creating_anything(client: TestClient, session: Session) -> None:
+    file_id = upload_chat(client, n=30)
+    body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}
+    answer = client.post("/v1/fine_tuning/jobs/estimate", json=body)
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert found["object"] == "fine_tuning.job.estimate" and found["method"] == "lora"
+    assert (found["examples"], found["batches_per_epoch"], found["steps"]) == (30, math.ceil(30 / 4), 2 * 8)
+    assert found["memory"]["total_gib"] > 0 and found["memory"]["trainable_parameters"] > 0
+    assert found["workers"] == []
+    assert session.scalar(select(func.count()).select_from(FineTuningJob)) == 0
+    refused = client.post("/v1/fine_tuning/jobs/estimate", json={**body, "model": "no-such-model"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_available"
+
+
+def test_a_job_no_live_worker_can_hold_is_refused_with_the_numbers(client: TestClient, session: Session) -> None:
+    session.add(RegisteredModel(name="seven-b", source="path:/models/seven-b", trust_remote_code=False,
+                                allow_pickle=False, status="ready", info=SEVEN_B, files=[], tokenizer={}))
+    worker_service.register_worker(session, spec=worker_service.WorkerSpec(
+        name="small-gpu", hostname="h", pid=1, queue="training.small-gpu", version="t", gpus=1, gpu_memory_gb=23.6))
+    session.commit()
+    file_id = upload_chat(client)
+    body: dict[str, Any] = {"model": "seven-b", "training_file": file_id,
+                            "method": {"type": "supervised", "supervised": {"adapter": {"type": "full"}}}}
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
+    assert estimate["workers"] == [{"name": "small-gpu", "gpus": 1, "gpu_memory_gb": 23.6, "fits": False}]
+    refused = client.post("/v1/fine_tuning/jobs", json=body)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_memory" and "23.6 GiB" in error["message"]
+    assert f"{estimate['memory']['total_gib']:.1f} GiB" in error["message"]
+    # QLoRA of the same model with gradient checkpointing fits that GPU.
+    body["method"]["supervised"].update(adapter={"type": "qlora"},
+                                        hyperparameters={"gradient_checkpointing": True})
+    assert client.post("/v1/fine_tuning/jobs/estimate", json=body).json()["workers"][0]["fits"] is True
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    assert created.status_code == 200, created.text
