@@ -35,6 +35,7 @@ def create_app() -> FastAPI:
     app.include_router(stream_routes.router, prefix="/v1")
     app.include_router(webhook_routes.router, prefix="/v1")
     app.include_router(dashboard_routes.router)
+    app.include_router(dashboard_routes.root_router)
     app.include_router(metrics.router)
     app.add_middleware(metrics.RecordLatency)
     return app

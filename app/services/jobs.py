@@ -36,6 +36,9 @@ from app.services.workers import needs_of
 BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 # OpenAI's heuristic for n_epochs "auto": see at least this many examples, at most that many.
 MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 100, 25_000, 25
+# With a validation file and neither n_evals nor eval_steps given, a job evaluates this many times over its run
+# (a validation curve, and valid_loss on the checkpoints evaluated), on a sample bounded in cost by the recipe.
+DEFAULT_N_EVALS = 10
 
 
 def add_event(session: Session, *, job: FineTuningJob, message: str, level: str = "info",
@@ -123,6 +126,8 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
         learning_rate = base_lr * multiplier
     extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
                               exclude_none=True)
+    if request.validation_file is not None and "n_evals" not in extras and "eval_steps" not in extras:
+        extras["n_evals"] = DEFAULT_N_EVALS
     resources = resolve_resources(request.resources)
     resolved = {"adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                 "learning_rate_multiplier": round(multiplier, 6), "merge": request.merge,

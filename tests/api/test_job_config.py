@@ -62,7 +62,8 @@ def test_settings_that_evaluate_are_refused_without_a_validation_file(client: Te
 @pytest.mark.parametrize(("method", "resources", "param", "words"), [
     ({"hyperparameters": {"early_stopping_threshold": 0.1}}, None,
      "method.supervised.hyperparameters.early_stopping_threshold", "set early_stopping_patience"),
-    ({"hyperparameters": {"load_best_at_end": True}}, None,
+    # (with a validation file, evaluation is on by default: only n_evals 0 leaves load_best_at_end nothing to pick)
+    ({"hyperparameters": {"load_best_at_end": True, "n_evals": 0}}, None,
      "method.supervised.hyperparameters.load_best_at_end", "set eval_steps or n_evals"),
     ({"adapter": {"type": "full", "r": 8}}, None, "method.supervised.adapter", "r configure an adapter"),
     ({}, {"distributed": "fsdp"}, "resources.distributed", "with one process it does nothing"),
@@ -106,3 +107,19 @@ def test_a_wandb_integration_without_a_configured_key_is_refused_at_creation(
     monkeypatch.setattr(get_settings(), "wandb_mode", "online")
     monkeypatch.setattr(get_settings(), "wandb_api_key", SecretStr("k" * 40))
     assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200
+
+
+def test_a_validation_file_gives_a_validation_curve_by_default(client: TestClient) -> None:
+    train, valid = upload_chat(client), upload_chat(client, 20, offset=100)
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
+                                                    "validation_file": valid}).json()
+    assert job["method"]["supervised"]["hyperparameters"]["n_evals"] == 10
+    off = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
+                                                    "validation_file": valid, "hyperparameters": {"n_evals": 0}}).json()
+    assert off["method"]["supervised"]["hyperparameters"]["n_evals"] == 0
+    chosen = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
+                                                       "validation_file": valid,
+                                                       "hyperparameters": {"eval_steps": 2}}).json()
+    assert chosen["method"]["supervised"]["hyperparameters"].get("n_evals") is None
+    without = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train}).json()
+    assert without["method"]["supervised"]["hyperparameters"].get("n_evals") is None

@@ -53,3 +53,9 @@ def test_booleans_are_not_numbers(client: TestClient) -> None:
                  {"model": "tiny-llama", "training_file": "file-x", "hyperparameters": {"packing": 1}}):
         refused = client.post("/v1/fine_tuning/jobs", json=body)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_value", refused.text
+
+
+def test_the_service_address_leads_to_the_dashboard(client: TestClient) -> None:
+    answer = client.get("/", follow_redirects=False)
+    assert answer.status_code == 307 and answer.headers["location"] == "/dashboard/"
+    assert client.get("/").headers["content-type"].startswith("text/html")

@@ -62,6 +62,11 @@ from worker.training.reporting import (
 # Evaluations during training use at most this many validation examples so that a big validation
 # set does not dominate the run; the final evaluation uses all of them.
 VALID_SUBSET_EXAMPLES = 256
+# ...and, together, about this share of the training's compute: an evaluated example costs about a third of a
+# trained one (a forward pass against forward and backward), so the evaluations during a run see at most
+# 3 x EVAL_COST_SHARE x the examples trained, but never fewer than MIN_EVAL_EXAMPLES each (a curve needs some).
+EVAL_COST_SHARE = 0.1
+MIN_EVAL_EXAMPLES = 16
 CSV_COLUMNS = [
     "step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate",
     "tokens_per_second", "trained_tokens", "valid_loss", "valid_perplexity", "valid_mean_token_accuracy",
@@ -246,9 +251,11 @@ def setup_data(run: Run, *, model_path: Path, train_file: Path, validation_file:
         order = sorted(range(n_examples), key=lambda i: len(run.valid_examples[i].input_ids))
         return [[[i] for i in order[k : k + config.batch_size]] for k in range(0, n_examples, config.batch_size)]
 
-    run.subset_plan = eval_plan(min(len(run.valid_examples), VALID_SUBSET_EXAMPLES))
-    run.full_plan = eval_plan(len(run.valid_examples))
     run.eval_at = evaluation_steps(config, run.total_steps) if run.valid_examples else set()
+    trained = len(run.train_examples) * config.n_epochs
+    budget = math.floor(3 * EVAL_COST_SHARE * trained / max(len(run.eval_at), 1))
+    run.subset_plan = eval_plan(min(len(run.valid_examples), VALID_SUBSET_EXAMPLES, max(MIN_EVAL_EXAMPLES, budget)))
+    run.full_plan = eval_plan(len(run.valid_examples))
     run.save_at = ckpt.checkpoint_steps(run.total_steps, save_steps=config.save_steps,
                                         n_checkpoints=config.n_checkpoints)
 
@@ -291,6 +298,12 @@ def setup_model(run: Run, *, model_path: Path, init_adapter: Path | None, trust_
         data={"total_steps": run.total_steps, "trainable_parameters": trainable, "parameters": total,
               "processes": procs.world_size},
     )
+    if run.eval_at:
+        sample = sum(len(batch) for batch in run.subset_plan)
+        times = "once" if len(run.eval_at) == 1 else f"{len(run.eval_at)} times"
+        reporter.event(f"evaluating {times} during training on {sample} of "
+                       f"{len(run.valid_examples)} validation examples, and on all of them at the end",
+                       data={"evaluations": len(run.eval_at), "eval_examples": sample})
 
 
 def resume(run: Run, saved: dict[str, Any] | None) -> tuple[TrainState, EpochPlan | None]:

@@ -10,12 +10,15 @@ from fastapi.responses import FileResponse, RedirectResponse
 from app.core.errors import NotFound
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
+# The service's address itself leads to the dashboard (the address `tuneforge serve` prints).
+root_router = APIRouter(include_in_schema=False)
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "dashboard"
 # Only these files are served: no path from the request ever reaches the filesystem.
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
+@root_router.get("/")
 @router.get("")
 def redirect_dashboard() -> RedirectResponse:
     """The dashboard lives under /dashboard/ (its assets are relative to it)."""

@@ -97,7 +97,7 @@ def test_two_fsdp_processes_pause_and_resume_on_the_one_process_curve(
     # Rank 0 wrote the gathered (unsharded) adapter and rank 1's RNG state beside its own.
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "rng_state_ranks.pt").is_file()
     second = _torchrun(tmp_path, tiny_model, config, tmp_path / "fsdp-resumed", "--resume", str(checkpoint))
-    assert second["events"][1]["message"] == "resumed from checkpoint at step 5"
+    assert "resumed from checkpoint at step 5" in [e["message"] for e in second["events"][:3]]
     _assert_same_curve(first["steps"] + second["steps"], one_process["steps"])
     _assert_same_adapter(tmp_path / "fsdp-resumed" / "final", one_process["final"])
 

@@ -66,7 +66,7 @@ def test_fp16_loss_scale_survives_a_pause_and_resume(tmp_path: Path, tiny_model:
     resumed = RecordingReporter()
     train(make_config(precision="fp16", n_epochs=2), model_path=tiny_model, train_file=train_file,
           validation_file=None, output_dir=tmp_path / "again", reporter=resumed, resume_from=stop.value.checkpoint)
-    assert resumed.events[1]["message"] == "resumed from checkpoint at step 3"
+    assert "resumed from checkpoint at step 3" in [e["message"] for e in resumed.events[:3]]
     assert all(math.isfinite(x) for x in resumed.losses())
 
 

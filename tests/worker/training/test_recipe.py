@@ -162,6 +162,16 @@ def test_evaluation_metrics_are_reported(tmp_path: Path, tiny_model: Path) -> No
     assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
 
 
+def test_evaluations_during_training_take_a_bounded_sample(tmp_path: Path, tiny_model: Path) -> None:
+    # 24 examples x 1 epoch trained, 10 evaluations: 3 x 0.1 x 24 / 10 < 16, so each takes the minimum 16 of 40.
+    data = code_mapping(24)
+    result, reporter = run(tmp_path, tiny_model, data, valid=code_mapping(40, seed=3), n_epochs=1, n_evals=10)
+    said = [e for e in reporter.events if e["message"].startswith("evaluating ")]
+    assert said and said[0]["data"] == {"evaluations": 6, "eval_examples": 16}  # 6 steps: one evaluation each
+    assert "on 16 of 40 validation examples" in said[0]["message"]
+    assert len([s for s in reporter.steps if "valid_loss" in s]) == 6
+
+
 def test_early_stopping_triggers_when_validation_plateaus(tmp_path: Path, tiny_model: Path) -> None:
     # A tiny learning rate makes valid_loss move by far less than the threshold: a plateau.
     result, reporter = run(
