@@ -28,6 +28,14 @@ class ConfigConflict(ValueError):
         self.field = field
 
 
+# Evaluations during training take, together, about this share of the training's time: an evaluated example
+# costs about as much as a trained one (measured by bench/evals.py: the adapters' backward is cheap, evaluation
+# computes full metrics), so they see at most EVAL_COST_SHARE x the examples trained, never fewer than
+# MIN_EVAL_EXAMPLES each (a curve point needs some). The recipe sizes its sample by these, and the job default
+# for n_evals (app/services/jobs.py) keeps within both.
+EVAL_COST_SHARE = 0.1
+MIN_EVAL_EXAMPLES = 16
+
 # Settings that act on the validation set: without a validation_file they would silently do nothing.
 NEEDS_VALIDATION_FILE = ("eval_steps", "n_evals", "early_stopping_patience", "load_best_at_end")
 

@@ -27,7 +27,14 @@ from app.schemas.jobs import (
     JobPublic,
     JobResources,
 )
-from app.schemas.training import HYPERPARAMETER_FIELDS, AdapterConfig, ConfigConflict, TrainingConfig
+from app.schemas.training import (
+    EVAL_COST_SHARE,
+    HYPERPARAMETER_FIELDS,
+    MIN_EVAL_EXAMPLES,
+    AdapterConfig,
+    ConfigConflict,
+    TrainingConfig,
+)
 from app.services.paging import page_after
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import needs_of
@@ -36,9 +43,10 @@ from app.services.workers import needs_of
 BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 # OpenAI's heuristic for n_epochs "auto": see at least this many examples, at most that many.
 MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 100, 25_000, 25
-# With a validation file and neither n_evals nor eval_steps given, a job evaluates this many times over its run
-# (a validation curve, and valid_loss on the checkpoints evaluated), on a sample bounded in cost by the recipe.
-DEFAULT_N_EVALS = 10
+# With a validation file and neither n_evals nor eval_steps given, a job evaluates up to this many times over its
+# run (a validation curve, and valid_loss on the checkpoints evaluated), fewer when a tenth of the examples it
+# trains on cannot give each evaluation the recipe's minimum sample (worker/training/recipe.py), but twice at least.
+DEFAULT_N_EVALS, MIN_DEFAULT_N_EVALS = 10, 2
 
 
 def add_event(session: Session, *, job: FineTuningJob, message: str, level: str = "info",
@@ -97,6 +105,12 @@ def resolve_resources(requested: JobResources) -> JobResources:
     return requested.model_copy(update={"processes": processes, "labels": list(dict.fromkeys(requested.labels))})
 
 
+def default_n_evals(*, n_examples: int, n_epochs: int) -> int:
+    """How many times a job with a validation file evaluates when it does not say."""
+    affordable = math.floor(EVAL_COST_SHARE * n_examples * n_epochs / MIN_EVAL_EXAMPLES)
+    return max(MIN_DEFAULT_N_EVALS, min(DEFAULT_N_EVALS, affordable))
+
+
 def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
     """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
     supervised = request.method.supervised if request.method and request.method.supervised else None
@@ -127,7 +141,7 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
     extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
                               exclude_none=True)
     if request.validation_file is not None and "n_evals" not in extras and "eval_steps" not in extras:
-        extras["n_evals"] = DEFAULT_N_EVALS
+        extras["n_evals"] = default_n_evals(n_examples=n_examples, n_epochs=n_epochs)
     resources = resolve_resources(request.resources)
     resolved = {"adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                 "learning_rate_multiplier": round(multiplier, 6), "merge": request.merge,

@@ -111,9 +111,17 @@ def test_a_wandb_integration_without_a_configured_key_is_refused_at_creation(
 
 def test_a_validation_file_gives_a_validation_curve_by_default(client: TestClient) -> None:
     train, valid = upload_chat(client), upload_chat(client, 20, offset=100)
+    # 12 examples x 9 epochs: a tenth of that cannot give 16-example evaluations; the floor is two.
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
                                                     "validation_file": valid}).json()
-    assert job["method"]["supervised"]["hyperparameters"]["n_evals"] == 10
+    assert job["method"]["supervised"]["hyperparameters"]["n_evals"] == 2
+    # 160 x 10 = 1,600 examples trained: ten evaluations of 16 are a tenth of it.
+    bigger = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client, 160),
+                                                       "validation_file": valid, "hyperparameters": {"n_epochs": 10}})
+    assert bigger.json()["method"]["supervised"]["hyperparameters"]["n_evals"] == 10
+    fewer = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client, 160),
+                                                      "validation_file": valid, "hyperparameters": {"n_epochs": 5}})
+    assert fewer.json()["method"]["supervised"]["hyperparameters"]["n_evals"] == 5
     off = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
                                                     "validation_file": valid, "hyperparameters": {"n_evals": 0}}).json()
     assert off["method"]["supervised"]["hyperparameters"]["n_evals"] == 0

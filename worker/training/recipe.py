@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from app.schemas.training import TrainingConfig
+from app.schemas.training import EVAL_COST_SHARE, MIN_EVAL_EXAMPLES, TrainingConfig
 from worker.training import checkpoint as ckpt
 from worker.training import distributed, stopping
 from worker.training.data import (
@@ -62,11 +62,7 @@ from worker.training.reporting import (
 # Evaluations during training use at most this many validation examples so that a big validation
 # set does not dominate the run; the final evaluation uses all of them.
 VALID_SUBSET_EXAMPLES = 256
-# ...and, together, about this share of the training's compute: an evaluated example costs about a third of a
-# trained one (a forward pass against forward and backward), so the evaluations during a run see at most
-# 3 x EVAL_COST_SHARE x the examples trained, but never fewer than MIN_EVAL_EXAMPLES each (a curve needs some).
-EVAL_COST_SHARE = 0.1
-MIN_EVAL_EXAMPLES = 16
+# ...and together about EVAL_COST_SHARE of the training's time (app/schemas/training.py).
 CSV_COLUMNS = [
     "step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate",
     "tokens_per_second", "trained_tokens", "valid_loss", "valid_perplexity", "valid_mean_token_accuracy",
@@ -253,7 +249,7 @@ def setup_data(run: Run, *, model_path: Path, train_file: Path, validation_file:
 
     run.eval_at = evaluation_steps(config, run.total_steps) if run.valid_examples else set()
     trained = len(run.train_examples) * config.n_epochs
-    budget = math.floor(3 * EVAL_COST_SHARE * trained / max(len(run.eval_at), 1))
+    budget = math.floor(EVAL_COST_SHARE * trained / max(len(run.eval_at), 1))
     run.subset_plan = eval_plan(min(len(run.valid_examples), VALID_SUBSET_EXAMPLES, max(MIN_EVAL_EXAMPLES, budget)))
     run.full_plan = eval_plan(len(run.valid_examples))
     run.save_at = ckpt.checkpoint_steps(run.total_steps, save_steps=config.save_steps,
