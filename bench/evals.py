@@ -5,8 +5,8 @@ spends in training steps, in one run on the training benchmark's model.
     python -m bench.evals --examples 96    # shorter
 
 The job defaults apply (LoRA r=16 on every linear, batch 8 as a 384-example job resolves it, n_evals as a job
-with a validation file resolves it: 4 for 384 examples x 2 epochs); the recipe picks the evaluation sample
-(at most 256 examples, together about a tenth of the examples trained). Both clocks wrap the recipe's own phases
+with a validation file resolves it: 3 for 384 examples x 2 epochs); the recipe picks the evaluation sample
+(at most 256 examples, together at most 8% of the tokens trained). Both clocks wrap the recipe's own phases
 (`train_step`, and `evaluate_on` for the periodic evaluations; the final full evaluation is reported apart).
 """
 

@@ -115,13 +115,13 @@ def test_a_validation_file_gives_a_validation_curve_by_default(client: TestClien
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
                                                     "validation_file": valid}).json()
     assert job["method"]["supervised"]["hyperparameters"]["n_evals"] == 2
-    # 160 x 10 = 1,600 examples trained: ten evaluations of 16 are a tenth of it.
-    bigger = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client, 160),
+    # 200 x 10 = 2,000 examples trained: ten evaluations of 16 are 8% of it.
+    bigger = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client, 200),
                                                        "validation_file": valid, "hyperparameters": {"n_epochs": 10}})
     assert bigger.json()["method"]["supervised"]["hyperparameters"]["n_evals"] == 10
     fewer = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client, 160),
                                                       "validation_file": valid, "hyperparameters": {"n_epochs": 5}})
-    assert fewer.json()["method"]["supervised"]["hyperparameters"]["n_evals"] == 5
+    assert fewer.json()["method"]["supervised"]["hyperparameters"]["n_evals"] == 4  # floor(0.08 x 800 / 16)
     off = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train,
                                                     "validation_file": valid, "hyperparameters": {"n_evals": 0}}).json()
     assert off["method"]["supervised"]["hyperparameters"]["n_evals"] == 0

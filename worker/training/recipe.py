@@ -248,9 +248,7 @@ def setup_data(run: Run, *, model_path: Path, train_file: Path, validation_file:
         return [[[i] for i in order[k : k + config.batch_size]] for k in range(0, n_examples, config.batch_size)]
 
     run.eval_at = evaluation_steps(config, run.total_steps) if run.valid_examples else set()
-    trained = len(run.train_examples) * config.n_epochs
-    budget = math.floor(EVAL_COST_SHARE * trained / max(len(run.eval_at), 1))
-    run.subset_plan = eval_plan(min(len(run.valid_examples), VALID_SUBSET_EXAMPLES, max(MIN_EVAL_EXAMPLES, budget)))
+    run.subset_plan = eval_plan(_eval_sample_size(run))
     run.full_plan = eval_plan(len(run.valid_examples))
     run.save_at = ckpt.checkpoint_steps(run.total_steps, save_steps=config.save_steps,
                                         n_checkpoints=config.n_checkpoints)
@@ -300,6 +298,18 @@ def setup_model(run: Run, *, model_path: Path, init_adapter: Path | None, trust_
         reporter.event(f"evaluating {times} during training on {sample} of "
                        f"{len(run.valid_examples)} validation examples, and on all of them at the end",
                        data={"evaluations": len(run.eval_at), "eval_examples": sample})
+
+
+def _eval_sample_size(run: Run) -> int:
+    """How many validation examples (in file order) each evaluation during training takes: up to a share of the
+    tokens trained spread over the evaluations, at least MIN_EVAL_EXAMPLES, at most VALID_SUBSET_EXAMPLES."""
+    budget = EVAL_COST_SHARE * sum(run.lengths) * run.config.n_epochs / max(len(run.eval_at), 1)
+    count, tokens = 0, 0
+    for example in run.valid_examples[:VALID_SUBSET_EXAMPLES]:
+        if count >= MIN_EVAL_EXAMPLES and tokens + len(example.input_ids) > budget:
+            break
+        count, tokens = count + 1, tokens + len(example.input_ids)
+    return count
 
 
 def resume(run: Run, saved: dict[str, Any] | None) -> tuple[TrainState, EpochPlan | None]:

@@ -163,7 +163,8 @@ def test_evaluation_metrics_are_reported(tmp_path: Path, tiny_model: Path) -> No
 
 
 def test_evaluations_during_training_take_a_bounded_sample(tmp_path: Path, tiny_model: Path) -> None:
-    # 24 examples x 1 epoch trained, 6 evaluations (one a step): 0.1 x 24 / 6 < 16, so each takes the minimum 16.
+    # 24 examples x 1 epoch trained, 6 evaluations (one a step): 8% of their tokens over 6 is less than 16
+    # examples' worth, so each takes the minimum 16.
     data = code_mapping(24)
     result, reporter = run(tmp_path, tiny_model, data, valid=code_mapping(40, seed=3), n_epochs=1, n_evals=10)
     said = [e for e in reporter.events if e["message"].startswith("evaluating ")]
