@@ -26,8 +26,8 @@ from app.models import FineTuningJob, RegisteredModel
 from app.models.job import ACTIVE_STATUSES
 from app.services import hub
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
 
 
@@ -44,7 +44,7 @@ def normalise_source(source: str) -> str:
                                  code="invalid_value")
         return f"path:{Path(folder)}"
     repo = source.removeprefix("hf:")
-    if HUB_ID.match(repo) is None:
+    if HUB_ID.fullmatch(repo) is None:
         raise InvalidRequest(f"Invalid source {source!r}: use hf:ORG/NAME (a Hub repository) or path:/folder.",
                              param="source", code="invalid_value")
     return f"hf:{repo}"
@@ -132,7 +132,7 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
              check_allowed: bool = True) -> RegisteredModel:
     """Register a base model and read it (a hub model: pinned to the commit its revision resolves to)."""
     source = normalise_source(source)
-    if NAME.match(name) is None or name.startswith("ft:") or name.endswith("/pull"):
+    if NAME.fullmatch(name) is None or name.startswith("ft:") or name.endswith("/pull"):
         raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft: nor "
                              "ending with /pull).",
                              param="name", code="invalid_value")
@@ -201,6 +201,8 @@ def list_models(session: Session, *, settings: Settings, ready_only: bool = Fals
 
 
 def find(session: Session, *, settings: Settings, name: str) -> RegisteredModel | None:
+    if NAME.fullmatch(name) is None:  # never registered (and a NUL byte is no text Postgres can compare)
+        return None
     import_catalogue(session, settings=settings)
     return session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
 
@@ -216,7 +218,7 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
     """The model a job names, ready to train; registered on the spot when it is a hub id and the operator
     allowed unregistered models."""
     row = find(session, settings=settings, name=name)
-    if row is None and settings.allow_unregistered_models and HUB_ID.match(name):
+    if row is None and settings.allow_unregistered_models and HUB_ID.fullmatch(name):
         row = register(session, settings=settings, name=name, source=f"hf:{name}")
     if row is None:
         names = [m.name for m in list_models(session, settings=settings, ready_only=True)]

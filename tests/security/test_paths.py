@@ -53,7 +53,8 @@ def test_local_storage_keys_never_come_from_the_filename(tmp_path: Path, client:
 
 
 @pytest.mark.parametrize("model", ["../x", "/etc/passwd", "tiny-llama/../../etc", "~/.ssh/id_rsa",
-                                   "./tiny-llama", "file:///etc/passwd", "tiny-llama\x00"])
+                                   "./tiny-llama", "file:///etc/passwd", "tiny-llama\x00",
+                                   "tiny-llama\n"])
 def test_model_names_outside_the_catalogue_are_refused(client: TestClient, model: str) -> None:
     file_id = upload_chat(client)
     response = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id})
