@@ -81,14 +81,26 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 @app.command()
-def worker(loglevel: str = "INFO") -> None:
+def worker(loglevel: str = "INFO", inference: Annotated[bool, typer.Option(
+        "--inference", help="Serve chat completions and completions (base and fine-tuned models) instead of "
+                            "training: the API finds this process through the database.")] = False) -> None:
     """Run a training worker (one per GPU host, or one per GPU): takes jobs from the queues."""
     from app.core.config import get_settings
+
+    settings = get_settings()
+    if inference:
+        import logging
+
+        from worker.inference.server import serve as serve_inference
+
+        logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve_inference(settings)
+        return
+
     from app.services.workers import direct_queue
     from worker.celery_app import celery_app
     from worker.registration import worker_name
 
-    settings = get_settings()
     if os.geteuid() == 0:
         # Celery's screenful about superuser privileges is about pickle messages executing code as root; this
         # service accepts JSON only. One line instead, since containers often run as root.
@@ -153,14 +165,18 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     if not settings.require_api_keys:
         typer.echo(f"WARNING: API keys are not required: serving on loopback {host} only.", err=True)
     worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
-    typer.echo(f"tuneforge serving on http://{host}:{port}/v1 (worker pid {worker_process.pid}, "
-               f"data in {data_dir.resolve()})")
+    # The inference role, for chat completions on the models trained here (it loads a model on first use).
+    inference_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--inference"],
+                                         env=os.environ.copy())
+    typer.echo(f"tuneforge serving on http://{host}:{port}/v1 (worker pid {worker_process.pid}, inference worker "
+               f"pid {inference_process.pid}, data in {data_dir.resolve()})")
     try:
         api(host=host, port=port, workers=1)
     finally:
         from app.core.processes import stop_process
 
-        typer.echo("stopping the worker (its running job checkpoints and is handed back)", err=True)
+        typer.echo("stopping the workers (a running job checkpoints and is handed back)", err=True)
+        stop_process(inference_process, grace=settings.stop_grace_seconds)
         stop_process(worker_process, grace=settings.stop_grace_seconds)
 
 

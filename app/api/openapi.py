@@ -30,8 +30,10 @@ ERROR_DESCRIPTIONS = {
     413: "The body is larger than the server accepts.",
     416: "The Range header cannot be satisfied.",
     429: "Rate limit or quota reached; retry after the Retry-After delay.",
-    502: "The Hugging Face Hub (or the mirror in HF_ENDPOINT) could not be reached or read.",
-    503: "The database is unavailable for a moment; retry after the Retry-After delay.",
+    502: "A service behind the API failed: the Hugging Face Hub (or the mirror in HF_ENDPOINT) could not be read, "
+         "or an inference process stopped while answering.",
+    503: "The database, or every inference process, is unavailable for a moment; retry after the Retry-After delay.",
+    504: "The inference process did not answer in time (TUNEFORGE_INFERENCE_TIMEOUT_SECONDS).",
 }
 RETRY_AFTER = {"retry-after": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
@@ -116,7 +118,9 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                                                  **({"headers": RETRY_AFTER} if code in (429, 503) else {})})
             for answer in responses.values():
                 content = answer.get("content", {})
-                if len(content) > 1:  # a declared binary or event-stream body replaces FastAPI's JSON default
+                # A declared binary or event-stream body replaces FastAPI's schemaless JSON default (a route
+                # with a response model answers both: JSON, or events when asked to stream).
+                if len(content) > 1 and not content.get("application/json", {}).get("schema"):
                     content.pop("application/json", None)
             for parameter in operation.get("parameters", []):
                 if parameter["name"] == "limit" and parameter["in"] == "query":

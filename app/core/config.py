@@ -130,6 +130,26 @@ class Settings(BaseSettings):
     webhook_retry_seconds: float = Field(default=30.0, ge=0)
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)
 
+    # The inference role (`tuneforge worker --inference`): a process that keeps base models loaded and attaches
+    # fine-tuned adapters on demand, serving /v1/chat/completions and /v1/completions through the API.
+    # It listens on inference_host:inference_port (0 = any free port) and advertises inference_url (default
+    # http://<inference_host>:<port>) in the database, where the API finds it; it is an internal address: the
+    # API is the only client (set inference_url to a name the API hosts can reach when it binds 0.0.0.0).
+    inference_host: str = "127.0.0.1"
+    inference_port: int = Field(default=0, ge=0, le=65535)
+    inference_url: str | None = None
+    # Base models kept loaded at once, and adapters attached per base: the least recently used goes first.
+    # Each base costs its weights in memory; an adapter costs its (small) LoRA weights.
+    inference_max_bases: int = Field(default=2, ge=1)
+    inference_max_adapters: int = Field(default=8, ge=1)
+    # Requests waiting for the generator of one inference process (it generates one at a time); more answer 429.
+    inference_max_queue: int = Field(default=8, ge=0)
+    # How long the API waits for an inference process: to start answering (loading a model included) and
+    # between two streamed tokens. Past it, the client gets a 504 (or an error event in a stream).
+    inference_timeout_seconds: float = Field(default=300.0, gt=0)
+    # The most tokens one completion may generate (a request's max_tokens is capped by it).
+    inference_max_new_tokens: int = Field(default=4096, ge=1)
+
     @field_validator("database_url", "broker_url")
     @classmethod
     def _strip(cls, value: str) -> str:

@@ -3,6 +3,7 @@
 from app.models.base import Base
 from app.models.blob import Blob, BlobChunk
 from app.models.file import File
+from app.models.inference_server import InferenceServer
 from app.models.job import FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus  # noqa: F401
 from app.models.project import ApiKey, Project
 from app.models.registered_model import RegisteredModel
@@ -16,6 +17,7 @@ __all__ = [
     "BlobChunk",
     "File",
     "FineTuningJob",
+    "InferenceServer",
     "JobArtifact",
     "JobCheckpoint",
     "JobEvent",

@@ -44,6 +44,15 @@ class Service:
         self.workers.append(process)
         return process
 
+    def start_inference(self, name: str = "inference") -> subprocess.Popen[bytes]:
+        """An inference worker (`tuneforge worker --inference`), stopped with the service."""
+        env = {**self.env, "TUNEFORGE_WORKER_NAME": name}
+        log = open(self.root / f"inference-{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--inference"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers.append(process)
+        return process
+
     def live_workers(self) -> list[subprocess.Popen[bytes]]:
         return [w for w in self.workers if w.poll() is None]
 

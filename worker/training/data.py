@@ -84,6 +84,17 @@ def tokenize_prompt_completion(
     return Example(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any]) -> list[int]:
+    """What a model continues, rendered as in training: {"messages": [...]} with the generation prompt the chat
+    template adds, or {"text": "..."} after the beginning-of-text token (as prompt-completion examples)."""
+    if "messages" in prompt:
+        if not tokenizer.chat_template:
+            raise ValueError("this model has no chat template: use /v1/completions with a text prompt")
+        return _render_chat(tokenizer, prompt["messages"], generation=True)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [*bos, *_encode(tokenizer, prompt["text"])]
+
+
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
     """Plain text: every token is in the loss."""
     ids = [tokenizer.bos_token_id, *_encode(tokenizer, text), tokenizer.eos_token_id]

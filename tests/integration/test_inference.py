@@ -1,0 +1,92 @@
+"""Train, then talk to what was trained: chat completions on the fine-tuned model through the real API and a real
+inference worker process, with the unmodified openai SDK; projects kept apart; an inference process killed
+mid-answer gives the client an error, and a new one serves the next request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from tests.integration.conftest import Service, wait_for_status
+from tests.support.data import chat_lines, jsonl
+
+pytestmark = pytest.mark.integration
+
+COLOURS = {"red", "blue", "green"}
+
+
+def wait_for_inference(service: Service, timeout: float = 120) -> None:
+    """Until a completion on the base model is served (the worker registered and answers)."""
+    deadline = time.monotonic() + timeout
+    with service.client() as client:
+        while time.monotonic() < deadline:
+            answer = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "a", "max_tokens": 1})
+            if answer.status_code == 200:
+                return
+            assert answer.status_code == 503, answer.text
+            time.sleep(0.5)
+    raise TimeoutError("no inference worker answered")
+
+
+def test_a_fine_tuned_model_answers_through_the_sdk_and_survives_its_inference_worker_dying(
+        service: Service) -> None:
+    inference = service.start_inference("inference-1")  # it starts while the job trains
+    sdk = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=service.api_key, max_retries=0)
+    uploaded = sdk.files.create(file=("train.jsonl", jsonl(chat_lines(48))), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="chat", seed=5, method={
+        "type": "supervised", "supervised": {  # type: ignore[typeddict-unknown-key]
+            "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate": 3e-3},
+            "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}})
+    with service.client() as client:
+        done = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
+    assert done["status"] == "succeeded", done
+    model = done["fine_tuned_model"]
+    wait_for_inference(service)
+
+    prompts = [[{"role": "system", "content": "You map codes to colours."}, {"role": "user", "content": f"code {i}"}]
+               for i in (1, 2, 3)]
+    tuned = [sdk.chat.completions.create(model=model, messages=p, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+             for p in prompts]
+    base = [sdk.chat.completions.create(model="tiny-llama", messages=p, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+            for p in prompts]
+    # The adapter answers in the trained format (one colour, then its end of turn); the base does not.
+    assert all(a.choices[0].message.content in COLOURS and a.choices[0].finish_reason == "stop" for a in tuned), tuned
+    assert not any(a.choices[0].message.content in COLOURS for a in base), base
+    streamed = sdk.chat.completions.create(model=model, messages=prompts[0], temperature=0, max_tokens=8,  # type: ignore[arg-type]
+                                           stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        tuned[0].choices[0].message.content
+
+    # Another project cannot generate with this project's model: 404, as for an unknown id.
+    created = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "other-team"], env=service.env,
+                             check=True, capture_output=True, text=True)
+    other = openai.OpenAI(base_url=f"{service.base_url}/v1", max_retries=0,
+                          api_key=json.loads(created.stdout.strip().splitlines()[-1])["key"])
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=model, messages=prompts[0], max_tokens=4)  # type: ignore[arg-type]
+
+    # The inference process dies mid-answer: the stream ends with an error the SDK raises, never a hang.
+    long = sdk.completions.create(model="tiny-llama", prompt="the", temperature=0, max_tokens=1500, stream=True,
+                                  timeout=60)
+    received = []
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in long:
+            received.append(chunk)
+            if len(received) == 3:
+                inference.send_signal(signal.SIGKILL)
+    assert "stopped while answering" in str(failed.value.message), failed.value
+    assert not any(c.choices and c.choices[0].finish_reason for c in received)
+    inference.wait(timeout=10)
+
+    # A new inference worker serves the next request; the dead one's row is skipped (connection refused).
+    service.start_inference("inference-2")
+    wait_for_inference(service)
+    again = sdk.chat.completions.create(model=model, messages=prompts[0], temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == tuned[0].choices[0].message.content

@@ -1,0 +1,172 @@
+"""The inference engine on the tiny model: greedy answers as transformers' own generate gives them, adapters that
+share one base and change its answers, LRU bounds, stop sequences, limits, seeds and full fine-tunes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.core.config import Settings
+from app.core.storage import LocalStorage
+from tests.support.adapters import store_adapter
+from worker.archive import file_chunks, tar_directory
+from worker.inference.engine import Engine, Refusal, adapter_name
+from worker.training.checkpoint import save_weights
+from worker.training.data import prompt_ids
+
+CHAT = {"messages": [{"role": "user", "content": "hello there"}]}
+
+
+def request(**overrides: Any) -> dict[str, Any]:
+    return {"model": "tiny-llama", "base": "tiny-llama", "weights_key": None, "full": False, "prompt": CHAT,
+            "max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "n": 1, "stop": [], "seed": 1, **overrides}
+
+
+def answer(engine: Engine, req: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    lines = list(engine.generate(engine.prepare(req), cancelled=threading.Event()))
+    texts = [""] * req["n"]
+    for line in lines:
+        if line["type"] == "delta":
+            texts[line["index"]] += line["text"]
+    return texts, [line for line in lines if line["type"] == "end"]
+
+
+@pytest.fixture
+def setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Engine, LocalStorage]:
+    storage = LocalStorage(tmp_path / "storage")
+    settings = Settings(data_dir=tmp_path / "data", inference_max_adapters=2)
+    engine = Engine(settings, storage=storage, device=torch.device("cpu"),
+                    base_folder=lambda name: (tiny_model_dir, False))
+    return engine, storage
+
+
+def reference_greedy(model: Any, tokenizer: Any, max_new_tokens: int) -> str:
+    """transformers' own greedy generate on the same prompt, decoded as the engine decodes."""
+    ids = torch.tensor([prompt_ids(tokenizer, CHAT)])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    return tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True)
+
+
+def test_greedy_answers_match_transformers_generate(setup: tuple[Engine, LocalStorage], tmp_path: Path,
+                                                    tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine, storage = setup
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    key = store_adapter(tiny_model_dir, storage, tmp_path, seed=1)
+    (base_text,), _ = answer(engine, request())
+    (tuned_text,), (end,) = answer(engine, request(weights_key=key, model="ft:a"))
+    assert base_text == reference_greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, 12)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      tmp_path / "adapter-1").eval()
+    assert tuned_text == reference_greedy(tuned, tokenizer, 12)
+    assert tuned_text != base_text and end["completion_tokens"] == 12 and end["finish_reason"] == "length"
+
+
+def test_adapters_share_one_base_and_the_base_answers_without_them(setup: tuple[Engine, LocalStorage],
+                                                                   tmp_path: Path, tiny_model_dir: Path) -> None:
+    engine, storage = setup
+    first, second = (store_adapter(tiny_model_dir, storage, tmp_path, seed=s) for s in (1, 2))
+    (base_before,), _ = answer(engine, request())
+    (a,), _ = answer(engine, request(weights_key=first))
+    (b,), _ = answer(engine, request(weights_key=second))
+    (base_after,), _ = answer(engine, request())
+    assert len({a, b, base_before}) == 3 and base_after == base_before
+    assert list(engine.models) == ["tiny-llama"]  # one copy of the base weights for both adapters
+    loaded = engine.models["tiny-llama"]
+    assert list(loaded.adapters) == [adapter_name(first), adapter_name(second)]
+    assert set(loaded.model.peft_config) == {adapter_name(first), adapter_name(second)}
+    (a_again,), _ = answer(engine, request(weights_key=first))
+    assert a_again == a
+
+
+def test_adapters_beyond_the_bound_are_evicted_least_recently_used_first(setup: tuple[Engine, LocalStorage],
+                                                                         tmp_path: Path, tiny_model_dir: Path) -> None:
+    engine, storage = setup  # inference_max_adapters=2
+    keys = [store_adapter(tiny_model_dir, storage, tmp_path, seed=s) for s in (1, 2, 3)]
+    first = answer(engine, request(weights_key=keys[0]))[0]
+    answer(engine, request(weights_key=keys[1]))
+    answer(engine, request(weights_key=keys[0]))  # 0 is now the most recently used
+    answer(engine, request(weights_key=keys[2]))
+    loaded = engine.models["tiny-llama"]
+    assert list(loaded.adapters) == [adapter_name(keys[0]), adapter_name(keys[2])]
+    assert set(loaded.model.peft_config) == set(loaded.adapters)
+    assert answer(engine, request(weights_key=keys[0]))[0] == first
+
+
+def test_bases_beyond_the_bound_are_unloaded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", inference_max_bases=1)
+    engine = Engine(settings, storage=LocalStorage(tmp_path / "s"), device=torch.device("cpu"),
+                    base_folder=lambda name: (tiny_model_dir, False))
+    answer(engine, request(base="one", model="one"))
+    answer(engine, request(base="two", model="two"))
+    assert engine.loaded_bases() == ["two"]
+
+
+def test_stop_sequences_cut_the_answer_before_them(setup: tuple[Engine, LocalStorage]) -> None:
+    engine, _ = setup
+    (full,), _ = answer(engine, request(max_tokens=20))
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    (cut,), (end,) = answer(engine, request(max_tokens=20, stop=[stop, "never-generated"]))
+    assert cut == full[:full.find(stop)] and end["finish_reason"] == "stop" and end["completion_tokens"] < 20
+
+
+def test_seeds_make_sampling_reproducible(setup: tuple[Engine, LocalStorage]) -> None:
+    engine, _ = setup
+    sampled = request(temperature=1.0, top_p=0.9, n=3, seed=7, max_tokens=16)
+    texts, ends = answer(engine, sampled)
+    assert answer(engine, sampled)[0] == texts
+    assert answer(engine, {**sampled, "seed": 8})[0] != texts
+    assert len(set(texts)) > 1 and [e["index"] for e in ends] == [0, 1, 2]
+
+
+def test_text_prompts_and_context_limits(setup: tuple[Engine, LocalStorage], tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    engine, _ = setup
+    (text,), (end,) = answer(engine, request(prompt={"text": "the colour of"}, max_tokens=4))
+    assert end["completion_tokens"] == 4 and text
+    context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    with pytest.raises(Refusal) as refused:
+        engine.prepare(request(prompt={"text": "word " * (context + 10)}))
+    assert refused.value.code == "context_length_exceeded" and str(context) in refused.value.message
+    # A prompt that leaves little room: the answer stops at the context's end, as "length".
+    prompt_tokens = len(engine.prepare(request(prompt={"text": "word " * (context // 2)})).prompt)
+    room = context - prompt_tokens
+    _, (end,) = answer(engine, request(prompt={"text": "word " * (context // 2)}, max_tokens=context))
+    assert end["completion_tokens"] <= room and end["finish_reason"] in ("stop", "length")
+
+
+def test_a_cancelled_answer_stops_at_the_next_token(setup: tuple[Engine, LocalStorage]) -> None:
+    engine, _ = setup
+    cancelled = threading.Event()
+    lines = engine.generate(engine.prepare(request(max_tokens=50)), cancelled=cancelled)
+    assert next(lines)["type"] == "begin"
+    next(lines)
+    cancelled.set()
+    assert [line for line in lines if line["type"] == "end"] == []
+
+
+def test_full_fine_tunes_are_models_of_their_own(setup: tuple[Engine, LocalStorage], tmp_path: Path,
+                                                 tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine, storage = setup
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    folder = tmp_path / "full"
+    folder.mkdir()
+    save_weights(model, folder, full=True)
+    storage.write("artifacts/full/model", file_chunks(tar_directory(folder, tmp_path / "full.tar")))
+    (tuned,), _ = answer(engine, request(weights_key="artifacts/full/model", full=True, model="ft:full"))
+    (base,), _ = answer(engine, request())
+    assert tuned == reference_greedy(model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir), 12) != base
+    assert engine.loaded_bases() == ["tiny-llama"] and len(engine.models) == 2

@@ -1,0 +1,282 @@
+"""Generation for the inference role: base models kept loaded, fine-tuned adapters attached on demand.
+
+Several fine-tuned models of one base share one copy of its weights: the first adapter wraps the base in a
+PeftModel, the next ones are loaded beside it (`load_adapter`) and the request's one is made active
+(`set_adapter`); a base-model request runs with the adapters disabled. Bases and, per base, adapters are kept
+in least-recently-used order within TUNEFORGE_INFERENCE_MAX_BASES / _MAX_ADAPTERS. A full fine-tune's weights
+are a model of their own (an entry among the bases). Plain Python: the server (worker/inference/server.py)
+calls it one request at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.storage import Storage
+from app.services import base_models
+from worker.archive import extract_tar
+from worker.model_cache import ModelRef, ModelUnavailable, local_model
+from worker.training.checkpoint import load_weights
+from worker.training.data import prompt_ids
+from worker.training.model import pick_device
+
+logger = logging.getLogger("tuneforge.inference")
+
+
+class Refusal(Exception):
+    """A request this process will not run, with the HTTP status and error code the client gets."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_value", param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.code, self.param = message, status, code, param
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory: a base (PeftModel once an adapter is attached) or a full fine-tune."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    context_length: int | None
+    # Adapter names attached to this base, least recently used first.
+    adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+
+@dataclass
+class Prepared:
+    """A request ready to generate: the model to call, the prompt's ids and the sampling parameters."""
+
+    loaded: LoadedModel
+    adapter: str | None
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: list[str]
+    seed: int
+
+
+def adapter_name(weights_key: str) -> str:
+    """PEFT keys modules by adapter name: no dots or colons, so a digest of the storage key."""
+    return "ft_" + hashlib.sha256(weights_key.encode()).hexdigest()[:16]
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, storage: Storage, device: torch.device | None = None,
+                 base_folder: Callable[[str], tuple[Path, bool]] | None = None) -> None:
+        self.settings = settings
+        self.storage = storage
+        # Where a base model's files are on this host, and whether it may run its own code: the registry's
+        # row, fetched into the model cache when needed (a test gives its own folders).
+        self.base_folder = base_folder or self._registered_folder
+        self.device = device or pick_device()
+        # bf16 where the GPU has it (half the memory, full speed); fp32 on the CPU, where bf16 matmuls of
+        # these shapes are not faster for one token at a time.
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.lock = threading.Lock()  # the models dict is read by the heartbeat thread
+        self.weights_root = settings.data_dir.resolve() / "inference" / "weights"
+
+    def loaded_bases(self) -> list[str]:
+        with self.lock:
+            return [name for name in self.models if not name.startswith("ft:")]
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    def _registered_folder(self, name: str) -> tuple[Path, bool]:
+        with session_scope() as session:
+            row = base_models.find(session, settings=self.settings, name=name)
+            if row is None:
+                raise Refusal(f"The base model {name!r} is no longer registered.", status=404, code="not_found",
+                              param="model")
+            ref = ModelRef.of(row)
+        try:
+            return local_model(ref, settings=self.settings, progress=logger.info), ref.trust_remote_code
+        except ModelUnavailable as exc:
+            raise Refusal(str(exc), code="model_not_available", param="model") from exc
+
+    def _weights(self, key: str) -> Path:
+        """A fine-tuned model's archive from storage, extracted once per host (atomically: a crash mid-way
+        leaves a temporary folder, never a half-filled one under the final name)."""
+        target = self.weights_root / hashlib.sha256(key.encode()).hexdigest()[:32]
+        if not target.is_dir():
+            self.weights_root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=self.weights_root))
+            try:
+                extract_tar(self.storage.read(key), tmp)
+                os.rename(tmp, target)
+            except FileNotFoundError as exc:
+                raise Refusal("The fine-tuned model's weights are gone (deleted or pruned).", status=404,
+                              code="not_found", param="model") from exc
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _load(self, name: str, *, base: str, full_weights: Path | None = None) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, trust_remote_code = self.base_folder(base)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, use_safetensors=True,
+                                                     local_files_only=True, trust_remote_code=trust_remote_code)
+        if full_weights is not None:
+            load_weights(model, full_weights, full=True)
+        model.to(self.device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        context = getattr(model.config, "max_position_embeddings", None)
+        logger.info("loaded %s on %s", name, self.device)
+        return LoadedModel(name=name, model=model, tokenizer=tokenizer, context_length=context)
+
+    def _model(self, name: str, *, base: str, full_weights: Path | None = None) -> LoadedModel:
+        loaded = self.models.get(name)
+        if loaded is None:
+            loaded = self._load(name, base=base, full_weights=full_weights)
+            with self.lock:
+                self.models[name] = loaded
+                while len(self.models) > self.settings.inference_max_bases:
+                    evicted, _ = self.models.popitem(last=False)
+                    logger.info("unloaded %s (least recently used)", evicted)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        with self.lock:
+            self.models.move_to_end(name)
+        return loaded
+
+    def _attach(self, loaded: LoadedModel, key: str) -> str:
+        from peft import PeftModel
+
+        name = adapter_name(key)
+        if name not in loaded.adapters:
+            folder = self._weights(key)
+            if not (folder / "adapter_config.json").is_file():
+                raise Refusal("The fine-tuned model's archive holds no PEFT adapter.", status=500,
+                              code="inference_failed")
+            if isinstance(loaded.model, PeftModel):
+                loaded.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=name)
+            loaded.model.eval()
+            loaded.adapters[name] = None
+            while len(loaded.adapters) > self.settings.inference_max_adapters:
+                evicted, _ = loaded.adapters.popitem(last=False)
+                loaded.model.delete_adapter(evicted)
+        loaded.adapters.move_to_end(name)
+        loaded.model.set_adapter(name)
+        return name
+
+    def prepare(self, request: dict[str, Any]) -> Prepared:
+        """Load what the request names (a base, an adapter onto it, or a full fine-tune) and check the prompt."""
+        key, base = request.get("weights_key"), request["base"]
+        if key is not None and request.get("full"):
+            loaded = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key))
+            adapter = None
+        else:
+            loaded = self._model(base, base=base)
+            adapter = self._attach(loaded, key) if key is not None else None
+        try:
+            ids = prompt_ids(loaded.tokenizer, request["prompt"])
+        except ValueError as exc:
+            raise Refusal(str(exc), param="messages" if "messages" in request["prompt"] else "prompt") from exc
+        max_tokens = int(request["max_tokens"])
+        if loaded.context_length is not None:
+            room = loaded.context_length - len(ids)
+            if room < 1:
+                raise Refusal(f"The prompt is {len(ids)} tokens; {request['model']!r} reads at most "
+                              f"{loaded.context_length}. Shorten it.", code="context_length_exceeded",
+                              param="messages" if "messages" in request["prompt"] else "prompt")
+            max_tokens = min(max_tokens, room)
+        seed = request.get("seed")
+        return Prepared(loaded=loaded, adapter=adapter, prompt=ids, max_tokens=max_tokens,
+                        temperature=float(request["temperature"]), top_p=float(request["top_p"]),
+                        n=int(request["n"]), stop=list(request.get("stop") or []),
+                        seed=int(seed) if seed is not None else secrets.randbits(63))
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    def generate(self, prepared: Prepared, *, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """The answer's lines: begin, delta..., end per choice (choices one after the other)."""
+        from contextlib import nullcontext
+
+        loaded = prepared.loaded
+        model = loaded.model
+        # A base-model request on a base that has adapters attached: run it with them switched off.
+        off = model.disable_adapter() if prepared.adapter is None and loaded.adapters else nullcontext()
+        generator = torch.Generator(device=self.device).manual_seed(prepared.seed)
+        with off, torch.inference_mode():
+            for index in range(prepared.n):
+                yield {"type": "begin", "index": index}
+                yield from self._choice(prepared, index=index, generator=generator, cancelled=cancelled)
+
+    def _choice(self, prepared: Prepared, *, index: int, generator: torch.Generator,
+                cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        loaded, tokenizer = prepared.loaded, prepared.loaded.tokenizer
+        ends = _end_ids(loaded)
+        # Text is held back while it could still be the start of a stop sequence, or ends inside a character.
+        hold = max((len(s) for s in prepared.stop), default=1) - 1
+        ids = torch.tensor([prepared.prompt], device=self.device)
+        out = loaded.model(input_ids=ids, use_cache=True)
+        generated: list[int] = []
+        sent, reason = 0, "length"
+        text = ""
+        while len(generated) < prepared.max_tokens:
+            if cancelled.is_set():
+                return
+            token = _sample(out.logits[0, -1], temperature=prepared.temperature, top_p=prepared.top_p,
+                            generator=generator)
+            generated.append(token)
+            if token in ends:
+                reason = "stop"
+                break
+            text = tokenizer.decode([t for t in generated if t not in ends], skip_special_tokens=True)
+            cut = min((p for s in prepared.stop if (p := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                break
+            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+            if ready > sent:
+                yield {"type": "delta", "index": index, "text": text[sent:ready]}
+                sent = ready
+            out = loaded.model(input_ids=torch.tensor([[token]], device=self.device),
+                               cache=out.cache, use_cache=True)
+        if len(text) > sent:
+            yield {"type": "delta", "index": index, "text": text[sent:]}
+        yield {"type": "end", "index": index, "finish_reason": reason, "completion_tokens": len(generated)}
+
+
+def _end_ids(loaded: LoadedModel) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end of text and the model's generation config's."""
+    ends = {loaded.tokenizer.eos_token_id} - {None}
+    config = getattr(loaded.model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ends |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
+    return ends
+
+
+def _sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then nucleus (top_p) sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

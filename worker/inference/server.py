@@ -1,0 +1,169 @@
+"""The inference role's process (`tuneforge worker --inference`): an internal HTTP server the API forwards
+generation requests to (protocol: app/services/inference.py).
+
+One generation runs at a time (a model call uses every core, or the whole GPU); up to
+TUNEFORGE_INFERENCE_MAX_QUEUE more wait, and past that the answer is 429 at once. Each request is generated in a
+thread of its own that feeds a queue the response streams from; when the API goes away mid-answer (its client
+left, or it died) the thread sees the cancellation at its next token and frees the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.errors import envelope
+from app.services import inference
+from worker.inference.engine import Engine, Refusal
+from worker.registration import worker_name
+
+logger = logging.getLogger("tuneforge.inference")
+
+
+def _refusal(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"type": "refused", "status": status, "code": code, "message": message, "param": param}
+
+
+class Generations:
+    """The bounded queue in front of the engine, and the per-request threads."""
+
+    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+        self.engine = engine
+        self.slots = threading.BoundedSemaphore(max_queue + 1)  # one generating, max_queue waiting
+        self.turn = threading.Lock()
+        self.in_flight = 0
+        self._count = threading.Lock()
+
+    def _run(self, request: dict[str, Any], lines: queue.Queue[dict[str, Any]], cancelled: threading.Event) -> None:
+        started = False
+        try:
+            with self.turn:
+                if cancelled.is_set():
+                    return
+                prepared = self.engine.prepare(request)
+                lines.put({"type": "start", "prompt_tokens": len(prepared.prompt)})
+                started = True
+                for line in self.engine.generate(prepared, cancelled=cancelled):
+                    lines.put(line)
+                lines.put({"type": "done"})
+        except Refusal as exc:
+            lines.put(_refusal(exc.status, exc.message, exc.code, exc.param) if not started else
+                      {"type": "error", "code": exc.code, "message": exc.message})
+        except Exception as exc:  # the request fails, the process lives on
+            logger.exception("generation failed")
+            message = f"Generation failed: {type(exc).__name__}: {exc}"
+            lines.put(_refusal(500, message, "inference_failed") if not started else
+                      {"type": "error", "code": "inference_failed", "message": message})
+        finally:
+            with self._count:
+                self.in_flight -= 1
+            self.slots.release()
+
+    def submit(self, request: dict[str, Any]) -> tuple[queue.Queue[dict[str, Any]], threading.Event] | None:
+        if not self.slots.acquire(blocking=False):
+            return None
+        with self._count:
+            self.in_flight += 1
+        lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        cancelled = threading.Event()
+        threading.Thread(target=self._run, args=(request, lines, cancelled), daemon=True,
+                         name="generation").start()
+        return lines, cancelled
+
+
+def build_app(generations: Generations) -> FastAPI:
+    app = FastAPI(title="tuneforge inference (internal)", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get(inference.HEALTH_PATH)
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "loaded": generations.engine.loaded_bases(), "in_flight": generations.in_flight}
+
+    @app.post(inference.GENERATE_PATH)
+    async def generate(request: Request) -> Any:
+        body = await request.json()
+        submitted = generations.submit(body)
+        if submitted is None:
+            return JSONResponse(envelope("The inference worker's queue is full; retry shortly.",
+                                         type_="rate_limit_error", param=None, code="inference_busy"),
+                                status_code=429)
+        lines, cancelled = submitted
+        try:
+            first = await run_in_threadpool(lines.get)
+        except BaseException:
+            cancelled.set()
+            raise
+        if first["type"] == "refused":
+            return JSONResponse(envelope(first["message"], type_="invalid_request_error" if first["status"] < 500
+                                         else "server_error", param=first["param"], code=first["code"]),
+                                status_code=first["status"])
+
+        async def stream() -> AsyncIterator[bytes]:
+            line = first
+            try:
+                while True:
+                    yield (json.dumps(line) + "\n").encode()
+                    if line["type"] in ("done", "error"):
+                        return
+                    line = await run_in_threadpool(lines.get)
+            finally:
+                cancelled.set()
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    return app
+
+
+def _heartbeat(settings: Settings, name: str, generations: Generations, stop: threading.Event) -> None:
+    while not stop.wait(settings.heartbeat_seconds):
+        try:
+            with session_scope() as session:
+                inference.record_heartbeat(session, name=name, loaded=generations.engine.loaded_bases(),
+                                           queued=generations.in_flight)
+        except Exception:  # the database away for a moment: the next beat tries again
+            logger.warning("inference heartbeat failed", exc_info=True)
+
+
+def serve(settings: Settings) -> None:
+    """Bind, register in the database, serve until SIGTERM/SIGINT, then unregister."""
+    import uvicorn
+
+    from app.core.storage import get_storage
+
+    engine = Engine(settings, storage=get_storage())
+    generations = Generations(engine, max_queue=settings.inference_max_queue)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.inference_host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.inference_host, settings.inference_port))
+    port = sock.getsockname()[1]
+    host = settings.inference_host if settings.inference_host not in ("0.0.0.0", "::") else socket.gethostname()
+    url = settings.inference_url or f"http://{host}:{port}"
+    name = f"{worker_name(settings)}/inference"
+    with session_scope() as session:
+        inference.register_server(session, name=name, hostname=socket.gethostname(), pid=os.getpid(), url=url,
+                                  device=str(engine.device))
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(settings, name, generations, stop), daemon=True)
+    beat.start()
+    logger.info("inference worker %s serving at %s on %s", name, url, engine.device)
+    config = uvicorn.Config(build_app(generations), log_level="warning",
+                            timeout_graceful_shutdown=int(settings.stop_grace_seconds))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        stop.set()
+        with session_scope() as session:
+            inference.remove_server(session, name=name)
+        logger.info("inference worker %s stopped at %s", name, time.strftime("%H:%M:%S"))
