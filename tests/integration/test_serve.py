@@ -49,6 +49,16 @@ def test_serve_runs_a_job_end_to_end_with_no_servers_and_no_key(tmp_path: Path) 
             assert final["status"] == "succeeded", final
             adapter = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/adapter")
             assert adapter.status_code == 200 and len(adapter.content) > 1000
+            # serve's inference worker answers with the model just trained (503 until it has registered).
+            ask = {"model": final["fine_tuned_model"], "messages": [{"role": "user", "content": "code 1"}],
+                   "max_tokens": 4}
+            deadline = time.monotonic() + 60
+            while (answer := client.post("/v1/chat/completions", json=ask)).status_code == 503:
+                assert time.monotonic() < deadline, answer.text
+                time.sleep(0.5)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+            assert 1 <= answer.json()["usage"]["completion_tokens"] <= 4
         sys.stderr.write(f"serve: demo job finished {time.monotonic() - started:.1f}s after start\n")
         assert (tmp_path / "data" / "tuneforge.db").exists()  # embedded SQLite, not Postgres, in TUNEFORGE_DATA_DIR
         log = (tmp_path / "serve.log").read_text(errors="replace")
