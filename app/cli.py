@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli_client import admin_app, files_app, jobs_app, models_app
+from app.cli_client import DEFAULT_URL, ApiKey, Url, admin_app, files_app, jobs_app, models_app
 
 app = typer.Typer(help="tuneforge: self-hosted LLM fine-tuning with an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -178,6 +179,70 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         typer.echo("stopping the workers (a running job checkpoints and is handed back)", err=True)
         stop_process(inference_process, grace=settings.stop_grace_seconds)
         stop_process(worker_process, grace=settings.stop_grace_seconds)
+
+
+@models_app.command("export")
+def export_model(model: Annotated[str, typer.Argument(help="A fine-tuned model (ft:...) or checkpoint id.")],
+                 fmt: Annotated[str, typer.Option("--format", help="peft: the adapter, for peft and vLLM "
+                                                  "--lora-modules; merged: a plain transformers model folder.")
+                                ] = "peft",
+                 output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder to write (default: "
+                                                             "./<model>-<format>).")] = None,
+                 url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Write a fine-tuned model as a folder transformers, peft and vLLM load as it is (docs/operators.md)."""
+    import tarfile
+    import tempfile
+    from urllib.parse import quote
+
+    from app.cli_client import _call, console, fetch_artifact
+
+    if fmt not in ("peft", "merged"):
+        raise typer.BadParameter("use peft or merged", param_hint="--format")
+    found = _call(url, api_key, "GET", f"/models/{quote(model, safe='')}")
+    job_id = found.get("fine_tuning_job")
+    if not job_id:
+        raise typer.BadParameter(f"{model} is a base model: export fine-tuned models", param_hint="MODEL")
+    base = _call(url, api_key, "GET", f"/models/{quote(found['root'], safe='')}")
+    listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")["data"]
+    names = {a["name"] for a in listing}
+    _head, sep, step = model.rpartition(":ckpt-step-")
+    if sep:
+        artifact = f"checkpoint-step-{step}"
+    elif fmt == "merged" and "merged" in names:  # merged by the worker at the end of training (merge: true)
+        artifact = "merged"
+    else:
+        artifact = "adapter" if "adapter" in names else "model"
+    target = output or Path(f"{model.replace(':', '-').replace('/', '-')}-{fmt}")
+    if target.exists() and any(target.iterdir()):
+        raise typer.BadParameter(f"{target} exists and is not empty", param_hint="--output")
+    from worker import export
+
+    with tempfile.TemporaryDirectory(prefix="tuneforge-export-") as tmp:
+        archive = fetch_artifact(job_id, artifact, Path(tmp) / "weights.tar", listing=listing, url=url,
+                                 api_key=api_key)
+        raw = Path(tmp) / "raw"
+        with tarfile.open(archive) as tar:
+            tar.extractall(raw, filter="data")
+        training_config = (json.loads((raw / "training_config.json").read_text())
+                            if (raw / "training_config.json").is_file() else None)
+        try:
+            if artifact == "merged":
+                shutil.copytree(raw, target, dirs_exist_ok=True)
+                adapter_config = None
+            elif fmt == "peft":
+                adapter_config = export.export_peft(raw, target, base=base)
+            else:
+                export.export_merged(raw, target, base=base, training_config=training_config)
+                adapter_config = None
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            console.print(f"[red]error[/red] {exc}")
+            raise typer.Exit(1) from None
+    manifest = export.write_manifest(target, model=model, job_id=job_id, fmt=fmt, base=base,
+                                     adapter_config=adapter_config)
+    console.print(f"exported {model} ({fmt}) to {target}")
+    for note in manifest["vllm"]["notes"]:
+        console.print(f"[yellow]note[/yellow] {note}")
+    console.print(f"serve it with vLLM: {manifest['vllm']['command']}", soft_wrap=True)
 
 
 def _exit_after_drain(_signum: int, _frame: object) -> None:

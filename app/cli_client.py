@@ -361,12 +361,20 @@ def download_artifact(job_id: str, artifact: Annotated[str | None, typer.Option(
     if artifact is None:
         present = {a["name"] for a in listing["data"]}
         artifact = next((name for name in MAIN_ARTIFACTS if name in present), MAIN_ARTIFACTS[0])
-    entry = next((a for a in listing["data"] if a["name"] == artifact), None)
+    target = fetch_artifact(job_id, artifact, output or Path(f"{job_id}-{artifact}.tar"), listing=listing["data"],
+                            url=url, api_key=api_key)
+    console.print(f"{target}\t{target.stat().st_size} bytes\tsha256 {_sha256(target)} verified")
+
+
+def fetch_artifact(job_id: str, artifact: str, target: Path, *, listing: list[dict[str, Any]], url: str,
+                   api_key: str) -> Path:
+    """Download one artifact of a job to `target` (resuming a partial file), checked against its sha256; exits
+    with the reason on failure."""
+    entry = next((a for a in listing if a["name"] == artifact), None)
     if entry is None:
-        names = ", ".join(a["name"] for a in listing["data"]) or "none yet"
+        names = ", ".join(a["name"] for a in listing) or "none yet"
         console.print(f"[red]error[/red] job {job_id} has no artifact {artifact!r} (has: {names})")
         raise typer.Exit(1)
-    target = output or Path(f"{job_id}-{artifact}.tar")
     size, expected = int(entry["bytes"]), entry["sha256"]
     have = target.stat().st_size if target.exists() else 0
     if have > size:
@@ -400,7 +408,7 @@ def download_artifact(job_id: str, artifact: Annotated[str | None, typer.Option(
         console.print(f"[red]error[/red] sha256 mismatch for {target}: got {actual}, expected {expected}; "
                       "delete the file and download again")
         raise typer.Exit(1)
-    console.print(f"{target}\t{target.stat().st_size} bytes\tsha256 {actual} verified")
+    return target
 
 
 # --- models ------------------------------------------------------------------------------------------

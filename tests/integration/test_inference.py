@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -34,24 +36,31 @@ def wait_for_inference(service: Service, timeout: float = 120) -> None:
     raise TimeoutError("no inference worker answered")
 
 
-def test_a_fine_tuned_model_answers_through_the_sdk_and_survives_its_inference_worker_dying(
-        service: Service) -> None:
-    inference = service.start_inference("inference-1")  # it starts while the job trains
+PROMPTS = [[{"role": "system", "content": "You map codes to colours."}, {"role": "user", "content": f"code {i}"}]
+           for i in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def trained(service: Service) -> dict[str, Any]:
+    """A job trained to answer codes with colours (with checkpoints), and an inference worker started meanwhile."""
+    inference = service.start_inference("inference-1")
     sdk = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=service.api_key, max_retries=0)
     uploaded = sdk.files.create(file=("train.jsonl", jsonl(chat_lines(48))), purpose="fine-tune")
     job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="chat", seed=5, method={
         "type": "supervised", "supervised": {  # type: ignore[typeddict-unknown-key]
-            "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate": 3e-3},
+            "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate": 3e-3, "n_checkpoints": 2},
             "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}})
     with service.client() as client:
         done = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
     assert done["status"] == "succeeded", done
-    model = done["fine_tuned_model"]
     wait_for_inference(service)
+    return {"job": done, "model": done["fine_tuned_model"], "sdk": sdk, "inference": inference}
 
-    prompts = [[{"role": "system", "content": "You map codes to colours."}, {"role": "user", "content": f"code {i}"}]
-               for i in (1, 2, 3)]
+
+def test_a_fine_tuned_model_answers_through_the_sdk_and_survives_its_inference_worker_dying(
+        service: Service, trained: dict[str, Any]) -> None:
+    sdk, model, inference, prompts = trained["sdk"], trained["model"], trained["inference"], PROMPTS
     tuned = [sdk.chat.completions.create(model=model, messages=p, temperature=0, max_tokens=8)  # type: ignore[arg-type]
              for p in prompts]
     base = [sdk.chat.completions.create(model="tiny-llama", messages=p, temperature=0, max_tokens=8)  # type: ignore[arg-type]
@@ -90,3 +99,59 @@ def test_a_fine_tuned_model_answers_through_the_sdk_and_survives_its_inference_w
     wait_for_inference(service)
     again = sdk.chat.completions.create(model=model, messages=prompts[0], temperature=0, max_tokens=8)  # type: ignore[arg-type]
     assert again.choices[0].message.content == tuned[0].choices[0].message.content
+
+
+def export(service: Service, model: str, fmt: str, output: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", "models", "export", model, "--format", fmt, "-o",
+                           str(output), "--url", service.base_url, "--api-key", service.api_key],
+                          capture_output=True, text=True, env=service.env, timeout=300)
+
+
+def greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    import torch
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+    return str(tokenizer.decode(out, skip_special_tokens=True))
+
+
+def test_exports_load_in_peft_and_transformers_as_they_are(service: Service, trained: dict[str, Any],
+                                                          tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`tuneforge models export`: the peft folder loads with AutoPeftModelForCausalLM (its base found from the
+    folder's own config) and the merged one with AutoModelForCausalLM; both answer as the service does."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = trained["model"]
+    served = [trained["sdk"].chat.completions.create(model=model, messages=p, temperature=0,  # type: ignore[arg-type]
+                                                     max_tokens=8).choices[0].message.content for p in PROMPTS]
+    done = export(service, model, "peft", tmp_path / "peft")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--enable-lora" in done.stdout and "--lora-modules" in done.stdout
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir) and not config.get("use_dora")
+    manifest = json.loads((tmp_path / "peft" / "tuneforge_export.json").read_text())
+    assert manifest["vllm"]["loads"] and manifest["fine_tuning_job"] == trained["job"]["id"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "peft")
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert [greedy(adapter, tokenizer, p) for p in PROMPTS] == served
+
+    done = export(service, model, "merged", tmp_path / "merged")
+    assert done.returncode == 0, done.stdout + done.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert [greedy(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), p) for p in PROMPTS] == served
+
+    with service.client() as client:
+        steps = [c["step_number"] for c in client.get(f"/v1/fine_tuning/jobs/{trained['job']['id']}/checkpoints")
+                 .json()["data"]]
+    checkpoint = f"{model}:ckpt-step-{min(steps)}"
+    done = export(service, checkpoint, "peft", tmp_path / "ckpt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes() != \
+        (tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+    assert not (tmp_path / "ckpt" / "optimizer.pt").exists()  # the adapter, not the training state
+    refused = export(service, "tiny-llama", "peft", tmp_path / "base")
+    assert refused.returncode != 0 and "is a base model" in refused.stdout + refused.stderr
