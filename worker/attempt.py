@@ -96,6 +96,45 @@ def download_init_adapter(storage: Storage, *, parent_job_id: str, step: int | N
     return target
 
 
+def answer_report(config: TrainingConfig, *, model_path: Path, final_dir: Path, valid_path: Path, workdir: Path,
+                  reporter: DatabaseReporter, trust_remote_code: bool) -> tuple[dict[str, Any], Path, Path] | None:
+    """The base-vs-tuned answer report (eval_report.json, eval_samples.jsonl) and its headline, said in an event.
+    A report that cannot be made is said in a warning and the job still succeeds: its weights are trained."""
+    import gc
+
+    import torch
+
+    from worker.training.answer_report import evaluate_answers
+    from worker.training.model import pick_device
+
+    gc.collect()  # the training's model and optimizer go before two models are loaded for the answers
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    reporter.event(f"Comparing the tuned model's answers with the base model's on up to "
+                   f"{config.evaluation.max_examples} validation examples (greedy).")
+    try:
+        report, samples = evaluate_answers(config.evaluation, full=config.adapter.type == "full",
+                                           model_path=model_path, final_dir=final_dir, validation_file=valid_path,
+                                           device=pick_device(), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        logger.exception("answer report failed")
+        reporter.event(f"The answer report could not be made: {type(exc).__name__}: {exc}", level="warn")
+        return None
+    report_path, samples_path = workdir / "eval_report.json", workdir / "eval_samples.jsonl"
+    report_path.write_text(json.dumps(report, indent=2))
+    samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    base, tuned = report["base"], report["tuned"]
+    reporter.event(f"Answer report on {report['examples']} validation examples, base -> tuned: exact match "
+                   f"{base['exact_match']:.2f} -> {tuned['exact_match']:.2f}, token F1 {base['f1']:.2f} -> "
+                   f"{tuned['f1']:.2f}, ROUGE-L {base['rouge_l']:.2f} -> {tuned['rouge_l']:.2f}; tuned worse than "
+                   f"base on {report['tuned_worse_than_base']}.", data=report)
+    if tuned["hit_max_tokens"] > 0.5:
+        reporter.event(f"The tuned model ran into the {report['max_new_tokens']}-token limit without stopping on "
+                       f"{tuned['hit_max_tokens']:.0%} of the answers: it may not have learned to end its turn "
+                       "(check that the training data's answers end as the chat template ends them).", level="warn")
+    return report, report_path, samples_path
+
+
 def without_server_paths(message: str, replacements: dict[str, str]) -> str:
     """A failure message fit for clients: the server's directories named by role (the worker log keeps them);
     longest first, so a directory inside another is named as itself."""
@@ -217,6 +256,14 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             merged = merge_adapter(config, model_path=model_path, adapter_dir=result.final_dir,
                                    output_dir=workdir / "merged")
             outputs.append(("merged", "merged", tar_directory(merged, workdir / "merged.tar"), f"{job_id}-merged.tar"))
+        headline = None
+        if valid_path is not None and config.evaluation.generate:
+            made = answer_report(config, model_path=model_path, final_dir=result.final_dir, valid_path=valid_path,
+                                 workdir=workdir, reporter=reporter, trust_remote_code=base.trust_remote_code)
+            if made is not None:
+                headline, report_path, samples_path = made
+                outputs += [("eval_report", "eval_report", report_path, f"{job_id}-eval_report.json"),
+                            ("eval_samples", "eval_samples", samples_path, f"{job_id}-eval_samples.jsonl")]
         files = []
         for name, kind, path, filename in outputs:
             stored = storage.write(f"artifacts/{job_id}/{name}-attempt-{attempt}", file_chunks(path))
@@ -225,7 +272,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             files.append((name, kind, row))
         with session_scope() as session:
             attempts.finish_job(session, job_pk=job_pk, attempt=attempt, fine_tuned_model=model_name,
-                                trained_tokens=result.trained_tokens, artifacts=files)
+                                trained_tokens=result.trained_tokens, artifacts=files, evaluation=headline)
         return EXIT_OK
     except TrainingCancelled:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)

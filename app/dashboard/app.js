@@ -162,10 +162,17 @@ async function jobPage(jobId, mine) {
   const checkpoints = el("tbody", { id: "checkpoints" });
   const artifacts = el("tbody", { id: "artifacts" });
   const detail = el("p", { class: "muted", id: "job-detail" });
+  const tryIt = el("div", { id: "try-it" });
+  const evaluation = el("div", { id: "evaluation" });
+  const offerTry = (state) => {  // a succeeded job's model can be tried here
+    if (state.status === "succeeded" && state.fine_tuned_model && !tryIt.firstChild) {
+      tryIt.replaceChildren(tryPanel({ ...job, ...state }, controller.signal));
+    }
+  };
   view.replaceChildren(
     el("h1", {}, el("span", { class: "mono" }, job.id), " ", status),
     el("p", {}, `${job.model} · created ${when(job.created_at)} · `, progress), detail,
-    el("div", { class: "charts" }, lossChart, accChart),
+    el("div", { class: "charts" }, lossChart, accChart), evaluation, tryIt,
     el("h2", {}, "Events"), events,
     el("h2", {}, "Checkpoints"), el("table", {}, el("tr", {}, ["Step", "Checkpoint", "Train loss", "Valid loss",
       "Created"].map((h) => el("th", {}, h))), checkpoints),
@@ -185,11 +192,16 @@ async function jobPage(jobId, mine) {
     checkpoints.replaceChildren(...ckpts.data.map((c) => el("tr", {}, el("td", {}, c.step_number),
       el("td", { class: "mono" }, c.fine_tuned_model_checkpoint), el("td", {}, fmt(c.metrics.train_loss)),
       el("td", {}, fmt(c.metrics.valid_loss)), el("td", {}, when(c.created_at)))));
+    if (arts.data.some((a) => a.name === "eval_samples") && !evaluation.firstChild) {
+      const current = await api(`/fine_tuning/jobs/${jobId}`);
+      if (current.evaluation) evaluation.replaceChildren(await evaluationPanel(jobId, current.evaluation));
+    }
     artifacts.replaceChildren(...arts.data.map((a) => el("tr", {}, el("td", {}, a.name), el("td", {}, a.kind),
       el("td", {}, a.bytes), el("td", { class: "mono" }, a.sha256.slice(0, 16) + "…"),
       el("td", {}, downloadLink(`/v1/fine_tuning/jobs/${jobId}/artifacts/${a.name}`, `${jobId}-${a.name}`)))));
   };
   redraw();
+  offerTry(job);
   await loadTables().catch(showError);
 
   let pending = null;
@@ -199,6 +211,7 @@ async function jobPage(jobId, mine) {
       progress.replaceChildren(progressBar(data.progress));
       detail.textContent = data.error ? data.error.message : (data.fine_tuned_model || "");
       if (TERMINAL.includes(data.status)) loadTables().catch(showError);
+      offerTry(data);
       return;
     }
     events.prepend(el("div", { class: data.level }, `${when(data.created_at)} — ${data.message}`));
@@ -212,6 +225,111 @@ async function jobPage(jobId, mine) {
     }
   };
   followEvents(jobId, onFrame, controller.signal);
+}
+
+// --- try it: chat with the fine-tuned model, beside its base ---------------------------------------------
+async function streamChat(model, body, onDelta, signal) {
+  // POST /v1/chat/completions with stream: true; resolves with the finish reason, rejects on any error
+  // (an error event midway, or a stream that ends without [DONE]).
+  const response = await fetch("/v1/chat/completions", { method: "POST", signal,
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ ...body, model, stream: true }) });
+  if (!response.ok) {
+    const error = await response.json().catch(() => ({}));
+    throw new Error((error.error && error.error.message) || `${response.status} ${response.statusText}`);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const data = buffer.slice(0, cut).replace(/^data: ?/, "");
+      buffer = buffer.slice(cut + 2);
+      if (data === "[DONE]") return finish;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const choice of chunk.choices || []) {
+        if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    }
+  }
+  throw new Error("the answer was cut off");
+}
+
+function tryPanel(job, signal) {
+  const system = el("input", { id: "try-system", placeholder: "System message (optional)" });
+  const prompt = el("textarea", { id: "try-prompt", rows: "3", placeholder: "Ask the fine-tuned model…" });
+  const maxTokens = el("input", { id: "try-max-tokens", type: "number", min: "1", value: "64" });
+  const temperature = el("input", { id: "try-temperature", type: "number", min: "0", max: "2", step: "0.1",
+    value: "0" });
+  const compare = el("input", { id: "try-compare", type: "checkbox", checked: "" });
+  const answer = (id, title) => el("div", { class: "answer" }, el("h3", {}, title),
+    el("pre", { id, "data-state": "idle" }));
+  const tuned = answer("try-tuned", job.fine_tuned_model), base = answer("try-base", `${job.model} (base)`);
+  const ask = async (model, box, body) => {
+    const out = box.querySelector("pre");
+    out.textContent = "";
+    out.dataset.state = "streaming";
+    try {
+      const finish = await streamChat(model, body, (text) => { out.textContent += text; }, signal);
+      out.dataset.state = "done";
+      out.dataset.finish = finish || "";
+      if (finish === "length") box.append(el("p", { class: "muted try-note" }, "stopped at max tokens"));
+    } catch (error) {
+      out.dataset.state = "error";
+      out.textContent += `\n[${error.message}]`;
+    }
+  };
+  const send = el("button", { id: "try-send", type: "submit" }, "Send");
+  const form = el("form", { class: "card try", id: "try-form", onsubmit: async (event) => {
+    event.preventDefault();
+    for (const note of view.querySelectorAll(".try-note")) note.remove();
+    const messages = [...(system.value ? [{ role: "system", content: system.value }] : []),
+      { role: "user", content: prompt.value }];
+    const body = { messages, max_tokens: Number(maxTokens.value) || 64, temperature: Number(temperature.value) || 0 };
+    send.disabled = true;
+    base.hidden = !compare.checked;
+    await Promise.all([ask(job.fine_tuned_model, tuned, body), ...(compare.checked ? [ask(job.model, base, body)] : [])]);
+    send.disabled = false;
+  } }, el("label", { for: "try-system" }, "System"), system, el("label", { for: "try-prompt" }, "Message"), prompt,
+  el("label", { for: "try-max-tokens" }, "Max tokens"), maxTokens,
+  el("label", { for: "try-temperature" }, "Temperature"), temperature,
+  el("label", { for: "try-compare" }, "Compare with the base"), compare, el("span"), send);
+  return el("div", {}, el("h2", {}, "Try it"), form, el("div", { class: "answers" }, tuned, base));
+}
+
+// --- the answer report: base and tuned answers side by side ------------------------------------------------
+async function evaluationPanel(jobId, headline) {
+  const response = await fetch(`/v1/fine_tuning/jobs/${jobId}/artifacts/eval_samples`, { headers: authHeaders() });
+  if (!response.ok) throw new Error(`eval_samples: ${response.status}`);
+  const samples = (await response.text()).split("\n").filter((line) => line).map((line) => JSON.parse(line));
+  const lastUser = (prompt) => typeof prompt === "string" ? prompt
+    : (prompt.filter((m) => m.role === "user").pop() || { content: "" }).content;
+  const pct = (value) => `${(100 * value).toFixed(0)}%`;
+  const summary = el("table", { id: "eval-summary" }, el("tr", {}, ["", "Exact match", "Token F1", "ROUGE-L",
+    "Mean answer tokens", "Hit max tokens"].map((h) => el("th", {}, h))),
+  ...["base", "tuned"].map((who) => el("tr", { "data-model": who }, el("td", {}, who),
+    el("td", {}, pct(headline[who].exact_match)), el("td", {}, headline[who].f1.toFixed(3)),
+    el("td", {}, headline[who].rouge_l.toFixed(3)), el("td", {}, headline[who].mean_answer_tokens.toFixed(1)),
+    el("td", {}, pct(headline[who].hit_max_tokens)))));
+  const rows = samples.map((s) => {
+    const worse = s.tuned.scores.rouge_l < s.base.scores.rouge_l;
+    return el("tr", { "data-worse": String(worse), class: worse ? "worse" : "" }, el("td", {}, s.index),
+      el("td", {}, lastUser(s.prompt)), el("td", {}, s.reference), el("td", {}, s.base.answer),
+      el("td", {}, s.tuned.answer), el("td", {}, s.base.scores.rouge_l.toFixed(2)),
+      el("td", {}, s.tuned.scores.rouge_l.toFixed(2)));
+  });
+  const filter = el("input", { id: "eval-worse", type: "checkbox", onchange: () => {
+    for (const row of rows) row.hidden = filter.checked && row.dataset.worse !== "true";
+  } });
+  return el("div", {}, el("h2", {}, `Answers: base vs tuned (${headline.examples} validation examples, greedy)`),
+    summary, el("p", {}, el("label", {}, filter, ` only where tuned is worse than base (${headline.tuned_worse_than_base})`)),
+    el("table", { id: "eval-samples" }, el("tr", {}, ["#", "Prompt", "Reference", "Base", "Tuned", "Base ROUGE-L",
+      "Tuned ROUGE-L"].map((h) => el("th", {}, h))), rows));
 }
 
 function fmt(value) { return typeof value === "number" ? value.toFixed(4) : "–"; }

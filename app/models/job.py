@@ -89,6 +89,9 @@ class FineTuningJob(KeyedMixin, Base):
     crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # The answer report's headline (worker/training/answer_report.py): examples, the base's and the tuned model's
+    # mean scores, tuned minus base; None without a validation file or with evaluation.generate false.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     # "cancel" or "pause", set by the API and honoured by the running attempt.
     requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Last time the job was handed to the broker; the reaper re-sends stale dispatches.

@@ -15,6 +15,7 @@ from app.schemas.training import (
     MAX_PROCESSES,
     AdapterConfig,
     DistributedStrategy,
+    EvaluationConfig,
     TrainingConfig,
 )
 
@@ -76,6 +77,8 @@ class SupervisedMethod(BaseModel):
 
     hyperparameters: Hyperparameters | None = None
     adapter: AdapterConfig | None = None
+    # Our extension: the base-vs-tuned answer report after training (with a validation file; on by default).
+    evaluation: EvaluationConfig | None = None
 
 
 class Method(BaseModel):
@@ -194,6 +197,8 @@ class JobPublic(BaseModel):
     crashes: int
     resources: JobResources
     priority: int
+    # The base-vs-tuned answer report's headline (eval_report.json in result_files has it all), once succeeded.
+    evaluation: dict[str, Any] | None = None
 
 
 class JobList(ListPage[JobPublic]):

@@ -85,12 +85,27 @@ class AdapterConfig(BaseModel):
         return self
 
 
+class EvaluationConfig(BaseModel):
+    """After training, with a validation file: the base and the tuned model answer validation conversations
+    (greedy), scored against each reference answer (eval_report.json and eval_samples.jsonl)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generate: StrictBool = True
+    # The first N validation examples; each costs two generations (base and tuned).
+    max_examples: int = Field(default=32, ge=1, le=1000)
+    # None: twice the longest reference answer's tokens plus 16, at most 512: room to finish the answer and to
+    # show a model that does not stop, at a cost bounded by the references.
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+
+
 class TrainingConfig(BaseModel):
     """Every knob of one supervised fine-tuning run, fully resolved."""
 
     model_config = ConfigDict(extra="forbid")
 
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     n_epochs: int = Field(default=3, ge=1, le=50)
     batch_size: int = Field(default=4, ge=1, le=256)
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
@@ -158,6 +173,8 @@ class TrainingConfig(BaseModel):
             raise ConfigConflict("distributed", "distributed \"fsdp\" shards across processes; with one process "
                                  "it does nothing: ask for more processes (or GPUs) or use \"ddp\"")
         given = [name for name in NEEDS_VALIDATION_FILE if getattr(self, name) not in (None, False, 0)]
+        if self.evaluation != EvaluationConfig():
+            given.append("evaluation")
         if given and not info.context.get("validation_file"):
             raise ConfigConflict("validation_file", f"{', '.join(given)} evaluate{'s' if len(given) == 1 else ''} "
                                  "on the validation set, and this job has none: set validation_file to a validation "
@@ -165,9 +182,9 @@ class TrainingConfig(BaseModel):
         return self
 
 
-# Fields of TrainingConfig a request sets outside `hyperparameters`: the adapter block, the top-level `seed` and
-# `merge`, and `resources.processes` / `resources.distributed`. Every other field is a hyperparameter
+# Fields of TrainingConfig a request sets outside `hyperparameters`: the adapter and evaluation blocks, the top-level
+# `seed` and `merge`, and `resources.processes` / `resources.distributed`. Every other field is a hyperparameter
 # (app/schemas/jobs.py derives the wire model from this split).
-JOB_LEVEL_FIELDS = ("adapter", "seed", "merge", "processes", "distributed")
+JOB_LEVEL_FIELDS = ("adapter", "evaluation", "seed", "merge", "processes", "distributed")
 HYPERPARAMETER_FIELDS = tuple(name for name in TrainingConfig.model_fields if name not in JOB_LEVEL_FIELDS)
 

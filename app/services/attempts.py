@@ -206,10 +206,10 @@ def latest_checkpoint(session: Session, *, job_pk: int) -> JobCheckpoint | None:
 
 
 def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model: str, trained_tokens: int,
-               artifacts: list[tuple[str, str, File]]) -> None:
-    """succeeded, with its result files, in one fenced transaction."""
+               artifacts: list[tuple[str, str, File]], evaluation: dict[str, Any] | None = None) -> None:
+    """succeeded, with its result files (and the answer report's headline), in one fenced transaction."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.SUCCEEDED,
-                         fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens,
+                         fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, evaluation=evaluation,
                          finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
                          estimated_finish=None)
     for name, kind, file in artifacts:

@@ -143,6 +143,8 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
     if request.validation_file is not None and "n_evals" not in extras and "eval_steps" not in extras:
         extras["n_evals"] = default_n_evals(n_examples=n_examples, n_epochs=n_epochs)
     resources = resolve_resources(request.resources)
+    if supervised and supervised.evaluation:
+        extras["evaluation"] = supervised.evaluation
     resolved = {"adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                 "learning_rate_multiplier": round(multiplier, 6), "merge": request.merge,
                 "seed": request.seed if request.seed is not None else 42, "processes": resources.processes or 1,
@@ -165,7 +167,7 @@ def wire_param(field: str, *, hyperparameters: str = "method.supervised.hyperpar
     name = field.split(".")[0]
     if name in HYPERPARAMETER_FIELDS:
         return f"{hyperparameters}.{field}"
-    if name == "adapter":
+    if name in ("adapter", "evaluation"):
         return f"method.supervised.{field}"
     if name in ("processes", "distributed"):
         return f"resources.{field}"
@@ -440,13 +442,15 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         fine_tuned_model=job.fine_tuned_model, organization_id=project.id, status=JobStatus(job.status), error=error,
         hyperparameters=hyperparameters,
         method={"type": "supervised", "supervised": {"hyperparameters": full,
-                                                     "adapter": config.adapter.model_dump(mode="json")}},
+                                                     "adapter": config.adapter.model_dump(mode="json"),
+                                                     "evaluation": config.evaluation.model_dump(mode="json")}},
         training_file=job.training_file, validation_file=job.validation_file, result_files=result_files,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
         progress={"step": job.step, "total_steps": job.total_steps}, attempt=job.attempt,
         crashes=job.crashes, merge=config.merge,
         pause_requested=job.requested_action == "pause", resources=needs_of(job.resources), priority=job.priority,
+        evaluation=job.evaluation,
     )
 
 

@@ -19,6 +19,7 @@ EVERYTHING: dict[str, Any] = {
     "method": {"type": "supervised", "supervised": {
         "adapter": {"type": "dora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
                     "use_rslora": True},
+        "evaluation": {"generate": True, "max_examples": 5, "max_new_tokens": 20},
         "hyperparameters": {
             "n_epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
             "weight_decay": 0.01, "max_grad_norm": 0.5, "gradient_accumulation_steps": 2, "max_seq_length": 256,
@@ -57,6 +58,21 @@ def test_settings_that_evaluate_are_refused_without_a_validation_file(client: Te
     assert error["param"] == "validation_file" and error["code"] == "invalid_value"
     named = [name for name in NEEDS_VALIDATION_FILE if name in setting]
     assert f"{', '.join(named)} evaluate" in error["message"] and "set validation_file" in error["message"]
+
+
+@pytest.mark.parametrize("evaluation", [{"max_examples": 5}, {"generate": False}])
+def test_an_answer_report_setting_without_a_validation_file_is_refused(client: TestClient,
+                                                                       evaluation: dict[str, Any]) -> None:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client),
+        "method": {"supervised": {"evaluation": evaluation}}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "validation_file"
+    assert "evaluation evaluates on the validation set" in response.json()["error"]["message"]
+    bad = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client), "validation_file": upload_chat(client, 50),
+        "method": {"supervised": {"evaluation": {"max_examples": 0}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "method.supervised.evaluation.max_examples"
 
 
 @pytest.mark.parametrize(("method", "resources", "param", "words"), [

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import Service
+from tests.integration.conftest import Service, stop_process
 from tests.support.data import chat_lines, jsonl
 
 pytestmark = pytest.mark.integration
@@ -52,6 +52,7 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 def test_dashboard_form_starts_a_job_whose_charts_draw_live(service: Service, browser: Any, tmp_path: Path) -> None:
+    inference = service.start_inference("dashboard")  # for the Try it panel; gone again after this test
     try:
         drive_a_job_through_the_dashboard(service, browser, tmp_path)
     except Exception:
@@ -59,6 +60,8 @@ def test_dashboard_form_starts_a_job_whose_charts_draw_live(service: Service, br
         browser.save_screenshot(str(ARTIFACTS / "dashboard-failure.png"))
         (ARTIFACTS / "dashboard-failure.txt").write_text(browser.execute_script("return document.body.innerText"))
         raise
+    finally:
+        stop_process(inference, grace=20)
 
 
 def drive_a_job_through_the_dashboard(service: Service, browser: Any, tmp_path: Path) -> None:
@@ -103,8 +106,36 @@ def drive_a_job_through_the_dashboard(service: Service, browser: Any, tmp_path: 
     assert "The job has successfully completed." in browser.find_element(By.ID, "events").text
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#artifacts a[href$='/artifacts/adapter']"))
     assert browser.find_elements(By.CSS_SELECTOR, "#checkpoints tr")
+    # The answer report (a validation file, so on by default): both models' answers side by side, filterable.
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-samples tr[data-worse]"))
+    rows = "return [...document.querySelectorAll('#eval-samples tr[data-worse]')].filter((r) => !r.hidden).length"
+    assert browser.execute_script(rows) == 10  # the 10 held-out conversations
+    summary = browser.find_elements(By.CSS_SELECTOR, "#eval-summary tr[data-model]")
+    assert [r.get_attribute("data-model") for r in summary] == ["base", "tuned"]
+    with service.client() as client:
+        worse = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["evaluation"]["tuned_worse_than_base"]
+    browser.find_element(By.ID, "eval-worse").click()
+    assert browser.execute_script(rows) == worse
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard-job.png"))
+
+    # Try it: the fine-tuned model's answer streams in beside the base model's, as the API gives them.
+    model = browser.execute_script("return document.getElementById('job-detail').textContent")
+    browser.find_element(By.ID, "try-prompt").send_keys("code 4")
+    browser.find_element(By.ID, "try-max-tokens").clear()
+    browser.find_element(By.ID, "try-max-tokens").send_keys("6")
+    browser.find_element(By.ID, "try-send").click()
+    state = ("return [document.getElementById('try-tuned').dataset.state, "
+             "document.getElementById('try-base').dataset.state]")
+    WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda d: d.execute_script(state) == ["done", "done"])
+    shown = browser.execute_script("return [document.getElementById('try-tuned').textContent, "
+                                   "document.getElementById('try-base').textContent]")
+    ask = {"messages": [{"role": "user", "content": "code 4"}], "max_tokens": 6, "temperature": 0}
+    with service.client() as client:
+        expected = [client.post("/v1/chat/completions", json={"model": m, **ask}).json()["choices"][0]["message"]
+                    ["content"] for m in (model, "tiny-llama")]
+    assert shown == expected and all(shown)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-try-it.png"))
 
     browser.get(f"{service.base_url}/dashboard/#/")
     row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs tr[data-job='{job_id}']"))[0]

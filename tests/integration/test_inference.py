@@ -46,11 +46,15 @@ def trained(service: Service) -> dict[str, Any]:
     inference = service.start_inference("inference-1")
     sdk = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=service.api_key, max_retries=0)
     uploaded = sdk.files.create(file=("train.jsonl", jsonl(chat_lines(48))), purpose="fine-tune")
-    job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="chat", seed=5, method={
+    # Codes the job trains on (the colour of a code is arbitrary: only seen codes can be learned).
+    validation = sdk.files.create(file=("valid.jsonl", jsonl(chat_lines(12))), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, validation_file=validation.id,
+                                      suffix="chat", seed=5, method={
         "type": "supervised", "supervised": {  # type: ignore[typeddict-unknown-key]
             "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate": 3e-3, "n_checkpoints": 2},
             "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
-                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}})
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "evaluation": {"max_examples": 12}}})
     with service.client() as client:
         done = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
     assert done["status"] == "succeeded", done
@@ -155,3 +159,32 @@ def test_exports_load_in_peft_and_transformers_as_they_are(service: Service, tra
     assert not (tmp_path / "ckpt" / "optimizer.pt").exists()  # the adapter, not the training state
     refused = export(service, "tiny-llama", "peft", tmp_path / "base")
     assert refused.returncode != 0 and "is a base model" in refused.stdout + refused.stderr
+
+
+def test_the_job_ends_with_a_base_versus_tuned_answer_report(service: Service, trained: dict[str, Any]) -> None:
+    job = trained["job"]
+    headline = job["evaluation"]
+    assert headline["examples"] == 12 and job["method"]["supervised"]["evaluation"]["max_examples"] == 12
+    # The tuned model learned the format (a colour, then its end of turn) and some of the codes' colours (each code's
+    # colour is arbitrary: 16 steps of a tiny model memorise about a third, measured 4/12); the base answers none.
+    assert headline["base"]["exact_match"] == 0.0 and headline["tuned"]["exact_match"] >= 0.25, headline
+    assert headline["tuned"]["f1"] > headline["base"]["f1"] and headline["tuned_minus_base"]["exact_match"] > 0
+    # The base never ends its turn within the budget; the tuned model nearly always does (measured 11 of 12).
+    assert headline["tuned"]["hit_max_tokens"] <= 0.25 and headline["base"]["hit_max_tokens"] == 1.0, headline
+    with service.client() as client:
+        names = {a["name"] for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
+        assert {"eval_report", "eval_samples"} <= names
+        report = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/eval_report").json()
+        samples = [json.loads(line) for line in
+                   client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/eval_samples").text.splitlines()]
+        events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]]
+    assert report["tuned"] == headline["tuned"] and len(samples) == 12
+    assert [s["reference"] for s in samples] == ["red", "blue", "green"] * 4
+    assert sum(s["tuned"]["answer"] in COLOURS for s in samples) >= 9
+    assert not any(s["base"]["answer"] in COLOURS for s in samples)
+    assert sum(s["tuned"]["answer"] == s["reference"] for s in samples) / 12 == headline["tuned"]["exact_match"]
+    # The report's tuned answers are what the fine-tuned model answers through the API.
+    first = trained["sdk"].chat.completions.create(model=trained["model"], messages=samples[0]["prompt"],  # type: ignore[arg-type]
+                                                   temperature=0, max_tokens=report["max_new_tokens"])
+    assert first.choices[0].message.content == samples[0]["tuned"]["answer"]
+    assert any(m.startswith("Answer report on 12 validation examples") for m in events)

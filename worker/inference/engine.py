@@ -33,6 +33,7 @@ from worker.archive import extract_tar
 from worker.model_cache import ModelRef, ModelUnavailable, local_model
 from worker.training.checkpoint import load_weights
 from worker.training.data import prompt_ids
+from worker.training.generation import answer_tokens, end_ids
 from worker.training.model import pick_device
 
 logger = logging.getLogger("tuneforge.inference")
@@ -226,57 +227,9 @@ class Engine:
 
     def _choice(self, prepared: Prepared, *, index: int, generator: torch.Generator,
                 cancelled: threading.Event) -> Iterator[dict[str, Any]]:
-        loaded, tokenizer = prepared.loaded, prepared.loaded.tokenizer
-        ends = _end_ids(loaded)
-        # Text is held back while it could still be the start of a stop sequence, or ends inside a character.
-        hold = max((len(s) for s in prepared.stop), default=1) - 1
-        ids = torch.tensor([prepared.prompt], device=self.device)
-        out = loaded.model(input_ids=ids, use_cache=True)
-        generated: list[int] = []
-        sent, reason = 0, "length"
-        text = ""
-        while len(generated) < prepared.max_tokens:
-            if cancelled.is_set():
-                return
-            token = _sample(out.logits[0, -1], temperature=prepared.temperature, top_p=prepared.top_p,
-                            generator=generator)
-            generated.append(token)
-            if token in ends:
-                reason = "stop"
-                break
-            text = tokenizer.decode([t for t in generated if t not in ends], skip_special_tokens=True)
-            cut = min((p for s in prepared.stop if (p := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-                break
-            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
-            if ready > sent:
-                yield {"type": "delta", "index": index, "text": text[sent:ready]}
-                sent = ready
-            out = loaded.model(input_ids=torch.tensor([[token]], device=self.device),
-                               cache=out.cache, use_cache=True)
-        if len(text) > sent:
-            yield {"type": "delta", "index": index, "text": text[sent:]}
-        yield {"type": "end", "index": index, "finish_reason": reason, "completion_tokens": len(generated)}
-
-
-def _end_ids(loaded: LoadedModel) -> set[int]:
-    """The tokens that end an answer: the tokenizer's end of text and the model's generation config's."""
-    ends = {loaded.tokenizer.eos_token_id} - {None}
-    config = getattr(loaded.model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    ends |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
-    return ends
-
-
-def _sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then nucleus (top_p) sampling."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        loaded = prepared.loaded
+        ends = end_ids(loaded.model, loaded.tokenizer)
+        for line in answer_tokens(loaded.model, loaded.tokenizer, prepared.prompt, max_tokens=prepared.max_tokens,
+                                  temperature=prepared.temperature, top_p=prepared.top_p, stop=prepared.stop,
+                                  generator=generator, cancelled=cancelled, ends=ends):
+            yield {**line, "index": index}

@@ -1,0 +1,68 @@
+"""Greedy or sampled answers, token by token with a KV cache: what the inference role streams and what a job's
+answer report generates (plain Python on a loaded model and tokenizer)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def answer_tokens(model: Any, tokenizer: Any, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float,
+                  stop: list[str], generator: torch.Generator, ends: set[int],
+                  cancelled: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+    """One answer, token by token with a KV cache: `delta` lines of new text, then `end` with the finish reason
+    ("stop": an end token or a stop sequence; "length": max_tokens) and the tokens generated. Stops quietly when
+    `cancelled` is set. Shared by the inference role and the evaluation of a job's answers."""
+    device = next(model.parameters()).device
+    # Text is held back while it could still be the start of a stop sequence, or ends inside a character.
+    hold = max((len(s) for s in stop), default=1) - 1
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    generated: list[int] = []
+    sent, reason = 0, "length"
+    text = ""
+    while len(generated) < max_tokens:
+        if cancelled is not None and cancelled.is_set():
+            return
+        token = _sample(out.logits[0, -1], temperature=temperature, top_p=top_p, generator=generator)
+        generated.append(token)
+        if token in ends:
+            reason = "stop"
+            break
+        text = tokenizer.decode([t for t in generated if t not in ends], skip_special_tokens=True)
+        cut = min((p for s in stop if (p := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            break
+        ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        if ready > sent:
+            yield {"type": "delta", "text": text[sent:ready]}
+            sent = ready
+        out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+    if len(text) > sent:
+        yield {"type": "delta", "text": text[sent:]}
+    yield {"type": "end", "finish_reason": reason, "completion_tokens": len(generated)}
+
+
+def end_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end of text and the model's generation config's."""
+    ends = {tokenizer.eos_token_id} - {None}
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ends |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
+    return ends
+
+
+def _sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then nucleus (top_p) sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
