@@ -32,8 +32,10 @@ def _rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
 
-def _parameter_mb(model: Any) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+def _parameter_mb(model: Any, *, lora: bool) -> float:
+    """Megabytes of the model's adapter weights (lora) or of everything else (the base's)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if ("lora_" in name) == lora) / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in keys[: min(len(keys), 3)]:
             warm_adapter.append(timed({**request, "weights_key": key, "max_tokens": 1})[1])
         warm_base_one = statistics.median(timed({**request, "max_tokens": 1})[1] for _ in range(repeats))
-        base_mb = _parameter_mb(loaded.model.get_base_model())
-        adapter_mb = (_parameter_mb(loaded.model) - base_mb) / len(keys)
+        base_mb = _parameter_mb(loaded.model, lora=False)
+        adapter_mb = _parameter_mb(loaded.model, lora=True) / len(keys)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         gc.collect()
