@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api.openapi import install_openapi
-from app.api.routes import admin, files, health, inference, jobs, models
+from app.api.routes import admin, evaluations, files, health, inference, jobs, models
 from app.api.routes import dashboard as dashboard_routes
 from app.api.routes import stream as stream_routes
 from app.api.routes import webhooks as webhook_routes
@@ -29,7 +29,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, limits=_body_limits)
-    for router in (files.router, jobs.router, models.router, inference.router, admin.router):
+    for router in (files.router, jobs.router, evaluations.router, models.router, inference.router, admin.router):
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     app.include_router(stream_routes.router, prefix="/v1")

@@ -1,5 +1,6 @@
 """All ORM models, imported here so Alembic's metadata sees every table."""
 
+from app.models.answer_evaluation import AnswerEvaluation
 from app.models.base import Base
 from app.models.blob import Blob, BlobChunk
 from app.models.file import File
@@ -11,6 +12,7 @@ from app.models.webhook import WebhookDelivery, WebhookEndpoint
 from app.models.worker import Worker
 
 __all__ = [
+    "AnswerEvaluation",
     "ApiKey",
     "Base",
     "Blob",

@@ -85,18 +85,23 @@ class AdapterConfig(BaseModel):
         return self
 
 
-class EvaluationConfig(BaseModel):
-    """After training, with a validation file: the base and the tuned model answer validation conversations
-    (greedy), scored against each reference answer (eval_report.json and eval_samples.jsonl)."""
+class AnswerBudget(BaseModel):
+    """How much an answer report generates: a job's (EvaluationConfig) and a later one's (EvaluationCreate)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    generate: StrictBool = True
-    # The first N validation examples; each costs two generations (base and tuned).
+    # The first N examples; each costs two generations (base and tuned).
     max_examples: int = Field(default=32, ge=1, le=1000)
     # None: twice the longest reference answer's tokens plus 16, at most 512: room to finish the answer and to
     # show a model that does not stop, at a cost bounded by the references.
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+
+
+class EvaluationConfig(AnswerBudget):
+    """After training, with a validation file: the base and the tuned model answer validation conversations
+    (greedy), scored against each reference answer (eval_report.json and eval_samples.jsonl)."""
+
+    generate: StrictBool = True
 
 
 class TrainingConfig(BaseModel):

@@ -57,7 +57,7 @@ def add_event(session: Session, *, job: FineTuningJob, message: str, level: str 
     return event
 
 
-def _training_file(session: Session, *, project: Project, file_id: str, param: str,
+def dataset_file(session: Session, *, project: Project, file_id: str, param: str,
                    settings: Settings) -> File:
     row = session.scalar(select(File).where(File.id == file_id, File.project_pk == project.pk))
     if row is None:
@@ -201,11 +201,11 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
         raise InvalidRequest("method.type 'dpo' is not supported yet; use 'supervised'.", param="method.type",
                              code="unsupported_method")
     base_model = _base_model(session, project=project, model=request.model, settings=settings)
-    training = _training_file(session, project=project, file_id=request.training_file,
+    training = dataset_file(session, project=project, file_id=request.training_file,
                               param="training_file", settings=settings)
     files = [training]
     if request.validation_file is not None:
-        files.append(_training_file(session, project=project, file_id=request.validation_file,
+        files.append(dataset_file(session, project=project, file_id=request.validation_file,
                                     param="validation_file", settings=settings))
         if request.validation_file == request.training_file:
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "

@@ -199,3 +199,21 @@ def test_a_full_queue_answers_429_and_a_too_long_prompt_400(client: TestClient,
     long = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "word " * 5000})
     assert long.status_code == 400, long.text
     assert long.json()["error"]["code"] == "context_length_exceeded" and long.json()["error"]["param"] == "prompt"
+
+
+def test_an_evaluation_whose_inference_worker_is_gone_fails_saying_so(client: TestClient, session: Any) -> None:
+    from app.models import AnswerEvaluation
+
+    job = succeeded_job(session)
+    file_id = client.post("/v1/files", files={"file": ("v.jsonl", b'{"prompt": "a", "completion": "b"}\n' * 12)},
+                          data={"purpose": "fine-tune"}).json()["id"]
+    path = f"/v1/fine_tuning/jobs/{job.id}/evaluations"
+    unavailable = client.post(path, json={"file_id": file_id})  # no inference worker runs
+    assert unavailable.status_code == 503 and unavailable.json()["error"]["code"] == "inference_unavailable"
+    session.add(AnswerEvaluation(id="ftevaluation-orphan", job_pk=job.pk, project_pk=job.project_pk,
+                                 model=job.fine_tuned_model, file_id=file_id, max_examples=4, target={},
+                                 status="running", server="gone/inference", result_files=[]))
+    session.commit()
+    found = client.get(f"{path}/ftevaluation-orphan").json()
+    assert found["status"] == "failed" and "stopped before it finished" in found["error"]["message"]
+    assert client.get(f"{path}/ftevaluation-nope").status_code == 404

@@ -188,3 +188,33 @@ def test_the_job_ends_with_a_base_versus_tuned_answer_report(service: Service, t
                                                    temperature=0, max_tokens=report["max_new_tokens"])
     assert first.choices[0].message.content == samples[0]["tuned"]["answer"]
     assert any(m.startswith("Answer report on 12 validation examples") for m in events)
+
+
+def test_an_answer_report_can_be_asked_for_later_on_any_file(service: Service, trained: dict[str, Any]) -> None:
+    job, sdk = trained["job"], trained["sdk"]
+    later = sdk.files.create(file=("later.jsonl", jsonl(chat_lines(6, offset=3))), purpose="fine-tune")  # codes 3-8
+    with service.client() as client:
+        path = f"/v1/fine_tuning/jobs/{job['id']}/evaluations"
+        refused = client.post(path, json={"file_id": "file-nope"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "file_id"
+        wrong = client.post(path, json={"file_id": later.id, "model": "tiny-llama"})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model"
+        created = client.post(path, json={"file_id": later.id, "max_examples": 6})
+        assert created.status_code == 200, created.text
+        assert created.json()["status"] in ("queued", "running") and created.json()["model"] == trained["model"]
+        evaluation_id = created.json()["id"]
+        deadline = time.monotonic() + 120
+        while (found := client.get(f"{path}/{evaluation_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+        assert found["status"] == "succeeded", found
+        assert [e["id"] for e in client.get(path).json()["data"]] == [evaluation_id]
+        report_file, samples_file = found["result_files"]
+        report = client.get(f"/v1/files/{report_file}/content").json()
+        samples = [json.loads(line) for line in client.get(f"/v1/files/{samples_file}/content").text.splitlines()]
+        job_samples = [json.loads(line) for line in client.get(
+            f"/v1/fine_tuning/jobs/{job['id']}/artifacts/eval_samples").text.splitlines()]
+    assert report == found["report"] and report["examples"] == 6 and len(samples) == 6
+    # The same weights answer the same prompts the same way in the inference worker as in the job's own report.
+    assert [s["tuned"]["answer"] for s in samples] == [s["tuned"]["answer"] for s in job_samples[3:9]]
+    assert [s["base"]["answer"] for s in samples] == [s["base"]["answer"] for s in job_samples[3:9]]

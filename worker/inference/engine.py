@@ -28,6 +28,7 @@ import torch
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.storage import Storage
+from app.schemas.training import AnswerBudget
 from app.services import base_models
 from worker.archive import extract_tar
 from worker.model_cache import ModelRef, ModelUnavailable, local_model
@@ -208,6 +209,39 @@ class Engine:
                         temperature=float(request["temperature"]), top_p=float(request["top_p"]),
                         n=int(request["n"]), stop=list(request.get("stop") or []),
                         seed=int(seed) if seed is not None else secrets.randbits(63))
+
+    def evaluate(self, target: dict[str, Any], *, budget: AnswerBudget) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """An answer report on a stored file: the fine-tuned weights `target` names against their base."""
+        from worker.training.answer_report import answer_budget, compare_answers, examples_of, greedy_answers
+
+        key, base = target["weights_key"], target["base"]
+        with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
+            path = Path(tmp) / "examples.jsonl"
+            with path.open("wb") as out:
+                for chunk in self.storage.read(target["file_key"]):
+                    out.write(chunk)
+            examples = examples_of(path, limit=budget.max_examples)
+        if not examples:
+            raise Refusal("The file has no example with an answer to compare with (a chat whose last message is "
+                          "the assistant's, or a prompt-completion example).", param="file_id")
+        if target.get("full"):
+            tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key))
+            base_model = self._model(base, base=base)
+            tokenizer = base_model.tokenizer
+            prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
+            tokens = answer_budget(tokenizer, examples, budget)
+            tuned = greedy_answers(tuned_model.model, tokenizer, prompts, tokens)
+            answers_of_base = greedy_answers(base_model.model, tokenizer, prompts, tokens)
+        else:
+            loaded = self._model(base, base=base)
+            self._attach(loaded, key)
+            tokenizer = loaded.tokenizer
+            prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
+            tokens = answer_budget(tokenizer, examples, budget)
+            tuned = greedy_answers(loaded.model, tokenizer, prompts, tokens)
+            with loaded.model.disable_adapter():
+                answers_of_base = greedy_answers(loaded.model, tokenizer, prompts, tokens)
+        return compare_answers(examples, prompts, tokens, base=answers_of_base, tuned=tuned)
 
     # --- generation ----------------------------------------------------------------------------------------
 

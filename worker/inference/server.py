@@ -26,7 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.errors import envelope
-from app.services import inference
+from app.schemas.training import AnswerBudget
+from app.services import evaluations, inference
+from app.services.files import build_result_file
 from worker.inference.engine import Engine, Refusal
 from worker.registration import worker_name
 
@@ -72,6 +74,43 @@ class Generations:
                 self.in_flight -= 1
             self.slots.release()
 
+    def _evaluate(self, evaluation_id: str, server: str) -> None:
+        """Run one answer report (POST .../evaluations), in its turn like a generation; its row says how it went."""
+        try:
+            with self.turn:
+                with session_scope() as session:
+                    row = evaluations.start(session, evaluation_id=evaluation_id)
+                    if row is None:
+                        return
+                    target, project_pk = dict(row.target), row.project_pk
+                    budget = AnswerBudget(max_examples=row.max_examples, max_new_tokens=row.max_new_tokens)
+                report, samples = self.engine.evaluate(target, budget=budget)
+                files = []
+                for name, data in (("eval_report.json", json.dumps(report, indent=2).encode()),
+                                   ("eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())):
+                    stored = self.engine.storage.write(f"evaluations/{evaluation_id}/{name}", [data])
+                    files.append(build_result_file(project_pk=project_pk, filename=f"{evaluation_id}-{name}",
+                                                   blob_key=stored.key, size=stored.bytes, sha256=stored.sha256))
+                with session_scope() as session:
+                    evaluations.finish(session, evaluation_id=evaluation_id, report=report, files=files)
+        except Exception as exc:
+            logger.exception("evaluation %s failed on %s", evaluation_id, server)
+            message = exc.message if isinstance(exc, Refusal) else f"{type(exc).__name__}: {exc}"
+            with session_scope() as session:
+                evaluations.finish(session, evaluation_id=evaluation_id, report=None, files=[], error=message)
+        finally:
+            with self._count:
+                self.in_flight -= 1
+            self.slots.release()
+
+    def submit_evaluation(self, evaluation_id: str, server: str) -> bool:
+        if not self.slots.acquire(blocking=False):
+            return False
+        with self._count:
+            self.in_flight += 1
+        threading.Thread(target=self._evaluate, args=(evaluation_id, server), daemon=True, name="evaluation").start()
+        return True
+
     def submit(self, request: dict[str, Any]) -> tuple[queue.Queue[dict[str, Any]], threading.Event] | None:
         if not self.slots.acquire(blocking=False):
             return None
@@ -84,8 +123,17 @@ class Generations:
         return lines, cancelled
 
 
-def build_app(generations: Generations) -> FastAPI:
+def build_app(generations: Generations, *, name: str = "inference") -> FastAPI:
     app = FastAPI(title="tuneforge inference (internal)", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.post(evaluations.EVALUATIONS_PATH)
+    async def evaluate(request: Request) -> Any:
+        body = await request.json()
+        if not generations.submit_evaluation(str(body["id"]), name):
+            return JSONResponse(envelope("The inference worker's queue is full; retry shortly.",
+                                         type_="rate_limit_error", param=None, code="inference_busy"),
+                                status_code=429)
+        return JSONResponse({"server": name}, status_code=202)
 
     @app.get(inference.HEALTH_PATH)
     def health() -> dict[str, Any]:
@@ -158,7 +206,7 @@ def serve(settings: Settings) -> None:
     beat = threading.Thread(target=_heartbeat, args=(settings, name, generations, stop), daemon=True)
     beat.start()
     logger.info("inference worker %s serving at %s on %s", name, url, engine.device)
-    config = uvicorn.Config(build_app(generations), log_level="warning",
+    config = uvicorn.Config(build_app(generations, name=name), log_level="warning",
                             timeout_graceful_shutdown=int(settings.stop_grace_seconds))
     try:
         uvicorn.Server(config).run(sockets=[sock])

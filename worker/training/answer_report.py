@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from app.schemas.training import EvaluationConfig
+from app.schemas.training import AnswerBudget, EvaluationConfig
 from worker.training.data import prompt_ids
 from worker.training.generation import answer_tokens, end_ids
 
@@ -98,48 +98,30 @@ def _summary(rows: list[dict[str, Any]], who: str) -> dict[str, float]:
     return summary
 
 
-def evaluate_answers(evaluation: EvaluationConfig, *, full: bool, model_path: Path, final_dir: Path,
-                     validation_file: Path, device: torch.device, trust_remote_code: bool = False
-                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The report (headline numbers per model, and tuned minus base) and one sample per example."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def answer_budget(tokenizer: Any, examples: list[tuple[dict[str, Any], str]], evaluation: AnswerBudget) -> int:
+    """max_new_tokens, or twice the longest reference plus AUTO_EXTRA_TOKENS (at most AUTO_MAX_NEW_TOKENS)."""
+    if evaluation.max_new_tokens is not None:
+        return evaluation.max_new_tokens
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r in examples), default=0)
+    return min(AUTO_MAX_NEW_TOKENS, 2 * longest + AUTO_EXTRA_TOKENS)
 
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
-    examples = examples_of(validation_file, limit=evaluation.max_examples)
-    prompts = [prompt_ids(tokenizer, prompt) for prompt, _ in examples]
-    budget = evaluation.max_new_tokens or min(
-        AUTO_MAX_NEW_TOKENS,
-        2 * max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r in examples), default=0)
-        + AUTO_EXTRA_TOKENS)
 
-    def load(folder: Path) -> Any:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                     trust_remote_code=trust_remote_code)
-        model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
-        return model.eval()
-
-    answers: dict[str, list[tuple[str, str, int]]] = {}
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], budget: int) -> list[tuple[str, str, int]]:
+    """(text, finish reason, tokens) of the model's greedy answer to each prompt."""
     with torch.inference_mode():
-        base = load(model_path)
-        if full:
-            answers["base"] = [_answer(base, tokenizer, p, budget) for p in prompts]
-            del base
-            tuned = load(final_dir)
-            answers["tuned"] = [_answer(tuned, tokenizer, p, budget) for p in prompts]
-        else:
-            from peft import PeftModel
+        return [_answer(model, tokenizer, p, budget) for p in prompts]
 
-            tuned = PeftModel.from_pretrained(base, str(final_dir)).eval()
-            answers["tuned"] = [_answer(tuned, tokenizer, p, budget) for p in prompts]
-            with tuned.disable_adapter():
-                answers["base"] = [_answer(tuned, tokenizer, p, budget) for p in prompts]
+
+def compare_answers(examples: list[tuple[dict[str, Any], str]], prompts: list[list[int]], budget: int, *,
+                    base: list[tuple[str, str, int]], tuned: list[tuple[str, str, int]]
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The report (headline numbers per model, tuned minus base) and one scored sample per example."""
     samples = []
     for i, ((prompt, reference), ids) in enumerate(zip(examples, prompts, strict=True)):
         row: dict[str, Any] = {"index": i, "prompt": prompt.get("messages", prompt.get("text")),
                                "prompt_tokens": len(ids), "reference": reference}
-        for who in ("base", "tuned"):
-            text, reason, count = answers[who][i]
+        for who, answers in (("base", base), ("tuned", tuned)):
+            text, reason, count = answers[i]
             row[who] = {"answer": text, "finish_reason": reason, "tokens": count, "scores": score(text, reference)}
         samples.append(row)
     base_summary, tuned_summary = _summary(samples, "base"), _summary(samples, "tuned")
@@ -149,3 +131,36 @@ def evaluate_answers(evaluation: EvaluationConfig, *, full: bool, model_path: Pa
               "tuned_worse_than_base": sum(r["tuned"]["scores"]["rouge_l"] < r["base"]["scores"]["rouge_l"]
                                            for r in samples)}
     return report, samples
+
+
+def evaluate_answers(evaluation: EvaluationConfig, *, full: bool, model_path: Path, final_dir: Path,
+                     validation_file: Path, device: torch.device, trust_remote_code: bool = False
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A job's report, from its base model's folder and its final weights (adapter or full model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    examples = examples_of(validation_file, limit=evaluation.max_examples)
+    prompts = [prompt_ids(tokenizer, prompt) for prompt, _ in examples]
+    budget = answer_budget(tokenizer, examples, evaluation)
+
+    def load(folder: Path) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
+        return model.eval()
+
+    base_model = load(model_path)
+    if full:
+        base = greedy_answers(base_model, tokenizer, prompts, budget)
+        del base_model
+        tuned = greedy_answers(load(final_dir), tokenizer, prompts, budget)
+    else:
+        from peft import PeftModel
+
+        adapted = PeftModel.from_pretrained(base_model, str(final_dir)).eval()
+        tuned = greedy_answers(adapted, tokenizer, prompts, budget)
+        with adapted.disable_adapter():
+            base = greedy_answers(adapted, tokenizer, prompts, budget)
+    return compare_answers(examples, prompts, budget, base=base, tuned=tuned)

@@ -1,0 +1,130 @@
+"""Answer reports asked for after training (POST /v1/fine_tuning/jobs/{id}/evaluations): which weights and file
+they compare, which inference worker runs them, and their state as the API shows it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import InvalidRequest, NotFound
+from app.models import AnswerEvaluation, FineTuningJob, InferenceServer, Project
+from app.models.base import new_id, now_seconds
+from app.schemas.evaluations import EvaluationCreate, EvaluationPublic
+from app.services import inference
+from app.services.jobs import dataset_file
+from app.services.paging import page_after
+
+EVALUATIONS_PATH = "/evaluations"
+ACTIVE = ("queued", "running")
+
+
+def create_evaluation(session: Session, *, project: Project, job: FineTuningJob, request: EvaluationCreate,
+                      settings: Settings) -> AnswerEvaluation:
+    """Check the model and the file, record the evaluation and hand it to a live inference worker."""
+    model = request.model or job.fine_tuned_model
+    if model is None or (model != job.fine_tuned_model and not model.startswith(f"{job.fine_tuned_model}:ckpt-step-")):
+        raise InvalidRequest(f"Job {job.id} has no fine-tuned model {model!r} to evaluate" +
+                             ("" if job.fine_tuned_model is None else
+                              f": use {job.fine_tuned_model} or one of its checkpoints"), param="model",
+                             code="invalid_value")
+    target = inference.resolve_target(session, settings=settings, project=project, model=model)
+    file = dataset_file(session, project=project, file_id=request.file_id, param="file_id", settings=settings)
+    urls = inference.servers_for(session, settings=settings, target=target)
+    row = AnswerEvaluation(id=new_id("ftevaluation-"), job_pk=job.pk, project_pk=project.pk, model=model,
+                           file_id=file.id, max_examples=request.max_examples, max_new_tokens=request.max_new_tokens,
+                           target={**target.as_request(), "file_key": file.blob_key}, status="queued",
+                           result_files=[])
+    session.add(row)
+    session.commit()  # the inference worker reads the row from its own session
+    for url in urls:
+        try:
+            sent = httpx.post(url + EVALUATIONS_PATH, json={"id": row.id}, timeout=10)
+        except httpx.TransportError:
+            continue
+        if sent.status_code == 202:
+            row.server = sent.json()["server"]
+            session.commit()
+            return row
+    row.status, row.finished_at = "failed", now_seconds()
+    row.error = {"code": "inference_unavailable", "message": "No inference worker took the evaluation.",
+                 "param": None}
+    session.commit()
+    raise inference.InferenceUnavailable("No inference worker could take the evaluation; they may be busy or "
+                                         "restarting. Retry shortly.")
+
+
+def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: Settings) -> None:
+    """Evaluations whose inference worker is gone (no live heartbeat) fail, saying so, instead of waiting forever."""
+    active = [r for r in rows if r.status in ACTIVE]
+    if not active:
+        return
+    fresh = time.time() - settings.resolved_worker_stale_seconds
+    live = set(session.scalars(select(InferenceServer.name).where(InferenceServer.heartbeat_at >= fresh)))
+    for row in active:
+        if row.server not in live:
+            row.status, row.finished_at = "failed", now_seconds()
+            row.error = {"code": "inference_failed", "message": "The inference worker running this evaluation "
+                         "stopped before it finished; ask for it again.", "param": None}
+    session.commit()
+
+
+def get_evaluation(session: Session, *, job: FineTuningJob, evaluation_id: str, settings: Settings
+                   ) -> AnswerEvaluation:
+    row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id,
+                                                        AnswerEvaluation.job_pk == job.pk))
+    if row is None:
+        raise NotFound(f"Job {job.id} has no evaluation {evaluation_id!r}.", param="evaluation_id")
+    _mark_orphans(session, [row], settings=settings)
+    return row
+
+
+def list_evaluations(session: Session, *, job: FineTuningJob, after: str | None, limit: int, settings: Settings
+                     ) -> tuple[list[AnswerEvaluation], bool]:
+    rows, more = page_after(session, select(AnswerEvaluation).where(AnswerEvaluation.job_pk == job.pk),
+                            AnswerEvaluation, project_pk=job.project_pk, after=after, limit=limit,
+                            scope=AnswerEvaluation.job_pk == job.pk, noun="evaluation")
+    _mark_orphans(session, rows, settings=settings)
+    return rows, more
+
+
+def evaluation_public(row: AnswerEvaluation, *, job: FineTuningJob) -> EvaluationPublic:
+    return EvaluationPublic(id=row.id, fine_tuning_job_id=job.id, model=row.model, file_id=row.file_id,
+                            max_examples=row.max_examples, max_new_tokens=row.max_new_tokens,
+                            status=row.status, report=row.report,  # type: ignore[arg-type]
+                            result_files=list(row.result_files), error=row.error, created_at=row.created_at,
+                            finished_at=row.finished_at)
+
+
+# --- the inference worker's side ------------------------------------------------------------------------------
+
+def start(session: Session, *, evaluation_id: str) -> AnswerEvaluation | None:
+    """queued -> running, for the worker that runs it; None if it is not queued any more."""
+    row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id).with_for_update())
+    if row is None or row.status != "queued":
+        return None
+    row.status = "running"
+    session.commit()
+    return row
+
+
+def finish(session: Session, *, evaluation_id: str, report: dict[str, Any] | None, files: list[Any],
+           error: str | None = None) -> None:
+    """succeeded with the report and its result files (File rows), or failed with the error."""
+    row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
+    if row is None or row.status not in ACTIVE:
+        return
+    for file in files:
+        session.add(file)
+    session.flush()
+    row.finished_at = now_seconds()
+    if error is None:
+        row.status, row.report, row.result_files = "succeeded", report, [f.id for f in files]
+    else:
+        row.status, row.error = "failed", {"code": "evaluation_failed", "message": error, "param": None}
+    session.commit()
+
