@@ -30,9 +30,10 @@ class ProjectAObjects:
 
 @pytest.fixture
 def project_a(session: Any, client: TestClient) -> ProjectAObjects:
-    """A file, a succeeded job (event, checkpoint, artifact, fine-tuned model), a key and a webhook."""
+    """A file, a succeeded job (event, checkpoint, artifact, fine-tuned model, answer evaluation), a key and a
+    webhook."""
     from app.core.storage import get_storage
-    from app.models import JobArtifact, JobCheckpoint
+    from app.models import AnswerEvaluation, JobArtifact, JobCheckpoint
     from app.models.base import new_id
     from app.services.files import build_result_file
     from app.services.jobs import add_event
@@ -56,13 +57,17 @@ def project_a(session: Any, client: TestClient) -> ProjectAObjects:
     checkpoint = JobCheckpoint(id=new_id("ftckpt_"), job_pk=job.pk, step_number=1, metrics={"step": 1},
                                attempt=1, blob_key=stored.key, sha256=stored.sha256, bytes=stored.bytes)
     session.add(checkpoint)
+    evaluation = AnswerEvaluation(id=new_id("ftevaluation-"), job_pk=job.pk, project_pk=project.pk,
+                                  model=job.fine_tuned_model, file_id=file_id, max_examples=4, target={},
+                                  status="succeeded", report={"examples": 4}, result_files=[result.id])
+    session.add(evaluation)
     session.commit()
     webhook = create_endpoint(session, project=project, url="https://hooks.example.com/a", event_types=None)
     return ProjectAObjects(
         project_id=project.id,
         path_ids={"file_id": file_id, "fine_tuning_job_id": job.id, "model_id": job.fine_tuned_model or "",
                   "name": artifact_name, "key_id": key_row.id,
-                  "webhook_id": webhook.id},
+                  "webhook_id": webhook.id, "evaluation_id": evaluation.id},
         other_ids=[event.id, checkpoint.id, result.id, webhook.secret, webhook.url])
 
 
