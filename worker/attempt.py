@@ -272,7 +272,8 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             files.append((name, kind, row))
         with session_scope() as session:
             attempts.finish_job(session, job_pk=job_pk, attempt=attempt, fine_tuned_model=model_name,
-                                trained_tokens=result.trained_tokens, artifacts=files, evaluation=headline)
+                                trained_tokens=result.trained_tokens, artifacts=files, evaluation=headline,
+                                weights_step=result.weights_step)
         return EXIT_OK
     except TrainingCancelled:
         return EXIT_OK  # the job row already says cancelled (or another attempt owns it)

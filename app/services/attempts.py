@@ -206,8 +206,10 @@ def latest_checkpoint(session: Session, *, job_pk: int) -> JobCheckpoint | None:
 
 
 def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model: str, trained_tokens: int,
-               artifacts: list[tuple[str, str, File]], evaluation: dict[str, Any] | None = None) -> None:
-    """succeeded, with its result files (and the answer report's headline), in one fenced transaction."""
+               artifacts: list[tuple[str, str, File]], evaluation: dict[str, Any] | None = None,
+               weights_step: int | None = None) -> None:
+    """succeeded, with its result files (and the answer report's headline, also on the checkpoint of the weights
+    it evaluated: the step `weights_step`), in one fenced transaction."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.SUCCEEDED,
                          fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, evaluation=evaluation,
                          finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
@@ -216,10 +218,22 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
         session.add(file)
         session.flush()
         session.add(JobArtifact(job_pk=job_pk, file_pk=file.pk, name=name, kind=kind))
+    if evaluation is not None and weights_step is not None:
+        checkpoint = session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk,
+                                                                JobCheckpoint.step_number == weights_step))
+        if checkpoint is not None:  # the tuned model's scores, beside its losses (a new dict: JSON is replaced)
+            checkpoint.metrics = {**checkpoint.metrics, **answer_metrics(evaluation)}
     add_event(session, job=job, message="The job has successfully completed.",
               data={"fine_tuned_model": fine_tuned_model, "trained_tokens": trained_tokens})
     enqueue_job_event(session, job=job)
     session.commit()
+
+
+def answer_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The answer report's figures for the tuned weights, as flat checkpoint metrics."""
+    tuned = evaluation["tuned"]
+    return {"answer_exact_match": tuned["exact_match"], "answer_f1": tuned["f1"], "answer_rouge_l": tuned["rouge_l"],
+            "answer_hit_max_tokens": tuned["hit_max_tokens"]}
 
 
 def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str, **values: Any) -> None:

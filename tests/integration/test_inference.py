@@ -188,6 +188,13 @@ def test_the_job_ends_with_a_base_versus_tuned_answer_report(service: Service, t
                                                    temperature=0, max_tokens=report["max_new_tokens"])
     assert first.choices[0].message.content == samples[0]["tuned"]["answer"]
     assert any(m.startswith("Answer report on 12 validation examples") for m in events)
+    # The checkpoint of the final weights carries the tuned model's figures too.
+    with service.client() as client:
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    final = next(c for c in checkpoints if c["step_number"] == job["progress"]["step"])
+    assert final["metrics"]["answer_exact_match"] == headline["tuned"]["exact_match"]
+    assert final["metrics"]["answer_rouge_l"] == headline["tuned"]["rouge_l"]
+    assert not any("answer_exact_match" in c["metrics"] for c in checkpoints if c is not final)
 
 
 def test_an_answer_report_can_be_asked_for_later_on_any_file(service: Service, trained: dict[str, Any]) -> None:

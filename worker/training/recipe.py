@@ -81,6 +81,8 @@ class TrainingResult:
     trained_tokens: int
     final_metrics: dict[str, Any]
     metrics_csv: Path
+    # The step whose weights are the final ones: the last, or the best evaluated with load_best_at_end.
+    weights_step: int = 0
 
 
 @dataclass
@@ -598,6 +600,7 @@ def train(
         trained_tokens=state.trained_tokens,
         final_metrics=metrics or (state.log_history[-1] if state.log_history else {}),
         metrics_csv=metrics_csv,
+        weights_step=state.best_step if run.config.load_best_at_end and state.best_step is not None else state.step,
     )
 
 
