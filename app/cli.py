@@ -205,8 +205,10 @@ def export_model(model: Annotated[str, typer.Argument(help="A fine-tuned model (
     base = _call(url, api_key, "GET", f"/models/{quote(found['root'], safe='')}")
     listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")["data"]
     names = {a["name"] for a in listing}
-    _head, sep, step = model.rpartition(":ckpt-step-")
-    if sep:
+    from app.services.artifacts import split_checkpoint_id
+
+    _model, step = split_checkpoint_id(model)
+    if step is not None:
         artifact = f"checkpoint-step-{step}"
     elif fmt == "merged" and "merged" in names:  # merged by the worker at the end of training (merge: true)
         artifact = "merged"

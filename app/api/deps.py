@@ -68,6 +68,21 @@ def _identify(request: Request, session: Session, settings: Settings) -> Caller:
 
 def get_caller(request: Request, session: SessionDep, settings: SettingsDep) -> Caller:
     """The authenticated caller, charged one request against its key's rate limit."""
+    return _charged_caller(request, session, settings)
+
+
+# A session without a concurrency slot, for routes that wait on something else for long after their queries
+# (an inference worker's answer): they close it first (session.close() returns the connection), and a long answer
+# then holds neither a connection nor one of the slots every other route needs.
+BriefSessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_caller_briefly(request: Request, session: BriefSessionDep, settings: SettingsDep) -> Caller:
+    """get_caller, on a session without a concurrency slot (BriefSessionDep)."""
+    return _charged_caller(request, session, settings)
+
+
+def _charged_caller(request: Request, session: Session, settings: Settings) -> Caller:
     caller = _identify(request, session, settings)
     bucket = caller.api_key.id if caller.api_key is not None else f"project:{caller.project.id}"
     wait = seconds_until_allowed(settings, key=bucket)
@@ -92,7 +107,12 @@ async def get_admin_key(caller: CallerDep) -> ApiKey:
     return caller.api_key
 
 
+async def get_current_project_briefly(caller: Annotated[Caller, Depends(get_caller_briefly)]) -> Project:
+    return caller.project
+
+
 CurrentProject = Annotated[Project, Depends(get_current_project)]
+BriefProject = Annotated[Project, Depends(get_current_project_briefly)]
 AdminKey = Annotated[ApiKey, Depends(get_admin_key)]
 
 

@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel, Field
 
-from app.api.deps import get_admin_key, get_caller, get_session
+from app.api.deps import get_admin_key, get_caller, get_caller_briefly, get_session
 from app.core.config import get_settings
 
 ERROR_DESCRIPTIONS = {
@@ -80,7 +80,7 @@ def _derived_errors(route: Any) -> set[int]:
     calls = _calls(route.dependant)
     params = get_flat_params(route.dependant)
     codes: set[int] = set()
-    if get_caller in calls:
+    if get_caller in calls or get_caller_briefly in calls:
         codes |= {401, 429}
     if get_admin_key in calls:
         codes.add(403)

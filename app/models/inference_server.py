@@ -23,6 +23,8 @@ class InferenceServer(KeyedMixin, Base):
     pid: Mapped[int] = mapped_column(Integer)
     # The internal HTTP address the API sends generation requests to.
     url: Mapped[str] = mapped_column(String(1024))
+    # The secret the API sends with each request (app/services/inference.py, TOKEN_HEADER).
+    token: Mapped[str] = mapped_column(String(64))
     # "cpu", "cuda:0", ...
     device: Mapped[str] = mapped_column(String(64))
     # Base models loaded now (names): a request for one of these goes where it is warm.

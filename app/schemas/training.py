@@ -178,7 +178,7 @@ class TrainingConfig(BaseModel):
             raise ConfigConflict("distributed", "distributed \"fsdp\" shards across processes; with one process "
                                  "it does nothing: ask for more processes (or GPUs) or use \"ddp\"")
         given = [name for name in NEEDS_VALIDATION_FILE if getattr(self, name) not in (None, False, 0)]
-        if self.evaluation != EvaluationConfig():
+        if self.evaluation.generate and self.evaluation != EvaluationConfig():
             given.append("evaluation")
         if given and not info.context.get("validation_file"):
             raise ConfigConflict("validation_file", f"{', '.join(given)} evaluate{'s' if len(given) == 1 else ''} "

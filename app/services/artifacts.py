@@ -53,12 +53,15 @@ def has_weights(session: Session, *, job: FineTuningJob) -> bool:
                                                        JobArtifact.kind.in_(WEIGHT_KINDS)).limit(1)) is not None
 
 
+def split_checkpoint_id(model_id: str) -> tuple[str, int | None]:
+    """A fine-tuned model id and the checkpoint step of a ``...:ckpt-step-N`` id (None for the model itself)."""
+    head, sep, tail = model_id.rpartition(":ckpt-step-")
+    return (head, int(tail)) if sep and tail.isdigit() else (model_id, None)
+
+
 def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) -> tuple[FineTuningJob, int | None]:
     """The succeeded job behind a fine-tuned model id, and the checkpoint step for ``...:ckpt-step-N`` ids."""
-    base_id, step = model_id, None
-    head, sep, tail = model_id.rpartition(":ckpt-step-")
-    if sep and tail.isdigit():
-        base_id, step = head, int(tail)
+    base_id, step = split_checkpoint_id(model_id)
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
                                                      FineTuningJob.fine_tuned_model == base_id,
                                                      FineTuningJob.status == JobStatus.SUCCEEDED))

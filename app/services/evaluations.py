@@ -3,7 +3,6 @@ they compare, which inference worker runs them, and their state as the API shows
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -12,22 +11,24 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import InvalidRequest, NotFound
-from app.models import AnswerEvaluation, FineTuningJob, InferenceServer, Project
+from app.models import AnswerEvaluation, FineTuningJob, Project
 from app.models.base import new_id, now_seconds
 from app.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from app.services import inference
+from app.services.artifacts import split_checkpoint_id
 from app.services.jobs import dataset_file
 from app.services.paging import page_after
 
-EVALUATIONS_PATH = "/evaluations"
 ACTIVE = ("queued", "running")
+# An evaluation not yet handed to an inference worker (server unset) after this long was lost with its API request.
+HANDOFF_SECONDS = 60
 
 
 def create_evaluation(session: Session, *, project: Project, job: FineTuningJob, request: EvaluationCreate,
                       settings: Settings) -> AnswerEvaluation:
     """Check the model and the file, record the evaluation and hand it to a live inference worker."""
     model = request.model or job.fine_tuned_model
-    if model is None or (model != job.fine_tuned_model and not model.startswith(f"{job.fine_tuned_model}:ckpt-step-")):
+    if model is None or split_checkpoint_id(model)[0] != job.fine_tuned_model:
         raise InvalidRequest(f"Job {job.id} has no fine-tuned model {model!r} to evaluate" +
                              ("" if job.fine_tuned_model is None else
                               f": use {job.fine_tuned_model} or one of its checkpoints"), param="model",
@@ -41,9 +42,10 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
                            result_files=[])
     session.add(row)
     session.commit()  # the inference worker reads the row from its own session
-    for url in urls:
+    for url, token in urls:
         try:
-            sent = httpx.post(url + EVALUATIONS_PATH, json={"id": row.id}, timeout=10)
+            sent = httpx.post(url + inference.EVALUATIONS_PATH, json={"id": row.id}, timeout=10,
+                              headers={inference.TOKEN_HEADER: token})
         except httpx.TransportError:
             continue
         if sent.status_code == 202:
@@ -60,11 +62,11 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
 
 def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: Settings) -> None:
     """Evaluations whose inference worker is gone (no live heartbeat) fail, saying so, instead of waiting forever."""
-    active = [r for r in rows if r.status in ACTIVE]
+    handed_off_by = now_seconds() - HANDOFF_SECONDS
+    active = [r for r in rows if r.status in ACTIVE and (r.server is not None or r.created_at < handed_off_by)]
     if not active:
         return
-    fresh = time.time() - settings.resolved_worker_stale_seconds
-    live = set(session.scalars(select(InferenceServer.name).where(InferenceServer.heartbeat_at >= fresh)))
+    live = {s.name for s in inference.live_servers(session, settings=settings)}
     for row in active:
         if row.server not in live:
             row.status, row.finished_at = "failed", now_seconds()

@@ -21,13 +21,16 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import APIError, InvalidRequest, RateLimited
+from app.core.errors import APIError, InvalidRequest, NotFound, RateLimited
 from app.models import InferenceServer, Project
 from app.services import artifacts, base_models
 
-# The internal routes of an inference process.
+# The internal routes of an inference process, and the header that carries its token: a secret each process draws
+# at start and writes to its row, so only callers that can read the database (the API) reach its port.
 GENERATE_PATH = "/generate"
+EVALUATIONS_PATH = "/evaluations"
 HEALTH_PATH = "/healthz"
+TOKEN_HEADER = "x-tuneforge-inference-token"
 # Seconds a client is told to wait when no inference process can take its request.
 INFERENCE_RETRY_AFTER_SECONDS = 5
 
@@ -90,26 +93,27 @@ def resolve_target(session: Session, *, settings: Settings, project: Project, mo
 
 
 def live_servers(session: Session, *, settings: Settings) -> list[InferenceServer]:
-    fresh = time.time() - settings.resolved_worker_stale_seconds
+    fresh = time.time() - settings.resolved_worker_stale_seconds  # the one staleness rule, as for workers
     return list(session.scalars(select(InferenceServer).where(InferenceServer.heartbeat_at >= fresh)
                                 .order_by(InferenceServer.queued, InferenceServer.pk)))
 
 
-def servers_for(session: Session, *, settings: Settings, target: Target) -> list[str]:
-    """Live inference processes' addresses, those with the base already loaded first, then the least busy."""
+def servers_for(session: Session, *, settings: Settings, target: Target) -> list[tuple[str, str]]:
+    """Live inference processes' (address, token), those with the base already loaded first, then the least busy."""
     servers = live_servers(session, settings=settings)
     if not servers:
         raise InferenceUnavailable("No inference worker is running: start one with `tuneforge worker --inference` "
                                    "(`tuneforge serve` starts one).")
-    warm = [s.url for s in servers if target.base in (s.loaded or [])]
-    return warm + [s.url for s in servers if s.url not in warm]
+    warm = [s for s in servers if target.base in (s.loaded or [])]
+    return [(s.url, s.token) for s in warm + [s for s in servers if s not in warm]]
 
 
-def register_server(session: Session, *, name: str, hostname: str, pid: int, url: str, device: str) -> None:
+def register_server(session: Session, *, name: str, hostname: str, pid: int, url: str, device: str,
+                    token: str) -> None:
     session.execute(delete(InferenceServer).where(InferenceServer.name == name))
     now = time.time()
-    session.add(InferenceServer(name=name, hostname=hostname, pid=pid, url=url, device=device, loaded=[], queued=0,
-                                started_at=now, heartbeat_at=now))
+    session.add(InferenceServer(name=name, hostname=hostname, pid=pid, url=url, device=device, token=token,
+                                loaded=[], queued=0, started_at=now, heartbeat_at=now))
 
 
 def record_heartbeat(session: Session, *, name: str, loaded: list[str], queued: int) -> None:
@@ -133,10 +137,12 @@ def _error_from(response: httpx.Response) -> APIError:
         return RateLimited(message, retry_after=1, code=code or "inference_busy")
     if response.status_code == 400:
         return InvalidRequest(message, param=param, code=code)
+    if response.status_code == 404:
+        return NotFound(message, param=param)
     return InferenceFailed(message, code=code or "inference_failed")
 
 
-def generate(urls: list[str], request: dict[str, Any], *, settings: Settings) -> Iterator[dict[str, Any]]:
+def generate(urls: list[tuple[str, str]], request: dict[str, Any], *, settings: Settings) -> Iterator[dict[str, Any]]:
     """Send a generation request to the first process that takes it and yield its lines (dicts).
 
     Raises before the first line (refused, busy everywhere, unreachable, too slow); after it, a failure is
@@ -144,10 +150,15 @@ def generate(urls: list[str], request: dict[str, Any], *, settings: Settings) ->
     """
     timeout = httpx.Timeout(settings.inference_timeout_seconds, connect=5.0)
     busy: APIError | None = None
-    for url in urls:
+    for url, token in urls:
+        headers = {TOKEN_HEADER: token}
         client = httpx.Client(timeout=timeout)
         try:
-            response = client.send(client.build_request("POST", url + GENERATE_PATH, json=request), stream=True)
+            response = client.send(client.build_request("POST", url + GENERATE_PATH, json=request, headers=headers),
+                                   stream=True)
+        except httpx.ConnectTimeout:
+            client.close()
+            continue  # unreachable (a host that went away): try the next one
         except httpx.TimeoutException as exc:
             client.close()
             raise InferenceTimeout(f"The inference process did not answer within "

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column('hostname', sa.String(length=255), nullable=False),
         sa.Column('pid', sa.Integer(), nullable=False),
         sa.Column('url', sa.String(length=1024), nullable=False),
+        sa.Column('token', sa.String(length=64), nullable=False),
         sa.Column('device', sa.String(length=64), nullable=False),
         sa.Column('loaded', JSON, nullable=False),
         sa.Column('queued', sa.Integer(), nullable=False),

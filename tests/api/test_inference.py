@@ -44,12 +44,13 @@ def inference_server(session: Any, tiny_model_dir: Path) -> Iterator[ThreadServe
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(build_app(generations), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(generations, token="t0ken"), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    inference.register_server(session, name="test/inference", hostname="test", pid=1, url=url, device="cpu")
+    inference.register_server(session, name="test/inference", hostname="test", pid=1, url=url, device="cpu",
+                              token="t0ken")
     session.commit()
     yield ThreadServer(generations, server, thread, url)
     server.should_exit = True
@@ -70,7 +71,7 @@ def test_without_an_inference_worker_the_answer_says_how_to_start_one(client: Te
     assert int(response.headers["retry-after"]) >= 1
     # A server whose heartbeat is stale counts as gone.
     inference.register_server(session, name="old/inference", hostname="h", pid=1, url="http://127.0.0.1:9",
-                              device="cpu")
+                              device="cpu", token="x")
     session.flush()
     for row in session.query(InferenceServer):
         row.heartbeat_at = time.time() - 3600
@@ -83,7 +84,7 @@ def test_a_registered_server_that_is_not_listening_is_unavailable(client: TestCl
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     inference.register_server(session, name="dead/inference", hostname="h", pid=1, url=f"http://127.0.0.1:{port}",
-                              device="cpu")
+                              device="cpu", token="x")
     session.commit()
     response = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT})
     assert response.status_code == 503 and "could be reached" in response.json()["error"]["message"]
@@ -217,3 +218,17 @@ def test_an_evaluation_whose_inference_worker_is_gone_fails_saying_so(client: Te
     found = client.get(f"{path}/ftevaluation-orphan").json()
     assert found["status"] == "failed" and "stopped before it finished" in found["error"]["message"]
     assert client.get(f"{path}/ftevaluation-nope").status_code == 404
+
+
+def test_the_inference_port_answers_only_with_its_token(inference_server: ThreadServer) -> None:
+    import httpx
+
+    body = {"model": "tiny-llama", "base": "tiny-llama", "weights_key": None, "full": False, "prompt": {"text": "a"},
+            "max_tokens": 1, "temperature": 0, "top_p": 1, "n": 1, "stop": [], "seed": 1}
+    for headers in ({}, {inference.TOKEN_HEADER: "wrong"}):
+        refused = httpx.post(inference_server.url + inference.GENERATE_PATH, json=body, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(inference_server.url + inference.EVALUATIONS_PATH, json={"id": "x"}).status_code == 401
+    served = httpx.post(inference_server.url + inference.GENERATE_PATH, json=body,
+                        headers={inference.TOKEN_HEADER: "t0ken"})
+    assert served.status_code == 200 and '"type": "done"' in served.text

@@ -60,7 +60,15 @@ def test_settings_that_evaluate_are_refused_without_a_validation_file(client: Te
     assert f"{', '.join(named)} evaluate" in error["message"] and "set validation_file" in error["message"]
 
 
-@pytest.mark.parametrize("evaluation", [{"max_examples": 5}, {"generate": False}])
+def test_turning_the_answer_report_off_needs_no_validation_file(client: TestClient) -> None:
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": upload_chat(client),
+        "method": {"supervised": {"evaluation": {"generate": False}}}})
+    assert response.status_code == 200, response.text
+    assert response.json()["method"]["supervised"]["evaluation"]["generate"] is False
+
+
+@pytest.mark.parametrize("evaluation", [{"max_examples": 5}, {"generate": True, "max_new_tokens": 8}])
 def test_an_answer_report_setting_without_a_validation_file_is_refused(client: TestClient,
                                                                        evaluation: dict[str, Any]) -> None:
     response = client.post("/v1/fine_tuning/jobs", json={

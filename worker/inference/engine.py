@@ -19,6 +19,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from worker.archive import extract_tar
 from worker.model_cache import ModelRef, ModelUnavailable, local_model
 from worker.training.checkpoint import load_weights
 from worker.training.data import prompt_ids
-from worker.training.generation import answer_tokens, end_ids
+from worker.training.generation import answer_tokens, end_ids, inference_dtype
 from worker.training.model import pick_device
 
 logger = logging.getLogger("tuneforge.inference")
@@ -75,6 +76,11 @@ class Prepared:
     seed: int
 
 
+def base_only(loaded: LoadedModel) -> AbstractContextManager[Any]:
+    """The base's own weights: a base with adapters attached runs with them switched off."""
+    return loaded.model.disable_adapter() if loaded.adapters else nullcontext()
+
+
 def adapter_name(weights_key: str) -> str:
     """PEFT keys modules by adapter name: no dots or colons, so a digest of the storage key."""
     return "ft_" + hashlib.sha256(weights_key.encode()).hexdigest()[:16]
@@ -89,12 +95,17 @@ class Engine:
         # row, fetched into the model cache when needed (a test gives its own folders).
         self.base_folder = base_folder or self._registered_folder
         self.device = device or pick_device()
-        # bf16 where the GPU has it (half the memory, full speed); fp32 on the CPU, where bf16 matmuls of
-        # these shapes are not faster for one token at a time.
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.dtype = inference_dtype(self.device)
         self.models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.lock = threading.Lock()  # the models dict is read by the heartbeat thread
         self.weights_root = settings.data_dir.resolve() / "inference" / "weights"
+
+    def for_clients(self, message: str) -> str:
+        """A failure message without this host's folders (clients get it; the log keeps the paths)."""
+        for folder, role in ((self.weights_root, "<weights>"), (self.settings.model_cache_root, "<model cache>"),
+                             (self.settings.data_dir.resolve(), "<data dir>")):
+            message = message.replace(str(folder), role)
+        return message
 
     def loaded_bases(self) -> list[str]:
         with self.lock:
@@ -231,7 +242,8 @@ class Engine:
             prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
             tokens = answer_budget(tokenizer, examples, budget)
             tuned = greedy_answers(tuned_model.model, tokenizer, prompts, tokens)
-            answers_of_base = greedy_answers(base_model.model, tokenizer, prompts, tokens)
+            with base_only(base_model):  # the base may carry other adapters: switched off for its own answers
+                answers_of_base = greedy_answers(base_model.model, tokenizer, prompts, tokens)
         else:
             loaded = self._model(base, base=base)
             self._attach(loaded, key)
@@ -239,7 +251,7 @@ class Engine:
             prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
             tokens = answer_budget(tokenizer, examples, budget)
             tuned = greedy_answers(loaded.model, tokenizer, prompts, tokens)
-            with loaded.model.disable_adapter():
+            with base_only(loaded):
                 answers_of_base = greedy_answers(loaded.model, tokenizer, prompts, tokens)
         return compare_answers(examples, prompts, tokens, base=answers_of_base, tuned=tuned)
 
@@ -247,14 +259,9 @@ class Engine:
 
     def generate(self, prepared: Prepared, *, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
         """The answer's lines: begin, delta..., end per choice (choices one after the other)."""
-        from contextlib import nullcontext
-
         loaded = prepared.loaded
-        model = loaded.model
-        # A base-model request on a base that has adapters attached: run it with them switched off.
-        off = model.disable_adapter() if prepared.adapter is None and loaded.adapters else nullcontext()
         generator = torch.Generator(device=self.device).manual_seed(prepared.seed)
-        with off, torch.inference_mode():
+        with base_only(loaded) if prepared.adapter is None else nullcontext(), torch.inference_mode():
             for index in range(prepared.n):
                 yield {"type": "begin", "index": index}
                 yield from self._choice(prepared, index=index, generator=generator, cancelled=cancelled)

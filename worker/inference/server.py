@@ -9,10 +9,12 @@ left, or it died) the thread sees the cancellation at its next token and frees t
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -66,7 +68,7 @@ class Generations:
                       {"type": "error", "code": exc.code, "message": exc.message})
         except Exception as exc:  # the request fails, the process lives on
             logger.exception("generation failed")
-            message = f"Generation failed: {type(exc).__name__}: {exc}"
+            message = self.engine.for_clients(f"Generation failed: {type(exc).__name__}: {exc}")
             lines.put(_refusal(500, message, "inference_failed") if not started else
                       {"type": "error", "code": "inference_failed", "message": message})
         finally:
@@ -96,8 +98,12 @@ class Generations:
         except Exception as exc:
             logger.exception("evaluation %s failed on %s", evaluation_id, server)
             message = exc.message if isinstance(exc, Refusal) else f"{type(exc).__name__}: {exc}"
-            with session_scope() as session:
-                evaluations.finish(session, evaluation_id=evaluation_id, report=None, files=[], error=message)
+            try:
+                with session_scope() as session:
+                    evaluations.finish(session, evaluation_id=evaluation_id, report=None, files=[],
+                                       error=self.engine.for_clients(message))
+            except Exception:  # the database away: the row stays running; the log says why
+                logger.exception("could not record the failure of evaluation %s", evaluation_id)
         finally:
             with self._count:
                 self.in_flight -= 1
@@ -123,10 +129,19 @@ class Generations:
         return lines, cancelled
 
 
-def build_app(generations: Generations, *, name: str = "inference") -> FastAPI:
+def build_app(generations: Generations, *, token: str, name: str = "inference") -> FastAPI:
     app = FastAPI(title="tuneforge inference (internal)", openapi_url=None, docs_url=None, redoc_url=None)
 
-    @app.post(evaluations.EVALUATIONS_PATH)
+    @app.middleware("http")
+    async def only_the_api(request: Request, call_next: Any) -> Any:
+        """Requests must carry the token this process wrote to its database row (the API reads it there)."""
+        given = request.headers.get(inference.TOKEN_HEADER, "")
+        if request.url.path != inference.HEALTH_PATH and not hmac.compare_digest(given, token):
+            return JSONResponse(envelope("Missing or wrong inference token.", type_="authentication_error",
+                                         param=None, code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.post(inference.EVALUATIONS_PATH)
     async def evaluate(request: Request) -> Any:
         body = await request.json()
         if not generations.submit_evaluation(str(body["id"]), name):
@@ -197,16 +212,17 @@ def serve(settings: Settings) -> None:
     sock.bind((settings.inference_host, settings.inference_port))
     port = sock.getsockname()[1]
     host = settings.inference_host if settings.inference_host not in ("0.0.0.0", "::") else socket.gethostname()
-    url = settings.inference_url or f"http://{host}:{port}"
+    url = settings.inference_url or f"http://{f'[{host}]' if ':' in host else host}:{port}"
     name = f"{worker_name(settings)}/inference"
+    token = secrets.token_hex(16)
     with session_scope() as session:
         inference.register_server(session, name=name, hostname=socket.gethostname(), pid=os.getpid(), url=url,
-                                  device=str(engine.device))
+                                  device=str(engine.device), token=token)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(settings, name, generations, stop), daemon=True)
     beat.start()
     logger.info("inference worker %s serving at %s on %s", name, url, engine.device)
-    config = uvicorn.Config(build_app(generations, name=name), log_level="warning",
+    config = uvicorn.Config(build_app(generations, token=token, name=name), log_level="warning",
                             timeout_graceful_shutdown=int(settings.stop_grace_seconds))
     try:
         uvicorn.Server(config).run(sockets=[sock])

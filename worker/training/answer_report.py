@@ -22,7 +22,7 @@ import torch
 
 from app.schemas.training import AnswerBudget, EvaluationConfig
 from worker.training.data import prompt_ids
-from worker.training.generation import answer_tokens, end_ids
+from worker.training.generation import answer_tokens, end_ids, inference_dtype
 
 # The default answer budget: twice the longest reference plus this, at most AUTO_MAX_NEW_TOKENS.
 AUTO_EXTRA_TOKENS = 16
@@ -139,7 +139,7 @@ def evaluate_answers(evaluation: EvaluationConfig, *, full: bool, model_path: Pa
     """A job's report, from its base model's folder and its final weights (adapter or full model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = inference_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     examples = examples_of(validation_file, limit=evaluation.max_examples)
     prompts = [prompt_ids(tokenizer, prompt) for prompt, _ in examples]

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from app.api.deps import CurrentProject, SessionDep, SettingsDep
+from app.api.deps import BriefProject, BriefSessionDep, SettingsDep
 from app.api.openapi import errors
 from app.core.errors import envelope
 from app.schemas.inference import (
@@ -43,7 +43,7 @@ def _streamed(schema: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
             **errors(404, 502, 504)}
 
 
-def _run(body: _Sampling, prompt: dict[str, Any], *, session: SessionDep, project: CurrentProject,
+def _run(body: _Sampling, prompt: dict[str, Any], *, session: BriefSessionDep, project: BriefProject,
          settings: SettingsDep) -> Iterator[dict[str, Any]]:
     target = inference.resolve_target(session, settings=settings, project=project, model=body.model)
     urls = inference.servers_for(session, settings=settings, target=target)
@@ -107,7 +107,7 @@ def _event_stream(events: Iterator[str]) -> StreamingResponse:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_streamed(ChatCompletionChunk))
-def create_chat_completion(body: ChatCompletionCreate, session: SessionDep, project: CurrentProject,
+def create_chat_completion(body: ChatCompletionCreate, session: BriefSessionDep, project: BriefProject,
                            settings: SettingsDep) -> ChatCompletion | StreamingResponse:
     """Generate the assistant's answer to a conversation with a base model, a fine-tuned model or a checkpoint."""
     lines = _run(body, body.prompt(), session=session, project=project, settings=settings)
@@ -136,7 +136,7 @@ def create_chat_completion(body: ChatCompletionCreate, session: SessionDep, proj
 
 
 @router.post("/completions", response_model=Completion, responses=_streamed(Completion))
-def create_completion(body: CompletionCreate, session: SessionDep, project: CurrentProject,
+def create_completion(body: CompletionCreate, session: BriefSessionDep, project: BriefProject,
                       settings: SettingsDep) -> Completion | StreamingResponse:
     """Continue a text prompt with a base model, a fine-tuned model or a checkpoint (the legacy completions API)."""
     lines = _run(body, {"text": body.prompt}, session=session, project=project, settings=settings)
