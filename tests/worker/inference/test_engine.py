@@ -170,3 +170,53 @@ def test_full_fine_tunes_are_models_of_their_own(setup: tuple[Engine, LocalStora
     (base,), _ = answer(engine, request())
     assert tuned == reference_greedy(model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir), 12) != base
     assert engine.loaded_bases() == ["tiny-llama"] and len(engine.models) == 2
+
+
+def test_an_evaluation_on_a_stored_file_compares_the_adapter_with_its_base(
+        setup: tuple[Engine, LocalStorage], tmp_path: Path, tiny_model_dir: Path) -> None:
+    from app.schemas.training import AnswerBudget
+    from tests.support.data import chat_lines, jsonl
+
+    engine, storage = setup
+    first, second = (store_adapter(tiny_model_dir, storage, tmp_path, seed=s) for s in (1, 2))
+    answer(engine, request(weights_key=second))  # another adapter attached and active on the same base
+    storage.write("files/valid", [jsonl(chat_lines(3))])
+    budget = AnswerBudget(max_examples=3, max_new_tokens=5)
+    report, samples = engine.evaluate({"base": "tiny-llama", "weights_key": first, "full": False,
+                                       "file_key": "files/valid"}, budget=budget)
+    assert report["examples"] == 3 and report["max_new_tokens"] == 5
+    for sample in samples:
+        prompt = {"messages": sample["prompt"]}
+        (tuned,), _ = answer(engine, request(weights_key=first, prompt=prompt, max_tokens=5))
+        (base,), _ = answer(engine, request(prompt=prompt, max_tokens=5))
+        assert sample["tuned"]["answer"] == tuned and sample["base"]["answer"] == base
+    with pytest.raises(Refusal):  # a file without answers to compare with
+        storage.write("files/empty", [b'{"messages": [{"role": "user", "content": "hi"}]}\n'])
+        engine.evaluate({"base": "tiny-llama", "weights_key": first, "full": False, "file_key": "files/empty"},
+                        budget=budget)
+
+
+def test_a_full_fine_tunes_evaluation_answers_base_with_the_bases_adapters_off(
+        setup: tuple[Engine, LocalStorage], tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from app.schemas.training import AnswerBudget
+    from tests.support.data import chat_lines, jsonl
+
+    engine, storage = setup
+    adapter = store_adapter(tiny_model_dir, storage, tmp_path, seed=1)
+    (plain,), _ = answer(engine, request(max_tokens=5))
+    answer(engine, request(weights_key=adapter))  # the base now carries an active adapter
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    folder = tmp_path / "full"
+    folder.mkdir()
+    save_weights(model, folder, full=True)
+    storage.write("artifacts/full/model", file_chunks(tar_directory(folder, tmp_path / "full.tar")))
+    storage.write("files/one", [jsonl([{"messages": [*CHAT["messages"], {"role": "assistant", "content": "red"}]},
+                                       *chat_lines(1)])])
+    _, samples = engine.evaluate({"base": "tiny-llama", "weights_key": "artifacts/full/model", "full": True,
+                                  "file_key": "files/one"}, budget=AnswerBudget(max_examples=1, max_new_tokens=5))
+    assert samples[0]["base"]["answer"] == plain and samples[0]["tuned"]["answer"] != plain

@@ -75,3 +75,25 @@ def test_the_report_records_each_models_own_greedy_answers(tmp_path: Path, tiny_
         assert report[who]["hit_max_tokens"] == sum(s[who]["finish_reason"] == "length" for s in samples) / 3
     assert report["tuned_minus_base"]["f1"] == pytest.approx(report["tuned"]["f1"] - report["base"]["f1"])
     json.dumps(report)  # what eval_report.json holds
+
+
+def test_a_full_fine_tune_is_compared_with_a_fresh_copy_of_its_base(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    tuned.save_pretrained(tmp_path / "final")  # as the recipe saves a full fine-tune's final weights
+    valid = tmp_path / "valid.jsonl"
+    valid.write_bytes(jsonl(chat_lines(3)))
+    budget = EvaluationConfig(max_examples=3, max_new_tokens=6)
+    report, samples = evaluate_answers(budget, full=True, model_path=tiny_model_dir, final_dir=tmp_path / "final",
+                                       validation_file=valid, device=torch.device("cpu"))
+    _, itself = evaluate_answers(budget, full=True, model_path=tiny_model_dir, final_dir=tiny_model_dir,
+                                 validation_file=valid, device=torch.device("cpu"))
+    assert report["max_new_tokens"] == 6 and report["examples"] == 3
+    # The base column is the untouched base (what the base answers against itself); the tuned column differs.
+    assert [s["base"]["answer"] for s in samples] == [s["base"]["answer"] for s in itself] == \
+        [s["tuned"]["answer"] for s in itself]
+    assert [s["tuned"]["answer"] for s in samples] != [s["base"]["answer"] for s in samples]
