@@ -232,3 +232,28 @@ def test_the_inference_port_answers_only_with_its_token(inference_server: Thread
     served = httpx.post(inference_server.url + inference.GENERATE_PATH, json=body,
                         headers={inference.TOKEN_HEADER: "t0ken"})
     assert served.status_code == 200 and '"type": "done"' in served.text
+
+
+def test_a_request_whose_caller_gave_up_while_waiting_never_generates(inference_server: ThreadServer) -> None:
+    import httpx
+
+    generations = inference_server.generations
+    body = {"model": "tiny-llama", "base": "tiny-llama", "weights_key": None, "full": False, "prompt": {"text": "a"},
+            "max_tokens": 2000, "temperature": 0, "top_p": 1, "n": 1, "stop": [], "seed": 1}
+    started = threading.Event()
+    original = generations.engine.prepare
+
+    def prepare(request: dict[str, Any]) -> Any:
+        started.set()
+        return original(request)
+
+    generations.engine.prepare = prepare  # type: ignore[method-assign]
+    with generations.turn:  # another answer is generating: this request waits for its turn
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(inference_server.url + inference.GENERATE_PATH, json=body, timeout=1.0,
+                       headers={inference.TOKEN_HEADER: "t0ken"})
+        time.sleep(2.0)  # the server notices the caller left while the request still waits
+    deadline = time.monotonic() + 5
+    while generations.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert generations.in_flight == 0 and not started.is_set()  # its place was given back; nothing was generated

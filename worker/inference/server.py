@@ -9,6 +9,7 @@ left, or it died) the thread sees the cancellation at its next token and frees t
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
@@ -35,6 +36,8 @@ from worker.inference.engine import Engine, Refusal
 from worker.registration import worker_name
 
 logger = logging.getLogger("tuneforge.inference")
+# How often a waiting request checks that its caller is still there.
+WAIT_POLL_SECONDS = 0.5
 
 
 def _refusal(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
@@ -163,11 +166,24 @@ def build_app(generations: Generations, *, token: str, name: str = "inference") 
                                          type_="rate_limit_error", param=None, code="inference_busy"),
                                 status_code=429)
         lines, cancelled = submitted
+        # While it waits for its turn (and its model), a request whose caller gave up (the API timed out, or its
+        # client left) gives its place back instead of generating for nobody: a pending receive() is what makes the
+        # server read the connection, and it answers http.disconnect once the caller closed it.
+        gone = asyncio.ensure_future(request.receive())
         try:
-            first = await run_in_threadpool(lines.get)
+            while True:
+                try:
+                    first = await run_in_threadpool(lines.get, True, WAIT_POLL_SECONDS)
+                    break
+                except queue.Empty:
+                    if gone.done():
+                        cancelled.set()
+                        return Response(status_code=499)
         except BaseException:
             cancelled.set()
             raise
+        finally:
+            gone.cancel()
         if first["type"] == "refused":
             return JSONResponse(envelope(first["message"], type_="invalid_request_error" if first["status"] < 500
                                          else "server_error", param=first["param"], code=first["code"]),
