@@ -75,6 +75,9 @@ class Setup:
     pickup_jobs: int  # extra small jobs for the pickup figure (each main job is one more sample)
     warmup_job: bool  # run one unmeasured small job first
     repeats: int  # direct and service runs, alternated
+    # Seconds between status polls once the job runs: the service's "steps 2.." is measured to this resolution, so a
+    # run whose steps take less than a poll (the quick one) polls faster.
+    poll_after: float = 0.25
 
 
 # ~26M parameters (bench/train.py's model): steps of a few seconds, so the run lasts a few minutes here.
@@ -87,7 +90,7 @@ FULL = Setup(model={"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "inte
 QUICK = Setup(model={}, n_examples=24, median_words=4,
               hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate": 2e-3, "n_checkpoints": 2},
               adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-              pickup_jobs=0, warmup_job=False, repeats=1)
+              pickup_jobs=0, warmup_job=False, repeats=1, poll_after=0.01)
 PICKUP_HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 4, "learning_rate": 2e-3}
 
 
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
             service_file = upload(client, train_file)
             for repeat in range(args.repeats or setup.repeats):
                 directs.append(run_direct(config_file, model_dir, train_file, root / f"direct-{repeat}"))
-                run = run_service_job(client, {**body, "training_file": service_file}, **procs)
+                run = run_service_job(client, {**body, "training_file": service_file}, poll_after=setup.poll_after,
+                                      **procs)
                 assert run.status == "succeeded", run.events[-3:]
                 resolved = config.model_dump(mode="json", include=set(HYPERPARAMETER_FIELDS))
                 assert run.config["hyperparameters"] == resolved, \
