@@ -166,7 +166,7 @@ def test_the_job_ends_with_a_base_versus_tuned_answer_report(service: Service, t
     headline = job["evaluation"]
     assert headline["examples"] == 12 and job["method"]["supervised"]["evaluation"]["max_examples"] == 12
     # The tuned model learned the format (a colour, then its end of turn) and some of the codes' colours (each code's
-    # colour is arbitrary: 16 steps of a tiny model memorise about a third, measured 4/12); the base answers none.
+    # colour is arbitrary: 48 steps of a tiny model memorise about a third, measured 4/12); the base answers none.
     assert headline["base"]["exact_match"] == 0.0 and headline["tuned"]["exact_match"] >= 0.25, headline
     assert headline["tuned"]["f1"] > headline["base"]["f1"] and headline["tuned_minus_base"]["exact_match"] > 0
     # The base never ends its turn within the budget; the tuned model nearly always does (measured 11 of 12).
