@@ -17,12 +17,17 @@ def answer_tokens(model: Any, tokenizer: Any, prompt: list[int], *, max_tokens: 
     ("stop": an end token or a stop sequence; "length": max_tokens) and the tokens generated. Stops quietly when
     `cancelled` is set. Shared by the inference role and the evaluation of a job's answers."""
     device = next(model.parameters()).device
-    # Text is held back while it could still be the start of a stop sequence, or ends inside a character.
+    # Text is held back while it could still be the start of a stop sequence.
     hold = max((len(s) for s in stop), default=1) - 1
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     generated: list[int] = []
     sent, reason = 0, "length"
     text = ""
+    # Incremental decoding, as vLLM's: a new token's text is the decode of the last few tokens minus the decode of
+    # the ones before it (a token decoded alone can lose its leading space), so each step decodes a handful of
+    # tokens, not the whole answer.
+    prefix_offset = read_offset = 0
+    cut_at_stop = False
     while len(generated) < max_tokens:
         if cancelled is not None and cancelled.is_set():
             return
@@ -31,16 +36,27 @@ def answer_tokens(model: Any, tokenizer: Any, prompt: list[int], *, max_tokens: 
         if token in ends:
             reason = "stop"
             break
-        text = tokenizer.decode([t for t in generated if t not in ends], skip_special_tokens=True)
-        cut = min((p for s in stop if (p := text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-            break
-        ready = min(len(text) - hold, len(text.rstrip("\ufffd")))
+        before = tokenizer.decode(generated[prefix_offset:read_offset], skip_special_tokens=True)
+        after = tokenizer.decode(generated[prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # whole characters only
+            searched_from = max(0, len(text) - hold)
+            text += after[len(before):]
+            prefix_offset, read_offset = read_offset, len(generated)
+            cut = min((p for s in stop if (p := text.find(s, searched_from)) >= 0), default=-1)
+            if cut >= 0:
+                text, reason, cut_at_stop = text[:cut], "stop", True
+                break
+        ready = len(text) - hold
         if ready > sent:
             yield {"type": "delta", "text": text[sent:ready]}
             sent = ready
         out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+    if not cut_at_stop:  # what the last tokens decode to, an unfinished character included
+        pending = [t for t in generated[read_offset:] if t not in ends]
+        if pending:
+            before = tokenizer.decode(generated[prefix_offset:read_offset], skip_special_tokens=True)
+            text += tokenizer.decode(generated[prefix_offset:read_offset] + pending,
+                                     skip_special_tokens=True)[len(before):]
     if len(text) > sent:
         yield {"type": "delta", "text": text[sent:]}
     yield {"type": "end", "finish_reason": reason, "completion_tokens": len(generated)}
