@@ -134,7 +134,11 @@ class Engine:
             tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=self.weights_root))
             try:
                 extract_tar(self.storage.read(key), tmp)
-                os.rename(tmp, target)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    if not target.is_dir():  # else another process on this host extracted it first: use theirs
+                        raise
             except FileNotFoundError as exc:
                 raise Refusal("The fine-tuned model's weights are gone (deleted or pruned).", status=404,
                               code="not_found", param="model") from exc
@@ -160,14 +164,15 @@ class Engine:
     def _model(self, name: str, *, base: str, full_weights: Path | None = None) -> LoadedModel:
         loaded = self.models.get(name)
         if loaded is None:
-            loaded = self._load(name, base=base, full_weights=full_weights)
-            with self.lock:
-                self.models[name] = loaded
-                while len(self.models) > self.settings.inference_max_bases:
+            with self.lock:  # room first, so memory never holds one model more than the bound
+                while len(self.models) >= self.settings.inference_max_bases:
                     evicted, _ = self.models.popitem(last=False)
                     logger.info("unloaded %s (least recently used)", evicted)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            loaded = self._load(name, base=base, full_weights=full_weights)
+            with self.lock:
+                self.models[name] = loaded
         with self.lock:
             self.models.move_to_end(name)
         return loaded
@@ -235,24 +240,19 @@ class Engine:
         if not examples:
             raise Refusal("The file has no example with an answer to compare with (a chat whose last message is "
                           "the assistant's, or a prompt-completion example).", param="file_id")
-        if target.get("full"):
-            tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key))
+        if target.get("full"):  # a model of its own, beside its base
+            tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key)).model
             base_model = self._model(base, base=base)
-            tokenizer = base_model.tokenizer
-            prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
-            tokens = answer_budget(tokenizer, examples, budget)
-            tuned = greedy_answers(tuned_model.model, tokenizer, prompts, tokens)
-            with base_only(base_model):  # the base may carry other adapters: switched off for its own answers
-                answers_of_base = greedy_answers(base_model.model, tokenizer, prompts, tokens)
-        else:
-            loaded = self._model(base, base=base)
-            self._attach(loaded, key)
-            tokenizer = loaded.tokenizer
-            prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
-            tokens = answer_budget(tokenizer, examples, budget)
-            tuned = greedy_answers(loaded.model, tokenizer, prompts, tokens)
-            with base_only(loaded):
-                answers_of_base = greedy_answers(loaded.model, tokenizer, prompts, tokens)
+        else:  # the adapter, active on its base
+            base_model = self._model(base, base=base)
+            self._attach(base_model, key)
+            tuned_model = base_model.model
+        tokenizer = base_model.tokenizer
+        prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
+        tokens = answer_budget(tokenizer, examples, budget)
+        tuned = greedy_answers(tuned_model, tokenizer, prompts, tokens)
+        with base_only(base_model):  # the base's own answers, whatever adapters it carries
+            answers_of_base = greedy_answers(base_model.model, tokenizer, prompts, tokens)
         return compare_answers(examples, prompts, tokens, base=answers_of_base, tuned=tuned)
 
     # --- generation ----------------------------------------------------------------------------------------
