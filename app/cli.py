@@ -205,7 +205,8 @@ def export_model(model: Annotated[str, typer.Argument(help="A fine-tuned model (
     base = _call(url, api_key, "GET", f"/models/{quote(found['root'], safe='')}")
     listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")["data"]
     names = {a["name"] for a in listing}
-    from app.services.artifacts import split_checkpoint_id
+    adapter_type = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}")["method"]["supervised"]["adapter"]["type"]
+    from app.services.artifacts import split_checkpoint_id, weights_artifact
 
     _model, step = split_checkpoint_id(model)
     if step is not None:
@@ -213,7 +214,7 @@ def export_model(model: Annotated[str, typer.Argument(help="A fine-tuned model (
     elif fmt == "merged" and "merged" in names:  # merged by the worker at the end of training (merge: true)
         artifact = "merged"
     else:
-        artifact = "adapter" if "adapter" in names else "model"
+        artifact = weights_artifact(adapter_type)
     target = output or Path(f"{model.replace(':', '-').replace('/', '-')}-{fmt}")
     if target.exists() and any(target.iterdir()):
         raise typer.BadParameter(f"{target} exists and is not empty", param_hint="--output")

@@ -28,7 +28,7 @@ from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, JobStatus, Project, RegisteredModel
 from app.schemas.training import TrainingConfig
 from app.services import attempts
-from app.services.artifacts import find_fine_tuned_model
+from app.services.artifacts import find_fine_tuned_model, weights_artifact
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.intake import token_report
@@ -242,7 +242,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         record = result.final_dir / "training_config.json"
         record.write_text(json.dumps({**json.loads(record.read_text()), "base_model": {
             "name": base.name, "source": base.source, "commit_sha": base.commit_sha}}, indent=2))
-        adapter_name = "model" if config.adapter.type == "full" else "adapter"
+        adapter_name = weights_artifact(config.adapter.type)
         outputs = [
             (adapter_name, adapter_name, tar_directory(result.final_dir, workdir / f"{adapter_name}.tar"),
              f"{job_id}-{adapter_name}.tar"),

@@ -110,6 +110,29 @@ function drawChart(container, series) {
 }
 
 // --- SSE over fetch (EventSource cannot send the Authorization header) ---------------------------------
+async function* sseFrames(response) {
+  // The frames of a text/event-stream body: {id, event, data} with the fields the frame has; comments skipped.
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const frame = {};
+      for (const line of block.split("\n")) {
+        if (!line || line.startsWith(":")) continue;
+        const i = line.indexOf(":");
+        frame[line.slice(0, i)] = line.slice(i + 1).replace(/^ /, "");
+      }
+      if (frame.data) yield frame;
+    }
+  }
+}
+
 async function followEvents(jobId, onFrame, signal) {
   let lastId = null;
   while (!signal.aborted) {
@@ -117,28 +140,12 @@ async function followEvents(jobId, onFrame, signal) {
       const headers = { ...authHeaders(), ...(lastId ? { "Last-Event-ID": lastId } : {}) };
       const response = await fetch(`/v1/fine_tuning/jobs/${jobId}/events/stream`, { headers, signal });
       if (!response.ok) throw new Error(`stream answered ${response.status}`);
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "", terminal = false;
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          const frame = {};
-          for (const line of block.split("\n")) {
-            if (!line || line.startsWith(":")) continue;
-            const i = line.indexOf(":");
-            frame[line.slice(0, i)] = line.slice(i + 1).replace(/^ /, "");
-          }
-          if (!frame.data) continue;
-          if (frame.id) lastId = frame.id;
-          const data = JSON.parse(frame.data);
-          if (frame.event === "status" && TERMINAL.includes(data.status)) terminal = true;
-          onFrame(frame.event, data);
-        }
+      let terminal = false;
+      for await (const frame of sseFrames(response)) {
+        if (frame.id) lastId = frame.id;
+        const data = JSON.parse(frame.data);
+        if (frame.event === "status" && TERMINAL.includes(data.status)) terminal = true;
+        onFrame(frame.event, data);
       }
       if (terminal) return;
     } catch (error) {
@@ -238,23 +245,14 @@ async function streamChat(model, body, onDelta, signal) {
     const error = await response.json().catch(() => ({}));
     throw new Error((error.error && error.error.message) || `${response.status} ${response.statusText}`);
   }
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "", finish = null;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += value;
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const data = buffer.slice(0, cut).replace(/^data: ?/, "");
-      buffer = buffer.slice(cut + 2);
-      if (data === "[DONE]") return finish;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      for (const choice of chunk.choices || []) {
-        if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
-        if (choice.finish_reason) finish = choice.finish_reason;
-      }
+  let finish = null;
+  for await (const frame of sseFrames(response)) {
+    if (frame.data === "[DONE]") return finish;
+    const chunk = JSON.parse(frame.data);
+    if (chunk.error) throw new Error(chunk.error.message);
+    for (const choice of chunk.choices || []) {
+      if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
+      if (choice.finish_reason) finish = choice.finish_reason;
     }
   }
   throw new Error("the answer was cut off");

@@ -15,6 +15,11 @@ from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatu
 WEIGHT_KINDS = ("adapter", "model")
 
 
+def weights_artifact(adapter_type: str) -> str:
+    """The artifact that holds a job's trained weights: a full fine-tune's `model`, else its `adapter`."""
+    return "model" if adapter_type == "full" else "adapter"
+
+
 @dataclass(frozen=True)
 class Artifact:
     name: str

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import APIError, InvalidRequest, NotFound, RateLimited
 from app.models import InferenceServer, Project
+from app.schemas.training import TrainingConfig
 from app.services import artifacts, base_models
 
 # The internal routes of an inference process, and the header that carries its token: a secret each process draws
@@ -86,10 +87,10 @@ def resolve_target(session: Session, *, settings: Settings, project: Project, mo
                                  code="model_not_available")
         return Target(model=model, base=model)
     job, step = artifacts.find_fine_tuned_model(session, project=project, model_id=model)
-    full = (job.config.get("adapter") or {}).get("type") == "full"
-    name = f"checkpoint-step-{step}" if step is not None else ("model" if full else "adapter")
+    adapter_type = TrainingConfig.model_validate(job.config).adapter.type
+    name = f"checkpoint-step-{step}" if step is not None else artifacts.weights_artifact(adapter_type)
     key = artifacts.get_artifact(session, job=job, name=name).blob_key
-    return Target(model=model, base=job.base_model, weights_key=key, full=full)
+    return Target(model=model, base=job.base_model, weights_key=key, full=adapter_type == "full")
 
 
 def live_servers(session: Session, *, settings: Settings) -> list[InferenceServer]:

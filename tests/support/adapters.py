@@ -1,9 +1,10 @@
-"""Fine-tuned weights for tests that need some without training: LoRA adapters that change the tiny model's
-answers, stored as a job's archive is."""
+"""Fine-tuned weights for tests that need some without training: LoRA adapters and full fine-tunes that change
+the tiny model's answers, stored as a job's archive is."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,3 +30,25 @@ def store_adapter(tiny: Path, storage: Storage, tmp: Path, *, seed: int, key: st
     stored = storage.write(key or f"artifacts/job-{seed}/adapter",
                            file_chunks(tar_directory(folder, tmp / f"adapter-{seed}.tar")))
     return stored.key
+
+
+def perturbed_model(tiny: Path, *, seed: int) -> Any:
+    """The tiny model with every weight moved a little (a stand-in for a full fine-tune)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def store_full_weights(model: Any, storage: Storage, tmp: Path, *, key: str) -> str:
+    """A full fine-tune's weights as a job's checkpoint or `model` archive holds them; returns the key."""
+    from worker.training.checkpoint import save_weights
+
+    folder = tmp / f"full-{key.replace('/', '-')}"
+    folder.mkdir()
+    save_weights(model, folder, full=True)
+    return storage.write(key, file_chunks(tar_directory(folder, tmp / f"{folder.name}.tar"))).key

@@ -19,7 +19,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,10 +74,6 @@ class Generations:
             message = self.engine.for_clients(f"Generation failed: {type(exc).__name__}: {exc}")
             lines.put(_refusal(500, message, "inference_failed") if not started else
                       {"type": "error", "code": "inference_failed", "message": message})
-        finally:
-            with self._count:
-                self.in_flight -= 1
-            self.slots.release()
 
     def _evaluate(self, evaluation_id: str, server: str) -> None:
         """Run one answer report (POST .../evaluations), in its turn like a generation; its row says how it went."""
@@ -107,28 +103,33 @@ class Generations:
                                        error=self.engine.for_clients(message))
             except Exception:  # the database away: the row stays running; the log says why
                 logger.exception("could not record the failure of evaluation %s", evaluation_id)
-        finally:
-            with self._count:
-                self.in_flight -= 1
-            self.slots.release()
 
-    def submit_evaluation(self, evaluation_id: str, server: str) -> bool:
+    def _spawn(self, work: Callable[[], None], *, name: str) -> bool:
+        """Run `work` in a thread of its own, holding one of the queue's places until it ends; False when full."""
         if not self.slots.acquire(blocking=False):
             return False
         with self._count:
             self.in_flight += 1
-        threading.Thread(target=self._evaluate, args=(evaluation_id, server), daemon=True, name="evaluation").start()
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                with self._count:
+                    self.in_flight -= 1
+                self.slots.release()
+
+        threading.Thread(target=run, daemon=True, name=name).start()
         return True
 
+    def submit_evaluation(self, evaluation_id: str, server: str) -> bool:
+        return self._spawn(lambda: self._evaluate(evaluation_id, server), name="evaluation")
+
     def submit(self, request: dict[str, Any]) -> tuple[queue.Queue[dict[str, Any]], threading.Event] | None:
-        if not self.slots.acquire(blocking=False):
-            return None
-        with self._count:
-            self.in_flight += 1
         lines: queue.Queue[dict[str, Any]] = queue.Queue()
         cancelled = threading.Event()
-        threading.Thread(target=self._run, args=(request, lines, cancelled), daemon=True,
-                         name="generation").start()
+        if not self._spawn(lambda: self._run(request, lines, cancelled), name="generation"):
+            return None
         return lines, cancelled
 
 

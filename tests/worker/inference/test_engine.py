@@ -12,10 +12,8 @@ import torch
 
 from app.core.config import Settings
 from app.core.storage import LocalStorage
-from tests.support.adapters import store_adapter
-from worker.archive import file_chunks, tar_directory
+from tests.support.adapters import perturbed_model, store_adapter, store_full_weights
 from worker.inference.engine import Engine, Refusal, adapter_name
-from worker.training.checkpoint import save_weights
 from worker.training.data import prompt_ids
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}]}
@@ -155,20 +153,14 @@ def test_a_cancelled_answer_stops_at_the_next_token(setup: tuple[Engine, LocalSt
 
 def test_full_fine_tunes_are_models_of_their_own(setup: tuple[Engine, LocalStorage], tmp_path: Path,
                                                  tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     engine, storage = setup
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-    folder = tmp_path / "full"
-    folder.mkdir()
-    save_weights(model, folder, full=True)
-    storage.write("artifacts/full/model", file_chunks(tar_directory(folder, tmp_path / "full.tar")))
-    (tuned,), _ = answer(engine, request(weights_key="artifacts/full/model", full=True, model="ft:full"))
+    model = perturbed_model(tiny_model_dir, seed=3)
+    key = store_full_weights(model, storage, tmp_path, key="artifacts/full/model")
+    (tuned,), _ = answer(engine, request(weights_key=key, full=True, model="ft:full"))
     (base,), _ = answer(engine, request())
-    assert tuned == reference_greedy(model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir), 12) != base
+    assert tuned == reference_greedy(model, AutoTokenizer.from_pretrained(tiny_model_dir), 12) != base
     assert engine.loaded_bases() == ["tiny-llama"] and len(engine.models) == 2
 
 
@@ -198,8 +190,6 @@ def test_an_evaluation_on_a_stored_file_compares_the_adapter_with_its_base(
 
 def test_a_full_fine_tunes_evaluation_answers_base_with_the_bases_adapters_off(
         setup: tuple[Engine, LocalStorage], tmp_path: Path, tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     from app.schemas.training import AnswerBudget
     from tests.support.data import chat_lines, jsonl
 
@@ -207,14 +197,7 @@ def test_a_full_fine_tunes_evaluation_answers_base_with_the_bases_adapters_off(
     adapter = store_adapter(tiny_model_dir, storage, tmp_path, seed=1)
     (plain,), _ = answer(engine, request(max_tokens=5))
     answer(engine, request(weights_key=adapter))  # the base now carries an active adapter
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-    folder = tmp_path / "full"
-    folder.mkdir()
-    save_weights(model, folder, full=True)
-    storage.write("artifacts/full/model", file_chunks(tar_directory(folder, tmp_path / "full.tar")))
+    store_full_weights(perturbed_model(tiny_model_dir, seed=3), storage, tmp_path, key="artifacts/full/model")
     storage.write("files/one", [jsonl([{"messages": [*CHAT["messages"], {"role": "assistant", "content": "red"}]},
                                        *chat_lines(1)])])
     _, samples = engine.evaluate({"base": "tiny-llama", "weights_key": "artifacts/full/model", "full": True,

@@ -11,7 +11,7 @@ import torch
 
 from app.core.storage import LocalStorage
 from app.schemas.training import EvaluationConfig
-from tests.support.adapters import store_adapter
+from tests.support.adapters import perturbed_model, store_adapter
 from tests.support.data import chat_lines, jsonl
 from worker.training.answer_report import (
     AUTO_EXTRA_TOKENS,
@@ -78,12 +78,7 @@ def test_the_report_records_each_models_own_greedy_answers(tmp_path: Path, tiny_
 
 
 def test_a_full_fine_tune_is_compared_with_a_fresh_copy_of_its_base(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    tuned = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for param in tuned.parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    tuned = perturbed_model(tiny_model_dir, seed=5)
     tuned.save_pretrained(tmp_path / "final")  # as the recipe saves a full fine-tune's final weights
     valid = tmp_path / "valid.jsonl"
     valid.write_bytes(jsonl(chat_lines(3)))
