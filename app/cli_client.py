@@ -420,12 +420,16 @@ def list_models(registered: Annotated[bool, typer.Option(
                 url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """List ready base models and fine-tuned models (or, with --registered, the registry)."""
     if registered:
-        table = _table("name", "status", "source", "commit", "parameters", "size")
+        table = _table("name", "status", "source", "commit", "parameters", "size", "on workers")
         for row in _call(url, api_key, "GET", "/admin/models")["data"]:
-            details = row["details"]
-            table.add_row(row["id"], row["status"] + (f": {row['error']}" if row["error"] else ""), row["source"],
-                          (row["commit_sha"] or "-")[:12], _count(details.get("parameters")),
-                          _size(details.get("bytes")))
+            details, download = row["details"], row.get("download")
+            status = row["status"] + (f": {row['error']}" if row["error"] else "")
+            if download:
+                status += (f" ({_size(download['done_bytes'])} of {_size(download['total_bytes'])} on "
+                           f"{download['worker']})")
+            table.add_row(row["id"], status, row["source"], (row["commit_sha"] or "-")[:12],
+                          _count(details.get("parameters")), _size(details.get("bytes")),
+                          ", ".join(row.get("hosts") or []) or "-")
         console.print(table)
         return
     page = _call(url, api_key, "GET", "/models")

@@ -36,7 +36,7 @@ from app.services.jobs import fine_tuned_model_name
 from worker.archive import extract_tar, file_chunks, tar_directory
 from worker.database_reporter import DatabaseReporter
 from worker.exits import EXIT_DATABASE, EXIT_OK, EXIT_STALE
-from worker.model_cache import ModelRef, local_model
+from worker.model_cache import ModelRef, RegistryLog, local_model
 from worker.training import distributed, stopping
 from worker.training.distributed import ProcessGroup
 from worker.workdirs import remove_attempt_dir
@@ -181,7 +181,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             return EXIT_STALE
         project = session.get(Project, job.project_pk)
         assert project is not None
-        job_pk, project_pk, organization = job.pk, job.project_pk, project.name
+        job_pk, project_pk, organization, worker = job.pk, job.project_pk, project.name, job.lease_owner or "?"
         config = TrainingConfig.model_validate(job.config)
         base_model, training_file, validation_file = job.base_model, job.training_file, job.validation_file
         integrations = (job.integrations or {}).get("items") or []
@@ -201,7 +201,10 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             if registered is None:
                 raise ValueError(f"base model {base_model!r} is no longer registered")
             base = ModelRef.of(registered)
-        model_path = local_model(base, settings=settings, progress=reporter.event)
+        # Normally held already (the job waited queued while its model downloaded, worker/supervisor.py); the
+        # hashes are checked again here, and a file that fails is fetched anew.
+        model_path = local_model(base, settings=settings, progress=reporter.event,
+                                 log=RegistryLog(base, worker=worker))
         model_paths += [str(model_path), str(model_path.resolve())]
         train_path = _download(storage, file_id=training_file, project_pk=project_pk, target=workdir / "train.jsonl")
         valid_path = (_download(storage, file_id=validation_file, project_pk=project_pk,

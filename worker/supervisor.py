@@ -13,20 +13,22 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import set_job_context
 from app.core.processes import stop_process
-from app.models import FineTuningJob, JobStatus
-from app.services import attempts
+from app.models import FineTuningJob, JobEvent, JobStatus, RegisteredModel
+from app.services import attempts, base_models
 from app.services.dispatch import dispatch_job, mark_undispatched, send
 from app.services.intake import validate_job_files
+from app.services.jobs import add_event
 from app.services.workers import needs_of, worker_fits
-from worker import registration
+from worker import model_cache, registration
 from worker.exits import EXIT_DATABASE, EXIT_OK
+from worker.model_cache import ModelRef
 from worker.workdirs import remove_attempt_dir
 
 logger = logging.getLogger("tuneforge.supervisor")
@@ -107,12 +109,18 @@ def supervise_job(job_id: str, *, settings: Settings) -> str:
         validate_job_files(session, job_id=job_id, settings=settings)
     me = registration.this_worker(settings)
     with session_scope() as session:
-        job = attempts.claim_next_job(session, worker=me, settings=settings, message_job_id=job_id)
+        missing = model_cache.missing_here(session, settings=settings)
+        job = attempts.claim_next_job(session, worker=me, settings=settings, message_job_id=job_id,
+                                      missing_models=missing)
         claimed = None if job is None else (job.id, job.pk, job.attempt, job.project_pk,
                                             int(job.config.get("processes", 1)))
     with session_scope() as session:
         _pass_on(session, message_job_id=job_id, claimed_job_id=claimed and claimed[0], settings=settings)
     if claimed is None:
+        with session_scope() as session:
+            model = _model_to_fetch(session, job_id=job_id, missing=missing, settings=settings)
+        if model is not None:
+            return _fetch_for_queue(job_id, model, settings=settings)
         return "not-claimed"  # nothing this worker may run now: running elsewhere, finished, or waiting
     job_id, job_pk, attempt, project_pk, processes = claimed
     registration.set_current_job(settings, job_id, draining=_shutting_down.is_set())
@@ -138,6 +146,75 @@ def _pass_on(session: Session, *, message_job_id: str, claimed_job_id: str | Non
         return
     if claimed_job_id is not None or not worker_fits(needs_of(job.resources), registration.this_worker(settings)):
         dispatch_job(session, job_id=message_job_id, settings=settings)
+
+
+def _model_to_fetch(session: Session, *, job_id: str, missing: set[str], settings: Settings) -> ModelRef | None:
+    """The model this host should fetch so that the message's job can start here: the job is queued, fits this
+    worker, and waits only for its model, which no other host is downloading now."""
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
+    if job is None or job.status != JobStatus.QUEUED or job.base_model not in missing:
+        return None
+    if not worker_fits(needs_of(job.resources), registration.this_worker(settings)):
+        return None
+    row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == job.base_model))
+    if row is None:
+        return None
+    if base_models.downloading_elsewhere(row, worker=registration.this_worker(settings).name):
+        # That host sends the job on when its copy is complete (or the reaper does, if that host dies).
+        _note_waiting(session, model=row.name, message=f"Waiting in the queue while worker "
+                      f"{(row.download or {}).get('worker')} downloads {row.source.removeprefix('hf:')}.")
+        session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(dispatched_at=time.time()))
+        session.commit()
+        return None
+    return ModelRef.of(row)
+
+
+def _note_waiting(session: Session, *, model: str, message: str) -> None:
+    """An event on each job queued on the model, once per message (the heartbeat repeats progress)."""
+    for job in session.scalars(select(FineTuningJob).where(FineTuningJob.base_model == model,
+                                                           FineTuningJob.status == JobStatus.QUEUED)):
+        last = session.scalar(select(JobEvent.message).where(JobEvent.job_pk == job.pk)
+                              .order_by(JobEvent.pk.desc()).limit(1))
+        if last != message:
+            add_event(session, job=job, message=message)
+    session.commit()
+
+
+def _fetch_for_queue(job_id: str, model: ModelRef, *, settings: Settings) -> str:
+    """Fetch the model into this host's cache while the jobs on it wait queued (with progress events), then
+    send the message's job to this worker's own queue, where it is claimed like any other."""
+    me = registration.this_worker(settings)
+
+    def progress(message: str) -> None:
+        with session_scope() as session:
+            _note_waiting(session, model=model.name, message=message)
+            # The download is the waiting jobs' message on its way: the reaper leaves them alone meanwhile.
+            session.execute(update(FineTuningJob).where(FineTuningJob.base_model == model.name,
+                                                        FineTuningJob.status == JobStatus.QUEUED)
+                            .values(dispatched_at=time.time()))
+            session.commit()
+
+    progress(f"Waiting in the queue while worker {me.name} downloads {model.repo}.")
+    try:
+        model_cache.local_model(model, settings=settings, progress=progress,
+                                log=model_cache.RegistryLog(model, worker=me.name))
+    except model_cache.ModelUnavailable as exc:
+        logger.warning("job %s: model %s cannot be had here: %s", job_id, model.name, exc)
+        if not exc.model_error:  # only this host lacks it (offline): the job fails here with why
+            with session_scope() as session:
+                job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
+                if job is not None and attempts.fail_waiting_job(session, job=job, code="model_not_available",
+                                                                 message=str(exc)):
+                    session.commit()
+        return "model-unavailable"  # a model error failed every job queued on it (base_models.record_failure)
+    except Exception:  # the Hub out of reach, the database restarting: the reaper sends the job again
+        logger.exception("job %s: downloading %s failed", job_id, model.name)
+        with session_scope() as session:
+            mark_undispatched(session, job_id=job_id)
+        return "download-failed"
+    with session_scope() as session:
+        send(session, job_id=job_id, queue=me.queue)
+    return "model-fetched"
 
 
 def _wake_next(session: Session, *, project_pk: int, settings: Settings) -> None:

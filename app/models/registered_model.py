@@ -1,14 +1,24 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import Boolean, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, JSONType, KeyedMixin, now_seconds
 
-# A model's life: registered (row written, files not read yet) -> ready, or error (with its message).
-MODEL_STATUSES = ("registered", "ready", "error")
+# A model's life: registered (read, no worker host holds its weights yet) -> downloading (a host is fetching
+# it; `download` says which and how far) -> ready (a host holds a verified copy), or error (with its message:
+# the Hub refused it, its weights are pickle only, a disk filled up, its files fail their hashes). A local
+# folder (path:) is ready once read. A pull asked for by an operator takes a model in error back to registered.
+ModelStatus = Literal["registered", "downloading", "ready", "error"]
+MODEL_STATUSES: tuple[ModelStatus, ...] = get_args(ModelStatus)
+# Jobs, token statistics and inference may name a model in these: a worker host fetches what it lacks.
+USABLE_STATUSES: tuple[ModelStatus, ...] = ("registered", "downloading", "ready")
+# A download in progress says how far it is this often; one silent for DOWNLOAD_STALE_SECONDS died with its
+# process, and another host may take it over.
+DOWNLOAD_HEARTBEAT_SECONDS = 10.0
+DOWNLOAD_STALE_SECONDS = 3 * DOWNLOAD_HEARTBEAT_SECONDS
 
 
 class RegisteredModel(KeyedMixin, Base):
@@ -40,6 +50,10 @@ class RegisteredModel(KeyedMixin, Base):
     files: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     # The tokenizer files' text by name: the API counts tokens at upload time without the weights.
     tokenizer: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    # The download in progress: {"worker", "done_bytes", "total_bytes", "updated_at"}; None when none is.
+    download: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True, default=None)
+    # The workers whose host cache holds a verified copy (by worker name), as they reported it.
+    hosts: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
     owned_by: Mapped[str] = mapped_column(String(255), default="tuneforge")
     created_at: Mapped[int] = mapped_column(Integer, default=now_seconds)
 

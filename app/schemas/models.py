@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from app.models.registered_model import DOWNLOAD_HEARTBEAT_SECONDS, ModelStatus
 from app.schemas.common import ListPage
 
 
@@ -52,6 +53,16 @@ class ModelRegister(BaseModel):
     allow_pickle: StrictBool = False
 
 
+class ModelDownload(BaseModel):
+    """A download in progress on one worker host."""
+
+    worker: str
+    done_bytes: int
+    total_bytes: int
+    updated_at: float = Field(description="When that host last said how far it is (every "
+                              f"{DOWNLOAD_HEARTBEAT_SECONDS:.0f} s while it downloads).")
+
+
 class RegisteredModelPublic(BaseModel):
     id: str
     object: Literal["registered_model"] = "registered_model"
@@ -60,8 +71,11 @@ class RegisteredModelPublic(BaseModel):
     commit_sha: str | None
     trust_remote_code: bool
     allow_pickle: bool
-    status: Literal["registered", "ready", "error"]
+    status: ModelStatus = Field(description="registered (no worker host holds the weights yet), downloading, ready "
+                                "(a worker host holds a verified copy) or error (see error).")
     error: str | None
+    download: ModelDownload | None = Field(description="The download in progress, while status is downloading.")
+    hosts: list[str] = Field(description="The workers whose host cache holds a verified copy.")
     details: ModelDetails
     files: int
     created_at: int

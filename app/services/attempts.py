@@ -9,6 +9,7 @@ stop. No transaction spans the training run.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, select, update
@@ -66,12 +67,16 @@ def _running_per_project(session: Session, project_pk: int | None = None) -> dic
 
 
 def claimable_jobs(session: Session, *, worker: WorkerSpec | None, settings: Settings,
-                   prefer_job_id: str | None = None, project_pk: int | None = None) -> list[tuple[int, str, int]]:
+                   prefer_job_id: str | None = None, project_pk: int | None = None,
+                   missing_models: Collection[str] = ()) -> list[tuple[int, str, int]]:
     """Queued jobs in claim order, as (pk, id, project_pk): those that fit the worker (any worker when
-    None) and whose project is under max_running_jobs_per_project; by priority, then the preferred job
+    None), whose base model the worker's host holds (not in missing_models: a job waits queued while its model
+    downloads) and whose project is under max_running_jobs_per_project; by priority, then the preferred job
     (a message's own), then age. Read without locks: claim_next_job re-checks under them."""
     query = select(FineTuningJob.pk, FineTuningJob.id, FineTuningJob.project_pk, FineTuningJob.priority,
                    FineTuningJob.resources).where(FineTuningJob.status == JobStatus.QUEUED)
+    if missing_models:
+        query = query.where(FineTuningJob.base_model.not_in(list(missing_models)))
     if project_pk is not None:
         query = query.where(FineTuningJob.project_pk == project_pk)
     limit = settings.max_running_jobs_per_project
@@ -84,7 +89,7 @@ def claimable_jobs(session: Session, *, worker: WorkerSpec | None, settings: Set
 
 
 def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
-                   message_job_id: str | None = None) -> FineTuningJob | None:
+                   message_job_id: str | None = None, missing_models: Collection[str] = ()) -> FineTuningJob | None:
     """Claim the best queued job this worker can run (see claimable_jobs); None when there is none.
 
     Postgres: the job row is locked FOR UPDATE SKIP LOCKED, so concurrent workers pass over each other's
@@ -95,7 +100,7 @@ def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
     limit = settings.max_running_jobs_per_project
     full: set[int] = set()
     for pk, _id, project_pk in claimable_jobs(session, worker=worker, settings=settings,
-                                              prefer_job_id=message_job_id):
+                                              prefer_job_id=message_job_id, missing_models=missing_models):
         if project_pk in full:
             continue
         if limit:
@@ -244,6 +249,21 @@ def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message:
     add_event(session, job=job, level="error", message=message)
     enqueue_job_event(session, job=job)
     session.commit()
+
+
+def fail_waiting_job(session: Session, *, job: FineTuningJob, code: str, message: str) -> bool:
+    """failed, for a queued job that no attempt runs (its model cannot be had); the caller commits. False when
+    the job left the queue meanwhile."""
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
+                         .execution_options(populate_existing=True)) or job
+    if job.status != JobStatus.QUEUED:
+        return False
+    job.status, job.finished_at, job.estimated_finish = JobStatus.FAILED, now_seconds(), None
+    job.error = {"code": code, "message": message, "param": "model"}
+    job.dispatched_at = job.dispatch_queue = None
+    add_event(session, job=job, level="error", message=message)
+    enqueue_job_event(session, job=job)
+    return True
 
 
 def release_job(session: Session, *, job_pk: int, attempt: int, status: str, message: str, level: str = "info",

@@ -13,6 +13,8 @@ import fnmatch
 import json
 import re
 import struct
+import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.models import FineTuningJob, RegisteredModel
-from app.models.job import ACTIVE_STATUSES
+from app.models.job import ACTIVE_STATUSES, JobStatus
+from app.models.registered_model import DOWNLOAD_STALE_SECONDS, MODEL_STATUSES, USABLE_STATUSES
 from app.services import hub
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}")
@@ -148,10 +151,10 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
                           allow_pickle=allow_pickle, status="registered", info={}, files=[], tokenizer={},
                           owned_by=owned_by)
     if row.hub_repo is not None:
-        _read_hub(row, settings)
+        _read_hub(row, settings)  # registered: the weights are fetched by the first worker host that needs them
     else:
         _read_folder(row)
-    row.status = "ready"
+        row.status = "ready"  # every worker host carries the folder: nothing to fetch
     session.add(row)
     session.flush()
     return row
@@ -192,11 +195,10 @@ def _catalogue_source(path: str) -> str:
     return f"path:{Path(path).absolute()}"
 
 
-def list_models(session: Session, *, settings: Settings, ready_only: bool = False) -> list[RegisteredModel]:
+def list_models(session: Session, *, settings: Settings,
+                statuses: Collection[str] = MODEL_STATUSES) -> list[RegisteredModel]:
     import_catalogue(session, settings=settings)
-    query = select(RegisteredModel).order_by(RegisteredModel.name)
-    if ready_only:
-        query = query.where(RegisteredModel.status == "ready")
+    query = select(RegisteredModel).where(RegisteredModel.status.in_(statuses)).order_by(RegisteredModel.name)
     return list(session.scalars(query))
 
 
@@ -221,7 +223,7 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
     if row is None and settings.allow_unregistered_models and HUB_ID.fullmatch(name):
         row = register(session, settings=settings, name=name, source=f"hf:{name}")
     if row is None:
-        names = [m.name for m in list_models(session, settings=settings, ready_only=True)]
+        names = [m.name for m in list_models(session, settings=settings, statuses=USABLE_STATUSES)]
         raise InvalidRequest(f"Model {name!r} is not available for fine-tuning. Available: {names}.",
                              param="model", code="model_not_available")
     if row.status == "error":
@@ -243,10 +245,58 @@ def remove(session: Session, *, settings: Settings, name: str) -> RegisteredMode
     return row
 
 
-def mark_error(session: Session, *, name: str, message: str) -> None:
-    row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+def _pinned(session: Session, *, name: str, commit_sha: str | None) -> RegisteredModel | None:
+    """The row a download is for, locked; None once it was removed or registered again at another commit."""
+    return session.scalar(select(RegisteredModel).where(RegisteredModel.name == name,
+                                                        RegisteredModel.commit_sha == commit_sha).with_for_update())
+
+
+def record_download(session: Session, *, name: str, commit_sha: str | None, worker: str, done_bytes: int,
+                    total_bytes: int) -> None:
+    """A worker host is fetching the model (its heartbeat): status downloading, unless a host already holds it."""
+    row = _pinned(session, name=name, commit_sha=commit_sha)
     if row is not None:
-        row.status, row.error = "error", message
+        if row.status != "ready":
+            row.status, row.error = "downloading", None
+        row.download = {"worker": worker, "done_bytes": done_bytes, "total_bytes": total_bytes,
+                        "updated_at": time.time()}
+    session.commit()
+
+
+def record_ready(session: Session, *, name: str, commit_sha: str | None, worker: str) -> None:
+    """A worker host holds a verified copy."""
+    row = _pinned(session, name=name, commit_sha=commit_sha)
+    if row is not None:
+        row.status, row.error, row.download = "ready", None, None
+        if worker not in row.hosts:
+            row.hosts = [*row.hosts, worker]
+    session.commit()
+
+
+def record_failure(session: Session, *, name: str, commit_sha: str | None, message: str) -> list[str]:
+    """The model cannot be had (the Hub refused it, the disk filled up, its files fail their hashes): it goes to
+    error with the message, and the jobs queued on it fail with it; the ids of those jobs."""
+    from app.services.attempts import fail_waiting_job
+
+    row = _pinned(session, name=name, commit_sha=commit_sha)
+    if row is None:
+        session.commit()
+        return []
+    row.status, row.error, row.download = "error", message, None
+    waiting = list(session.scalars(select(FineTuningJob).where(FineTuningJob.base_model == name,
+                                                               FineTuningJob.status == JobStatus.QUEUED)))
+    for job in waiting:
+        fail_waiting_job(session, job=job, code="model_not_available",
+                         message=f"Model {name!r} cannot be used: {message}")
+    session.commit()
+    return [job.id for job in waiting]
+
+
+def downloading_elsewhere(row: RegisteredModel, *, worker: str, now: float | None = None) -> bool:
+    """Another live worker host is fetching the model now (its heartbeat is fresh)."""
+    download = row.download or {}
+    return (row.status == "downloading" and download.get("worker") != worker
+            and (now or time.time()) - float(download.get("updated_at") or 0) < DOWNLOAD_STALE_SECONDS)
 
 
 def request_pull(session: Session, *, settings: Settings, name: str, worker: str | None = None) -> list[str]:
@@ -258,12 +308,12 @@ def request_pull(session: Session, *, settings: Settings, name: str, worker: str
     if row.hub_repo is None:
         raise InvalidRequest(f"{name!r} is a local folder ({row.source}): there is nothing to download.",
                              param="name", code="invalid_value")
-    if row.status != "ready":
-        raise InvalidRequest(f"Model {name!r} is {row.status}: {row.error or 'not ready'}", param="name",
-                             code="model_not_available")
     targets = [w for w in live_workers(session, settings=settings) if worker is None or w.name == worker]
     if worker is not None and not targets:
         raise InvalidRequest(f"No live worker named {worker!r}.", param="worker", code="invalid_value")
+    if row.status == "error":  # the operator asks again (a disk freed, a token granted): try afresh
+        row.status, row.error = "registered", None
+        session.commit()
     for target in targets:
         celery_client().send_task(PULL_MODEL_TASK, args=[name], queue=target.queue, retry=True)
     return [w.name for w in targets]

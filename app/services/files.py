@@ -14,6 +14,7 @@ from app.core.storage import Storage, TooLarge
 from app.models import File, FineTuningJob, Project
 from app.models.base import new_id
 from app.models.job import ACTIVE_STATUSES, JobStatus
+from app.models.registered_model import USABLE_STATUSES
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
 
@@ -43,10 +44,10 @@ def check_model(session: Session, model: str | None, *, settings: Settings) -> s
     from app.services import base_models
 
     if model is not None:
-        ready = [m.name for m in base_models.list_models(session, settings=settings, ready_only=True)]
-        if model not in ready:
+        usable = [m.name for m in base_models.list_models(session, settings=settings, statuses=USABLE_STATUSES)]
+        if model not in usable:
             raise InvalidRequest(f"Model {model!r} is not a registered base model; token statistics need one of "
-                                 f"{ready}.", param="model", code="model_not_available")
+                                 f"{usable}.", param="model", code="model_not_available")
     session.commit()  # no transaction (nor pooled connection) held while the upload streams in
     return model
 

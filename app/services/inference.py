@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import APIError, InvalidRequest, NotFound, RateLimited
 from app.models import InferenceServer, Project
+from app.models.registered_model import USABLE_STATUSES
 from app.schemas.training import TrainingConfig
 from app.services import artifacts, base_models
 
@@ -82,7 +83,7 @@ def resolve_target(session: Session, *, settings: Settings, project: Project, mo
     """What `model` names for this project; 404 for another project's fine-tuned model (as for any unknown id)."""
     base = base_models.find(session, settings=settings, name=model)
     if base is not None:
-        if base.status != "ready":
+        if base.status not in USABLE_STATUSES:
             raise InvalidRequest(f"Model {model!r} is {base.status}: {base.error or 'not ready yet'}", param="model",
                                  code="model_not_available")
         return Target(model=model, base=model)

@@ -21,6 +21,7 @@ from app.core.config import Settings
 from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, JobStatus
 from app.models.base import now_seconds
+from app.models.registered_model import USABLE_STATUSES
 from app.schemas.training import TrainingConfig
 from app.services.datasets import LengthStats, detect_format, status_details, validate_chunks
 from app.services.jobs import add_event, too_few_examples
@@ -199,7 +200,7 @@ def token_report(session: Session, job: FineTuningJob, *, settings: Settings) ->
     from app.services import base_models
 
     model = base_models.find(session, settings=settings, name=job.base_model)
-    if model is None or model.status != "ready":
+    if model is None or model.status not in USABLE_STATUSES:
         return []
     max_seq_length = int(job.config.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
     events: list[TokenEvent] = []

@@ -49,7 +49,8 @@ def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, h
                                                              tiny_model_dir: Path) -> None:
     row = base_models.register(session, settings=settings(), name="tiny-chat", source="hf:test-org/tiny-chat",
                                revision="v1")
-    assert (row.status, row.commit_sha, row.revision) == ("ready", V1, "v1")
+    # Read and pinned; no worker host holds the weights yet.
+    assert (row.status, row.commit_sha, row.revision) == ("registered", V1, "v1")
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert row.info["architecture"] == config["architectures"][0]
     assert (row.info["layers"], row.info["hidden_size"], row.info["vocab_size"]) == (
@@ -84,7 +85,7 @@ def test_a_gated_model_needs_the_token_which_no_message_shows(session: Session, 
     assert wrong.code == "model_gated" and "hf_wrong" not in wrong.message
     row = base_models.register(session, settings=settings(hf_token=SecretStr(TOKEN)), name="g",
                                source="hf:test-org/gated-chat")
-    assert row.status == "ready" and TOKEN not in json.dumps([row.info, row.files, row.error])
+    assert row.status == "registered" and TOKEN not in json.dumps([row.info, row.files, row.error])
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(session: Session, hub: FakeHub) -> None:
@@ -100,7 +101,7 @@ def test_sources_outside_the_allowlist_are_refused(session: Session, hub: FakeHu
     refused = refusal(session, name="t", source="hf:test-org/tiny-chat", settings=only_qwen)
     assert (refused.code, refused.param) == ("model_source_not_allowed", "source")
     allowed = settings(model_sources="hf:test-org/*")
-    assert base_models.register(session, settings=allowed, name="t", source="test-org/tiny-chat").status == "ready"
+    assert base_models.register(session, settings=allowed, name="t", source="test-org/tiny-chat").status == "registered"
 
 
 def test_names_are_unique_and_a_model_in_use_stays(session: Session, hub: FakeHub) -> None:

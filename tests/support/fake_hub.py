@@ -25,6 +25,7 @@ import pickle
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from math import prod
@@ -64,6 +65,8 @@ class FakeRepo:
     gated: bool = False
     license: str | None = None
     drop_after: dict[str, int] = field(default_factory=dict)
+    # Seconds a GET of the file waits before its body (a slow mirror), so a test can watch a download happen.
+    delay: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.revisions:
@@ -330,6 +333,8 @@ class FakeHub:
                 return request.error(416, None, "Range Not Satisfiable", {"Content-Range": f"bytes */{len(data)}"})
             status, body = 206, data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        if request.command == "GET" and filename in repo.delay:
+            time.sleep(repo.delay[filename])
         sent = None
         if request.command == "GET" and filename in repo.drop_after:
             with self._lock:

@@ -4,14 +4,19 @@ before a load, dropped connections, concurrent jobs, offline hosts and a full di
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.errors import InvalidRequest
+from app.models.registered_model import DOWNLOAD_STALE_SECONDS
 from app.services import base_models
+from tests.factories import create_job
 from tests.support.fake_hub import FakeHub, repo_from_dir
 from worker import model_cache
 from worker.model_cache import COMPLETE, ModelRef, ModelUnavailable, local_model
@@ -116,3 +121,90 @@ def test_a_model_in_error_fails_with_its_reason(model: ModelRef, settings: Setti
     broken = ModelRef(**{**model.__dict__, "status": "error", "error": "the folder is gone"})
     with pytest.raises(ModelUnavailable, match="the folder is gone"):
         fetch(broken, settings)
+
+
+@pytest.fixture
+def registry(session: Session, model: ModelRef) -> model_cache.RegistryLog:
+    """The registry row of the model as worker w1 reports to it, in the test's own transaction."""
+
+    @contextmanager
+    def sessions() -> Iterator[Session]:
+        yield session
+
+    return model_cache.RegistryLog(model, worker="w1", sessions=sessions)
+
+
+def test_a_download_takes_the_model_from_registered_through_downloading_to_ready(
+        model: ModelRef, settings: Settings, session: Session, registry: model_cache.RegistryLog) -> None:
+    row = base_models.get(session, settings=settings, name="tiny-chat")
+    assert (row.status, row.hosts) == ("registered", [])
+    seen: list[tuple[str, dict | None]] = []
+
+    def progress(message: str) -> None:
+        session.refresh(row)
+        seen.append((row.status, row.download))
+
+    local_model(model, settings=settings, progress=progress, log=registry)
+    assert seen and all(status == "downloading" for status, _ in seen), seen
+    assert {d["worker"] for _, d in seen if d} == {"w1"}
+    assert seen[-1][1] is not None and seen[-1][1]["done_bytes"] == seen[-1][1]["total_bytes"] > 0
+    session.refresh(row)
+    assert (row.status, row.error, row.download, row.hosts) == ("ready", None, None, ["w1"])
+    assert not base_models.downloading_elsewhere(row, worker="w2")
+
+
+def test_a_disk_that_fills_up_mid_download_puts_the_model_in_error_and_fails_its_queued_jobs(
+        model: ModelRef, settings: Settings, session: Session, registry: model_cache.RegistryLog,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import huggingface_hub
+
+    queued = create_job(session, model="tiny-chat", base_model="tiny-chat", status="queued")
+    running = create_job(session, model="tiny-chat", base_model="tiny-chat", status="running", attempt=1)
+
+    def fill_the_disk(repo_id: str, filename: str, *, local_dir: Path, **_kw: object) -> str:
+        partial = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.x.incomplete"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fill_the_disk)
+    with pytest.raises(ModelUnavailable, match="disk filled up"):
+        local_model(model, settings=settings, progress=lambda _m: None, log=registry)
+    folder = model_cache.cache_folder(settings, model)
+    assert not (folder / COMPLETE).exists() and not (folder / ".cache").exists()  # nothing half-written stays
+    row = base_models.get(session, settings=settings, name="tiny-chat")
+    assert row.status == "error" and "disk filled up" in (row.error or "")
+    session.refresh(queued)
+    session.refresh(running)
+    assert queued.status == "failed" and queued.error["code"] == "model_not_available"
+    assert "disk filled up" in queued.error["message"]
+    assert running.status == "running"  # an attempt in progress holds its model already
+    # Jobs on it now fail at once; a pull the operator asks for takes it back to registered.
+    with pytest.raises(InvalidRequest, match="disk filled up"):
+        base_models.ready_for_jobs(session, settings=settings, name="tiny-chat")
+    assert base_models.request_pull(session, settings=settings, name="tiny-chat") == []  # no live worker here
+    assert (row.status, row.error) == ("registered", None)
+
+
+def test_a_host_that_only_lacks_the_hub_leaves_the_model_as_it_was(
+        model: ModelRef, settings: Settings, session: Session, registry: model_cache.RegistryLog,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailable, match="offline") as caught:
+        local_model(model, settings=settings, progress=lambda _m: None, log=registry)
+    assert not caught.value.model_error
+    assert base_models.get(session, settings=settings, name="tiny-chat").status != "error"
+
+
+def test_a_download_whose_heartbeat_stopped_may_be_taken_over(session: Session, model: ModelRef,
+                                                               settings: Settings) -> None:
+    row = base_models.get(session, settings=settings, name="tiny-chat")
+    base_models.record_download(session, name="tiny-chat", commit_sha=model.commit_sha, worker="w1",
+                                done_bytes=10, total_bytes=100)
+    assert row.status == "downloading"
+    assert base_models.downloading_elsewhere(row, worker="w2") and not base_models.downloading_elsewhere(row,
+                                                                                                        worker="w1")
+    later = time.time() + DOWNLOAD_STALE_SECONDS + 1
+    assert not base_models.downloading_elsewhere(row, worker="w2", now=later)

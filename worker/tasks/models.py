@@ -10,8 +10,9 @@ from app.core.broker import PULL_MODEL_TASK
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.models import RegisteredModel
+from worker import registration
 from worker.celery_app import celery_app
-from worker.model_cache import ModelRef, ModelUnavailable, local_model
+from worker.model_cache import ModelRef, ModelUnavailable, RegistryLog, local_model
 
 logger = logging.getLogger("tuneforge.worker")
 
@@ -25,7 +26,9 @@ def pull_model(name: str) -> str:
             return "not registered"
         model = ModelRef.of(row)
     try:
-        path = local_model(model, settings=get_settings(), progress=logger.info)
+        settings = get_settings()
+        path = local_model(model, settings=settings, progress=logger.info,
+                           log=RegistryLog(model, worker=registration.worker_name(settings)))
     except ModelUnavailable as exc:
         logger.warning("pull of %s failed: %s", name, exc)
         return str(exc)

@@ -18,6 +18,7 @@ from app.schemas.admin import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPub
 from app.schemas.jobs import JobList
 from app.schemas.models import (
     ModelDetails,
+    ModelDownload,
     ModelPull,
     ModelPullSent,
     ModelRegister,
@@ -161,7 +162,8 @@ def registered_model_public(row: RegisteredModel) -> RegisteredModelPublic:
         id=row.name, source=row.source, revision=row.revision, commit_sha=row.commit_sha,
         trust_remote_code=row.trust_remote_code, allow_pickle=row.allow_pickle,
         status=row.status,  # type: ignore[arg-type]
-        error=row.error, details=ModelDetails.model_validate(row.info), files=len(row.files),
+        error=row.error, download=ModelDownload.model_validate(row.download) if row.download else None,
+        hosts=row.hosts, details=ModelDetails.model_validate(row.info), files=len(row.files),
         created_at=row.created_at)
 
 

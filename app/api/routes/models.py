@@ -23,7 +23,8 @@ def base_model_public(row: RegisteredModel) -> ModelPublic:
 @router.get("", response_model=ModelList)
 def list_models(session: SessionDep, project: CurrentProject, settings: SettingsDep) -> ModelList:
     """Ready base models (with what was read from them) and this project's fine-tuned models."""
-    data = [base_model_public(row) for row in base_models.list_models(session, settings=settings, ready_only=True)]
+    ready = base_models.list_models(session, settings=settings, statuses=("ready",))
+    data = [base_model_public(row) for row in ready]
     jobs = session.scalars(select(FineTuningJob).where(
         FineTuningJob.project_pk == project.pk, FineTuningJob.status == JobStatus.SUCCEEDED,
         FineTuningJob.fine_tuned_model.is_not(None),
