@@ -1,0 +1,319 @@
+"""Preference tuning (DPO and its kin): pair records -> one padded batch -> sequence log-probs -> pair losses.
+
+A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Both answers run in
+one forward pass (the chosen rows of a micro-batch first, the rejected rows after them) and each row is
+scored by the summed log-probability of its answer's tokens. The losses follow TRL's formulas (trl 1.16:
+DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo" and for label smoothing) so that a job's beta,
+label_smoothing and simpo_gamma mean what they mean there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from worker.training.data import IGNORE_INDEX, _encode, _render_chat
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
+# The output layer runs on this many answer positions at a time, and each chunk is recomputed in the backward
+# pass instead of kept: memory for logits is chunk_tokens x vocabulary x 4 bytes (512 MiB at 1024 x 128k),
+# whatever the batch. Smaller chunks cost a little speed (more, smaller matrix products).
+LOGP_CHUNK_TOKENS = 1024
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class PreferenceExample:
+    """One tokenised pair: the prompt (with the generation prompt) and each answer's tokens through its end of turn."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False  # an answer was cut to fit max_seq_length
+
+
+# ---------------------------------------------------------------- data
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[Any] | None, *, generation: bool
+) -> list[int]:
+    """data._render_chat, with the record's tool definitions passed to the chat template when it has some."""
+    if not tools:
+        return _render_chat(tokenizer, messages, generation)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
+    assert isinstance(text, str)
+    return _encode(tokenizer, text)
+
+
+def _check_messages(messages: Any, where: str, *, answer: bool) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of messages")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f'every message in {where} needs a string "role"')
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"unknown role {message['role']!r} in {where}")
+        if answer and message["role"] != "assistant":
+            raise ValueError(f"{where} must hold assistant messages only, not {message['role']!r}")
+    return messages
+
+
+def tokenize_preference(record: Any, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> PreferenceExample:
+    """Tokenise one OpenAI DPO record: `{"input": {"messages", "tools"?}, "preferred_output", "non_preferred_output"}`.
+
+    Each answer is tokenised exactly as data.tokenize_chat renders that assistant turn after the prompt: the prompt
+    with the generation prompt, then the rest of the conversation through the end of turn. The prompt is kept
+    whole and answers are cut to fit max_seq_length; ValueError when the prompt alone leaves no room.
+    """
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    source = record.get("input")
+    if not isinstance(source, dict):
+        raise ValueError('"input" must be an object with "messages"')
+    messages = _check_messages(source.get("messages"), '"input.messages"', answer=False)
+    tools = source.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError('"input.tools" must be a list')
+    chosen = _check_messages(record.get("preferred_output"), '"preferred_output"', answer=True)
+    rejected = _check_messages(record.get("non_preferred_output"), '"non_preferred_output"', answer=True)
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template; preference (DPO) data needs one")
+
+    prompt = _render(tokenizer, messages, tools, generation=True)
+    answers = []
+    for answer in (chosen, rejected):
+        full = _render(tokenizer, messages + answer, tools, generation=False)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template is not prefix-stable; cannot find the answer's tokens")
+        answers.append(full[len(prompt) :])
+    room = max_seq_length - len(prompt)
+    if room < 1:
+        raise ValueError(
+            f"the prompt is {len(prompt)} tokens, which leaves no room for an answer within "
+            f"max_seq_length={max_seq_length}; raise max_seq_length or shorten the prompt"
+        )
+    truncated = any(len(ids) > room for ids in answers)
+    return PreferenceExample(prompt, answers[0][:room], answers[1][:room], truncated=truncated)
+
+
+def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:
+    """One padded batch for one forward pass: rows 0..n-1 are the chosen answers, rows n..2n-1 the rejected ones.
+
+    Labels are IGNORE_INDEX on the prompt and the padding, so a row's labelled tokens are exactly its answer.
+    """
+    import torch
+
+    rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    width = max(len(prompt) + len(answer) for prompt, answer in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[r, :n] = torch.tensor(prompt + answer)
+        labels[r, len(prompt) : n] = torch.tensor(answer)
+        attention_mask[r, :n] = 1
+        position_ids[r, :n] = torch.arange(n)
+        position_ids[r, n:] = torch.arange(width - n)  # as data.collate: padding restarts at 0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        "n_tokens": int(attention_mask.sum()),
+    }
+
+
+# ---------------------------------------------------------------- log-probs
+def _without_ddp(model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside DDP and PEFT wrappers (FSDP shards it in place: it is the model itself)."""
+    model = _without_ddp(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) that the model's own forward applies to its head's output, read from its config as TRL's
+    fused head reads them: Cohere's logit_scale, Granite's logits_scaling, Gemma's final_logit_softcapping, ..."""
+    text = config.get_text_config()
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
+
+
+def _answer_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    import torch
+
+    logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sequence_logps(
+    model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a collated batch: the summed log-probability (float32) of its labelled tokens, and their count.
+
+    Never builds the [rows, seq, vocab] logits. The model is called as a whole (so DDP's and PEFT's forward run)
+    with logits_to_keep=1, the decoder body's last hidden states are taken with a forward hook, and the output
+    layer runs only on the positions whose next token is labelled, chunk_tokens at a time; with gradients on,
+    each chunk is recomputed in backward rather than stored. Works for plain and PEFT models and under autocast.
+    Not yet tried under FSDP: the output layer runs after the root module's forward has returned.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    causal_lm = _causal_lm(model)
+    body, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    if body is causal_lm or head is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no separate decoder body and output layer to score with")
+    captured: list[Any] = []
+    hook = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        hook.remove()
+    output = captured[0]
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    targets = batch["labels"][:, 1:].to(hidden.device)
+    labelled = targets != IGNORE_INDEX
+    rows, cols = labelled.nonzero(as_tuple=True)
+    hidden = hidden[:, :-1][rows, cols]  # only the positions that predict a labelled token
+    targets = targets[rows, cols]
+    scale, softcap = _logit_transform(causal_lm.config)
+    chunks = []
+    for start in range(0, len(rows), chunk_tokens):
+        part = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], scale, softcap)
+        if torch.is_grad_enabled():
+            chunks.append(checkpoint(_answer_logps, *part, use_reentrant=False))
+        else:
+            chunks.append(_answer_logps(*part))
+    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    logp_sum = token_logps.new_zeros(labelled.size(0)).index_add(0, rows, token_logps)
+    return logp_sum, labelled.sum(dim=1)
+
+
+def reference_logps(
+    model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of the reference model, without gradients and without dropout (eval mode, restored after).
+
+    For a PEFT model the reference is the base model: the same weights with the adapter disabled, so no copy is
+    needed. A plain model is scored as it is; for full fine-tuning, call this before training starts and keep the
+    numbers (the weights then move away from the reference).
+    """
+    import torch
+    from peft import PeftModel
+
+    inner = _without_ddp(model)
+    adapter_off = inner.disable_adapter() if isinstance(inner, PeftModel) else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter_off:
+            return sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- losses
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    loss_type: PreferenceLossType,
+    beta: float,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
+    rpo_alpha: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss per pair and the (detached) chosen and rejected rewards, from summed answer log-probs and token counts.
+
+    - "sigmoid": DPO, -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)); label_smoothing > 0 makes it
+      conservative DPO (the preference is taken as flipped with that probability).
+    - "ipo": (delta - 1 / (2 beta))^2 where, as in TRL, each log-ratio is divided by its answer's token count.
+    - "simpo": reference-free (refs may be None): mean per-token log-probs, a margin of simpo_gamma, and
+      label_smoothing as in "sigmoid"; rewards are beta times the mean log-probs (TRL's CPOTrainer).
+    rpo_alpha adds rpo_alpha times the chosen answers' NLL per token, counted over all chosen tokens of the batch
+    (TRL's "sft" loss term), to every pair; the mean over pairs is then TRL's loss.
+    """
+    import torch.nn.functional as F
+
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type == "ipo":
+        raise ValueError('label_smoothing applies to loss_type "sigmoid" and "simpo", not "ipo"; set it to 0')
+    chosen_n, rejected_n = chosen_lengths.float().clamp(min=1), rejected_lengths.float().clamp(min=1)
+    policy_chosen, policy_rejected = policy_chosen.float(), policy_rejected.float()
+
+    if loss_type == "simpo":
+        chosen_scores, rejected_scores = policy_chosen / chosen_n, policy_rejected / rejected_n
+        logits = chosen_scores - rejected_scores - simpo_gamma / beta
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif loss_type in ("sigmoid", "ipo"):
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f'loss_type "{loss_type}" needs the reference log-probs')
+        chosen_scores, rejected_scores = policy_chosen - ref_chosen.float(), policy_rejected - ref_rejected.float()
+        if loss_type == "sigmoid":
+            delta = chosen_scores - rejected_scores
+            losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+        else:
+            # Without the length normalisation the squared loss grows with answer length; TRL's comment says the IPO
+            # authors confirmed their results use this normalised form.
+            delta = chosen_scores / chosen_n - rejected_scores / rejected_n
+            losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f'unknown loss_type {loss_type!r}; use "sigmoid", "ipo" or "simpo"')
+
+    if rpo_alpha:
+        losses = losses + rpo_alpha * chosen_nll(policy_chosen, chosen_lengths)
+    return losses, beta * chosen_scores.detach(), beta * rejected_scores.detach()
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' negative log-likelihood per token, over all their tokens together (RPO's term)."""
+    return -policy_chosen.float().sum() / chosen_lengths.sum().clamp(min=1)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """Means over pairs under the names TRL logs: rewards/chosen, rewards/rejected, rewards/margins and
+    rewards/accuracies (the share of pairs whose chosen reward is strictly higher)."""
+    return {
+        "rewards/chosen": float(chosen_rewards.float().mean()),
+        "rewards/rejected": float(rejected_rewards.float().mean()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).float().mean()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+    }
