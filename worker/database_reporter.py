@@ -16,11 +16,14 @@ from app.core.storage import Storage
 from app.services import attempts
 from app.services.artifacts import prune_checkpoints
 from worker.archive import file_chunks, tar_directory
+from worker.training import dpo
 
 logger = logging.getLogger("tuneforge.reporter")
 
+# What a checkpoint object carries: OpenAI's metrics, and a DPO job's preference figures.
 METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-               "full_valid_loss", "full_valid_mean_token_accuracy")
+               "full_valid_loss", "full_valid_mean_token_accuracy", *dpo.TRAIN_METRICS,
+               *(f"{prefix}{name}" for prefix in ("valid_", "full_valid_") for name in dpo.VALID_METRICS))
 
 
 class DatabaseReporter:

@@ -2,12 +2,13 @@
 
 The API validates a job request into this model (no "auto" left), stores it on the job row and
 echoes it back; the worker's training code reads the same model. It imports no torch so that both
-sides share one definition.
+sides share one definition. A job is supervised (next-token loss on the answers) or DPO (preference
+pairs: `method` "dpo" with a `preference` block).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, model_validator
 
@@ -17,6 +18,20 @@ SchedulerName = Literal["linear", "cosine", "constant"]
 # How a multi-process job splits its work (TrainingConfig.distributed, requested as resources.distributed).
 DistributedStrategy = Literal["ddp", "fsdp"]
 MAX_PROCESSES = 64
+# What a job learns from: supervised examples (chat, prompt/completion, text) or preference pairs (DPO).
+TrainingMethod = Literal["supervised", "dpo"]
+# The preference loss: "sigmoid" is DPO's, "ipo" a squared loss that does not saturate (less prone to overfit
+# pairs it already ranks right), "simpo" is reference-free (length-normalised log-probabilities and a target
+# margin simpo_gamma; no reference model, so no reference pass).
+PreferenceLoss = Literal["sigmoid", "ipo", "simpo"]
+# beta "auto", per loss: 0.1 is DPO's and IPO's usual value (TRL's default); SimPO's rewards are average
+# log-probabilities, an order of magnitude smaller than DPO's summed log-ratios, so its beta is larger (its
+# paper uses 2 to 10; 2.0 is the conservative end).
+AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
+# A DPO step scores answers with the output layer on at most this many positions at a time (never the full logits).
+LOGP_CHUNK_TOKENS = 1024
+# simpo_gamma when a simpo job does not give it: the target reward margin TRL's CPOTrainer defaults to.
+AUTO_SIMPO_GAMMA = 0.5
 
 
 class ConfigConflict(ValueError):
@@ -38,6 +53,9 @@ MIN_EVAL_EXAMPLES = 16
 
 # Settings that act on the validation set: without a validation_file they would silently do nothing.
 NEEDS_VALIDATION_FILE = ("eval_steps", "n_evals", "early_stopping_patience", "load_best_at_end")
+# Hyperparameters of supervised jobs only: a DPO job scores each pair's answers whole (never packed with other
+# examples) and its loss is on the answers by definition.
+SUPERVISED_ONLY_FIELDS = ("packing", "train_on_inputs")
 
 
 class QuantizationConfig(BaseModel):
@@ -104,11 +122,59 @@ class EvaluationConfig(AnswerBudget):
     generate: StrictBool = True
 
 
-class TrainingConfig(BaseModel):
-    """Every knob of one supervised fine-tuning run, fully resolved."""
+class PreferenceConfig(BaseModel):
+    """How a DPO job scores a pair (preferred vs non-preferred answer to the same prompt); "auto" values are
+    filled per loss_type (AUTO_BETA, AUTO_SIMPO_GAMMA)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # The descriptions are the OpenAPI document's (the wire's DpoHyperparameters derive from these fields).
+    beta: float = Field(default=AUTO_BETA["sigmoid"], gt=0, le=20, description=(
+        "How far the tuned model may move from the reference: higher keeps it closer. For simpo, the scale of its "
+        "length-normalised rewards. \"auto\": 0.1 for sigmoid and ipo, 2.0 for simpo."))
+    loss_type: PreferenceLoss = Field(default="sigmoid", description=(
+        "sigmoid (DPO), ipo, or simpo (reference-free: no reference model)."))
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description=(
+        "Conservative DPO: the chance that a pair's preference is wrong; 0 trusts every pair. sigmoid only."))
+    rpo_alpha: float | None = Field(default=None, ge=0.0, description=(
+        "Weight of an NLL term on the preferred answer (RPO), which keeps its likelihood from falling while the "
+        "margin grows; null: none."))
+    simpo_gamma: float | None = Field(default=None, ge=0.0, description=(
+        f"SimPO's target margin between the rewards; simpo only (default {AUTO_SIMPO_GAMMA})."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_auto(cls, data: Any) -> Any:
+        """beta and simpo_gamma left out take their value for the loss (one rule for the API and the worker)."""
+        if isinstance(data, dict):
+            loss = data.get("loss_type", "sigmoid")
+            data = dict(data)
+            if data.get("beta") is None and loss in AUTO_BETA:
+                data["beta"] = AUTO_BETA[loss]
+            if loss == "simpo" and data.get("simpo_gamma") is None:
+                data["simpo_gamma"] = AUTO_SIMPO_GAMMA
+        return data
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> PreferenceConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigConflict("label_smoothing", "label_smoothing (conservative DPO) is taken with loss_type "
+                                 f"\"sigmoid\" only: remove it for {self.loss_type}, or use \"sigmoid\"")
+        if self.simpo_gamma is not None and self.loss_type != "simpo":
+            raise ConfigConflict("simpo_gamma", f"simpo_gamma is SimPO's target margin and loss_type is "
+                                 f"{self.loss_type!r}: remove it or use loss_type \"simpo\"")
+        return self
+
+
+class TrainingConfig(BaseModel):
+    """Every knob of one fine-tuning run (supervised or DPO), fully resolved."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Configs stored before DPO have neither field: they are supervised.
+    method: TrainingMethod = "supervised"
+    # The preference loss of a "dpo" job; None for supervised jobs.
+    preference: PreferenceConfig | None = None
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     n_epochs: int = Field(default=3, ge=1, le=50)
@@ -150,6 +216,16 @@ class TrainingConfig(BaseModel):
         """Every setting must act: a combination where one would be ignored is refused, saying what to change.
         A new job's config is validated with context {"validation_file": bool}; a stored one (no context) is
         held only to the rules it was created under, so jobs from earlier releases still load."""
+        if self.method == "dpo":
+            if self.preference is None:
+                self.preference = PreferenceConfig()
+            for name in SUPERVISED_ONLY_FIELDS:
+                if getattr(self, name):
+                    raise ConfigConflict(name, f"{name} applies to supervised jobs; a DPO job scores each pair's "
+                                         "answers whole, one pair a row: remove it")
+        elif self.preference is not None:
+            raise ConfigConflict("preference", "preference settings apply to DPO jobs: remove them or use method "
+                                 "\"dpo\"")
         evaluates = self.eval_steps is not None or bool(self.n_evals)
         if self.eval_steps is not None and self.n_evals is not None:
             raise ConfigConflict("n_evals", "give eval_steps or n_evals, not both")
@@ -158,6 +234,9 @@ class TrainingConfig(BaseModel):
                                  "early_stopping_patience needs evaluation: set eval_steps or n_evals")
         if self.merge and self.adapter.type == "full":
             raise ConfigConflict("merge", "merge applies to adapters; a full fine-tune already produces full weights")
+        if self.distributed == "fsdp" and self.method == "dpo":
+            raise ConfigConflict("distributed", "distributed \"fsdp\" is not available for DPO jobs yet (its log-probs "
+                                 "run the output layer outside the sharded forward): use \"ddp\"")
         if info.context is None:
             return self
         if self.early_stopping_threshold and self.early_stopping_patience is None:
@@ -187,9 +266,14 @@ class TrainingConfig(BaseModel):
         return self
 
 
-# Fields of TrainingConfig a request sets outside `hyperparameters`: the adapter and evaluation blocks, the top-level
-# `seed` and `merge`, and `resources.processes` / `resources.distributed`. Every other field is a hyperparameter
-# (app/schemas/jobs.py derives the wire model from this split).
-JOB_LEVEL_FIELDS = ("adapter", "evaluation", "seed", "merge", "processes", "distributed")
-HYPERPARAMETER_FIELDS = tuple(name for name in TrainingConfig.model_fields if name not in JOB_LEVEL_FIELDS)
+# Fields of TrainingConfig a request sets outside `hyperparameters`: `method.type`, the adapter and evaluation blocks,
+# the top-level `seed` and `merge`, and `resources.processes` / `resources.distributed`. Every other field is a
+# hyperparameter (app/schemas/jobs.py derives the wire models from this split): HYPERPARAMETER_FIELDS under
+# method.supervised.hyperparameters, DPO_HYPERPARAMETER_FIELDS under method.dpo.hyperparameters, where the
+# preference block's fields sit flat beside OpenAI's beta.
+JOB_LEVEL_FIELDS = ("method", "adapter", "evaluation", "seed", "merge", "processes", "distributed")
+HYPERPARAMETER_FIELDS = tuple(name for name in TrainingConfig.model_fields
+                              if name not in (*JOB_LEVEL_FIELDS, "preference"))
+DPO_HYPERPARAMETER_FIELDS = (*(name for name in HYPERPARAMETER_FIELDS if name not in SUPERVISED_ONLY_FIELDS),
+                             *PreferenceConfig.model_fields)
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.schemas.jobs import JobResources
-from app.schemas.training import TrainingConfig
+from app.schemas.training import LOGP_CHUNK_TOKENS, TrainingConfig
 
 # CUDA context, cuBLAS workspaces and caching-allocator slack, measured on the lent GPU when there was one.
 GPU_RUNTIME_BYTES = 0.75e9
@@ -114,7 +114,8 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     gradients, optimizer = trainable * 4.0, trainable * 8.0
     if config.distributed == "fsdp" and config.processes > 1:
         weights, gradients, optimizer = (x / config.processes for x in (weights, gradients, optimizer))
-    micro_batch = math.ceil(config.batch_size / config.processes)
+    # A DPO pair is two rows (its chosen and its rejected answer after the prompt) in one forward.
+    micro_batch = math.ceil(config.batch_size / config.processes) * (2 if config.method == "dpo" else 1)
     tokens = micro_batch * min(seq_length or config.max_seq_length, config.max_seq_length)
     # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
     # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
@@ -130,7 +131,8 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
         activations = tokens * (layers * h * c + per_token_layer)
     else:
         activations = tokens * layers * per_token_layer
-    logits = tokens * vocab * (c + 8.0)
+    # DPO runs the output layer on LOGP_CHUNK_TOKENS answer positions at a time; supervised training on every token.
+    logits = (min(tokens, LOGP_CHUNK_TOKENS) if config.method == "dpo" else tokens) * vocab * (c + 8.0)
     runtime = GPU_RUNTIME_BYTES if device == "cuda" else 0.0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
                           logits=logits, runtime=runtime, trainable_parameters=int(trainable), precision=precision)

@@ -15,3 +15,13 @@ def chat_lines(n: int, *, offset: int = 0) -> list[dict[str, object]]:
 
 def jsonl(rows: list[dict[str, object]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def preference_lines(n: int, *, offset: int = 0) -> list[dict[str, object]]:
+    """n preference (DPO) pairs on the same task: the preferred answer is the key's colour, the other the next one."""
+    colours = ["red", "blue", "green"]
+    return [{"input": {"messages": [{"role": "system", "content": "You map codes to colours."},
+                                    {"role": "user", "content": f"code {i + offset}"}]},
+             "preferred_output": [{"role": "assistant", "content": colours[(i + offset) % 3]}],
+             "non_preferred_output": [{"role": "assistant", "content": colours[(i + offset + 1) % 3]}]}
+            for i in range(n)]

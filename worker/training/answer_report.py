@@ -31,7 +31,8 @@ METRICS = ("exact_match", "f1", "rouge_l")
 
 
 def examples_of(path: Path, *, limit: int) -> list[tuple[dict[str, Any], str]]:
-    """(prompt, reference) for the first `limit` validation examples that have an answer to compare with."""
+    """(prompt, reference) for the first `limit` validation examples that have an answer to compare with (a chat's
+    last assistant turn, a completion, or a preference pair's preferred answer)."""
     found: list[tuple[dict[str, Any], str]] = []
     with path.open() as lines:
         for line in lines:
@@ -46,6 +47,12 @@ def examples_of(path: Path, *, limit: int) -> list[tuple[dict[str, Any], str]]:
                 found.append(({"messages": prompt}, str(messages[-1].get("content") or "")))
             elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
                 found.append(({"text": record["prompt"]}, record["completion"]))
+            elif isinstance(record.get("input"), dict) and isinstance(record.get("preferred_output"), list):
+                # A preference pair: the preferred answer is the reference.
+                source, preferred = record["input"].get("messages"), record["preferred_output"]
+                if isinstance(source, list) and source and preferred and isinstance(preferred[-1], dict):
+                    prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in source]
+                    found.append(({"messages": prompt}, str(preferred[-1].get("content") or "")))
     return found
 
 

@@ -13,6 +13,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from app.schemas.training import LOGP_CHUNK_TOKENS
 from worker.training.data import IGNORE_INDEX, _encode, _render_chat
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
 # The output layer runs on this many answer positions at a time, and each chunk is recomputed in the backward
 # pass instead of kept: memory for logits is chunk_tokens x vocabulary x 4 bytes (512 MiB at 1024 x 128k),
 # whatever the batch. Smaller chunks cost a little speed (more, smaller matrix products).
-LOGP_CHUNK_TOKENS = 1024
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 

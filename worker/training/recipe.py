@@ -1,10 +1,11 @@
-"""Supervised fine-tuning recipe: set up, load data, load the model, resume, train step by step (evaluating and
-checkpointing), save.
+"""Fine-tuning recipe, supervised or DPO on preference pairs (worker/training/dpo.py): set up, load data, load the
+model, resume, train step by step (evaluating and checkpointing), save.
 
 Reads top to bottom like torchtune's recipes and nanoGPT's train.py: `train()` at the end calls the phases in
 order. What crosses phases lives in two small objects: `Run` (what was set up: processes, device, data, model,
 optimizer; fixed for the run) and `TrainState` (what changes each step and what a checkpoint saves to resume
-exactly). Other loops (evaluation, preference tuning) reuse the phases: `setup_run`, `setup_data`, `setup_model`,
+exactly). A DPO run swaps in its data, loss and evaluation (`step_loss`, `evaluate_on`); other loops reuse the
+phases: `setup_run`, `setup_data`, `setup_model`,
 `resume`, `save_checkpoint`, `evaluate_on`, `save_final`.
 """
 
@@ -26,12 +27,11 @@ from typing import Any
 
 from app.schemas.training import EVAL_COST_SHARE, MIN_EVAL_EXAMPLES, TrainingConfig
 from worker.training import checkpoint as ckpt
-from worker.training import distributed, stopping
+from worker.training import distributed, dpo, stopping
 from worker.training.data import (
     IGNORE_INDEX,
     MAX_TOKENS_PER_FORWARD,
     EpochPlan,
-    Example,
     batch_to_device,
     collate,
     load_examples,
@@ -67,6 +67,8 @@ CSV_COLUMNS = [
     "step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate",
     "tokens_per_second", "trained_tokens", "valid_loss", "valid_perplexity", "valid_mean_token_accuracy",
     "full_valid_loss", "full_valid_perplexity", "full_valid_mean_token_accuracy",
+    *dpo.TRAIN_METRICS, *(f"valid_{name}" for name in dpo.VALID_METRICS),
+    *(f"full_valid_{name}" for name in dpo.VALID_METRICS),
 ]
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -117,8 +119,9 @@ class Run:
     # setup_data
     tokenizer: Any = None
     pad_id: int = 0
-    train_examples: list[Example] = field(default_factory=list)
-    valid_examples: list[Example] = field(default_factory=list)
+    # Examples (supervised) or PreferenceExample pairs (dpo).
+    train_examples: list[Any] = field(default_factory=list)
+    valid_examples: list[Any] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     plans: list[EpochPlan] = field(default_factory=list)  # each epoch's batch order, from the seed
     total_steps: int = 0
@@ -132,10 +135,28 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None  # fp16's loss scaling (disabled otherwise)
+    # dpo.setup_reference: {"train", "valid"} reference log-probs of each pair; None when not dpo (or simpo).
+    reference: dict[str, Any] | None = None
 
     @property
     def full(self) -> bool:
         return self.config.adapter.type == "full"
+
+    @property
+    def preference(self) -> bool:
+        return self.config.method == "dpo"
+
+    def tokens(self, example: Any) -> int:
+        """What an example (or a pair) puts through a forward pass."""
+        return dpo.pair_tokens(example) if self.preference else len(example.input_ids)
+
+    def collate(self, rows: list[list[int]], examples: list[Any], *, packing: bool) -> dict[str, Any]:
+        """One batch of `rows` (lists of example indexes), on the run's device."""
+        if self.preference:
+            batch = dpo.collate([i for row in rows for i in row], examples, pad_id=self.pad_id)
+        else:
+            batch = collate(rows, examples, pad_id=self.pad_id, packing=packing)
+        return batch_to_device(batch, self.device)
 
     @property
     def sharded(self) -> bool:
@@ -235,18 +256,22 @@ def setup_data(run: Run, *, model_path: Path, train_file: Path, validation_file:
     run.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
     run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    run.train_examples = load_examples(Path(train_file), run.tokenizer, max_seq_length=config.max_seq_length,
-                                       train_on_inputs=config.train_on_inputs, reporter=run.reporter)
+    def load(path: Path) -> list[Any]:
+        if run.preference:
+            return dpo.load_pairs(path, run.tokenizer, max_seq_length=config.max_seq_length, reporter=run.reporter)
+        return load_examples(path, run.tokenizer, max_seq_length=config.max_seq_length,
+                             train_on_inputs=config.train_on_inputs, reporter=run.reporter)
+
+    run.train_examples = load(Path(train_file))
     if validation_file is not None:
-        run.valid_examples = load_examples(Path(validation_file), run.tokenizer, max_seq_length=config.max_seq_length,
-                                           train_on_inputs=config.train_on_inputs, reporter=run.reporter)
-    run.lengths = [len(e.input_ids) for e in run.train_examples]
+        run.valid_examples = load(Path(validation_file))
+    run.lengths = [run.tokens(e) for e in run.train_examples]
     run.plans = [plan_epoch(run.lengths, batch_size=config.batch_size, max_seq_length=config.max_seq_length,
                             packing=config.packing, seed=config.seed + epoch) for epoch in range(config.n_epochs)]
     run.total_steps = sum(math.ceil(len(plan) / config.gradient_accumulation_steps) for plan in run.plans)
 
     def eval_plan(n_examples: int) -> EpochPlan:
-        order = sorted(range(n_examples), key=lambda i: len(run.valid_examples[i].input_ids))
+        order = sorted(range(n_examples), key=lambda i: run.tokens(run.valid_examples[i]))
         return [[[i] for i in order[k : k + config.batch_size]] for k in range(0, n_examples, config.batch_size)]
 
     run.eval_at = evaluation_steps(config, run.total_steps) if run.valid_examples else set()
@@ -308,9 +333,9 @@ def _eval_sample_size(run: Run) -> int:
     budget = EVAL_COST_SHARE * sum(run.lengths) * run.config.n_epochs / max(len(run.eval_at), 1)
     count, tokens = 0, 0
     for example in run.valid_examples[:VALID_SUBSET_EXAMPLES]:
-        if count >= MIN_EVAL_EXAMPLES and tokens + len(example.input_ids) > budget:
+        if count >= MIN_EVAL_EXAMPLES and tokens + run.tokens(example) > budget:
             break
-        count, tokens = count + 1, tokens + len(example.input_ids)
+        count, tokens = count + 1, tokens + run.tokens(example)
     return count
 
 
@@ -357,7 +382,7 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
     started = time.perf_counter()
     # Each process takes every world_size-th row of each batch (all of it when alone).
     micro_batches = [
-        batch_to_device(collate(part, run.train_examples, pad_id=run.pad_id, packing=config.packing), run.device)
+        run.collate(part, run.train_examples, packing=config.packing)
         for b in group
         for part in split_by_tokens(b[procs.rank :: procs.world_size], run.lengths, max_tokens=MAX_TOKENS_PER_FORWARD)
     ]
@@ -365,28 +390,26 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
     # one with fewer micro-batches runs weightless repeats of the step's first row.
     n_passes = distributed.all_max(procs, len(micro_batches))
     filler = group[0][:1]
-    # Normalise by the labelled tokens of the whole accumulated step (over all processes), so the
-    # step's loss is the true token mean whatever the micro-batch split, padding or process count.
-    local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    step_tokens = int(distributed.all_sum(procs, [local_tokens])[0])
-    loss_total, correct = 0.0, 0
+    # Normalise by the units of the whole accumulated step (over all processes): labelled tokens, or pairs, so the
+    # step's loss is the true mean whatever the micro-batch split, padding or process count.
+    step_units = int(distributed.all_sum(procs, [sum(loss_units(run, mb) for mb in micro_batches)])[0])
+    loss_total, sums = 0.0, {"correct": 0.0, "chosen": 0.0, "rejected": 0.0}
     for k in range(n_passes):
         real = k < len(micro_batches)
-        mb = micro_batches[k] if real else batch_to_device(
-            collate(filler, run.train_examples, pad_id=run.pad_id, packing=config.packing), run.device)
+        mb = micro_batches[k] if real else run.collate(filler, run.train_examples, packing=config.packing)
         with distributed.accumulate(run.wrapped, group=procs, strategy=config.distributed, sync=k == n_passes - 1):
-            with run.autocast():
-                logits = forward_logits(run.wrapped, mb)
-            loss_sum, _, n_correct = token_loss_sum(logits, mb["labels"])
+            loss_sum, stats = step_loss(run, mb)
             # DDP and FSDP average gradients over processes; scaling by their count makes that a sum.
-            loss = loss_sum / step_tokens * procs.world_size if real else loss_sum * 0.0
+            loss = loss_sum / step_units * procs.world_size if real else loss_sum * 0.0
             run.scaler.scale(loss).backward()
         if real:
-            loss_total += (loss_sum / step_tokens).item()
-            correct += n_correct
-    loss_total, summed_correct, summed_tokens = distributed.all_sum(
-        procs, [loss_total, correct, sum(mb["n_tokens"] for mb in micro_batches)])
-    correct, real_tokens = int(summed_correct), int(summed_tokens)
+            loss_total += (loss_sum / step_units).item()
+            for key in sums:
+                sums[key] += stats.get(key, 0.0)
+    loss_total, correct, chosen, rejected, summed_tokens = distributed.all_sum(
+        procs, [loss_total, sums["correct"], sums["chosen"], sums["rejected"],
+                sum(mb["n_tokens"] for mb in micro_batches)])
+    real_tokens = int(summed_tokens)
     state.step += 1
     if not math.isfinite(loss_total):
         raise TrainingDiverged(
@@ -407,21 +430,43 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
     state.next_batch = batch_index + len(group)
     if state.next_batch >= len(plan):
         state.epoch, state.next_batch = epoch + 1, 0
+    quality = (dpo.step_metrics({"correct": correct, "chosen": chosen, "rejected": rejected}, step_units)
+               if run.preference else {"train_mean_token_accuracy": correct / step_units})
     return {
         "step": state.step,
         "total_steps": run.total_steps,
         "epoch": round(epoch + min(batch_index + len(group), len(plan)) / len(plan), 4),
         "train_loss": loss_total,
-        "train_mean_token_accuracy": correct / step_tokens,
+        **quality,
         "learning_rate": learning_rate,
         "tokens_per_second": real_tokens / elapsed,
         "trained_tokens": state.trained_tokens,
     }
 
 
+def loss_units(run: Run, batch: dict[str, Any]) -> int:
+    """What a step's loss is a mean over: labelled tokens (supervised) or pairs (dpo)."""
+    if run.preference:
+        return len(batch["index"])
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def step_loss(run: Run, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """The loss of one micro-batch, summed over its units (for train_step to normalise), and the sums its metrics
+    need: correct tokens (supervised), or pairs ranked right and their rewards (dpo)."""
+    if run.preference:
+        return dpo.pair_loss(run, run.wrapped, batch, split="train")
+    with run.autocast():
+        logits = forward_logits(run.wrapped, batch)
+    loss_sum, _, n_correct = token_loss_sum(logits, batch["labels"])
+    return loss_sum, {"correct": float(n_correct)}
+
+
 def evaluate_on(run: Run, plan: EpochPlan) -> dict[str, float]:
     """Loss, perplexity and token accuracy on the validation batches of `plan`: each process evaluates its share and
     torchmetrics sums the shares."""
+    if run.preference:
+        return dpo.evaluate_pairs(run, plan)
     mine = plan[run.procs.rank :: run.procs.world_size]
     # Under FSDP every forward pass gathers weights from all processes: all run the same number.
     passes = distributed.all_max(run.procs, len(mine)) if run.sharded else None
@@ -435,28 +480,47 @@ def evaluate_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> tuple
     config, step = run.config, state.step
     new_best, stop_reason = False, None
     state.valid_loss = None  # the valid_loss of these weights, if evaluated this step
+    tracked = tracked_metric(run)
     if step in run.eval_at:
         valid = evaluate_on(run, run.subset_plan)
-        metrics.update({"valid_loss": valid["loss"], "valid_perplexity": valid["perplexity"],
-                        "valid_mean_token_accuracy": valid["mean_token_accuracy"]})
+        metrics.update(validation_metrics(run, valid, prefix="valid_"))
         state.valid_loss = valid["loss"]
-        if state.best_valid_loss is None or state.best_valid_loss - valid["loss"] > config.early_stopping_threshold:
-            state.best_valid_loss, state.best_step, state.evals_without_improvement = valid["loss"], step, 0
+        # Lower is better: the loss (supervised), or the share of pairs ranked wrong (dpo).
+        score = 1.0 - valid["preference_accuracy"] if run.preference else valid["loss"]
+        if state.best_valid_loss is None or state.best_valid_loss - score > config.early_stopping_threshold:
+            state.best_valid_loss, state.best_step, state.evals_without_improvement = score, step, 0
             new_best = True
         else:
             state.evals_without_improvement += 1
         patience = config.early_stopping_patience
         if patience is not None and state.evals_without_improvement >= patience:
             stop_reason = (
-                f"early stopping at step {step}: valid_loss has not improved by more than "
+                f"early stopping at step {step}: {tracked} has not improved by more than "
                 f"{config.early_stopping_threshold:g} for {patience} evaluation(s); best "
-                f"{state.best_valid_loss:.4f} at step {state.best_step}"
+                f"{describe_best(run, state)} at step {state.best_step}"
             )
     if (step == run.total_steps or stop_reason is not None) and run.valid_examples:
         valid = evaluate_on(run, run.full_plan)
-        metrics.update({"full_valid_loss": valid["loss"], "full_valid_perplexity": valid["perplexity"],
-                        "full_valid_mean_token_accuracy": valid["mean_token_accuracy"]})
+        metrics.update(validation_metrics(run, valid, prefix="full_valid_"))
     return new_best, stop_reason
+
+
+def tracked_metric(run: Run) -> str:
+    """What picks the best step and stops early: valid_loss, or (dpo) valid_preference_accuracy."""
+    return "valid_preference_accuracy" if run.preference else "valid_loss"
+
+
+def describe_best(run: Run, state: TrainState) -> str:
+    """The best evaluation's figure as its metric reads (state keeps lower-is-better scores)."""
+    assert state.best_valid_loss is not None
+    return f"{1.0 - state.best_valid_loss:.4f}" if run.preference else f"{state.best_valid_loss:.4f}"
+
+
+def validation_metrics(run: Run, valid: dict[str, float], *, prefix: str) -> dict[str, float]:
+    if run.preference:
+        return {f"{prefix}loss": valid["loss"], **{f"{prefix}{name}": valid[name] for name in dpo.VALID_METRICS}}
+    return {f"{prefix}loss": valid["loss"], f"{prefix}perplexity": valid["perplexity"],
+            f"{prefix}mean_token_accuracy": valid["mean_token_accuracy"]}
 
 
 def save_checkpoint(run: Run, state: TrainState, plan: EpochPlan | None) -> Path:
@@ -473,6 +537,7 @@ def save_checkpoint(run: Run, state: TrainState, plan: EpochPlan | None) -> Path
         path = ckpt.save_checkpoint(run.output_dir, step=state.step, model=run.model, full=run.full,
                                     optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=trainer_state,
                                     weights=weights, optimizer_state=optimizer_state, rank_rng=rank_rng)
+        dpo.save_reference(run, path)
         # The best step is kept by number too: its valid_loss may tie a later, not-better-enough one.
         ckpt.prune_checkpoints(run.output_dir, keep_steps={state.best_step} if state.best_step else set())
         run.reporter.checkpoint_saved(step=state.step, path=path, metrics=state.log_history[-1])
@@ -497,8 +562,8 @@ def save_final(run: Run, state: TrainState) -> Path:
         elif procs.is_main:
             ckpt.load_weights(run.model, best_dir, full=run.full)
         run.reporter.event(
-            f"loaded the best checkpoint (step {state.best_step}, valid_loss {state.best_valid_loss:.4f}) as the "
-            "final weights", data={"step": state.best_step, "valid_loss": state.best_valid_loss})
+            f"loaded the best checkpoint (step {state.best_step}, {tracked_metric(run)} {describe_best(run, state)}) "
+            "as the final weights", data={"step": state.best_step, "valid_loss": state.best_valid_loss})
     final_dir = run.output_dir / "final"
     weights = distributed.full_state_dict(run.model, group=procs, strategy=config.distributed) if run.sharded else None
     if procs.is_main:
@@ -539,6 +604,8 @@ def train(
                trust_remote_code=trust_remote_code)
     setup_model(run, model_path=model_path, init_adapter=init_adapter, trust_remote_code=trust_remote_code,
                 resume_from=resume_from)
+    if run.preference:
+        dpo.setup_reference(run, resume_from=resume_from, continued=init_adapter is not None)
     state, resumed_plan = resume(run, saved)
     reporter, procs = run.reporter, run.procs
 

@@ -12,7 +12,7 @@ import torch
 from app.core.storage import LocalStorage
 from app.schemas.training import EvaluationConfig
 from tests.support.adapters import perturbed_model, store_adapter
-from tests.support.data import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl, preference_lines
 from worker.training.answer_report import (
     AUTO_EXTRA_TOKENS,
     evaluate_answers,
@@ -44,6 +44,16 @@ def test_examples_are_prompts_before_the_last_answer_and_prompt_completions(tmp_
                                       {"role": "user", "content": "code 0"}]}, "red")
     assert found[2] == ({"text": "2 + 2 ="}, " 4")
     assert len(found) == 4 and found[3][0]["messages"][1]["content"] == "code 10"  # the answerless one is skipped
+
+
+def test_a_preference_pairs_preferred_answer_is_its_reference(tmp_path: Path) -> None:
+    path = tmp_path / "valid.jsonl"
+    path.write_bytes(jsonl(preference_lines(2, offset=4)))
+    assert examples_of(path, limit=5) == [
+        ({"messages": [{"role": "system", "content": "You map codes to colours."},
+                       {"role": "user", "content": "code 4"}]}, "blue"),
+        ({"messages": [{"role": "system", "content": "You map codes to colours."},
+                       {"role": "user", "content": "code 5"}]}, "green")]
 
 
 def test_the_report_records_each_models_own_greedy_answers(tmp_path: Path, tiny_model_dir: Path) -> None:

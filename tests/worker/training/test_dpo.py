@@ -1,0 +1,148 @@
+"""DPO through the recipe on the tiny model: a preference it can learn, the reference computed once (adapter off,
+or the starting weights of a full fine-tune or an SFT adapter) and kept in checkpoints, exact resume, SimPO."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.support.reporters import RecordingReporter
+from tests.worker.training.factories import WORDS, make_config, write_jsonl
+from worker.training.dpo import REFERENCE_FILE
+from worker.training.preference import collate_pairs, sequence_logps, tokenize_preference
+from worker.training.recipe import train
+from worker.training.reporting import TrainingPaused
+
+
+def pairs(n: int, *, seed: int) -> list[dict[str, Any]]:
+    """Preferred answers start with "ok", non-preferred ones with "no"; otherwise the same words."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(3))
+        records.append({"input": {"messages": [{"role": "user", "content": f"say {words}"}]},
+                        "preferred_output": [{"role": "assistant", "content": f"ok {words}"}],
+                        "non_preferred_output": [{"role": "assistant", "content": f"no {words}"}]})
+    return records
+
+
+def dpo_config(**overrides: Any) -> Any:
+    values: dict[str, Any] = {"method": "dpo", "preference": {"beta": 0.5}, "learning_rate": 5e-3}
+    values.update(overrides)
+    return make_config(**values)
+
+
+def run_dpo(tmp_path: Path, tiny_model: Path, config: Any, *, n: int = 32, valid: int = 16,
+            reporter: RecordingReporter | None = None, **kwargs: Any) -> tuple[Any, RecordingReporter]:
+    reporter = reporter or RecordingReporter()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    result = train(config, model_path=tiny_model, train_file=write_jsonl(tmp_path / "train.jsonl", pairs(n, seed=1)),
+                   validation_file=write_jsonl(tmp_path / "valid.jsonl", pairs(valid, seed=2)) if valid else None,
+                   output_dir=tmp_path / "out", reporter=reporter, **kwargs)
+    return result, reporter
+
+
+def logps_of(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> torch.Tensor:
+    batch = collate_pairs([tokenize_preference(r, tokenizer, max_seq_length=64) for r in records],
+                          pad_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, batch)
+    return logps.view(2, -1).T
+
+
+def test_a_lora_dpo_run_learns_the_preference_and_answers_in_the_preferred_format(
+        tmp_path: Path, tiny_model: Path, tokenizer: Any) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # The RPO term (an NLL on the preferred answers) teaches a model that starts from random weights to produce them;
+    # the DPO term alone would only rank the two answers.
+    config = dpo_config(n_epochs=3, n_evals=4, preference={"beta": 0.5, "rpo_alpha": 1.0})
+    result, reporter = run_dpo(tmp_path, tiny_model, config)
+    steps = reporter.steps
+    assert {"train_rewards_chosen", "train_rewards_rejected", "train_rewards_margin",
+            "train_preference_accuracy"} <= set(steps[0])
+    evaluated = [s for s in steps if "valid_preference_accuracy" in s]
+    assert len(evaluated) == 4
+    final = steps[-1]
+    assert final["full_valid_preference_accuracy"] >= 0.9, final
+    assert final["full_valid_rewards_margin"] > 0 and final["train_rewards_margin"] > steps[0]["train_rewards_margin"]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    # The reference: computed once, kept with the work files and in every checkpoint.
+    assert sum("reference log-probabilities" in e["message"] for e in reporter.events) == 1
+    saved = torch.load(tmp_path / "out" / REFERENCE_FILE, weights_only=True)
+    assert saved["train"].shape == (32, 2) and saved["valid"].shape == (16, 2)
+    assert reporter.checkpoints and all((c["path"] / REFERENCE_FILE).is_file() for c in reporter.checkpoints)
+    # ... and it is the base model's (the adapter disabled): checked against the base loaded on its own.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert saved["train"][:4] == pytest.approx(logps_of(base, tokenizer, pairs(32, seed=1)[:4]), abs=1e-4)
+    # The tuned model's greedy answers start the preferred way; the base model's do not.
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.final_dir)
+    prompts = [tokenizer.apply_chat_template(r["input"]["messages"], add_generation_prompt=True, tokenize=False)
+               for r in pairs(8, seed=3)]
+
+    def first_words(model: Any) -> list[str]:
+        answers = []
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True))
+        return answers
+
+    assert all(a.startswith("ok") for a in first_words(tuned)), first_words(tuned)
+    assert not any(a.startswith("ok") for a in first_words(base)), first_words(base)
+
+
+def test_a_resumed_dpo_run_continues_the_exact_curve_with_the_saved_reference(tmp_path: Path,
+                                                                               tiny_model: Path) -> None:
+    config = dpo_config(adapter={"type": "full"}, learning_rate=1e-4, n_epochs=1, batch_size=4)
+    full, whole = run_dpo(tmp_path / "whole", tiny_model, config, n=24, valid=0)
+    assert full.steps == 6
+    with pytest.raises(TrainingPaused) as stopped:
+        run_dpo(tmp_path / "paused", tiny_model, config, n=24, valid=0,
+                reporter=RecordingReporter(commands={3: "pause"}))
+    checkpoint = stopped.value.checkpoint
+    assert (checkpoint / REFERENCE_FILE).is_file()
+    resumed_result, resumed = run_dpo(tmp_path / "resumed", tiny_model, config, n=24, valid=0,
+                                      resume_from=checkpoint)
+    assert [s["step"] for s in resumed.steps] == [4, 5, 6]
+    assert resumed.losses() == pytest.approx(whole.losses()[3:], rel=1e-5)
+    # The reference came from the checkpoint (the weights had moved): not computed again.
+    assert not any("reference log-probabilities" in e["message"] for e in resumed.events)
+    # A full fine-tune's checkpoint without it cannot be resumed: its reference (the starting weights) is gone.
+    (checkpoint / REFERENCE_FILE).unlink()
+    with pytest.raises(ValueError, match="lacks the reference"):
+        run_dpo(tmp_path / "again", tiny_model, config, n=24, valid=0, resume_from=checkpoint)
+
+
+def test_dpo_after_sft_uses_the_sft_model_as_its_reference(tmp_path: Path, tiny_model: Path, tokenizer: Any) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft_records = [{"messages": [*r["input"]["messages"], *r["preferred_output"]]} for r in pairs(16, seed=4)]
+    sft = train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "sft.jsonl", sft_records),
+                validation_file=None, output_dir=tmp_path / "sft", reporter=RecordingReporter())
+    run_dpo(tmp_path / "dpo", tiny_model, dpo_config(), n=8, valid=0, init_adapter=sft.final_dir)
+    saved = torch.load(tmp_path / "dpo" / "out" / REFERENCE_FILE, weights_only=True)
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), sft.final_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expected = logps_of(sft_model, tokenizer, pairs(8, seed=1)[:4])
+    assert saved["train"][:4] == pytest.approx(expected, abs=1e-4)
+    assert not torch.allclose(expected, logps_of(base, tokenizer, pairs(8, seed=1)[:4]), atol=1e-2)
+
+
+def test_simpo_needs_no_reference_and_learns(tmp_path: Path, tiny_model: Path) -> None:
+    config = dpo_config(preference={"loss_type": "simpo"}, n_epochs=2, n_evals=2)
+    _result, reporter = run_dpo(tmp_path, tiny_model, config)
+    assert not (tmp_path / "out" / REFERENCE_FILE).exists()
+    assert not any("reference log-probabilities" in e["message"] for e in reporter.events)
+    assert reporter.steps[-1]["full_valid_preference_accuracy"] >= 0.9
+
+
+def test_fsdp_is_refused_for_dpo(tmp_path: Path, tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match="fsdp.*not available for DPO"):
+        dpo_config(processes=2, distributed="fsdp")
