@@ -205,7 +205,8 @@ def export_model(model: Annotated[str, typer.Argument(help="A fine-tuned model (
     base = _call(url, api_key, "GET", f"/models/{quote(found['root'], safe='')}")
     listing = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}/artifacts")["data"]
     names = {a["name"] for a in listing}
-    adapter_type = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}")["method"]["supervised"]["adapter"]["type"]
+    method = _call(url, api_key, "GET", f"/fine_tuning/jobs/{job_id}")["method"]
+    adapter_type = method[method["type"]]["adapter"]["type"]
     from app.services.artifacts import split_checkpoint_id, weights_artifact
 
     _model, step = split_checkpoint_id(model)

@@ -52,10 +52,14 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: these error status codes, each with the envelope's schema."""
-    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code],
-                   **({"headers": RETRY_AFTER} if code in (429, 503) else {})} for code in codes}
+def errors(*codes: int, error_codes: dict[int, tuple[str, ...]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: these error status codes, each with the envelope's schema; `error_codes` names the
+    envelope's `code` values an answer of a status may carry (in its description; the status need not be in `codes`,
+    a derived one is described so)."""
+    named = error_codes or {}
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code] + (
+                       f" `code`: {', '.join(named[code])}." if code in named else ""),
+                   **({"headers": RETRY_AFTER} if code in (429, 503) else {})} for code in {*codes, *named}}
 
 
 def binary_responses(media_type: str, *, ranges: bool) -> dict[int | str, dict[str, Any]]:

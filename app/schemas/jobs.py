@@ -4,89 +4,136 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator
+import annotated_types
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 
 from app.core.config import LABEL_PATTERN
 from app.models.job import JobStatus
 from app.schemas.common import ListPage, OmitsUnsetOptionals
 from app.schemas.training import (
+    DPO_HYPERPARAMETER_FIELDS,
     HYPERPARAMETER_FIELDS,
     MAX_PROCESSES,
     AdapterConfig,
     DistributedStrategy,
     EvaluationConfig,
+    PreferenceConfig,
     TrainingConfig,
+    TrainingMethod,
 )
 
+# OpenAI's hyperparameters of each method: "auto", or a value within the bounds of the config field it resolves to.
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+OPENAI_DPO_HYPERPARAMETERS = (*OPENAI_HYPERPARAMETERS, "beta")
+# Bounds on the wire only: a stored config may hold a larger multiplier (an absolute learning_rate over the method's
+# base rate).
+WIRE_ONLY_BOUNDS: dict[str, tuple[Any, ...]] = {"learning_rate_multiplier": (annotated_types.Le(100),)}
 
-class _OpenAIHyperparameters(BaseModel):
-    """OpenAI's three hyperparameters, each "auto" or a value."""
 
-    model_config = ConfigDict(extra="forbid")
+def _config_field(name: str) -> FieldInfo:
+    """The resolved config field a wire hyperparameter sets: PreferenceConfig's (a DPO loss) or TrainingConfig's."""
+    return (PreferenceConfig if name in PreferenceConfig.model_fields else TrainingConfig).model_fields[name]
 
-    n_epochs: Literal["auto"] | int = Field(default="auto")
-    batch_size: Literal["auto"] | int = Field(default="auto")
-    learning_rate_multiplier: Literal["auto"] | float = Field(default="auto")
 
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
-        if v != "auto" and not 1 <= v <= 50:
-            raise ValueError("n_epochs must be \"auto\" or between 1 and 50")
-        return v
+def _auto_or_within(name: str) -> tuple[tuple[Any, Any], Any]:
+    """An OpenAI hyperparameter: its definition ("auto", or a value within its config field's bounds) and the
+    validator that says so in one message."""
+    field = _config_field(name)
+    bounds = [*field.metadata, *WIRE_ONLY_BOUNDS.get(name, ())]
+    bounded: Any = Annotated[field.annotation, *bounds]  # type: ignore[name-defined]
+    adapter: TypeAdapter[Any] = TypeAdapter(bounded)
+    low = next((f"[{b.ge}" if isinstance(b, annotated_types.Ge) else f"({b.gt}" for b in bounds
+                if isinstance(b, annotated_types.Ge | annotated_types.Gt)), "(-inf")
+    high = next((f"{b.le}]" if isinstance(b, annotated_types.Le) else f"{b.lt})" for b in bounds
+                 if isinstance(b, annotated_types.Le | annotated_types.Lt)), "inf)")
+    allowed = f"\"auto\" or {'an integer' if field.annotation is int else 'a number'} in {low}, {high}"
 
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: Literal["auto"] | int) -> Literal["auto"] | int:
-        if v != "auto" and not 1 <= v <= 256:
-            raise ValueError("batch_size must be \"auto\" or between 1 and 256")
-        return v
+    def check(cls: type[BaseModel], value: Any) -> Any:
+        if value != "auto":
+            try:
+                adapter.validate_python(value)
+            except ValidationError:
+                raise ValueError(f"{name} must be {allowed}") from None
+        return value
 
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _multiplier(cls, v: Literal["auto"] | float) -> Literal["auto"] | float:
-        if v != "auto" and not 0 < v <= 100:
-            raise ValueError("learning_rate_multiplier must be \"auto\" or a number in (0, 100]")
-        return v
+    definition = (Literal["auto"] | bounded, Field(default="auto", description=f"OpenAI's: {allowed}."))
+    return definition, field_validator(name, mode="before")(classmethod(check))
 
 
 def _left_out(name: str) -> tuple[Any, FieldInfo]:
-    """TrainingConfig's field `name`, optional: left out (None), it takes TrainingConfig's default."""
-    field = TrainingConfig.model_fields[name]
+    """The config field `name`, optional: left out (None), it takes its resolved default."""
+    field = _config_field(name)
     return field.annotation | None, FieldInfo.merge_field_infos(field, default=None)  # type: ignore[operator]
 
 
-# OpenAI's three plus every other TrainingConfig hyperparameter, with TrainingConfig's bounds: adding a setting to
-# TrainingConfig adds it here.
+def _hyperparameters_model(model_name: str, doc: str, *, openai: tuple[str, ...], fields: tuple[str, ...]) -> Any:
+    """The wire model of a method's hyperparameters: OpenAI's first, then every other of `fields`, each derived from
+    the config field it sets (adding a setting to TrainingConfig or PreferenceConfig adds it here)."""
+    definitions: dict[str, Any] = {}
+    validators: dict[str, Any] = {}
+    for name in openai:
+        definitions[name], validators[f"_{name}"] = _auto_or_within(name)
+    definitions.update((name, _left_out(name)) for name in fields if name not in openai)
+    return create_model(model_name, __config__=ConfigDict(extra="forbid"), __module__=__name__, __doc__=doc,
+                        __validators__=validators, **definitions)
+
+
 if TYPE_CHECKING:
-    class Hyperparameters(_OpenAIHyperparameters):
-        """What mypy sees of the model built below: the three fields, and the others as Any."""
+    class Hyperparameters(BaseModel):
+        """What mypy sees of the model built below: OpenAI's fields, and the others as Any."""
+
+        n_epochs: Literal["auto"] | int = "auto"
+        batch_size: Literal["auto"] | int = "auto"
+        learning_rate_multiplier: Literal["auto"] | float = "auto"
 
         def __getattr__(self, name: str) -> Any: ...
+
+    class DpoHyperparameters(Hyperparameters):
+        beta: Literal["auto"] | float = "auto"
 else:
-    Hyperparameters = create_model(
-        "Hyperparameters", __base__=_OpenAIHyperparameters, __module__=__name__,
-        __doc__="OpenAI's three hyperparameters plus tuneforge's; anything left out takes its default.",
-        **{name: _left_out(name) for name in HYPERPARAMETER_FIELDS if name not in _OpenAIHyperparameters.model_fields},
-    )
+    Hyperparameters = _hyperparameters_model(
+        "Hyperparameters", "OpenAI's three hyperparameters plus tuneforge's; anything left out takes its default.",
+        openai=OPENAI_HYPERPARAMETERS, fields=HYPERPARAMETER_FIELDS)
+    DpoHyperparameters = _hyperparameters_model(
+        "DpoHyperparameters", "OpenAI's four DPO hyperparameters plus tuneforge's, the preference loss's among them "
+        "(beta \"auto\" depends on loss_type); anything left out takes its default.",
+        openai=OPENAI_DPO_HYPERPARAMETERS, fields=DPO_HYPERPARAMETER_FIELDS)
 
 
-class SupervisedMethod(BaseModel):
+class _MethodBlock(BaseModel):
+    """The extensions a method block carries beside its hyperparameters."""
+
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: Hyperparameters | None = None
     adapter: AdapterConfig | None = None
     # Our extension: the base-vs-tuned answer report after training (with a validation file; on by default).
     evaluation: EvaluationConfig | None = None
 
 
+class SupervisedMethod(_MethodBlock):
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(_MethodBlock):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised", "dpo"] = "supervised"
+    type: TrainingMethod = "supervised"
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
 
 
 class WandbIntegration(BaseModel):

@@ -29,6 +29,7 @@ MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_calls", "to
                           "refusal"})
 CHAT_EXAMPLE_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "functions"})
 FORMATS = ("chat", "prompt_completion", "text", "preference")
+PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
 _decode_json = json.JSONDecoder().decode
 
 
@@ -204,14 +205,15 @@ class DatasetValidator:
         elif len(self._seen) < DUPLICATE_TRACKING_LIMIT:
             self._seen.add(fingerprint)
 
-    def _check_messages(self, line: int, messages: Any, *, need_assistant: bool) -> int:
+    def _check_messages(self, line: int, messages: Any, *, need_assistant: bool, of: str = "") -> int:
+        """Checks of a message list; `of` names the list in errors ("'preferred_output' "), chat's needs none."""
         if type(messages) is not list or not messages:
             self._error(line, "missing_messages_list", f"line {line}: 'messages' must be a non-empty list")
             return 0
         length, has_assistant, roles = 0, False, CHAT_ROLES
         for index, message in enumerate(messages):
             if type(message) is not dict:
-                self._error(line, "data_type", f"line {line}, message {index}: each message must be an object")
+                self._error(line, "data_type", f"line {line}, {of}message {index}: each message must be an object")
                 continue
             content = message.get("content")
             # Fast path: a valid {"role", "content"} message needs two lookups and three type tests.
@@ -223,7 +225,7 @@ class DatasetValidator:
                         self.empty_assistant_messages += 1
                 length += len(content)
                 continue
-            has_assistant = self._check_message(line, index, message) or has_assistant
+            has_assistant = self._check_message(line, index, message, of=of) or has_assistant
             if type(content) is str:
                 length += len(content)
         if need_assistant and not has_assistant:
@@ -231,9 +233,9 @@ class DatasetValidator:
                         f"line {line}: the example has no assistant message to learn from")
         return length
 
-    def _check_message(self, line: int, index: int, message: dict[str, Any]) -> bool:
+    def _check_message(self, line: int, index: int, message: dict[str, Any], *, of: str = "") -> bool:
         """The full checks of one message; True if it is an assistant message."""
-        where = f"line {line}, message {index}"
+        where = f"line {line}, {of}message {index}"
         if "role" not in message:
             self._error(line, "message_missing_key", f"{where}: missing 'role'")
             return False
@@ -289,9 +291,24 @@ class DatasetValidator:
         if type(source) is not dict:
             self._error(line, "data_type", f"line {line}: 'input' must be an object with 'messages'")
             return 0
-        length = self._check_messages(line, source.get("messages"), need_assistant=False)
-        for key in ("preferred_output", "non_preferred_output"):
-            length += self._check_messages(line, example.get(key), need_assistant=True)
+        before = self.error_count
+        length = self._check_messages(line, source.get("messages"), need_assistant=False, of="'input' ")
+        for key in PREFERENCE_OUTPUTS:
+            output = example.get(key)
+            if type(output) is not list or not output:
+                self._error(line, "missing_output", f"line {line}: '{key}' must be a non-empty list of assistant "
+                            "messages (the answer)")
+                continue
+            for index, message in enumerate(output):
+                role = message.get("role") if type(message) is dict else None
+                if type(role) is str and role in CHAT_ROLES and role != "assistant":
+                    self._error(line, "output_not_assistant", f"line {line}, '{key}' message {index}: role {role!r}; "
+                                "an output holds the assistant's answer only (earlier turns belong in 'input')")
+            length += self._check_messages(line, output, need_assistant=False, of=f"'{key}' ")
+        if self.error_count == before and _answer(example["preferred_output"]) == \
+                _answer(example["non_preferred_output"]):
+            self._error(line, "identical_outputs", f"line {line}: 'preferred_output' and 'non_preferred_output' are "
+                        "the same answer; a pair teaches a preference only when its answers differ")
         return length
 
     def report(self, *, partial: bool = False) -> dict[str, Any]:
@@ -319,6 +336,13 @@ def _is_tool_call(call: Any) -> bool:
         return False
     function = call.get("function")
     return type(function) is dict and type(function.get("name")) is str and "arguments" in function
+
+
+def _answer(messages: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """What a preference output says, to compare the two: each message's content (surrounding whitespace aside, which
+    no reader sees) and tool calls."""
+    return [(content.strip() if isinstance(content := m.get("content"), str) else content, m.get("tool_calls"))
+            for m in messages]
 
 
 def validate_chunks(chunks: Iterable[bytes]) -> DatasetValidator:

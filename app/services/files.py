@@ -17,6 +17,7 @@ from app.models.job import ACTIVE_STATUSES, JobStatus
 from app.models.registered_model import USABLE_STATUSES
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
+from app.services.tokens import record_token_stats
 
 UPLOAD_PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = (*ACTIVE_STATUSES, JobStatus.PAUSED)
@@ -111,8 +112,6 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
     if row.blob_key != key:
         storage.delete(key)  # the twin's blob holds the same bytes
     if model is not None and row.status == "processed":
-        from app.services.intake import record_token_stats
-
         record_token_stats(session, storage=storage, file=row, model=model, settings=settings)
     return row
 

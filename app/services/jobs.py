@@ -15,38 +15,62 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.storage import get_storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus, Project
 from app.models.base import new_id, now_seconds
 from app.models.job import WAITING_STATUSES
 from app.schemas.jobs import (
     CheckpointPublic,
+    DpoHyperparameters,
+    DpoMethod,
     Hyperparameters,
     JobCreate,
     JobError,
     JobEventPublic,
     JobPublic,
     JobResources,
+    Method,
+    SupervisedMethod,
 )
 from app.schemas.training import (
+    DPO_HYPERPARAMETER_FIELDS,
     EVAL_COST_SHARE,
     HYPERPARAMETER_FIELDS,
     MIN_EVAL_EXAMPLES,
     AdapterConfig,
     ConfigConflict,
+    PreferenceConfig,
     TrainingConfig,
+    TrainingMethod,
 )
 from app.services.paging import page_after
+from app.services.tokens import known_token_stats, prompt_room_problem, record_token_stats
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import needs_of
 
-# Starting learning rates that work for most models; learning_rate_multiplier scales them.
-BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# Starting learning rates that work for most models; learning_rate_multiplier scales them. DPO nudges a model that
+# already answers well, and its loss rewards moving away from the reference: its rates are the alignment recipes'
+# (Zephyr's DPO: 5e-7 for a full fine-tune, 5e-6 with an adapter), far below supervised ones.
+BASE_LEARNING_RATE: dict[str, dict[str, float]] = {
+    "supervised": {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5},
+    "dpo": {"lora": 5e-6, "dora": 5e-6, "qlora": 5e-6, "full": 5e-7},
+}
 # OpenAI's heuristic for n_epochs "auto": see at least this many examples, at most that many.
 MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 100, 25_000, 25
 # With a validation file and neither n_evals nor eval_steps given, a job evaluates up to this many times over its
 # run (a validation curve, and valid_loss on the checkpoints evaluated), fewer when a tenth of the examples it
 # trains on cannot give each evaluation the recipe's minimum sample (worker/training/recipe.py), but twice at least.
 DEFAULT_N_EVALS, MIN_DEFAULT_N_EVALS = 10, 2
+# The intake formats (app/services/datasets.py) each training method learns from.
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {"supervised": ("chat", "prompt_completion", "text"),
+                                              "dpo": ("preference",)}
+FORMAT_NAMES = {"chat": "chat", "prompt_completion": "prompt/completion", "text": "text",
+                "preference": "preference (DPO)"}
+# The `code` of each 400 a job request can get: the request's shape (invalid_json ... invalid_value), then
+# plan_job's checks in order; creation adds insufficient_memory. The OpenAPI document lists them.
+REQUEST_ERROR_CODES = ("invalid_json", "missing_required_parameter", "unknown_parameter", "invalid_value",
+                       "model_not_available", "invalid_file", "invalid_file_purpose", "too_few_examples",
+                       "integration_not_configured", "prompt_too_long")
 
 
 def add_event(session: Session, *, job: FineTuningJob, message: str, level: str = "info",
@@ -57,8 +81,10 @@ def add_event(session: Session, *, job: FineTuningJob, message: str, level: str 
     return event
 
 
-def dataset_file(session: Session, *, project: Project, file_id: str, param: str,
-                   settings: Settings) -> File:
+def dataset_file(session: Session, *, project: Project, file_id: str, param: str, settings: Settings,
+                 method: TrainingMethod = "supervised") -> File:
+    """The project's file `file_id`, usable as `param` of a job of `method` (or of an answer report: supervised
+    examples); InvalidRequest naming `param` otherwise."""
     row = session.scalar(select(File).where(File.id == file_id, File.project_pk == project.pk))
     if row is None:
         raise InvalidRequest(f"Invalid file: no file with id {file_id!r} exists in this project.", param=param,
@@ -69,10 +95,9 @@ def dataset_file(session: Session, *, project: Project, file_id: str, param: str
     if row.status == "error":
         raise InvalidRequest(f"File {file_id} failed validation: {row.status_details}", param=param,
                              code="invalid_file")
-    report = row.report or {}
-    if report.get("format") == "preference":
-        raise InvalidRequest(f"File {file_id} holds preference (DPO) examples; supervised fine-tuning needs "
-                             "chat, prompt/completion or text examples.", param=param, code="invalid_file")
+    found = (row.report or {}).get("format")
+    if found is not None and found not in METHOD_FORMATS[method]:
+        raise InvalidRequest(_wrong_format(file_id, found=found, method=method), param=param, code="invalid_file")
     # A file too large to validate during upload ("uploaded") is counted in full by the worker's
     # validating_files phase, which fails the job then if it is short; its report covers a prefix only.
     shortfall = too_few_examples(row, settings=settings) if param == "training_file" and row.status != "uploaded" \
@@ -80,6 +105,16 @@ def dataset_file(session: Session, *, project: Project, file_id: str, param: str
     if shortfall:
         raise InvalidRequest(shortfall, param=param, code="too_few_examples")
     return row
+
+
+def _wrong_format(file_id: str, *, found: str, method: TrainingMethod) -> str:
+    holds = f"File {file_id} holds {FORMAT_NAMES.get(found, found)} examples (detected format {found!r})"
+    if method == "dpo":
+        return (f"{holds}; DPO trains on preference pairs, one a line: {{\"input\": {{\"messages\": [...]}}, "
+                "\"preferred_output\": [assistant message], \"non_preferred_output\": [assistant message]}. Use a "
+                "preference file, or train on this one with method.type \"supervised\".")
+    return (f"{holds}; supervised fine-tuning needs chat, prompt/completion or text examples (a preference file "
+            "trains a job with method.type \"dpo\").")
 
 
 def too_few_examples(file: File, *, settings: Settings) -> str | None:
@@ -111,12 +146,50 @@ def default_n_evals(*, n_examples: int, n_epochs: int) -> int:
     return max(MIN_DEFAULT_N_EVALS, min(DEFAULT_N_EVALS, affordable))
 
 
+@dataclass(frozen=True)
+class MethodRequest:
+    """What a request asks of its method: which one, its block, its hyperparameters and the parameter naming them."""
+
+    method: TrainingMethod
+    block: SupervisedMethod | DpoMethod
+    hyperparameters: Hyperparameters | DpoHyperparameters
+    prefix: str
+
+
+def method_request(request: JobCreate) -> MethodRequest:
+    """The request's method settings; InvalidRequest when its blocks contradict method.type (a setting that would
+    be ignored)."""
+    method = request.method or Method()
+    other = "dpo" if method.type == "supervised" else "supervised"
+    if getattr(method, other) is not None:
+        raise InvalidRequest(f"method.{other} configures a {other} job and method.type is {method.type!r}: set "
+                             f"method.type to {other!r}, or move these settings to method.{method.type}.",
+                             param=f"method.{other}", code="invalid_value")
+    if method.type == "supervised":
+        supervised = method.supervised or SupervisedMethod()
+        hyper = supervised.hyperparameters or request.hyperparameters or Hyperparameters()
+        prefix = "method.supervised.hyperparameters" if supervised.hyperparameters else "hyperparameters"
+        return MethodRequest(method="supervised", block=supervised, hyperparameters=hyper, prefix=prefix)
+    dpo = method.dpo or DpoMethod()
+    top = request.hyperparameters
+    if top is not None and dpo.hyperparameters is None:
+        raise InvalidRequest("The deprecated top-level hyperparameters configure supervised jobs; give a DPO job's "
+                             "under method.dpo.hyperparameters.", param="hyperparameters", code="invalid_value")
+    dpo_hyper = dpo.hyperparameters or DpoHyperparameters()
+    for name in sorted(top.model_fields_set if top is not None else ()):  # an echoed job repeats the method's values
+        if name not in DpoHyperparameters.model_fields or getattr(top, name) != getattr(dpo_hyper, name):
+            raise InvalidRequest(f"hyperparameters.{name} differs from method.dpo.hyperparameters.{name}: the "
+                                 "top-level hyperparameters are deprecated; give a DPO job's under "
+                                 "method.dpo.hyperparameters only.", param=f"hyperparameters.{name}",
+                                 code="invalid_value")
+    return MethodRequest(method="dpo", block=dpo, hyperparameters=dpo_hyper, prefix="method.dpo.hyperparameters")
+
+
 def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
     """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
-    supervised = request.method.supervised if request.method and request.method.supervised else None
-    hyper = (supervised.hyperparameters if supervised and supervised.hyperparameters else None) \
-        or request.hyperparameters or Hyperparameters()
-    adapter = supervised.adapter if supervised and supervised.adapter else AdapterConfig()
+    chosen = method_request(request)
+    hyper = chosen.hyperparameters
+    adapter = chosen.block.adapter or AdapterConfig()
 
     n_epochs: int
     if hyper.n_epochs == "auto":
@@ -132,45 +205,56 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
         batch_size = max(1, min(32, n_examples // 64, n_examples)) if n_examples >= 256 else min(4, n_examples)
     else:
         batch_size = hyper.batch_size
-    base_lr = BASE_LEARNING_RATE[adapter.type]
+    base_lr = BASE_LEARNING_RATE[chosen.method][adapter.type]
     if hyper.learning_rate is not None:
         learning_rate, multiplier = hyper.learning_rate, hyper.learning_rate / base_lr
     else:
         multiplier = 1.0 if hyper.learning_rate_multiplier == "auto" else float(hyper.learning_rate_multiplier)
         learning_rate = base_lr * multiplier
-    extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate"},
-                              exclude_none=True)
+    preference_fields = set(PreferenceConfig.model_fields)
+    extras = hyper.model_dump(exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate",
+                                       *preference_fields}, exclude_none=True)
+    if chosen.method == "dpo":
+        # beta "auto" (left out) and simpo_gamma left out are decided by PreferenceConfig, per loss_type.
+        extras["preference"] = {name: value for name, value in hyper.model_dump(include=preference_fields).items()
+                                if value not in (None, "auto")}
     if request.validation_file is not None and "n_evals" not in extras and "eval_steps" not in extras:
         extras["n_evals"] = default_n_evals(n_examples=n_examples, n_epochs=n_epochs)
     resources = resolve_resources(request.resources)
-    if supervised and supervised.evaluation:
-        extras["evaluation"] = supervised.evaluation
-    resolved = {"adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                "learning_rate_multiplier": round(multiplier, 6), "merge": request.merge,
-                "seed": request.seed if request.seed is not None else 42, "processes": resources.processes or 1,
-                "distributed": resources.distributed, **extras}
+    if chosen.block.evaluation:
+        extras["evaluation"] = chosen.block.evaluation
+    resolved = {"method": chosen.method, "adapter": adapter, "n_epochs": n_epochs, "batch_size": batch_size,
+                "learning_rate": learning_rate, "learning_rate_multiplier": round(multiplier, 6),
+                "merge": request.merge, "seed": request.seed if request.seed is not None else 42,
+                "processes": resources.processes or 1, "distributed": resources.distributed, **extras}
     try:
         return TrainingConfig.model_validate(resolved, context={"validation_file": request.validation_file is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         conflict = (first.get("ctx") or {}).get("error")
-        field = conflict.field if isinstance(conflict, ConfigConflict) else ".".join(str(p) for p in first["loc"])
-        prefix = "method.supervised.hyperparameters" if supervised and supervised.hyperparameters else \
-            "hyperparameters"
-        param = wire_param(field, hyperparameters=prefix)
+        loc = [str(p) for p in first["loc"]]
+        # A conflict names its field within the model that found it (TrainingConfig, or a nested block).
+        field = ".".join([*loc, conflict.field] if isinstance(conflict, ConfigConflict) else loc)
+        param = wire_param(field, method=chosen.method, hyperparameters=chosen.prefix)
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}",
                              param=param, code="invalid_value") from None
 
 
-def wire_param(field: str, *, hyperparameters: str = "method.supervised.hyperparameters") -> str:
-    """The request parameter that sets TrainingConfig's `field` (hyperparameters under the given prefix)."""
-    name = field.split(".")[0]
+def wire_param(field: str, *, method: TrainingMethod = "supervised", hyperparameters: str | None = None) -> str:
+    """The request parameter that sets TrainingConfig's `field` for a job of `method` (hyperparameters under the
+    given prefix, by default the method's block)."""
+    name, _, rest = field.partition(".")
+    prefix = hyperparameters or f"method.{method}.hyperparameters"
+    if name == "preference":  # its fields sit flat among a DPO job's hyperparameters
+        return f"{prefix}.{rest}" if rest else prefix
     if name in HYPERPARAMETER_FIELDS:
-        return f"{hyperparameters}.{field}"
+        return f"{prefix}.{field}"
     if name in ("adapter", "evaluation"):
-        return f"method.supervised.{field}"
+        return f"method.{method}.{field}"
     if name in ("processes", "distributed"):
         return f"resources.{field}"
+    if name == "method":
+        return "method.type"
     return field  # seed, merge, validation_file: top-level request fields
 
 
@@ -193,20 +277,21 @@ class JobPlan:
     files: list[File]
     resources: JobResources
     config: TrainingConfig
+    # Files of a DPO job too large to measure in a request: its validating_files phase applies the prompt-room rule.
+    unmeasured: list[File]
 
 
 def plan_job(session: Session, *, project: Project, request: JobCreate, settings: Settings) -> JobPlan:
-    """Validate a job request and resolve its model, files, resources and training config; nothing written."""
-    if request.method is not None and request.method.type == "dpo":
-        raise InvalidRequest("method.type 'dpo' is not supported yet; use 'supervised'.", param="method.type",
-                             code="unsupported_method")
+    """Validate a job request and resolve its model, files, resources and training config; nothing written (but
+    token statistics a DPO job measures, kept in its files' reports)."""
+    method: TrainingMethod = request.method.type if request.method is not None else "supervised"
     base_model = _base_model(session, project=project, model=request.model, settings=settings)
-    training = dataset_file(session, project=project, file_id=request.training_file,
-                              param="training_file", settings=settings)
+    training = dataset_file(session, project=project, file_id=request.training_file, param="training_file",
+                            settings=settings, method=method)
     files = [training]
     if request.validation_file is not None:
         files.append(dataset_file(session, project=project, file_id=request.validation_file,
-                                    param="validation_file", settings=settings))
+                                  param="validation_file", settings=settings, method=method))
         if request.validation_file == request.training_file:
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
@@ -219,7 +304,32 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
                              code="integration_not_configured")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
-    return JobPlan(base_model=base_model, files=files, resources=resources, config=config)
+    unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
+        if config.method == "dpo" else []
+    return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured)
+
+
+def check_prompt_room(session: Session, *, files: list[File], base_model: str, config: TrainingConfig,
+                      settings: Settings) -> list[File]:
+    """A DPO job's prompt-room rule (app/services/tokens.py): 400 prompt_too_long when pairs' prompts leave no room
+    for their answers at max_seq_length. A file is measured here, once per model and length (kept in its report),
+    when it is small enough to tokenise in a request (intake_sync_validation_bytes, as at upload); the files
+    returned are left to the job's validating_files phase (app/services/intake.py)."""
+    unmeasured = []
+    for param, file in zip(("training_file", "validation_file"), files, strict=False):
+        stats = known_token_stats(file, model=base_model, max_seq_length=config.max_seq_length)
+        if stats is None and file.status == "processed" and file.bytes <= settings.intake_sync_validation_bytes:
+            stats = record_token_stats(session, storage=get_storage(), file=file, model=base_model,
+                                       settings=settings, max_seq_length=config.max_seq_length)
+            if stats is None:  # the model has no tokenizer.json: nothing to count with, here or in a worker
+                continue
+        if stats is None:
+            unmeasured.append(file)
+            continue
+        problem = prompt_room_problem(stats, file_id=file.id, param=param, max_seq_length=config.max_seq_length)
+        if problem:
+            raise InvalidRequest(problem, param=param, code="prompt_too_long")
+    return unmeasured
 
 
 def check_fits_some_worker(session: Session, *, plan: JobPlan, settings: Settings) -> None:
@@ -254,8 +364,9 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     base_model, files, resources, config = plan.base_model, plan.files, plan.resources, plan.config
     check_fits_some_worker(session, plan=plan, settings=settings)
     # Files validated in full at upload need no worker to check them: the job waits `queued`, as it is. Only a
-    # file too large to validate during upload sends the job through validating_files (app/services/intake.py).
-    validated = all(f.status == "processed" for f in files)
+    # file too large to validate during upload (or, for a DPO job, to measure in a request) sends the job through
+    # validating_files (app/services/intake.py).
+    validated = all(f.status == "processed" for f in files) and not plan.unmeasured
 
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
@@ -431,9 +542,6 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
     config = TrainingConfig.model_validate(job.config)
     hyperparameters = {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
                        "learning_rate_multiplier": config.learning_rate_multiplier}
-    # Echoed where a request sets them, so the echo can be sent back as a new job: hyperparameters under
-    # method, seed and merge at the top level, processes and distributed in resources.
-    full = config.model_dump(mode="json", include=set(HYPERPARAMETER_FIELDS))
     if result_files is None:
         result_files = result_files_of(session, [job])[job.pk]
     error = JobError(**job.error) if job.error else None
@@ -441,9 +549,7 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=project.id, status=JobStatus(job.status), error=error,
         hyperparameters=hyperparameters,
-        method={"type": "supervised", "supervised": {"hyperparameters": full,
-                                                     "adapter": config.adapter.model_dump(mode="json"),
-                                                     "evaluation": config.evaluation.model_dump(mode="json")}},
+        method=method_public(config),
         training_file=job.training_file, validation_file=job.validation_file, result_files=result_files,
         trained_tokens=job.trained_tokens, seed=job.seed, suffix=job.suffix, metadata=job.metadata_,
         integrations=(job.integrations or {}).get("items"), estimated_finish=job.estimated_finish,
@@ -452,6 +558,20 @@ def job_public(session: Session, job: FineTuningJob, *, project: Project,
         pause_requested=job.requested_action == "pause", resources=needs_of(job.resources), priority=job.priority,
         evaluation=job.evaluation,
     )
+
+
+def method_public(config: TrainingConfig) -> dict[str, Any]:
+    """The job's `method`, resolved. Everything is echoed where a request sets it, so the echo can be sent back as a
+    new job: hyperparameters under the method (a DPO job's preference settings flat among them, as OpenAI's beta),
+    seed and merge at the top level, processes and distributed in resources."""
+    if config.method == "dpo" and config.preference is not None:
+        hyperparameters = {**config.model_dump(mode="json", include=set(DPO_HYPERPARAMETER_FIELDS)),
+                           **config.preference.model_dump(mode="json")}
+    else:
+        hyperparameters = config.model_dump(mode="json", include=set(HYPERPARAMETER_FIELDS))
+    return {"type": config.method, config.method: {"hyperparameters": hyperparameters,
+                                                   "adapter": config.adapter.model_dump(mode="json"),
+                                                   "evaluation": config.evaluation.model_dump(mode="json")}}
 
 
 def event_public(event: JobEvent) -> JobEventPublic:

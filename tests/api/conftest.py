@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support.data import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl, preference_lines
 
 
 @pytest.fixture
@@ -46,4 +46,10 @@ def upload(client: TestClient, content: bytes, *, filename: str = "train.jsonl",
 def upload_chat(client: TestClient, n: int = 12, offset: int = 0) -> str:
     response = upload(client, jsonl(chat_lines(n, offset=offset)))
     assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def upload_pairs(client: TestClient, n: int = 12, offset: int = 0) -> str:
+    response = upload(client, jsonl(preference_lines(n, offset=offset)))
+    assert response.status_code == 200 and response.json()["status"] == "processed", response.text
     return str(response.json()["id"])

@@ -25,7 +25,7 @@ from app.core.config import get_settings
 from app.models import Blob, BlobChunk, File
 from app.services.intake import validate_job_files
 from tests.api.conftest import upload, upload_chat
-from tests.support.data import chat_lines, jsonl
+from tests.support.data import chat_lines, jsonl, preference_lines
 
 BOUNDARY = "tuneforge-test-boundary"
 
@@ -246,6 +246,57 @@ def test_token_counts_match_the_trainers_tokenization(client: TestClient, tiny_m
     assert client.get(f"/v1/files/{file_id}/validation_report").json()["report"].get("tokens") is None
 
 
+def test_preference_pairs_with_identical_answers_are_reported_by_line_and_refused(client: TestClient) -> None:
+    rows: list[Any] = preference_lines(12)
+    for line in (4, 11):
+        rows[line - 1]["non_preferred_output"] = rows[line - 1]["preferred_output"]
+    body = upload(client, jsonl(rows)).json()
+    assert body["status"] == "error" and "identical_outputs" in body["status_details"]
+    report = client.get(f"/v1/files/{body['id']}/validation_report").json()["report"]
+    assert [(e["line"], e["code"]) for e in report["errors"]] == [(4, "identical_outputs"), (11, "identical_outputs")]
+    assert report["format"] == "preference" and report["examples"] == 10
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": body["id"],
+                                                          "method": {"type": "dpo"}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "training_file"
+    assert "line 4: 'preferred_output' and 'non_preferred_output' are the same answer" in \
+        response.json()["error"]["message"]
+
+
+def test_preference_token_counts_match_the_trainers_tokenization(client: TestClient, session: Any,
+                                                                 tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from app.core.storage import get_storage
+    from app.services.tokens import record_token_stats
+    from worker.training.preference import tokenize_preference
+
+    rows: list[Any] = preference_lines(12)
+    rows[3]["non_preferred_output"] = [{"role": "assistant", "content": "a much longer answer " * 5}]
+    rows[7]["input"]["messages"].insert(1, {"role": "user", "content": "an earlier turn"})
+    response = client.post("/v1/files", params={"model": "tiny-llama"},
+                           files={"file": ("p.jsonl", jsonl(rows), "application/jsonl")}, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    stats = client.get(f"/v1/files/{response.json()['id']}/validation_report").json()["report"]["tokens"]["tiny-llama"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [tokenize_preference(r, tokenizer, max_seq_length=1024) for r in rows]
+    prompts = sorted(len(p.prompt_ids) for p in pairs)
+    longest = sorted(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    assert (stats["prompt_tokens"]["min"], stats["prompt_tokens"]["max"]) == (prompts[0], prompts[-1])
+    assert (stats["tokens_per_example"]["min"], stats["tokens_per_example"]["max"]) == (longest[0], longest[-1])
+    assert stats["total_tokens"] == sum(longest) and stats["prompt_fills_max_seq_length"] == {"1024": 0}
+    # The trainer finds no room for an answer exactly where the prompt-room rule does.
+    with pytest.raises(ValueError, match="no room for an answer"):
+        tokenize_preference(rows[7], tokenizer, max_seq_length=prompts[-1])
+    assert tokenize_preference(rows[7], tokenizer, max_seq_length=prompts[-1] + 1).chosen_ids
+    row = session.scalar(select(File).where(File.id == response.json()["id"]))
+    for length, lines in ((prompts[-1], [8]), (prompts[-1] + 1, [])):
+        measured = record_token_stats(session, storage=get_storage(), file=row, model="tiny-llama",
+                                      settings=get_settings(), max_seq_length=length)
+        assert measured is not None and measured["prompt_fills_max_seq_length_lines"][str(length)] == lines
+    assert set(row.report["tokens"]["tiny-llama"]["over_max_seq_length"]) == {"1024", str(prompts[-1]),
+                                                                             str(prompts[-1] + 1)}
+
+
 def test_upload_with_an_unknown_model_is_refused(client: TestClient) -> None:
     response = post_multipart(client, [("purpose", b"fine-tune"), ("model", b"gpt-9"), ("file", jsonl(chat_lines(12)))])
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
@@ -378,7 +429,7 @@ def test_streaming_upload_over_the_limit_is_refused_mid_stream_and_leaves_nothin
 
 
 def test_token_estimate_without_a_chat_template_is_close_to_the_rendered_count(tiny_model_dir: Path) -> None:
-    from app.services.intake import load_token_counter
+    from app.services.tokens import load_token_counter
 
     files = {p.name: p.read_text() for p in tiny_model_dir.iterdir() if p.suffix in (".json", ".jinja")}
     counter = load_token_counter(files)

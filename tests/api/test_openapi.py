@@ -59,3 +59,23 @@ def test_the_service_address_leads_to_the_dashboard(client: TestClient) -> None:
     answer = client.get("/", follow_redirects=False)
     assert answer.status_code == 307 and answer.headers["location"] == "/dashboard/"
     assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+def test_the_dpo_method_its_extensions_and_the_job_errors_are_documented(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert schemas["Method"]["properties"]["type"]["enum"] == ["supervised", "dpo"]
+    assert {"hyperparameters", "adapter", "evaluation"} == set(schemas["DpoMethod"]["properties"])
+    dpo = schemas["DpoHyperparameters"]["properties"]
+    assert list(dpo)[:4] == ["n_epochs", "batch_size", "learning_rate_multiplier", "beta"]
+    assert {"loss_type", "label_smoothing", "rpo_alpha", "simpo_gamma", "max_seq_length"} <= set(dpo)
+    assert not {"packing", "train_on_inputs"} & set(dpo)
+    assert {"const": "auto", "type": "string"} in dpo["beta"]["anyOf"]
+    assert {"exclusiveMinimum": 0, "maximum": 20, "type": "number"} in dpo["beta"]["anyOf"]
+    assert dpo["loss_type"]["anyOf"][0]["enum"] == ["sigmoid", "ipo", "simpo"]
+    assert "sigmoid only" in dpo["label_smoothing"]["description"]
+    for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        refusal = document["paths"][path]["post"]["responses"]["400"]
+        assert refusal["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        for code in ("invalid_file", "prompt_too_long"):
+            assert code in refusal["description"], (path, code)

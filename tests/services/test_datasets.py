@@ -73,6 +73,41 @@ def test_prompt_completion_text_and_preference_formats() -> None:
     assert [e["code"] for e in bad["errors"]] == ["missing_content", "mixed_formats", "mixed_formats"]
 
 
+def pair(preferred: Any = (ASSISTANT,), non_preferred: Any = ({"role": "assistant", "content": "Rainy."},),
+         **extra: Any) -> dict[str, Any]:
+    """A preference line; an output given as None is left out."""
+    row = {"input": {"messages": [USER]}, **extra}
+    for key, output in (("preferred_output", preferred), ("non_preferred_output", non_preferred)):
+        if output is not None:
+            row[key] = list(output) if isinstance(output, tuple) else output
+    return row
+
+
+def test_preference_pairs_are_checked_with_line_numbers() -> None:
+    report = validate([
+        pair(),
+        pair(non_preferred=(ASSISTANT,)),  # the same answer twice
+        pair(non_preferred=({"role": "assistant", "content": "  Sunny.\n"},)),  # the same, but for whitespace
+        pair(non_preferred=None),
+        pair(preferred=[]),
+        pair(preferred="Sunny."),
+        pair(preferred=(USER, ASSISTANT)),  # a user turn in an output
+        pair(non_preferred=({"role": "tool", "content": "{}"},)),
+        pair(preferred=({"role": "assistant"},)),
+        pair(non_preferred=({"role": "assistant", "content": "Sunny, and warm."},)),
+    ])
+    assert [(e["line"], e["code"]) for e in report["errors"]] == [
+        (2, "identical_outputs"), (3, "identical_outputs"), (4, "missing_output"), (5, "missing_output"),
+        (6, "missing_output"), (7, "output_not_assistant"), (8, "output_not_assistant"), (9, "missing_content")]
+    assert report["examples"] == 2 and report["errors_by_code"]["identical_outputs"] == 2
+    messages = {e["line"]: e["message"] for e in report["errors"]}
+    assert messages[2] == ("line 2: 'preferred_output' and 'non_preferred_output' are the same answer; a pair teaches "
+                           "a preference only when its answers differ")
+    assert messages[4] == "line 4: 'non_preferred_output' must be a non-empty list of assistant messages (the answer)"
+    assert messages[7].startswith("line 7, 'preferred_output' message 0: role 'user'")
+    assert messages[9] == "line 9, 'preferred_output' message 0: missing 'content'"
+
+
 def test_a_file_mixing_formats_is_an_error() -> None:
     report = validate([chat(USER, ASSISTANT), {"prompt": "a", "completion": "b"}, {"text": "c"}])
     assert report["format"] == "chat" and report["examples"] == 1

@@ -33,7 +33,8 @@ def _metadata_filter(request: Request) -> dict[str, str]:
             if key.startswith("metadata[") and key.endswith("]")}
 
 
-@router.post("", response_model=JobPublic, responses=errors(409))
+@router.post("", response_model=JobPublic,
+             responses=errors(409, error_codes={400: (*job_service.REQUEST_ERROR_CODES, "insufficient_memory")}))
 def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
     """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
@@ -45,7 +46,8 @@ def create_job(session: SessionDep, project: CurrentProject, settings: SettingsD
     return job_service.job_public(session, job, project=project)
 
 
-@router.post("/estimate", response_model=JobEstimate)
+@router.post("/estimate", response_model=JobEstimate,
+             responses=errors(error_codes={400: job_service.REQUEST_ERROR_CODES}))
 def estimate_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate) -> JobEstimate:
     """Without training: a job's tokens, steps, predicted peak accelerator memory and the live workers it fits."""
     return JobEstimate.model_validate(estimates.estimate_job(session, project=project, request=body,
