@@ -297,12 +297,13 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
     last_id: str | None = None
     state: dict[str, Any] = {"status": "?"}
     loss: float | None = None
+    quality = ""  # a DPO job's preference accuracy and reward margin
     progress = Progress(TextColumn("{task.fields[status]:<10}"), BarColumn(), TaskProgressColumn(),
                         TextColumn("step {task.completed:.0f}/{task.fields[total_label]}"),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"),
-                        console=console)
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[quality]}"),
+                        TextColumn("ETA {task.fields[eta]}"), console=console)
     with progress, _client(url, api_key, timeout=None) as client:
-        task = progress.add_task(job_id, total=None, status="?", total_label="?", loss="-", eta="-")
+        task = progress.add_task(job_id, total=None, status="?", total_label="?", loss="-", eta="-", quality="")
         while state["status"] not in TERMINAL:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
@@ -319,6 +320,7 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
                             if data["type"] == "metrics" and isinstance((data.get("data") or {}).get("train_loss"),
                                                                         int | float):
                                 loss = float(data["data"]["train_loss"])
+                                quality = _preference_figures(data["data"]) or quality
                             elif data["type"] != "metrics":
                                 progress.console.print(f"[dim]{_when(data['created_at'])}[/dim] {data['message']}")
                         step = (state.get("progress") or {}).get("step") or 0
@@ -326,6 +328,7 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
                         eta = state.get("estimated_finish")
                         progress.update(task, completed=step, total=total, status=state["status"],
                                         total_label=total or "?", loss=f"{loss:.4f}" if loss is not None else "-",
+                                        quality=quality,
                                         eta=f"{max(0, int(eta - time.time()))}s" if eta else "-")
             except ClientError as exc:
                 console.print(f"[red]error[/red] {exc}")
@@ -340,6 +343,15 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
     console.print(f"[{colour}]{job_id} {final}[/{colour}] {extra}")
     if final != "succeeded":
         raise typer.Exit(1)
+
+
+def _preference_figures(metrics: dict[str, Any]) -> str:
+    """A DPO step's preference accuracy and reward margin (validation's when the step evaluated); "" otherwise."""
+    for prefix, label in (("valid_", "valid "), ("train_", "")):
+        accuracy, margin = metrics.get(f"{prefix}preference_accuracy"), metrics.get(f"{prefix}rewards_margin")
+        if isinstance(accuracy, int | float) and isinstance(margin, int | float):
+            return f"{label}pref acc {accuracy:.2f} margin {margin:.3f}"
+    return ""
 
 
 def _sha256(path: Path) -> str:

@@ -164,7 +164,12 @@ async function jobPage(jobId, mine) {
   const status = el("span", { id: "job-status" }, statusBadge(job.status));
   const progress = el("span", { id: "job-progress" }, progressBar(job.progress));
   const lossChart = el("div", { class: "chart", id: "loss-chart" }, el("h3", {}, "Loss"));
-  const accChart = el("div", { class: "chart", id: "accuracy-chart" }, el("h3", {}, "Mean token accuracy"));
+  // A DPO job's quality is how often it ranks the preferred answer first, and by what reward margin.
+  const dpo = (job.method && job.method.type) === "dpo";
+  const accuracy = dpo ? "preference_accuracy" : "mean_token_accuracy";
+  const accChart = el("div", { class: "chart", id: "accuracy-chart" },
+    el("h3", {}, dpo ? "Preference accuracy" : "Mean token accuracy"));
+  const marginChart = el("div", { class: "chart", id: "margin-chart" }, el("h3", {}, "Reward margin"));
   const events = el("div", { class: "events", id: "events" });
   const checkpoints = el("tbody", { id: "checkpoints" });
   const artifacts = el("tbody", { id: "artifacts" });
@@ -179,19 +184,24 @@ async function jobPage(jobId, mine) {
   view.replaceChildren(
     el("h1", {}, el("span", { class: "mono" }, job.id), " ", status),
     el("p", {}, `${job.model} · created ${when(job.created_at)} · `, progress), detail,
-    el("div", { class: "charts" }, lossChart, accChart), evaluation, tryIt,
+    el("div", { class: "charts" }, lossChart, accChart, ...(dpo ? [marginChart] : [])), evaluation, tryIt,
     el("h2", {}, "Events"), events,
     el("h2", {}, "Checkpoints"), el("table", {}, el("tr", {}, ["Step", "Checkpoint", "Train loss", "Valid loss",
       "Created"].map((h) => el("th", {}, h))), checkpoints),
     el("h2", {}, "Artifacts"), el("table", {}, el("tr", {}, ["Name", "Kind", "Bytes", "sha256", ""].map((h) =>
       el("th", {}, h))), artifacts));
 
-  const points = { train_loss: [], valid_loss: [], train_mean_token_accuracy: [], valid_mean_token_accuracy: [] };
+  const points = { train_loss: [], valid_loss: [], [`train_${accuracy}`]: [], [`valid_${accuracy}`]: [],
+    ...(dpo ? { train_rewards_margin: [], valid_rewards_margin: [] } : {}) };
   const redraw = () => {
     drawChart(lossChart, [{ name: "train", cls: "train", points: points.train_loss },
       { name: "validation", cls: "valid", points: points.valid_loss }]);
-    drawChart(accChart, [{ name: "train", cls: "train", points: points.train_mean_token_accuracy },
-      { name: "validation", cls: "valid", points: points.valid_mean_token_accuracy }]);
+    drawChart(accChart, [{ name: "train", cls: "train", points: points[`train_${accuracy}`] },
+      { name: "validation", cls: "valid", points: points[`valid_${accuracy}`] }]);
+    if (dpo) {
+      drawChart(marginChart, [{ name: "train", cls: "train", points: points.train_rewards_margin },
+        { name: "validation", cls: "valid", points: points.valid_rewards_margin }]);
+    }
   };
   const loadTables = async () => {
     const [ckpts, arts] = await Promise.all([api(`/fine_tuning/jobs/${jobId}/checkpoints?limit=100`),
