@@ -294,3 +294,52 @@ def test_a_job_message_delivered_twice_starts_one_attempt(service: Service) -> N
         assert len(starts) == 1
         assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["attempt"] == 1
     assert_invariants(service)
+
+
+def _final_weights(client: httpx.Client, job: dict) -> dict[str, Any]:
+    import io
+    import tarfile
+
+    from safetensors.torch import load
+
+    from app.services.artifacts import weights_artifact
+
+    name = weights_artifact(job["method"]["dpo"]["adapter"]["type"])
+    archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/{name}").content
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".safetensors"))
+        file = tar.extractfile(member)
+        assert file is not None
+        return dict(load(file.read()))
+
+
+def test_a_killed_dpo_job_resumes_to_the_same_weights_as_an_uninterrupted_one(service: Service) -> None:
+    import torch
+
+    from tests.worker.training.factories import preference_records
+
+    with service.client() as client:
+        file_id = client.post("/v1/files", files={"file": ("p.jsonl", jsonl(preference_records(20, seed=1)))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        body = {"model": "tiny-llama", "training_file": file_id, "seed": 3, "method": {"type": "dpo", "dpo": {
+            "adapter": {"type": "full"},
+            "hyperparameters": {"n_epochs": 8, "batch_size": 2, "save_steps": 10, "learning_rate": 1e-4,
+                                "beta": 0.5}}}}
+        whole = client.post("/v1/fine_tuning/jobs", json=body).json()
+        whole = wait_for_status(client, whole["id"], TERMINAL)
+        assert whole["status"] == "succeeded", whole
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+        killed_step = wait_for_step(client, job["id"], 14)["progress"]["step"]  # past the checkpoint at 10
+        for process in training_processes(job["id"]):
+            process.send_signal(signal.SIGKILL)
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded", final
+        assert final["attempt"] == 2 and killed_step < final["progress"]["total_steps"] == 80
+        messages = [e["message"] for e in all_events(client, job["id"])]
+        # The resumed attempt scored nothing again: its reference came with the checkpoint.
+        assert sum("reference log-probabilities" in m for m in messages) == 1, messages
+        assert any(m.startswith("resumed from checkpoint at step") for m in messages)
+        ours, theirs = _final_weights(client, final), _final_weights(client, whole)
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+    assert_invariants(service)

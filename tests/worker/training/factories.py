@@ -44,6 +44,18 @@ def chat_records(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     ]
 
 
+def preference_records(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Preferred answers start with "ok", non-preferred ones with "no"; otherwise the same words."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(3))
+        records.append({"input": {"messages": [{"role": "user", "content": f"say {words}"}]},
+                        "preferred_output": [{"role": "assistant", "content": f"ok {words}"}],
+                        "non_preferred_output": [{"role": "assistant", "content": f"no {words}"}]})
+    return records
+
+
 def make_config(**overrides: Any) -> TrainingConfig:
     """A small, fast config for the tiny model; keyword arguments override any field."""
     base: dict[str, Any] = {

@@ -3,7 +3,6 @@ or the starting weights of a full fine-tune or an SFT adapter) and kept in check
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +10,12 @@ import pytest
 import torch
 
 from tests.support.reporters import RecordingReporter
-from tests.worker.training.factories import WORDS, make_config, write_jsonl
+from tests.worker.training.factories import make_config, write_jsonl
+from tests.worker.training.factories import preference_records as pairs
 from worker.training.dpo import REFERENCE_FILE
 from worker.training.preference import collate_pairs, sequence_logps, tokenize_preference
 from worker.training.recipe import train
 from worker.training.reporting import TrainingPaused
-
-
-def pairs(n: int, *, seed: int) -> list[dict[str, Any]]:
-    """Preferred answers start with "ok", non-preferred ones with "no"; otherwise the same words."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        words = " ".join(rng.choice(WORDS) for _ in range(3))
-        records.append({"input": {"messages": [{"role": "user", "content": f"say {words}"}]},
-                        "preferred_output": [{"role": "assistant", "content": f"ok {words}"}],
-                        "non_preferred_output": [{"role": "assistant", "content": f"no {words}"}]})
-    return records
 
 
 def dpo_config(**overrides: Any) -> Any:
