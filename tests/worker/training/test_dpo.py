@@ -134,3 +134,18 @@ def test_simpo_needs_no_reference_and_learns(tmp_path: Path, tiny_model: Path) -
 def test_fsdp_is_refused_for_dpo(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ValueError, match="fsdp.*not available for DPO"):
         dpo_config(processes=2, distributed="fsdp")
+
+
+@pytest.mark.parametrize("adapter", [{"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+                                     {"type": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": True}],
+                         ids=["qlora", "dora-rslora"])
+def test_dpo_trains_other_adapters_with_the_disabled_adapter_as_reference(tmp_path: Path, tiny_model: Path,
+                                                                          adapter: dict[str, Any]) -> None:
+    config = dpo_config(adapter=adapter, n_epochs=2, n_evals=1, learning_rate=1e-2)
+    _result, reporter = run_dpo(tmp_path, tiny_model, config, n=16, valid=8)
+    final = reporter.steps[-1]
+    assert final["full_valid_preference_accuracy"] > 0.5, final
+    assert final["train_rewards_margin"] > 0 and final["train_loss"] < reporter.steps[0]["train_loss"]
+    # Before the first step the adapter is disabled for the reference, so the first step's rewards are ~0.
+    first = reporter.steps[0]
+    assert abs(first["train_rewards_chosen"]) < 0.05 and abs(first["train_rewards_rejected"]) < 0.05, first
