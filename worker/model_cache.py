@@ -236,6 +236,13 @@ def _fetch(model: ModelRef, folder: Path, *, settings: Settings, progress: Calla
     from huggingface_hub import hf_hub_download
 
     total = sum(int(f.get("size") or 0) for f in model.files)
+    # A download killed half way resumes file by file: what it finished is kept (checked by size here, by hash
+    # after), what it left half done is fetched again. huggingface_hub (2.x) writes each download to a temporary
+    # file of its own process and never continues another's, so a dead process's partial files are only litter;
+    # under this host's lock no live process writes them.
+    partial = folder / ".cache" / "huggingface" / "download"
+    for orphan in partial.rglob("*.incomplete") if partial.is_dir() else []:
+        orphan.unlink(missing_ok=True)
     missing = [f for f in model.files if _digest(folder / f["name"], {"size": f.get("size")}) is not None]
     needed = sum(int(f.get("size") or 0) for f in missing)
     folder.mkdir(parents=True, exist_ok=True)

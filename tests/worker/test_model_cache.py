@@ -208,3 +208,21 @@ def test_a_download_whose_heartbeat_stopped_may_be_taken_over(session: Session, 
                                                                                                         worker="w1")
     later = time.time() + DOWNLOAD_STALE_SECONDS + 1
     assert not base_models.downloading_elsewhere(row, worker="w2", now=later)
+
+
+def test_a_download_killed_half_way_resumes_file_by_file_and_leaves_no_litter(
+        model: ModelRef, settings: Settings, hub: FakeHub, tiny_model_dir: Path) -> None:
+    """What a killed process leaves: the files it finished, a partial file of the one it was fetching (in
+    huggingface_hub's download folder), no marker. The finished files are not fetched again; the partial one is
+    fetched anew (huggingface_hub 2.x never continues another process's temporary file) and removed."""
+    folder = model_cache.cache_folder(settings, model)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    partial = folder / ".cache" / "huggingface" / "download" / "abc.0123456789.d00dfeed.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes((tiny_model_dir / WEIGHTS).read_bytes()[:1000])
+    read_at_registration = hub.downloads(REPO, "config.json")
+    path, _said = fetch(model, settings)
+    assert hub.downloads(REPO, "config.json") == read_at_registration and hub.downloads(REPO, WEIGHTS) >= 1
+    assert not partial.exists()
+    assert (path / WEIGHTS).read_bytes() == (tiny_model_dir / WEIGHTS).read_bytes() and (path / COMPLETE).is_file()
