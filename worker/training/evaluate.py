@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from worker.training.data import IGNORE_INDEX, EpochPlan, Example, batch_to_device, collate
+from worker.training.logprobs import token_loss
 
 if TYPE_CHECKING:
     import torch
@@ -48,21 +50,18 @@ def evaluate(
     forward_passes: int | None = None,
     filler: list[list[int]] | None = None,
 ) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over the batches of `plan`, with torchmetrics.
+    """Loss, perplexity and token accuracy over the batches of `plan`.
 
     In a multi-process run each process passes its share of the batches and torchmetrics sums the
     shares across processes. A sharded (FSDP) model needs the same number of forward passes in every
-    process: `forward_passes` beyond len(plan) run on `filler` and count for nothing.
+    process: `forward_passes` beyond len(plan) run on `filler` and count for nothing; it is scored from its full
+    logits, any other model only at its labelled positions (logprobs.token_loss).
     """
     import torch
-    from torchmetrics import MeanMetric
-    from torchmetrics.classification import MulticlassAccuracy
-    from torchmetrics.text import Perplexity
+    from torchmetrics import SumMetric
 
-    vocab = model.config.vocab_size
-    loss_mean = MeanMetric().to(device)
-    perplexity = Perplexity(ignore_index=IGNORE_INDEX).to(device)
-    accuracy = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX).to(device)
+    sharded = forward_passes is not None
+    nll, tokens, right = (SumMetric().to(device) for _ in range(3))
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -75,18 +74,14 @@ def evaluate(
                 continue
             batch = batch_to_device(collate(plan[k], examples, pad_id=pad_id, packing=False), device)
             with autocast():
-                logits = forward_logits(model, batch).float()
-            targets = batch["labels"][:, 1:]
-            loss_sum, n_tokens, _ = token_loss_sum(logits, batch["labels"])
-            if n_tokens == 0:
-                continue
-            # Token-weighted: a batch's mean loss counts as many times as it has labelled tokens.
-            loss_mean.update(loss_sum / n_tokens, weight=n_tokens)
-            perplexity.update(logits, targets)
-            accuracy.update(logits.argmax(-1).reshape(-1), targets.reshape(-1))
+                if sharded:
+                    loss_sum, n_tokens, correct = token_loss_sum(forward_logits(model, batch).float(), batch["labels"])
+                else:
+                    loss_sum, n_tokens, correct = token_loss(model, batch)
+            nll.update(loss_sum.float())
+            tokens.update(float(n_tokens))
+            right.update(float(correct))
     model.train(was_training)
-    return {
-        "loss": float(loss_mean.compute()),
-        "perplexity": float(perplexity.compute()),
-        "mean_token_accuracy": float(accuracy.compute()),
-    }
+    count = max(float(tokens.compute()), 1.0)
+    loss = float(nll.compute()) / count
+    return {"loss": loss, "perplexity": math.exp(loss), "mean_token_accuracy": float(right.compute()) / count}

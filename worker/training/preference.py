@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from app.schemas.training import LOGP_CHUNK_TOKENS
 from worker.training.data import IGNORE_INDEX, _encode, _render_chat
+from worker.training.logprobs import labelled_logps, without_ddp
 
 if TYPE_CHECKING:
     import torch
@@ -130,94 +131,14 @@ def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str
 
 
 # ---------------------------------------------------------------- log-probs
-def _without_ddp(model: Any) -> Any:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _causal_lm(model: Any) -> Any:
-    """The transformers causal LM inside DDP and PEFT wrappers (FSDP shards it in place: it is the model itself)."""
-    model = _without_ddp(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _logit_transform(config: Any) -> tuple[float, float | None]:
-    """(scale, softcap) that the model's own forward applies to its head's output, read from its config as TRL's
-    fused head reads them: Cohere's logit_scale, Granite's logits_scaling, Gemma's final_logit_softcapping, ..."""
-    text = config.get_text_config()
-    scale = getattr(text, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
-    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
-
-
-def _answer_logps(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None
-) -> torch.Tensor:
-    import torch
-
-    logits = head(hidden).float()
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def sequence_logps(
     model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a collated batch: the summed log-probability (float32) of its labelled tokens, and their count.
-
-    Never builds the [rows, seq, vocab] logits. The model is called as a whole (so DDP's and PEFT's forward run)
-    with logits_to_keep=1, the decoder body's last hidden states are taken with a forward hook, and the output
-    layer runs only on the positions whose next token is labelled, chunk_tokens at a time; with gradients on,
-    each chunk is recomputed in backward rather than stored. Works for plain and PEFT models and under autocast.
-    Not yet tried under FSDP: the output layer runs after the root module's forward has returned.
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    causal_lm = _causal_lm(model)
-    body, head = causal_lm.base_model, causal_lm.get_output_embeddings()
-    if body is causal_lm or head is None:
-        raise ValueError(f"{type(causal_lm).__name__} has no separate decoder body and output layer to score with")
-    captured: list[Any] = []
-    hook = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    finally:
-        hook.remove()
-    output = captured[0]
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    targets = batch["labels"][:, 1:].to(hidden.device)
-    labelled = targets != IGNORE_INDEX
-    rows, cols = labelled.nonzero(as_tuple=True)
-    hidden = hidden[:, :-1][rows, cols]  # only the positions that predict a labelled token
-    targets = targets[rows, cols]
-    scale, softcap = _logit_transform(causal_lm.config)
-    chunks = []
-    for start in range(0, len(rows), chunk_tokens):
-        part = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], scale, softcap)
-        if torch.is_grad_enabled():
-            chunks.append(checkpoint(_answer_logps, *part, use_reentrant=False))
-        else:
-            chunks.append(_answer_logps(*part))
-    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    logp_sum = token_logps.new_zeros(labelled.size(0)).index_add(0, rows, token_logps)
-    return logp_sum, labelled.sum(dim=1)
+    """Per row of a collated batch: the summed log-probability (float32) of its labelled tokens, and their count,
+    without the full logits (logprobs.labelled_logps)."""
+    scored = labelled_logps(model, batch, chunk_tokens=chunk_tokens)
+    logp_sum = scored.logps.new_zeros(batch["labels"].size(0)).index_add(0, scored.rows, scored.logps)
+    return logp_sum, scored.per_row
 
 
 def reference_logps(
@@ -232,7 +153,7 @@ def reference_logps(
     import torch
     from peft import PeftModel
 
-    inner = _without_ddp(model)
+    inner = without_ddp(model)
     adapter_off = inner.disable_adapter() if isinstance(inner, PeftModel) else contextlib.nullcontext()
     was_training = model.training
     model.eval()

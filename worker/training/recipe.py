@@ -40,6 +40,7 @@ from worker.training.data import (
 )
 from worker.training.distributed import ProcessGroup
 from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
+from worker.training.logprobs import token_loss
 from worker.training.model import (
     adapter_differences,
     check_quantization_support,
@@ -456,9 +457,13 @@ def step_loss(run: Run, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     need: correct tokens (supervised), or pairs ranked right and their rewards (dpo)."""
     if run.preference:
         return dpo.pair_loss(run, run.wrapped, batch, split="train")
-    with run.autocast():
-        logits = forward_logits(run.wrapped, batch)
-    loss_sum, _, n_correct = token_loss_sum(logits, batch["labels"])
+    if run.sharded:  # FSDP's output layer is sharded outside its forward: scored from the full logits
+        with run.autocast():
+            logits = forward_logits(run.wrapped, batch)
+        loss_sum, _, n_correct = token_loss_sum(logits, batch["labels"])
+    else:  # only the labelled positions reach the output layer, a chunk at a time
+        with run.autocast():
+            loss_sum, _, n_correct = token_loss(run.wrapped, batch)
     return loss_sum, {"correct": float(n_correct)}
 
 

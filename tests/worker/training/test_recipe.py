@@ -137,14 +137,14 @@ def test_divergence_stops_at_the_first_non_finite_loss(
     import worker.training.recipe as recipe
 
     calls = {"n": 0}
-    real = recipe.token_loss_sum
+    real = recipe.token_loss
 
-    def poisoned(logits, labels):  # the third micro-batch (step 3) produces a NaN loss
+    def poisoned(model, batch):  # the third micro-batch (step 3) produces a NaN loss
         calls["n"] += 1
-        loss, n, correct = real(logits, labels)
+        loss, n, correct = real(model, batch)
         return (loss * float("nan") if calls["n"] == 3 else loss), n, correct
 
-    monkeypatch.setattr(recipe, "token_loss_sum", poisoned)
+    monkeypatch.setattr(recipe, "token_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"became nan at step 3; lower learning_rate \(now 0.01\)") as exc:
         run(tmp_path, tiny_model, code_mapping(16))
     assert isinstance(exc.value, ValueError)
@@ -323,13 +323,13 @@ def test_splitting_a_step_into_smaller_forwards_keeps_the_loss_curve(
     records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
     result, whole = run(tmp_path / "whole", tiny_model, records, n_epochs=2)
     calls = {"n": 0}
-    real = recipe.forward_logits
+    real = recipe.token_loss
 
     def counting(model, batch):  # counts forward passes
         calls["n"] += 1
         return real(model, batch)
 
-    monkeypatch.setattr(recipe, "forward_logits", counting)
+    monkeypatch.setattr(recipe, "token_loss", counting)
     monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # about one or two rows per forward
     split_result, split = run(tmp_path / "split", tiny_model, records, n_epochs=2)
     assert calls["n"] > 2 * result.steps  # the 8 steps really ran as more forwards

@@ -1,0 +1,56 @@
+"""The supervised loss without the full logits: the same loss, accuracy and gradients as the full-logits path,
+with the output layer run only at labelled positions, a chunk at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.worker.training.factories import chat_records
+from worker.training.data import IGNORE_INDEX, collate, tokenize_record
+from worker.training.evaluate import forward_logits, token_loss_sum
+from worker.training.logprobs import token_loss
+
+
+def lora_model(tiny_model: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model
+
+
+def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: Path, tokenizer: Any) -> None:
+    examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in chat_records(6, seed=3)]
+    batch = collate([[i] for i in range(6)], examples, pad_id=tokenizer.pad_token_id or 0, packing=False)
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert 0 < labelled < batch["labels"][:, 1:].numel() / 2  # the prompts carry no label
+    model = lora_model(tiny_model)
+    full_loss, full_count, full_correct = token_loss_sum(forward_logits(model, batch), batch["labels"])
+    full_loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    head = model.get_base_model().get_output_embeddings()
+    seen: list[int] = []
+    hook = head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0] * args[0].shape[-2]
+                                                                        if args[0].dim() == 3 else args[0].shape[0]))
+    try:
+        loss, count, correct = token_loss(model, batch, chunk_tokens=7)
+        loss.backward()
+    finally:
+        hook.remove()
+    assert (count, correct) == (full_count, full_correct) and count == labelled
+    assert float(loss) == pytest.approx(float(full_loss), rel=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == full_grads.keys() and grads
+    worst = {n: float((grads[n] - full_grads[n]).abs().max() / full_grads[n].abs().max()) for n in grads}
+    assert max(worst.values()) < 1e-4, worst
+    # The output layer saw one position per row (the forward's logits_to_keep=1), then chunks of at most 7
+    # labelled positions (each twice: the forward, and its recomputation in backward); never a whole batch.
+    assert seen[0] == batch["input_ids"].shape[0] and max(seen[1:]) <= 7
+    assert sum(seen[1:]) == 2 * labelled
