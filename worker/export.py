@@ -26,19 +26,32 @@ MODEL_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "
                     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                     "added_tokens.json")
 MANIFEST = "tuneforge_export.json"
-# vLLM's default --max-lora-rank: adapters of a higher rank need the flag raised.
+# vLLM's --max-lora-rank (0.34: vllm/config/lora.py): its default, and the only values it accepts.
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The --max-lora-rank to serve an adapter of this rank with: the smallest value vLLM accepts that is at least
+    the rank; None when the rank is above every one of them."""
+    return next((choice for choice in VLLM_MAX_LORA_RANKS if choice >= rank), None)
 
 
 def vllm_refusals(adapter_config: dict[str, Any]) -> list[str]:
-    """Why vLLM's LoRA loader (vllm/lora/peft_helper.py) would refuse this adapter; empty when it loads it."""
+    """Why vLLM's LoRA loader would refuse this adapter (vllm/lora/peft_helper.py validate_legal and
+    vllm/config/lora.py, checked against vLLM 0.34.0's own code on CPU); empty when it loads it. Every reason is a
+    refusal: export with --format merged instead."""
     reasons = []
     if adapter_config.get("use_dora"):
         reasons.append("vLLM does not support DoRA adapters: export with --format merged")
     if adapter_config.get("modules_to_save"):
-        reasons.append("vLLM supports no modules_to_save: export with --format merged")
+        reasons.append("vLLM supports no modules_to_save on a causal LM: export with --format merged")
     if adapter_config.get("bias", "none") != "none":
-        reasons.append("the adapter trains biases: start vLLM with --enable-lora-bias")
+        reasons.append("vLLM does not support adapters that train biases: export with --format merged")
+    rank = int(adapter_config.get("r") or 0)
+    if vllm_max_lora_rank(rank) is None:
+        reasons.append(f"vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANKS[-1]} and this adapter's is {rank}: "
+                       "export with --format merged")
     return reasons
 
 
@@ -125,9 +138,10 @@ def write_manifest(output: Path, *, model: str, job_id: str, fmt: str, base: dic
     revision = f" --revision {commit}" if commit else ""
     if adapter_config is not None:
         refusals = vllm_refusals(adapter_config)
-        rank = int(adapter_config.get("r") or 0)
-        flags = f" --max-lora-rank {rank}" if rank > VLLM_DEFAULT_MAX_LORA_RANK else ""
-        manifest["vllm"] = {"loads": not [r for r in refusals if "merged" in r], "notes": refusals,
+        max_rank = vllm_max_lora_rank(int(adapter_config.get("r") or 0))
+        flags = f" --max-lora-rank {max_rank}" if max_rank is not None and max_rank > VLLM_DEFAULT_MAX_LORA_RANK \
+            else ""
+        manifest["vllm"] = {"loads": not refusals, "notes": refusals,
                             "command": f"vllm serve {where}{revision} --enable-lora{flags} "
                                        f"--lora-modules {name}={output.resolve()}"}
     else:

@@ -30,7 +30,13 @@ def test_a_peft_export_names_the_hub_base_at_its_commit(tmp_path: Path, tiny_mod
 def test_vllm_notes_name_what_vllm_refuses_and_the_rank_flag(tmp_path: Path) -> None:
     assert vllm_refusals({"r": 8, "use_dora": False, "bias": "none"}) == []
     assert "merged" in vllm_refusals({"use_dora": True})[0]
-    assert "--enable-lora-bias" in vllm_refusals({"bias": "lora_only"})[0]
+    # vLLM 0.34.0 refuses adapter biases (there is no --enable-lora-bias any more) and ranks above 512.
+    assert "merged" in vllm_refusals({"r": 8, "bias": "lora_only"})[0]
+    assert "up to 512" in vllm_refusals({"r": 1024})[0]
+    # --max-lora-rank takes one of vLLM's choices: the smallest at least the adapter's rank (24 -> 32).
+    odd = write_manifest(tmp_path, model="ft:m", job_id="ftjob-1", fmt="peft", base=HUB_BASE,
+                         adapter_config={"r": 24})
+    assert odd["vllm"]["loads"] and "--max-lora-rank 32 " in odd["vllm"]["command"]
     manifest = write_manifest(tmp_path, model="ft:m", job_id="ftjob-1", fmt="peft", base=HUB_BASE,
                               adapter_config={"r": 64, "use_dora": True})
     assert manifest["vllm"]["loads"] is False and "--max-lora-rank 64" in manifest["vllm"]["command"]
