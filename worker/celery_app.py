@@ -23,6 +23,10 @@ def _start_reaper(**_kwargs: Any) -> None:
     from worker.supervisor import shutting_down
 
     settings = get_settings()
+    if settings.worker_warm_start:  # its imports run while the worker waits for its first job
+        from worker.zygote import zygote
+
+        zygote().start()
     start_reaper(settings=settings)
     registration.this_worker(settings)  # detect GPUs once, before any job needs the answer
     registration.start(settings, draining=shutting_down())

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import set_job_context
-from app.core.processes import stop_process
+from app.core.processes import Stoppable, stop_process
 from app.models import FineTuningJob, JobEvent, JobStatus, RegisteredModel
 from app.services import attempts, base_models
 from app.services.dispatch import dispatch_job, mark_undispatched, send
@@ -30,6 +30,7 @@ from worker import model_cache, registration
 from worker.exits import EXIT_DATABASE, EXIT_OK
 from worker.model_cache import ModelRef
 from worker.workdirs import remove_attempt_dir
+from worker.zygote import zygote
 
 logger = logging.getLogger("tuneforge.supervisor")
 PR_SET_PDEATHSIG = 1
@@ -248,11 +249,16 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
 
     log_path = settings.attempt_log_path(job_id, attempt)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        oom_before = oom_kills()
-        child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent)
-    logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
+    oom_before = oom_kills()
+    log_path.write_bytes(b"")
+    child: Stoppable | None = None
+    if processes <= 1 and settings.worker_warm_start:  # forked from the pre-imported process
+        child = zygote().fork(job_id, attempt, log_path)
+    if child is None:
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    logger.info("job %s attempt %s: training process %s started", job_id, attempt, getattr(child, "pid", "?"))
     next_beat = time.monotonic() + settings.heartbeat_seconds
     release_requested = False
     while child.poll() is None:
@@ -280,7 +286,8 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
             stop_process(child, grace=settings.cancel_grace_seconds)
             return "stopped"
 
-    code = child.returncode
+    code = child.poll()
+    assert code is not None
     remove_attempt_dir(settings, job_id=job_id, attempt=attempt)  # what a killed attempt left behind
     if code == EXIT_OK:
         return "finished"

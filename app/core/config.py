@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     attempt_log_retention_days: float = Field(default=7.0, gt=0)
     # How long a cancelled training process gets to stop by itself before it is killed.
     cancel_grace_seconds: float = Field(default=5.0, gt=0)
+    # Fork single-process attempts from a pre-imported process (worker/zygote.py) instead of starting them cold.
+    worker_warm_start: bool = True
     # How long a stopping process waits for its work: `tuneforge api` for in-flight requests (open event
     # streams are closed after it), `tuneforge serve` for its worker to checkpoint and hand its job back.
     stop_grace_seconds: float = Field(default=60.0, gt=0)

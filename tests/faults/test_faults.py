@@ -182,8 +182,8 @@ def test_stopped_worker_past_its_lease_loses_the_job_and_its_writes_are_rejected
         wait_for_step(client, job["id"], 5)
         first = training_processes(job["id"])
         assert first
-        supervisor = first[0].parent()
-        frozen = [supervisor, *first]
+        parent = first[0].parent()  # the worker, or the warm-start process the worker forks attempts from
+        frozen = [parent, *first] if "worker.zygote" not in parent.cmdline() else [parent.parent(), parent, *first]
         for process in frozen:
             process.send_signal(signal.SIGSTOP)
         try:

@@ -3,6 +3,7 @@ fault tests and the fault soak (bench/faults.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -137,10 +138,15 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
 
 
 def training_processes(job_id: str) -> list[psutil.Process]:
-    """A job's running training processes (`python -m worker.attempt JOB ...`; one per rank)."""
+    """A job's running training processes: `python -m worker.attempt JOB ...` (one per rank), or an attempt
+    forked from a worker's warm-start process (worker/zygote.py), known by its stdout, the job's attempt log."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["cmdline", "name"]):
         cmdline = process.info["cmdline"] or []
         if "worker.attempt" in cmdline and job_id in cmdline:
             found.append(process)
+        elif process.info["name"] == "tf-attempt":
+            with contextlib.suppress(psutil.Error):
+                if any(Path(f.path).name.startswith(f"{job_id}-attempt-") for f in process.open_files()):
+                    found.append(process)
     return found
