@@ -9,6 +9,7 @@ job. Used by tests/faults/test_campaign.py (short) and bench/faults.py (the soak
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -161,6 +162,9 @@ class Campaign:
     def worker_of(self, job_id: str) -> psutil.Process | None:
         for process in training_processes(job_id):
             parent = process.parent()
+            with contextlib.suppress(psutil.Error):  # a warm-started attempt's parent is the worker's zygote
+                if parent is not None and "worker.zygote" in parent.cmdline():
+                    parent = parent.parent()
             if parent is not None and any(w.pid == parent.pid for w in self.service.live_workers()):
                 return parent
         return None
