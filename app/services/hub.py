@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
+
 from app.core.config import Settings
 from app.core.errors import APIError, InvalidRequest
 
@@ -94,7 +96,7 @@ def hub_errors(repo: str, revision: str | None) -> Any:
         except (OfflineModeIsEnabled, LocalEntryNotFoundError):
             raise HubUnavailable(f"This host is offline (HF_HUB_OFFLINE=1) and {repo!r} is not in its cache.",
                                  code="hub_unavailable") from None
-        except (HfHubHTTPError, OSError) as exc:
+        except (HfHubHTTPError, OSError, httpx2.HTTPError) as exc:  # httpx2: huggingface_hub 2.x's transport errors
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise  # this host's disk, not the Hub
             raise HubUnavailable(f"The Hub could not be read for {repo!r}: {type(exc).__name__}: "

@@ -65,7 +65,9 @@ def _fuzz_app(session: Any, project_a: ProjectAObjects, *, admin: bool) -> Itera
     def poll_session() -> Iterator[Session]:
         yield from per_request()
 
-    unlimited = get_settings().model_copy(update={"rate_limit_per_minute": 0})
+    # No hub source is allowed: a generated `hf:` model is refused (400) before any request to the Hub, which
+    # this sandbox cannot reach (the fuzz is about our answers, not the network's).
+    unlimited = get_settings().model_copy(update={"rate_limit_per_minute": 0, "model_sources": "path:/nowhere/*"})
     app.dependency_overrides.update({get_session: per_request, current_settings: lambda: unlimited,
                                      get_poll_sessions: lambda: poll_session})
     try:

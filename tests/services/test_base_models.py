@@ -142,3 +142,18 @@ def test_the_catalogue_is_imported_and_a_broken_entry_fails_jobs_fast(session: S
     # Once the folder exists, the next lookup reads it again.
     shutil.copytree(tiny_model_dir, tmp_path / "missing")
     assert base_models.ready_for_jobs(session, settings=with_catalogue, name="broken").status == "ready"
+
+
+def test_a_hub_out_of_reach_is_a_502_not_a_crash(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub 2.x raises httpx's transport errors (not OSError) when the Hub cannot be reached."""
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nobody listens: connection refused
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    refused = refusal(session, name="t", source="hf:test-org/tiny-chat")
+    assert (refused.status_code, refused.code) == (502, "hub_unavailable"), refused.message
