@@ -64,8 +64,9 @@ def load_pairs(path: Path, tokenizer: Any, *, max_seq_length: int, reporter: Rep
 
 
 def pair_tokens(pair: PreferenceExample) -> int:
-    """The tokens one pair puts through a forward pass (its prompt twice, each answer once)."""
-    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    """The tokens one pair puts through the model: its prompt once and each answer once (the shared-prompt forward,
+    preference.shared_prompt_logps). What batches are grouped and split into forward passes by."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
 def collate(indexes: list[int], pairs: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:

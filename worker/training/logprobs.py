@@ -75,33 +75,38 @@ def _chunk_logps(
 def labelled_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS) -> Scored:
     """Each labelled token's log-probability (and whether the argmax was right), never building the full logits.
     Works for plain and PEFT models, inside DDP, and under autocast."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     lm = causal_lm(model)
-    body, head = lm.base_model, lm.get_output_embeddings()
-    if body is lm or head is None:
-        raise ValueError(f"{type(lm).__name__} has no separate decoder body and output layer to score with")
-    captured: list[Any] = []
-    hook = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    hook, captured = body_outputs(lm)
     try:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
-    output = captured[0]
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    hidden = captured[0]
     # No labelled token: an empty result still tied to the graph, so a backward through it runs (and DDP syncs).
     empty = hidden.float().flatten()[:0]
 
     targets = batch["labels"][:, 1:].to(hidden.device)
     labelled = targets != IGNORE_INDEX
     rows, cols = labelled.nonzero(as_tuple=True)
-    hidden = hidden[:, :-1][rows, cols]  # only the positions that predict a labelled token
-    targets = targets[rows, cols]
+    # only the positions that predict a labelled token
+    logps, correct = score_positions(lm, hidden[:, :-1][rows, cols], targets[rows, cols], empty=empty,
+                                     chunk_tokens=chunk_tokens)
+    return Scored(logps, correct, rows, labelled.sum(dim=1))
+
+
+def score_positions(lm: Any, hidden: torch.Tensor, targets: torch.Tensor, *, empty: torch.Tensor,
+                    chunk_tokens: int = LOGP_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of each target given the decoder's last hidden state at the position before it, and
+    whether the argmax was right: the output layer `chunk_tokens` positions at a time, each chunk recomputed in
+    backward when gradients are on. `empty` (a 0-length tensor on the graph) is what no position gives."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    head = lm.get_output_embeddings()
     scale, softcap = logit_transform(lm.config)
     logps, correct = [], []
-    for start in range(0, len(rows), chunk_tokens):
+    for start in range(0, len(targets), chunk_tokens):
         part = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], scale, softcap)
         if torch.is_grad_enabled():
             chunk, right = checkpoint(_chunk_logps, *part, use_reentrant=False)
@@ -110,8 +115,22 @@ def labelled_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOG
         logps.append(chunk)
         correct.append(right)
     if not logps:
-        return Scored(empty, torch.zeros(0, dtype=torch.bool, device=hidden.device), rows, labelled.sum(dim=1))
-    return Scored(torch.cat(logps), torch.cat(correct), rows, labelled.sum(dim=1))
+        return empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(logps), torch.cat(correct)
+
+
+def body_outputs(lm: Any) -> tuple[Any, list[torch.Tensor]]:
+    """A forward hook on the decoder body that collects its last hidden states, one tensor per call (remove it
+    after use); the model is then called with logits_to_keep=1, so the full logits are never built."""
+    body = lm.base_model
+    if body is lm or lm.get_output_embeddings() is None:
+        raise ValueError(f"{type(lm).__name__} has no separate decoder body and output layer to score with")
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: Any, _args: Any, output: Any) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    return body.register_forward_hook(keep), captured
 
 
 def token_loss(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS

@@ -1,8 +1,10 @@
 """Preference tuning (DPO and its kin): pair records -> one padded batch -> sequence log-probs -> pair losses.
 
-A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Both answers run in
-one forward pass (the chosen rows of a micro-batch first, the rejected rows after them) and each row is
-scored by the summed log-probability of its answer's tokens. The losses follow TRL's formulas (trl 1.16:
+A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Each prompt runs once
+(a forward of the micro-batch's prompts fills a key/value cache), then both answers of every pair run in one
+forward against it (the chosen rows first, the rejected rows after them); where the cache cannot be used (DDP,
+gradient checkpointing) each answer runs as a whole row after its prompt. Each row is scored by the summed
+log-probability of its answer's tokens. The losses follow TRL's formulas (trl 1.16:
 DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo" and for label smoothing) so that a job's beta,
 label_smoothing and simpo_gamma mean what they mean there.
 """
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from app.schemas.training import LOGP_CHUNK_TOKENS
 from worker.training.data import IGNORE_INDEX, _encode, _render_chat
-from worker.training.logprobs import labelled_logps, without_ddp
+from worker.training.logprobs import Scored, body_outputs, causal_lm, labelled_logps, score_positions, without_ddp
 
 if TYPE_CHECKING:
     import torch
@@ -121,12 +123,29 @@ def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str
         attention_mask[r, :n] = 1
         position_ids[r, :n] = torch.arange(n)
         position_ids[r, n:] = torch.arange(width - n)  # as data.collate: padding restarts at 0
+    # The same pairs split at the prompt, for the shared-prompt forward (shared_prompt_logps): each prompt once, then
+    # the 2n answers after it. Right-padded; a prompt's padding sits between it and its answers, masked.
+    prompt_ids = torch.full((len(examples), max(len(e.prompt_ids) for e in examples)), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for r, e in enumerate(examples):
+        prompt_ids[r, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids)
+        prompt_mask[r, : len(e.prompt_ids)] = 1
+    answers = [answer for _, answer in rows]
+    answer_ids = torch.full((len(answers), max(len(a) for a in answers)), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros_like(answer_ids)
+    for r, answer in enumerate(answers):
+        answer_ids[r, : len(answer)] = torch.tensor(answer)
+        answer_mask[r, : len(answer)] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "position_ids": position_ids,
         "n_tokens": int(attention_mask.sum()),
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
     }
 
 
@@ -135,10 +154,72 @@ def sequence_logps(
     model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a collated batch: the summed log-probability (float32) of its labelled tokens, and their count,
-    without the full logits (logprobs.labelled_logps)."""
-    scored = labelled_logps(model, batch, chunk_tokens=chunk_tokens)
+    without the full logits: each prompt run once for both its answers where the model allows it
+    (shared_prompt_logps), else every row whole (logprobs.labelled_logps)."""
+    cache = _prompt_cache(model) if "prompt_ids" in batch else None
+    if cache is not None:
+        scored = shared_prompt_logps(model, batch, cache, chunk_tokens=chunk_tokens)
+    else:
+        scored = labelled_logps(model, batch, chunk_tokens=chunk_tokens)
     logp_sum = scored.logps.new_zeros(batch["labels"].size(0)).index_add(0, scored.rows, scored.logps)
     return logp_sum, scored.per_row
+
+
+def _prompt_cache(model: Any) -> Any:
+    """An empty key/value cache for the shared-prompt forward, or None where it cannot be used: under DDP (two
+    forwards before one backward), with gradient checkpointing in training (transformers then turns the cache off),
+    and for models whose cache is not plain full attention (sliding windows, recurrent layers)."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if without_ddp(model) is not model:
+        return None
+    lm = causal_lm(model)
+    if model.training and torch.is_grad_enabled() and getattr(lm, "is_gradient_checkpointing", False):
+        return None
+    try:
+        cache = DynamicCache(config=lm.config)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    return cache
+
+
+def shared_prompt_logps(model: Any, batch: dict[str, Any], cache: Any, *, chunk_tokens: int = LOGP_CHUNK_TOKENS
+                        ) -> Scored:
+    """labelled_logps of a pair batch with each prompt run once: a forward of the n prompts fills `cache` (its keys
+    and values keep their graph), the cache is repeated for the chosen and the rejected rows, and a forward of the
+    2n answers attends to it (positions continue each prompt's own length; the prompts' padding is masked). The
+    first answer token is scored from the prompt's last hidden state, the others from the answer forward's. Rows
+    and their order are collate_pairs' (chosen first); only answer tokens are labelled, as there."""
+    import torch
+
+    lm = causal_lm(model)
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
+    n, width = answer_ids.size(0) // 2, answer_ids.size(1)
+    prompt_lengths = prompt_mask.sum(dim=1)
+    hook, captured = body_outputs(lm)
+    try:
+        model(input_ids=prompt_ids, attention_mask=prompt_mask,
+              position_ids=torch.arange(prompt_ids.size(1), device=prompt_ids.device).expand_as(prompt_ids),
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        both = torch.arange(n, device=prompt_ids.device).repeat(2)  # chosen rows, then rejected rows
+        cache.batch_select_indices(both)
+        positions = prompt_lengths[both, None] + torch.arange(width, device=answer_ids.device)
+        model(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[both], answer_mask], dim=1),
+              position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    prompt_hidden, answer_hidden = captured
+    last = prompt_hidden[torch.arange(n, device=prompt_hidden.device), prompt_lengths - 1][both]
+    # Position j of an answer row is predicted by the hidden state before it: the prompt's last for j = 0.
+    hidden = torch.cat([last.unsqueeze(1), answer_hidden[:, :-1]], dim=1)
+    rows, cols = answer_mask.bool().nonzero(as_tuple=True)
+    logps, correct = score_positions(lm, hidden[rows, cols], answer_ids[rows, cols],
+                                     empty=answer_hidden.float().flatten()[:0], chunk_tokens=chunk_tokens)
+    return Scored(logps, correct, rows, answer_mask.sum(dim=1))
 
 
 def reference_logps(

@@ -348,11 +348,32 @@ def test_sequence_logps_matches_full_logits_while_scoring_only_answer_positions_
 
     assert n_tokens.tolist() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
     assert torch.allclose(logp_sum, _naive_logps(model, batch), atol=1e-5)
-    # The model's own head ran on one position per row; ours on chunks of at most 3 answer positions.
+    # Each prompt ran once (n rows), then the 2n answers after it; the model's own head ran on one position per
+    # row of each forward, ours on chunks of at most 3 answer positions.
     rows = batch["input_ids"].size(0)
-    assert head_inputs_of_ours[0] == (rows, 1, model.config.hidden_size)
-    assert all(len(shape) == 2 and shape[0] <= 3 for shape in head_inputs_of_ours[1:])
-    assert sum(shape[0] for shape in head_inputs_of_ours[1:]) == int(n_tokens.sum()) > 3
+    hidden = model.config.hidden_size
+    assert head_inputs_of_ours[:2] == [(rows // 2, 1, hidden), (rows, 1, hidden)]
+    assert all(len(shape) == 2 and shape[0] <= 3 for shape in head_inputs_of_ours[2:])
+    assert sum(shape[0] for shape in head_inputs_of_ours[2:]) == int(n_tokens.sum()) > 3
+
+
+def test_sequence_logps_runs_every_row_whole_where_a_prompt_cache_cannot_be_used(
+    tiny_model: Path, tokenizer: Any
+) -> None:
+    """With gradient checkpointing in training, transformers turns the key/value cache off: the rows then run whole
+    (one forward of 2n rows), with the same numbers."""
+    model = _lora_model(tiny_model)
+    batch = _pair_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        shared, _ = sequence_logps(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    head_inputs: list[tuple[int, ...]] = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: head_inputs.append(tuple(args[0].shape)))
+    whole, _ = sequence_logps(model, batch)
+    assert head_inputs[0] == (batch["input_ids"].size(0), 1, model.config.hidden_size)
+    assert torch.allclose(whole, shared, atol=1e-5)
 
 
 def test_sequence_logps_gradients_match_full_logits_on_a_lora_model(tiny_model: Path, tokenizer: Any) -> None:
