@@ -12,6 +12,7 @@ label_smoothing and simpo_gamma mean what they mean there.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -175,7 +176,8 @@ def _prompt_cache(model: Any) -> Any:
     if without_ddp(model) is not model:
         return None
     lm = causal_lm(model)
-    if model.training and torch.is_grad_enabled() and getattr(lm, "is_gradient_checkpointing", False):
+    if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                          for m in lm.modules()):
         return None
     try:
         cache = DynamicCache(config=lm.config)
@@ -200,16 +202,18 @@ def shared_prompt_logps(model: Any, batch: dict[str, Any], cache: Any, *, chunk_
     answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
     n, width = answer_ids.size(0) // 2, answer_ids.size(1)
     prompt_lengths = prompt_mask.sum(dim=1)
+    # transformers 5 renames past_key_values to cache (the old name goes in 5.40).
+    given = {"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache}
     hook, captured = body_outputs(lm)
     try:
         model(input_ids=prompt_ids, attention_mask=prompt_mask,
               position_ids=torch.arange(prompt_ids.size(1), device=prompt_ids.device).expand_as(prompt_ids),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+              use_cache=True, logits_to_keep=1, **given)
         both = torch.arange(n, device=prompt_ids.device).repeat(2)  # chosen rows, then rejected rows
         cache.batch_select_indices(both)
         positions = prompt_lengths[both, None] + torch.arange(width, device=answer_ids.device)
         model(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[both], answer_mask], dim=1),
-              position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+              position_ids=positions, use_cache=True, logits_to_keep=1, **given)
     finally:
         hook.remove()
     prompt_hidden, answer_hidden = captured
