@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from app.schemas.training import TrainingConfig
     from app.services.jobs import default_n_evals
-    from bench.train import FULL, write_data
+    from bench.train import LLAMA_1K, write_data
     from tests.support.reporters import RecordingReporter
     from worker.training import recipe
     from worker.training.tiny_model import make_tiny_model
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     recipe.train_step, recipe.evaluate_on = timed_step, timed_eval  # type: ignore[assignment]
     try:
-        setup = dataclasses.replace(FULL, n_train=args.examples, n_valid=args.validation)
+        setup = dataclasses.replace(LLAMA_1K, n_train=args.examples, n_valid=args.validation)
         model_dir = make_tiny_model(root / "model", seed=0, **setup.model)
         train_file, valid_file = write_data(root, setup)
         config = TrainingConfig.model_validate({

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from app.core.config import Settings
     from app.core.storage import LocalStorage
-    from bench.train import FULL
+    from bench.train import LLAMA_1K
     from tests.support.adapters import store_adapter
     from worker.inference.engine import Engine
     from worker.training.data import prompt_ids
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     try:
-        model_dir = make_tiny_model(root / "model", seed=0, **({} if args.smoke else FULL.model))
+        model_dir = make_tiny_model(root / "model", seed=0, **({} if args.smoke else LLAMA_1K.model))
         storage = LocalStorage(root / "storage")
         # The job default: LoRA r=16 on every linear layer of the decoder.
         linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

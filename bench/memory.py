@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from app.schemas.training import TrainingConfig
     from app.services.estimates import peak_memory
-    from bench.train import FULL
+    from bench.train import LLAMA_1K
     from worker.training.tiny_model import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         models = {"tiny": make_tiny_model(root / "tiny", seed=0)}
         if not args.quick:
-            models["benchmark"] = make_tiny_model(root / "benchmark", seed=0, **FULL.model)
+            models["benchmark"] = make_tiny_model(root / "benchmark", seed=0, **LLAMA_1K.model)
         print(f"{'model':<10} {'params':>11} {'method':<6} {'measured MiB':>13} {'estimate MiB':>13} {'ratio':>6}")
         for name, model_dir in models.items():
             train_file = root / f"{name}.jsonl"

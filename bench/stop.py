@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.train import BATCH, FULL, LEARNING_RATE, LORA, QUICK, write_data
+from bench.train import BATCH, LEARNING_RATE, LLAMA_1K, LORA, QUICK, write_data
 
 
 def measure(model_dir: Path, train_file: Path, work: Path, adapter: str) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI smoke run on the tiny model")
     args = parser.parse_args(argv)
-    setup = QUICK if args.quick else FULL
+    setup = QUICK["llama-1k"] if args.quick else LLAMA_1K
 
     from worker.training import stopping
     from worker.training.tiny_model import make_tiny_model

@@ -55,9 +55,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.train_data import generate_texts, make_qwen2_model, write_chats, write_texts
-from bench.train_rows import Row, load_token_ids, peak_memory_mb, run_row, run_row_process, tokenizer_for
+from bench.train_rows import (
+    BATCH,
+    LEARNING_RATE,
+    LORA,
+    Row,
+    load_token_ids,
+    peak_memory_mb,
+    run_row,
+    run_row_process,
+    tokenizer_for,
+)
 
-__all__ = ["generate_texts", "main", "peak_memory_mb", "trl_version"]  # bench/dpo.py uses these too
+# The other benchmarks (dpo, evals, stop, memory, inference) train on the llama-1k shape with these settings.
+__all__ = ["BATCH", "LEARNING_RATE", "LLAMA_1K", "LORA", "QUICK", "generate_texts", "main", "peak_memory_mb",
+           "trl_version", "write_data"]
 
 LLAMA_ROWS = ("seed", "hf-dynamic", "hf-grouped", "trl", "trl-padding-free", "trl-packing", "tuneforge",
               "seed-qlora", "tuneforge-qlora")
@@ -102,6 +114,12 @@ QUICK = {
 FULL = {"llama-1k": LLAMA_1K, "qwen2-152k": QWEN2_152K}
 
 
+def write_data(root: Path, shape: Shape) -> tuple[Path, Path]:
+    """A plain-text shape's train and validation files under `root`."""
+    assert not shape.chat, f"{shape.name} is a chat shape"
+    return write_texts(root, n_train=shape.n_train, n_valid=shape.n_valid, **shape.data)
+
+
 def prepare(shape: Shape, root: Path) -> tuple[Path, Path, Path]:
     """Build the shape's model and write its train and validation files under `root`."""
     from worker.training.tiny_model import make_tiny_model
@@ -112,7 +130,7 @@ def prepare(shape: Shape, root: Path) -> tuple[Path, Path, Path]:
         train, valid = write_chats(root, n_train=shape.n_train, n_valid=shape.n_valid, **shape.data)
     else:
         model_dir = make_tiny_model(root / "model", seed=0, **shape.model)
-        train, valid = write_texts(root, n_train=shape.n_train, n_valid=shape.n_valid, **shape.data)
+        train, valid = write_data(root, shape)
     return model_dir, train, valid
 
 

@@ -52,7 +52,7 @@ def test_training_benchmark_quick_mode_runs_on_cuda(tmp_path: Path, capsys: pyte
 
     main(["--quick", "--dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith("device: cuda") and "targets: tuneforge/seed tokens/s =" in out
+    assert out.startswith("device: cuda") and "llama-1k LoRA: tuneforge/seed tokens/s =" in out
 
 
 def test_fp16_loss_scale_survives_a_pause_and_resume(tmp_path: Path, tiny_model: Path) -> None:
