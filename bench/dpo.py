@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.train import _count, generate_texts, peak_memory_mb, trl_version
+from bench.train_rows import TimedReporter
 
 BATCH = 8
 BETA = 0.1
@@ -158,7 +159,6 @@ def tokenized_pairs(path: Path, model_dir: Path) -> list[Any]:
 # ---------------------------------------------------------------- rows
 def run_tuneforge(model_dir: Path, train_file: Path, work: Path, *, setup: Setup, row: Row) -> dict[str, Any]:
     from app.schemas.training import TrainingConfig
-    from tests.support.reporters import RecordingReporter
     from worker.training.recipe import train
 
     config = TrainingConfig.model_validate({
@@ -169,33 +169,15 @@ def run_tuneforge(model_dir: Path, train_file: Path, work: Path, *, setup: Setup
         "precision": "bf16" if row.bf16() else "fp32", "seed": 42, "gradient_checkpointing": row.has("gc"),
     })
 
-    class TimedReporter(RecordingReporter):
-        """Clock from the "training ..." event (the reference pass, then the loop, follow it) to the last metrics."""
-
-        started: float = 0.0
-        finished: float = 0.0
-        cpu_started: float = 0.0
-        cpu_finished: float = 0.0
-        reference_seconds: float = 0.0
-
-        def event(self, message: str, **kwargs: Any) -> None:
-            super().event(message, **kwargs)
-            if message.startswith("training "):
-                self.started, self.cpu_started = time.perf_counter(), time.process_time()
-            if message.startswith("computed the reference"):
-                self.reference_seconds = time.perf_counter() - self.started
-
-        def metrics(self, data: dict[str, Any]) -> None:
-            super().metrics(data)
-            self.finished, self.cpu_finished = time.perf_counter(), time.process_time()
-
     reporter = TimedReporter()
     result = train(config, model_path=model_dir, train_file=train_file, validation_file=None,
                    output_dir=work / row.name, reporter=reporter)
     losses = reporter.losses()
     return {"seconds": reporter.finished - reporter.started,
             "cpu_seconds": reporter.cpu_finished - reporter.cpu_started,
-            "reference_seconds": reporter.reference_seconds, "steps": result.steps,
+            "reference_seconds": next((t for message, t in reporter.since_start.items()
+                                       if message.startswith("computed the reference")), 0.0),
+            "steps": result.steps,
             "train_loss": sum(losses[-2:]) / len(losses[-2:]),
             "train_accuracy": reporter.steps[-1]["train_preference_accuracy"],
             "adapter_dir": str(result.final_dir), "peak_mb": peak_memory_mb()}

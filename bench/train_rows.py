@@ -13,10 +13,13 @@ import contextlib
 import math
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from tests.support.reporters import RecordingReporter
 
 BATCH = 8
 LEARNING_RATE = 1e-3
@@ -133,7 +136,6 @@ def tokenizer_for(model_dir: Path) -> Any:
 
 def load_token_ids(path: Path, model_dir: Path, *, train_on_inputs: bool, limit: int | None = None) -> list[Any]:
     """tuneforge's own tokenisation and loss mask, so every row trains on identical token ids and labels."""
-    from tests.support.reporters import RecordingReporter
     from worker.training.data import load_examples
 
     examples = load_examples(path, tokenizer_for(model_dir), max_seq_length=MAX_SEQ_LENGTH,
@@ -142,12 +144,37 @@ def load_token_ids(path: Path, model_dir: Path, *, train_on_inputs: bool, limit:
 
 
 # ---------------------------------------------------------------- rows
+@dataclass
+class TimedReporter(RecordingReporter):
+    """A tuneforge row's clock: wall and CPU time from the "training ..." event (the timed span starts right after
+    it; `on_start` runs then) to the last step's metrics, and when each later event came (`since_start`)."""
+
+    on_start: Callable[[], None] | None = None
+    started: float = 0.0
+    finished: float = 0.0
+    cpu_started: float = 0.0
+    cpu_finished: float = 0.0
+    since_start: dict[str, float] = field(default_factory=dict)  # event message -> seconds after the start
+
+    def event(self, message: str, **kwargs: Any) -> None:
+        super().event(message, **kwargs)
+        if message.startswith("training "):
+            if self.on_start is not None:
+                self.on_start()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        elif self.started:
+            self.since_start.setdefault(message, time.perf_counter() - self.started)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        super().metrics(data)
+        self.finished, self.cpu_finished = time.perf_counter(), time.process_time()
+
+
 def run_tuneforge(row: Row, model_dir: Path, train_file: Path, work: Path, *, train_on_inputs: bool,
                   limit: int | None, bf16: bool) -> dict[str, Any]:
     from peft import PeftModel
 
     from app.schemas.training import TrainingConfig
-    from tests.support.reporters import RecordingReporter
     from worker.training.recipe import train
 
     if limit:
@@ -163,25 +190,7 @@ def run_tuneforge(row: Row, model_dir: Path, train_file: Path, work: Path, *, tr
     })
     watch = MemoryWatch()
 
-    class TimedReporter(RecordingReporter):
-        """Clock from the "training ..." event (the loop starts right after) to the last step's metrics."""
-
-        started: float = 0.0
-        finished: float = 0.0
-        cpu_started: float = 0.0
-        cpu_finished: float = 0.0
-
-        def event(self, message: str, **kwargs: Any) -> None:
-            super().event(message, **kwargs)
-            if message.startswith("training "):
-                watch.loop_started()
-                self.started, self.cpu_started = time.perf_counter(), time.process_time()
-
-        def metrics(self, data: dict[str, Any]) -> None:
-            super().metrics(data)
-            self.finished, self.cpu_finished = time.perf_counter(), time.process_time()
-
-    reporter = TimedReporter()
+    reporter = TimedReporter(on_start=watch.loop_started)
     result = train(config, model_path=model_dir, train_file=train_file, validation_file=None,
                    output_dir=work / row.name, reporter=reporter)
     peak_mb, loop_mb = watch.peaks()  # before the evaluation below loads the model again
@@ -331,7 +340,6 @@ def run_row(name: str, model_dir: str, train_file: str, work: str, *, train: lis
     not hold anyway) and measure it; bench/train.py calls this in a process of its own unless --in-process."""
     import torch
 
-    from tests.support.reporters import RecordingReporter  # noqa: F401  (import cost outside the timing)
 
     row, model_path, root = Row(name), Path(model_dir), Path(work)
     torch.manual_seed(42)

@@ -22,6 +22,9 @@ def test_dpo_benchmark_quick_run_reports_every_row_and_the_ratios(
         assert row["steps"] == 2 and row["pairs"] == 16, name
         assert row["pairs_per_second"] > 0 and row["peak_mb"] > 0, name
         assert 0.0 <= row["valid_accuracy"] <= 1.0, name
+    # The reference pass is timed inside each row's span (TRL's default, inline, has none).
+    assert all(results[name]["reference_seconds"] > 0 for name in ("tuneforge", "trl", "tuneforge-bf16", "trl-bf16"))
+    assert results["trl-bf16-inline"]["reference_seconds"] == 0
     printed = {line.split()[0] for line in out.splitlines() if line.split()}
     assert set(ROWS) <= printed
     for ratio in ("tuneforge/trl:", "tuneforge-bf16/trl-bf16:", "tuneforge-bf16/trl-bf16-inline:"):
