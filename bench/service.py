@@ -51,6 +51,7 @@ from app.core.processes import stop_process
 from app.schemas.training import HYPERPARAMETER_FIELDS
 from tests.support.databases import create_database, drop_database
 from tests.support.processes import free_port, wait_until_up
+from tests.support.service import is_warm_start_process
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -190,14 +191,7 @@ class ServiceRun:
 def attempt_processes(worker: psutil.Process) -> list[psutil.Process]:
     """The worker's training processes: its children and their children, but its warm-start process itself
     (worker/zygote.py), which lives as long as the worker."""
-    found = []
-    for process in worker.children(recursive=True):
-        try:
-            if "worker.zygote" not in process.cmdline():
-                found.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return [process for process in worker.children(recursive=True) if not is_warm_start_process(process)]
 
 
 def wait_until_idle(worker: psutil.Process, *, quiet: float = 1.0, timeout: float = 120.0) -> float:
@@ -218,7 +212,7 @@ def run_service_job(client: httpx.Client, body: dict[str, Any], *, api: psutil.P
     """POST one job to an idle worker and poll it to the end: fast until it runs, then as a client following a
     job would; returns once the worker is idle again."""
     # A warm-started attempt is the child of the worker's zygote, which reaps it: its CPU is the zygote's.
-    processes = [api, worker, *(p for p in worker.children() if "worker.zygote" in p.cmdline())]
+    processes = [api, worker, *(p for p in worker.children() if is_warm_start_process(p))]
     cpu_before = sum(_cpu_seconds(p) for p in processes)
     started = time.perf_counter()
     response = client.post("/v1/fine_tuning/jobs", json=body)

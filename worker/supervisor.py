@@ -258,7 +258,7 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
         with open(log_path, "wb") as log:
             child = subprocess.Popen(_attempt_command(job_id, attempt, processes), stdout=log,
                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    logger.info("job %s attempt %s: training process %s started", job_id, attempt, getattr(child, "pid", "?"))
+    logger.info("job %s attempt %s: training process %s started", job_id, attempt, child.pid)
     next_beat = time.monotonic() + settings.heartbeat_seconds
     release_requested = False
     while child.poll() is None:

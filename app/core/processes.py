@@ -9,6 +9,8 @@ from typing import Any, Protocol
 class Stoppable(Protocol):
     """What stop_process needs: subprocess.Popen, or a forked attempt (worker/zygote.py)."""
 
+    pid: int
+
     def poll(self) -> int | None: ...
 
     def terminate(self) -> None: ...

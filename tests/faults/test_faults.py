@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
-from tests.support.service import training_processes
+from tests.support.service import is_warm_start_process, training_processes, worker_of_attempt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -183,7 +183,7 @@ def test_stopped_worker_past_its_lease_loses_the_job_and_its_writes_are_rejected
         first = training_processes(job["id"])
         assert first
         parent = first[0].parent()  # the worker, or the warm-start process the worker forks attempts from
-        frozen = [parent, *first] if "worker.zygote" not in parent.cmdline() else [parent.parent(), parent, *first]
+        frozen = [worker_of_attempt(first[0]), parent, *first] if is_warm_start_process(parent) else [parent, *first]
         for process in frozen:
             process.send_signal(signal.SIGSTOP)
         try:

@@ -9,7 +9,6 @@ job. Used by tests/faults/test_campaign.py (short) and bench/faults.py (the soak
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import random
@@ -28,7 +27,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support.data import chat_lines, jsonl
 from tests.support.servers import PrivatePostgres, PrivateRedis
-from tests.support.service import Service, training_processes
+from tests.support.service import Service, training_processes, worker_of_attempt
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # Each kind, with what it does to the service.
@@ -161,12 +160,9 @@ class Campaign:
 
     def worker_of(self, job_id: str) -> psutil.Process | None:
         for process in training_processes(job_id):
-            parent = process.parent()
-            with contextlib.suppress(psutil.Error):  # a warm-started attempt's parent is the worker's zygote
-                if parent is not None and "worker.zygote" in parent.cmdline():
-                    parent = parent.parent()
-            if parent is not None and any(w.pid == parent.pid for w in self.service.live_workers()):
-                return parent
+            worker = worker_of_attempt(process)
+            if worker is not None and any(w.pid == worker.pid for w in self.service.live_workers()):
+                return worker
         return None
 
     def _wait_gone(self, pid: int, timeout: float) -> None:

@@ -137,6 +137,22 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         after = page["data"][-1]["id"]
 
 
+def is_warm_start_process(process: psutil.Process) -> bool:
+    """Whether this is a worker's warm-start process (`python -m worker.zygote`), which forks its attempts."""
+    with contextlib.suppress(psutil.Error):
+        return "worker.zygote" in process.cmdline()
+    return False
+
+
+def worker_of_attempt(process: psutil.Process) -> psutil.Process | None:
+    """The worker running a training process: its parent, or its parent's parent when the worker's warm-start
+    process forked it."""
+    with contextlib.suppress(psutil.Error):
+        parent = process.parent()
+        return parent.parent() if parent is not None and is_warm_start_process(parent) else parent
+    return None
+
+
 def training_processes(job_id: str) -> list[psutil.Process]:
     """A job's running training processes: `python -m worker.attempt JOB ...` (one per rank), or an attempt
     forked from a worker's warm-start process (worker/zygote.py), known by its stdout, the job's attempt log."""
