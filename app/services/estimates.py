@@ -114,9 +114,10 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     gradients, optimizer = trainable * 4.0, trainable * 8.0
     if config.distributed == "fsdp" and config.processes > 1:
         weights, gradients, optimizer = (x / config.processes for x in (weights, gradients, optimizer))
-    # A DPO pair is two rows (its chosen and its rejected answer after the prompt) in one forward.
-    micro_batch = math.ceil(config.batch_size / config.processes) * (2 if config.method == "dpo" else 1)
-    tokens = micro_batch * min(seq_length or config.max_seq_length, config.max_seq_length)
+    # A DPO pair is one row of its prompt and both answers (each answer fits max_seq_length with the prompt, so the
+    # row is at most twice that), attention over the whole row (worker/training/preference.py).
+    row_length = min(seq_length or config.max_seq_length, config.max_seq_length) * (2 if config.method == "dpo" else 1)
+    tokens = math.ceil(config.batch_size / config.processes) * row_length
     # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
     # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
     # gate, activation and product (3i); each adapter's dropped-out input (its in-features) and down-projection
@@ -126,7 +127,7 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     # The eager CPU kernel for masked attention keeps the scores and probabilities (heads x row length each);
     # the fused GPU kernels (flash / memory-efficient) keep neither.
     if device == "cpu":
-        per_token_layer += 2 * c * heads * min(seq_length or config.max_seq_length, config.max_seq_length)
+        per_token_layer += 2 * c * heads * row_length
     if config.gradient_checkpointing:
         activations = tokens * (layers * h * c + per_token_layer)
     else:

@@ -44,6 +44,17 @@ def test_the_memory_model_orders_methods_and_knobs_as_they_behave() -> None:
     assert peak_memory({"parameters": None}, config()) is None
 
 
+def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> None:
+    """A pair's row holds its prompt once and both answers (up to twice max_seq_length); the CPU's masked attention
+    keeps scores over the whole row, so a pair costs more than two rows of max_seq_length would there."""
+    supervised = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024), device="cpu")
+    dpo = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024, method="dpo"), device="cpu")
+    twice = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024), device="cpu")
+    assert supervised is not None and dpo is not None and twice is not None
+    assert dpo.activations > twice.activations > supervised.activations
+    assert dpo.logits < twice.logits  # the output layer runs on chunks of answer positions only
+
+
 def test_an_estimate_answers_without_creating_anything(client: TestClient, session: Session) -> None:
     file_id = upload_chat(client, n=30)
     body = {"model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}

@@ -64,8 +64,8 @@ def load_pairs(path: Path, tokenizer: Any, *, max_seq_length: int, reporter: Rep
 
 
 def pair_tokens(pair: PreferenceExample) -> int:
-    """The tokens one pair puts through the model: its prompt once and each answer once (the shared-prompt forward,
-    preference.shared_prompt_logps). What batches are grouped and split into forward passes by."""
+    """The tokens one pair puts through the model: its prompt once and each answer once (its packed row,
+    preference.packed_pair_logps). What batches are grouped and split into forward passes by."""
     return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 

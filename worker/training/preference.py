@@ -1,18 +1,17 @@
 """Preference tuning (DPO and its kin): pair records -> one padded batch -> sequence log-probs -> pair losses.
 
-A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Each prompt runs once
-(a forward of the micro-batch's prompts fills a key/value cache), then both answers of every pair run in one
-forward against it (the chosen rows first, the rejected rows after them); where the cache cannot be used (DDP,
-gradient checkpointing) each answer runs as a whole row after its prompt. Each row is scored by the summed
-log-probability of its answer's tokens. The losses follow TRL's formulas (trl 1.16:
-DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo" and for label smoothing) so that a job's beta,
-label_smoothing and simpo_gamma mean what they mean there.
+A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Each pair runs as one
+row: its prompt once, then both answers, each continuing the prompt's positions and masked so it sees the prompt
+and itself only; where the model's attention cannot take that mask (an implementation other than SDPA, sliding
+windows, recurrent layers) each answer runs as a whole row after its prompt (the chosen rows first, the rejected
+rows after them). Each answer is scored by the summed log-probability of its tokens. The losses follow TRL's
+formulas (trl 1.16: DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo" and for label smoothing) so that a
+job's beta, label_smoothing and simpo_gamma mean what they mean there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -105,9 +104,10 @@ def tokenize_preference(record: Any, tokenizer: PreTrainedTokenizerBase, *, max_
 
 
 def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:
-    """One padded batch for one forward pass: rows 0..n-1 are the chosen answers, rows n..2n-1 the rejected ones.
-
-    Labels are IGNORE_INDEX on the prompt and the padding, so a row's labelled tokens are exactly its answer.
+    """A micro-batch of pairs in two layouts. Whole rows (input_ids, labels, ...): rows 0..n-1 are each prompt with
+    its chosen answer, rows n..2n-1 with its rejected one; labels are IGNORE_INDEX on the prompt and the padding, so
+    a row's labelled tokens are exactly its answer. And one row per pair (pair_*, _packed_pairs), which
+    sequence_logps uses where the model allows it. Both are small CPU tensors; the model runs one of them.
     """
     import torch
 
@@ -124,106 +124,100 @@ def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str
         attention_mask[r, :n] = 1
         position_ids[r, :n] = torch.arange(n)
         position_ids[r, n:] = torch.arange(width - n)  # as data.collate: padding restarts at 0
-    # The same pairs split at the prompt, for the shared-prompt forward (shared_prompt_logps): each prompt once, then
-    # the 2n answers after it. Right-padded; a prompt's padding sits between it and its answers, masked.
-    prompt_ids = torch.full((len(examples), max(len(e.prompt_ids) for e in examples)), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for r, e in enumerate(examples):
-        prompt_ids[r, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids)
-        prompt_mask[r, : len(e.prompt_ids)] = 1
-    answers = [answer for _, answer in rows]
-    answer_ids = torch.full((len(answers), max(len(a) for a in answers)), pad_id, dtype=torch.long)
-    answer_mask = torch.zeros_like(answer_ids)
-    for r, answer in enumerate(answers):
-        answer_ids[r, : len(answer)] = torch.tensor(answer)
-        answer_mask[r, : len(answer)] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "position_ids": position_ids,
         "n_tokens": int(attention_mask.sum()),
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "answer_ids": answer_ids,
-        "answer_mask": answer_mask,
+        **_packed_pairs(examples, pad_id=pad_id),
     }
+
+
+def _packed_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:
+    """The same pairs as one row each (packed_pair_logps): prompt, chosen answer, rejected answer, right-padded,
+    both answers' positions continuing the prompt's, and a [pairs, 1, width, width] mask (True: may attend) that
+    is causal and lets each answer see the prompt and itself only. pair_from indexes the flattened [pairs x width]
+    hidden states: the position that predicts each answer token (pair_targets), in the row order of the whole-row
+    layout (pair_rows: chosen r, rejected n + r)."""
+    import torch
+
+    n = len(examples)
+    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    sources: list[int] = []
+    targets: list[int] = []
+    rows: list[int] = []
+    for r, e in enumerate(examples):
+        p, c, k = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        ids[r, : p + c + k] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+        positions[r, : p + c] = torch.arange(p + c)
+        positions[r, p + c : p + c + k] = torch.arange(p, p + k)
+        segment[r, :p], segment[r, p : p + c], segment[r, p + c : p + c + k] = 0, 1, 2
+        at = r * width
+        # The first token of either answer is predicted by the prompt's last position, the others by the one before.
+        sources += [at + p - 1 + j for j in range(c)] + [at + (p - 1 if j == 0 else p + c + j - 1) for j in range(k)]
+        targets += e.chosen_ids + e.rejected_ids
+        rows += [r] * c + [n + r] * k
+    counts = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = causal & (key >= 0) & ((key == 0) | (key == query) | (query < 0))
+    def longs(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
+
+    return {"pair_ids": ids, "pair_positions": positions, "pair_mask": mask[:, None], "pair_from": longs(sources),
+            "pair_targets": longs(targets), "pair_rows": longs(rows), "pair_counts": longs(counts)}
 
 
 # ---------------------------------------------------------------- log-probs
 def sequence_logps(
     model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a collated batch: the summed log-probability (float32) of its labelled tokens, and their count,
-    without the full logits: each prompt run once for both its answers where the model allows it
-    (shared_prompt_logps), else every row whole (logprobs.labelled_logps)."""
-    cache = _prompt_cache(model) if "prompt_ids" in batch else None
-    if cache is not None:
-        scored = shared_prompt_logps(model, batch, cache, chunk_tokens=chunk_tokens)
+    """Per row of a collated batch (chosen rows, then rejected rows): the summed log-probability (float32) of its
+    answer's tokens, and their count, without the full logits: one row per pair where the model's attention takes
+    the pair mask (packed_pair_logps), else every answer as a whole row after its prompt (logprobs.labelled_logps)."""
+    if "pair_ids" in batch and packs_pairs(model):
+        scored = packed_pair_logps(model, batch, chunk_tokens=chunk_tokens)
     else:
         scored = labelled_logps(model, batch, chunk_tokens=chunk_tokens)
     logp_sum = scored.logps.new_zeros(batch["labels"].size(0)).index_add(0, scored.rows, scored.logps)
     return logp_sum, scored.per_row
 
 
-def _prompt_cache(model: Any) -> Any:
-    """An empty key/value cache for the shared-prompt forward, or None where it cannot be used: under DDP (two
-    forwards before one backward), with gradient checkpointing in training (transformers then turns the cache off),
-    and for models whose cache is not plain full attention (sliding windows, recurrent layers)."""
-    import torch
+def packs_pairs(model: Any) -> bool:
+    """Whether the model attends as the pair mask says: SDPA takes a custom 4D mask as it is, and every layer must
+    be plain full attention (a sliding window or a recurrent layer would need masks of its own)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    if without_ddp(model) is not model:
-        return None
     lm = causal_lm(model)
-    if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
-                                                          for m in lm.modules()):
-        return None
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+        return False
     try:
         cache = DynamicCache(config=lm.config)
     except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None
-    return cache
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def shared_prompt_logps(model: Any, batch: dict[str, Any], cache: Any, *, chunk_tokens: int = LOGP_CHUNK_TOKENS
-                        ) -> Scored:
-    """labelled_logps of a pair batch with each prompt run once: a forward of the n prompts fills `cache` (its keys
-    and values keep their graph), the cache is repeated for the chosen and the rejected rows, and a forward of the
-    2n answers attends to it (positions continue each prompt's own length; the prompts' padding is masked). The
-    first answer token is scored from the prompt's last hidden state, the others from the answer forward's. Rows
-    and their order are collate_pairs' (chosen first); only answer tokens are labelled, as there."""
-    import torch
-
+def packed_pair_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS) -> Scored:
+    """labelled_logps of a pair batch in one forward of one row per pair (collate_pairs' pair_* layout): each prompt
+    runs once for both its answers, padding is only up to the longest pair, and the output layer runs only at the
+    positions that predict an answer token."""
     lm = causal_lm(model)
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
-    n, width = answer_ids.size(0) // 2, answer_ids.size(1)
-    prompt_lengths = prompt_mask.sum(dim=1)
-    # transformers 5 renames past_key_values to cache (the old name goes in 5.40).
-    given = {"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache}
     hook, captured = body_outputs(lm)
     try:
-        model(input_ids=prompt_ids, attention_mask=prompt_mask,
-              position_ids=torch.arange(prompt_ids.size(1), device=prompt_ids.device).expand_as(prompt_ids),
-              use_cache=True, logits_to_keep=1, **given)
-        both = torch.arange(n, device=prompt_ids.device).repeat(2)  # chosen rows, then rejected rows
-        cache.batch_select_indices(both)
-        positions = prompt_lengths[both, None] + torch.arange(width, device=answer_ids.device)
-        model(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[both], answer_mask], dim=1),
-              position_ids=positions, use_cache=True, logits_to_keep=1, **given)
+        model(input_ids=batch["pair_ids"], attention_mask=batch["pair_mask"], position_ids=batch["pair_positions"],
+              use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
-    prompt_hidden, answer_hidden = captured
-    last = prompt_hidden[torch.arange(n, device=prompt_hidden.device), prompt_lengths - 1][both]
-    # Position j of an answer row is predicted by the hidden state before it: the prompt's last for j = 0.
-    hidden = torch.cat([last.unsqueeze(1), answer_hidden[:, :-1]], dim=1)
-    rows, cols = answer_mask.bool().nonzero(as_tuple=True)
-    logps, correct = score_positions(lm, hidden[rows, cols], answer_ids[rows, cols],
-                                     empty=answer_hidden.float().flatten()[:0], chunk_tokens=chunk_tokens)
-    return Scored(logps, correct, rows, answer_mask.sum(dim=1))
+    hidden = captured[0]
+    flat = hidden.reshape(-1, hidden.size(-1))[batch["pair_from"]]
+    logps, correct = score_positions(lm, flat, batch["pair_targets"], empty=hidden.float().flatten()[:0],
+                                     chunk_tokens=chunk_tokens)
+    return Scored(logps, correct, batch["pair_rows"], batch["pair_counts"])
 
 
 def reference_logps(

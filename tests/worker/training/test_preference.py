@@ -348,32 +348,66 @@ def test_sequence_logps_matches_full_logits_while_scoring_only_answer_positions_
 
     assert n_tokens.tolist() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
     assert torch.allclose(logp_sum, _naive_logps(model, batch), atol=1e-5)
-    # Each prompt ran once (n rows), then the 2n answers after it; the model's own head ran on one position per
-    # row of each forward, ours on chunks of at most 3 answer positions.
-    rows = batch["input_ids"].size(0)
+    # One forward of one row per pair (each prompt once, both answers after it); the model's own head ran on one
+    # position per row, ours on chunks of at most 3 answer positions.
+    pairs = batch["input_ids"].size(0) // 2
     hidden = model.config.hidden_size
-    assert head_inputs_of_ours[:2] == [(rows // 2, 1, hidden), (rows, 1, hidden)]
-    assert all(len(shape) == 2 and shape[0] <= 3 for shape in head_inputs_of_ours[2:])
-    assert sum(shape[0] for shape in head_inputs_of_ours[2:]) == int(n_tokens.sum()) > 3
+    assert head_inputs_of_ours[0] == (pairs, 1, hidden)
+    assert all(len(shape) == 2 and shape[0] <= 3 for shape in head_inputs_of_ours[1:])
+    assert sum(shape[0] for shape in head_inputs_of_ours[1:]) == int(n_tokens.sum()) > 3
 
 
-def test_sequence_logps_runs_every_row_whole_where_a_prompt_cache_cannot_be_used(
-    tiny_model: Path, tokenizer: Any
-) -> None:
-    """With gradient checkpointing in training, transformers turns the key/value cache off: the rows then run whole
-    (one forward of 2n rows), with the same numbers."""
+def test_a_pair_row_is_its_prompt_once_then_each_answer_seeing_the_prompt_and_itself(tokenizer: Any) -> None:
+    from worker.training.preference import PreferenceExample
+
+    batch = collate_pairs([PreferenceExample([1, 2, 3], [4, 5], [6]), PreferenceExample([7, 8], [9], [10, 11])],
+                          pad_id=0)
+    assert batch["pair_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
+    assert batch["pair_positions"].tolist()[0] == [0, 1, 2, 3, 4, 3]  # the rejected answer starts where the prompt ends
+    assert batch["pair_positions"].tolist()[1][:5] == [0, 1, 2, 2, 3]
+    sees = batch["pair_mask"][0, 0].int().tolist()
+    assert sees[4] == [1, 1, 1, 1, 1, 0]  # the chosen answer's 2nd token: the prompt and the chosen answer so far
+    assert sees[5] == [1, 1, 1, 0, 0, 1]  # the rejected answer: the prompt and itself, not the chosen answer
+    assert batch["pair_mask"][1, 0, 4].int().tolist() == [1, 1, 0, 1, 1, 0]
+    # Each answer token is predicted by the position before it; an answer's first token by the prompt's last.
+    assert batch["pair_targets"].tolist() == [4, 5, 6, 9, 10, 11]
+    assert batch["pair_from"].tolist() == [2, 3, 2, 6 + 1, 6 + 1, 6 + 3]
+    assert batch["pair_rows"].tolist() == [0, 0, 2, 1, 3, 3]  # chosen rows first, then the rejected ones
+    assert batch["pair_counts"].tolist() == [2, 1, 1, 2]
+
+
+def test_sequence_logps_keeps_one_row_per_pair_with_gradient_checkpointing(tiny_model: Path, tokenizer: Any) -> None:
     model = _lora_model(tiny_model)
     batch = _pair_batch(tokenizer)
     model.eval()
     with torch.no_grad():
-        shared, _ = sequence_logps(model, batch)
+        plain, _ = sequence_logps(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     head_inputs: list[tuple[int, ...]] = []
     model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: head_inputs.append(tuple(args[0].shape)))
-    whole, _ = sequence_logps(model, batch)
+    checkpointed, _ = sequence_logps(model, batch)
+    assert head_inputs[0] == (batch["input_ids"].size(0) // 2, 1, model.config.hidden_size)
+    assert torch.allclose(checkpointed, plain, atol=1e-5)
+
+
+def test_sequence_logps_runs_every_row_whole_where_attention_cannot_take_the_pair_mask(
+    tiny_model: Path, tokenizer: Any
+) -> None:
+    """Eager attention adds its mask as floats: the pair mask is SDPA's. The rows then run whole (one forward of
+    2n rows), with the same numbers."""
+    model = _lora_model(tiny_model)
+    batch = _pair_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        packed, _ = sequence_logps(model, batch)
+        model.set_attn_implementation("eager")
+        head_inputs: list[tuple[int, ...]] = []
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out: head_inputs.append(tuple(args[0].shape)))
+        whole, _ = sequence_logps(model, batch)
     assert head_inputs[0] == (batch["input_ids"].size(0), 1, model.config.hidden_size)
-    assert torch.allclose(whole, shared, atol=1e-5)
+    assert torch.allclose(whole, packed, atol=1e-5)
 
 
 def test_sequence_logps_gradients_match_full_logits_on_a_lora_model(tiny_model: Path, tokenizer: Any) -> None:
