@@ -8,15 +8,19 @@ and opens no database connection, so there is nothing a fork could copy half-way
 attempt (torchrun) starts cold, as before. TUNEFORGE_WORKER_WARM_START=false starts every attempt cold.
 
 The worker talks to the zygote over its stdin/stdout, one JSON object a line:
-    worker -> zygote  {"job_id", "attempt", "log_path"}      fork an attempt
-    zygote -> worker  {"ready": true}                         imports done
-                      {"started": pid}                        the attempt's pid, in the order asked
-                      {"exited": pid, "returncode": int}      as subprocess reports it (-N: killed by signal N)
+    worker -> zygote  {"request", "job_id", "attempt", "log_path"}  fork an attempt
+    zygote -> worker  {"ready": true}                                imports done
+                      {"started": pid, "request": int}               the attempt's pid, for that request
+                      {"exited": pid, "returncode": int}             as subprocess reports it (-N: killed by signal N)
+
+A fork that is not reported within FORK_TIMEOUT_SECONDS ends the zygote (and so any attempt it forked late) before
+the worker starts that attempt cold: the same attempt never runs twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -28,21 +32,25 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from queue import Empty, Queue
 from typing import IO, Any
 
 logger = logging.getLogger("tuneforge.supervisor")
 # What an attempt imports; imported once by the zygote.
 PRELOADED = ("torch", "transformers", "peft", "torchmetrics", "worker.attempt", "worker.training.recipe",
              "worker.training.model")
+# How long the worker waits for a ready zygote to report a fork (a fork takes milliseconds).
+FORK_TIMEOUT_SECONDS = 30.0
 
 
 # ---------------------------------------------------------------- the zygote process
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL when the parent dies; a parent that died before this ran (`parent` is no longer ours) ends us now."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _say(out: IO[str], message: dict[str, Any]) -> None:
@@ -50,11 +58,11 @@ def _say(out: IO[str], message: dict[str, Any]) -> None:
     out.flush()
 
 
-def _attempt(job_id: str, attempt: int, log_path: str, channel: IO[str]) -> None:
+def _attempt(job_id: str, attempt: int, log_path: str, channel: IO[str], zygote: int) -> None:
     """In the forked child: become `python -m worker.attempt JOB ATTEMPT` writing to its log, and run it."""
     try:
         os.close(channel.fileno())  # the zygote's line to the worker is not the attempt's
-        _die_with_parent()
+        _die_with_parent(zygote)
         for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(number, signal.SIG_DFL)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -105,11 +113,12 @@ def serve() -> None:
             if not line:  # the worker closed the pipe (or died): end, leaving running attempts to finish
                 break
             request = json.loads(line)
+            me = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _attempt(request["job_id"], int(request["attempt"]), request["log_path"], out)
+                _attempt(request["job_id"], int(request["attempt"]), request["log_path"], out, me)
             children.add(pid)
-            _say(out, {"started": pid})
+            _say(out, {"started": pid, "request": request["request"]})
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -125,13 +134,13 @@ def serve() -> None:
 class ForkedAttempt:
     """An attempt forked by the zygote, with the parts of subprocess.Popen the supervisor uses."""
 
-    def __init__(self, zygote: Zygote, pid: int) -> None:
-        self.zygote, self.pid = zygote, pid
+    def __init__(self, zygote: Zygote, pid: int, gone: threading.Event) -> None:
+        self.zygote, self.pid, self.gone = zygote, pid, gone  # gone: its zygote's (a later zygote has its own)
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.zygote.exit_code(self.pid)
+            self.returncode = self.zygote.exit_code(self.pid, gone=self.gone)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -158,11 +167,15 @@ class ForkedAttempt:
 class Zygote:
     """The worker's handle on its zygote process: started once, restarted when it died."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fork_timeout: float = FORK_TIMEOUT_SECONDS) -> None:
+        self.fork_timeout = fork_timeout
         self._process: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
-        self._started: Queue[int] = Queue()
+        self._started: dict[int, int] = {}  # request -> pid
+        self._reported = threading.Condition()
+        self._requests = itertools.count(1)
+        # Each zygote process has events of its own: a replaced one's reader may still be ending.
         self._ready = threading.Event()
         self._gone = threading.Event()
 
@@ -171,14 +184,14 @@ class Zygote:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 return
-            self._ready.clear()
-            self._gone.clear()
+            self._ready, self._gone = threading.Event(), threading.Event()
             self._process = subprocess.Popen([sys.executable, "-m", "worker.zygote"], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, bufsize=1,
                                              preexec_fn=_die_with_parent)
-            threading.Thread(target=self._read, args=(self._process,), name="tuneforge-zygote", daemon=True).start()
+            threading.Thread(target=self._read, args=(self._process, self._ready, self._gone), name="tuneforge-zygote",
+                             daemon=True).start()
 
-    def _read(self, process: subprocess.Popen[str]) -> None:
+    def _read(self, process: subprocess.Popen[str], ready: threading.Event, gone: threading.Event) -> None:
         assert process.stdout is not None
         for line in process.stdout:
             try:
@@ -186,17 +199,19 @@ class Zygote:
             except ValueError:
                 continue
             if "ready" in message:
-                self._ready.set()
+                ready.set()
             elif "started" in message:
-                self._started.put(int(message["started"]))
+                with self._reported:
+                    self._started[int(message["request"])] = int(message["started"])
+                    self._reported.notify_all()
             elif "exited" in message:
                 self._exits[int(message["exited"])] = int(message["returncode"])
-        self._gone.set()  # its attempts died with it (PR_SET_PDEATHSIG)
+        gone.set()  # its attempts died with it (PR_SET_PDEATHSIG)
 
-    def exit_code(self, pid: int) -> int | None:
+    def exit_code(self, pid: int, *, gone: threading.Event) -> int | None:
         if pid in self._exits:
             return self._exits.pop(pid)
-        if self._gone.is_set():
+        if gone.is_set():
             return self._exits.pop(pid, -signal.SIGKILL)
         return None
 
@@ -212,20 +227,28 @@ class Zygote:
             logger.info("the warm-start process is still importing; starting this attempt cold")
             return None
         with self._lock:
-            process = self._process
+            process, gone = self._process, self._gone
             if process is None or process.poll() is not None or process.stdin is None:
                 return None
+            request = next(self._requests)
             try:
-                process.stdin.write(json.dumps({"job_id": job_id, "attempt": attempt, "log_path": str(log_path)})
-                                    + "\n")
+                process.stdin.write(json.dumps({"request": request, "job_id": job_id, "attempt": attempt,
+                                                "log_path": str(log_path)}) + "\n")
                 process.stdin.flush()
             except (BrokenPipeError, OSError):
                 return None
-            try:
-                pid = self._started.get(timeout=30)
-            except Empty:
+            with self._reported:
+                self._reported.wait_for(lambda: request in self._started, timeout=self.fork_timeout)
+                pid = self._started.pop(request, None)
+            if pid is None:
+                # A fork reported late would run this attempt beside the cold one the caller now starts: end the
+                # zygote, and a child it forked dies with it. The next fork starts a new zygote.
+                logger.warning("the warm-start process did not fork within %.0f s; replacing it, starting this "
+                               "attempt cold", self.fork_timeout)
+                process.kill()
+                process.wait()
                 return None
-        return ForkedAttempt(self, pid)
+        return ForkedAttempt(self, pid, gone)
 
     def stop(self) -> None:
         with self._lock:

@@ -82,3 +82,26 @@ def test_attempts_die_with_the_zygote_and_a_new_zygote_takes_over(database_url: 
     finally:
         zygote.stop()
         silent.close()
+
+
+def test_a_zygote_that_does_not_fork_in_time_is_replaced_and_the_attempt_starts_cold(database_url: str,
+                                                                                    tmp_path: Path) -> None:
+    """A fork reported after the worker gave up would run the attempt a second time, beside the cold start: the
+    worker ends that zygote first, and the next attempt forks from a new one."""
+    zygote = Zygote(fork_timeout=2.0)
+    try:
+        assert zygote.wait_ready(120)
+        stalled = zygote._process
+        assert stalled is not None
+        stalled.send_signal(signal.SIGSTOP)  # it cannot read the request, let alone fork
+        log = tmp_path / "attempt.log"
+        log.write_bytes(b"")
+        asked = time.monotonic()
+        assert zygote.fork("ftjob-nonexistent", 1, log) is None  # the caller starts this attempt cold
+        assert 2.0 <= time.monotonic() - asked < 30
+        assert stalled.poll() == -signal.SIGKILL  # ended, not left to fork late
+        assert zygote.wait_ready(120) and zygote._process is not stalled
+        forked = zygote.fork("ftjob-nonexistent", 2, log)
+        assert forked is not None and forked.wait(timeout=60) == EXIT_STALE
+    finally:
+        zygote.stop()
