@@ -12,15 +12,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROWS = ["direct: fresh process, end to end", "direct: train() in that process", "direct: start -> training loop starts",
-        "direct: step 1 (from the loop's start)", "direct: start -> step 1 done",
-        "direct: steps 2..", "direct: last step -> process exit", "direct: interpreter exit after train()",
-        "service: POST -> succeeded", "service: POST -> running (pickup)", "service: POST -> step 1 done",
-        "service: claimed -> training loop (warm start)", "service: claimed -> step 1 done", "service: steps 2..", "service: last step -> succeeded", "service events: created -> running",
-        "service events: running -> training loop", "service events: training loop",
-        "service events: loop end -> succeeded", "pickup POST -> running, 1 jobs: median",
-        "pickup POST -> running, 1 jobs: max", "pickup POST -> queued, 1 jobs: median",
-        "worker busy after succeeded (attempt exit)"]
+ROWS = ["direct: fresh process, end to end", "direct: train() in that process",
+        "direct: start -> training loop starts", "direct: step 1 (from the loop's start)",
+        "direct: start -> step 1 done", "direct: steps 2..", "direct: last step -> process exit",
+        "direct: interpreter exit after train()", "service: POST -> succeeded", "service: POST -> running (pickup)",
+        "service: POST -> step 1 done", "service: claimed -> training loop (warm start)",
+        "service: claimed -> step 1 done", "service: steps 2..", "service: last step -> succeeded",
+        "service events: created -> running", "service events: running -> training loop",
+        "service events: training loop", "service events: loop end -> succeeded",
+        "pickup POST -> running, 1 jobs: median", "pickup POST -> running, 1 jobs: max",
+        "pickup POST -> queued, 1 jobs: median", "worker busy after succeeded (attempt exit)"]
 
 
 def test_service_benchmark_quick_run_prints_direct_service_and_pickup_rows(tmp_path: Path) -> None:
