@@ -2,16 +2,18 @@
 evaluation (the next-token loss and accuracy) and DPO (each answer's log-probability) compute from.
 
 A vocabulary of 152k makes the output layer and its cross-entropy the largest tensors of a step (8 rows x 1,024
-tokens x 151,936 classes are 5 GB of fp32 logits), and a chat's prompt tokens carry no label. So the model is
-called as a whole (DDP's and PEFT's forward run) with logits_to_keep=1, the decoder body's last hidden states are
-taken with a forward hook, and the output layer runs only at positions whose next token is labelled, LOGP_CHUNK_TOKENS
-positions at a time; with gradients on, each chunk is recomputed in backward instead of kept (one chunk of logits
-alive at a time). Under FSDP the output layer's weights are sharded outside the root module's forward, so sharded
-runs keep the full-logits path (evaluate.forward_logits).
+tokens x 151,936 classes are 5 GB of fp32 logits), and a chat's prompt tokens carry no label. So the model is called
+as a whole (DDP's and PEFT's forward run) with logits_to_keep=1 and its own output layer idle, the decoder body's
+last hidden states are taken with a forward hook, and the output layer runs only at positions whose next token is
+labelled, LOGP_CHUNK_TOKENS positions at a time; with gradients on, each chunk is recomputed in backward instead of
+kept (one chunk of logits alive at a time). Under FSDP the output layer's weights are sharded outside the root
+module's forward, so sharded runs keep the full-logits path (evaluate.forward_logits).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,12 +78,9 @@ def labelled_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOG
     """Each labelled token's log-probability (and whether the argmax was right), never building the full logits.
     Works for plain and PEFT models, inside DDP, and under autocast."""
     lm = causal_lm(model)
-    hook, captured = body_outputs(lm)
-    try:
+    with body_outputs(lm) as captured:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
     hidden = captured[0]
     # No labelled token: an empty result still tied to the graph, so a backward through it runs (and DDP syncs).
     empty = hidden.float().flatten()[:0]
@@ -119,18 +118,32 @@ def score_positions(lm: Any, hidden: torch.Tensor, targets: torch.Tensor, *, emp
     return torch.cat(logps), torch.cat(correct)
 
 
-def body_outputs(lm: Any) -> tuple[Any, list[torch.Tensor]]:
-    """A forward hook on the decoder body that collects its last hidden states, one tensor per call (remove it
-    after use); the model is then called with logits_to_keep=1, so the full logits are never built."""
-    body = lm.base_model
-    if body is lm or lm.get_output_embeddings() is None:
+@contextlib.contextmanager
+def body_outputs(lm: Any) -> Iterator[list[torch.Tensor]]:
+    """Inside: the decoder body's last hidden states are collected, one tensor per call of the model, and the
+    model's own output layer computes nothing (call the model with logits_to_keep=1; what it returns as logits
+    is empty). Its one position per row would be thrown away, and on a CPU in bf16 torch computes it by copying
+    the whole weight once per row (rows x vocabulary x hidden: 1.7-1.9 s and 1 GiB a forward at 151,936 x 896).
+    Hooks on the output layer still see its input."""
+    body, head = lm.base_model, lm.get_output_embeddings()
+    if body is lm or head is None:
         raise ValueError(f"{type(lm).__name__} has no separate decoder body and output layer to score with")
     captured: list[torch.Tensor] = []
 
     def keep(_module: Any, _args: Any, output: Any) -> None:
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    return body.register_forward_hook(keep), captured
+    hook = body.register_forward_hook(keep)
+    head.forward = _no_logits  # an instance attribute: the module's class is untouched
+    try:
+        yield captured
+    finally:
+        hook.remove()
+        del head.forward
+
+
+def _no_logits(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden[..., :0]
 
 
 def token_loss(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOGP_CHUNK_TOKENS

@@ -207,12 +207,9 @@ def packed_pair_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = 
     runs once for both its answers, padding is only up to the longest pair, and the output layer runs only at the
     positions that predict an answer token."""
     lm = causal_lm(model)
-    hook, captured = body_outputs(lm)
-    try:
+    with body_outputs(lm) as captured:
         model(input_ids=batch["pair_ids"], attention_mask=batch["pair_mask"], position_ids=batch["pair_positions"],
               use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
     hidden = captured[0]
     flat = hidden.reshape(-1, hidden.size(-1))[batch["pair_from"]]
     logps, correct = score_positions(lm, flat, batch["pair_targets"], empty=hidden.float().flatten()[:0],

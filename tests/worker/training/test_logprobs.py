@@ -54,3 +54,23 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: 
     # labelled positions (each twice: the forward, and its recomputation in backward); never a whole batch.
     assert seen[0] == batch["input_ids"].shape[0] and max(seen[1:]) <= 7
     assert sum(seen[1:]) == 2 * labelled
+
+
+def test_the_models_own_output_layer_computes_nothing_while_the_body_is_read(tiny_model: Path) -> None:
+    """Its one position per row would be thrown away (and costs a copy of the whole weight per row on a CPU in
+    bf16); afterwards the output layer is itself again."""
+    from worker.training.logprobs import body_outputs
+
+    model = lora_model(tiny_model)
+    lm = model.get_base_model()
+    head = lm.get_output_embeddings()
+    outputs: list[tuple[int, ...]] = []
+    head.register_forward_hook(lambda _m, _args, out: outputs.append(tuple(out.shape)))
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with body_outputs(lm) as captured:
+        returned = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    hidden = lm.config.hidden_size
+    assert [tuple(h.shape) for h in captured] == [(2, 4, hidden)]
+    assert outputs == [(2, 1, 0)] and returned.numel() == 0
+    assert "forward" not in vars(head)  # the class's forward again
+    assert tuple(head(captured[0]).shape) == (2, 4, lm.config.vocab_size)
