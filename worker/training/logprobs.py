@@ -134,12 +134,16 @@ def body_outputs(lm: Any) -> Iterator[list[torch.Tensor]]:
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     hook = body.register_forward_hook(keep)
+    wrapped = vars(head).get("forward")  # a forward set on the instance (accelerate's hooks do) is put back after
     head.forward = _no_logits  # an instance attribute: the module's class is untouched
     try:
         yield captured
     finally:
         hook.remove()
-        del head.forward
+        if wrapped is None:
+            del head.forward
+        else:
+            head.forward = wrapped
 
 
 def _no_logits(hidden: torch.Tensor) -> torch.Tensor:

@@ -74,3 +74,8 @@ def test_the_models_own_output_layer_computes_nothing_while_the_body_is_read(tin
     assert outputs == [(2, 1, 0)] and returned.numel() == 0
     assert "forward" not in vars(head)  # the class's forward again
     assert tuple(head(captured[0]).shape) == (2, 4, lm.config.vocab_size)
+    # A forward some library set on the instance is its forward again afterwards.
+    head.forward = wrapped = lambda hidden: torch.zeros(hidden.shape[:-1] + (3,))
+    with body_outputs(lm):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    assert vars(head)["forward"] is wrapped and outputs[-1] == (2, 1, 0)
