@@ -241,7 +241,9 @@ def run_service_job(client: httpx.Client, body: dict[str, Any], *, api: psutil.P
         step, total = job["progress"]["step"], job["progress"]["total_steps"]
         if running is not None and loop is None:  # set-up over: the loop's event (or step 1) is there
             newest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 20}).raise_for_status()
-            if step >= 1 or any(e["message"].startswith(LOOP_EVENT) for e in newest.json()["data"]):
+            if step >= 1:  # seen with step 1 in the same poll: no later than step 1
+                loop = now
+            elif any(e["message"].startswith(LOOP_EVENT) for e in newest.json()["data"]):
                 loop = time.perf_counter()
         if step >= 1 and first_step is None:
             first_step = now
