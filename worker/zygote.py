@@ -206,7 +206,9 @@ class Zygote:
                     self._reported.notify_all()
             elif "exited" in message:
                 self._exits[int(message["exited"])] = int(message["returncode"])
-        gone.set()  # its attempts died with it (PR_SET_PDEATHSIG)
+        with self._reported:
+            gone.set()  # its attempts died with it (PR_SET_PDEATHSIG)
+            self._reported.notify_all()
 
     def exit_code(self, pid: int, *, gone: threading.Event) -> int | None:
         if pid in self._exits:
@@ -223,11 +225,11 @@ class Zygote:
         """Fork the attempt; None when the zygote cannot now (still importing, just after the worker started, or
         gone): the caller starts it cold then. Never waits for the imports: the job's lease is being held."""
         self.start()
-        if not self._ready.is_set():
-            logger.info("the warm-start process is still importing; starting this attempt cold")
-            return None
         with self._lock:
-            process, gone = self._process, self._gone
+            process, ready, gone = self._process, self._ready, self._gone  # one zygote's, read together
+            if not ready.is_set():
+                logger.info("the warm-start process is still importing; starting this attempt cold")
+                return None
             if process is None or process.poll() is not None or process.stdin is None:
                 return None
             request = next(self._requests)
@@ -237,16 +239,19 @@ class Zygote:
                 process.stdin.flush()
             except (BrokenPipeError, OSError):
                 return None
-            with self._reported:
-                self._reported.wait_for(lambda: request in self._started, timeout=self.fork_timeout)
+            with self._reported:  # until the fork is reported, or the zygote is gone (its attempts with it)
+                self._reported.wait_for(lambda: request in self._started or gone.is_set(), timeout=self.fork_timeout)
                 pid = self._started.pop(request, None)
+            if pid is None and gone.is_set():
+                return None
             if pid is None:
                 # A fork reported late would run this attempt beside the cold one the caller now starts: end the
                 # zygote, and a child it forked dies with it. The next fork starts a new zygote.
                 logger.warning("the warm-start process did not fork within %.0f s; replacing it, starting this "
                                "attempt cold", self.fork_timeout)
                 process.kill()
-                process.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=10)
                 return None
         return ForkedAttempt(self, pid, gone)
 

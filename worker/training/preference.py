@@ -28,6 +28,8 @@ PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
 # pass instead of kept: memory for logits is chunk_tokens x vocabulary x 4 bytes (512 MiB at 1024 x 128k),
 # whatever the batch. Smaller chunks cost a little speed (more, smaller matrix products).
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The segments of a packed pair row (collate_pairs' pair_segments).
+PADDING, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
 @dataclass
@@ -136,17 +138,17 @@ def collate_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str
 
 def _packed_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:
     """The same pairs as one row each (packed_pair_logps): prompt, chosen answer, rejected answer, right-padded,
-    both answers' positions continuing the prompt's, and a [pairs, 1, width, width] mask (True: may attend) that
-    is causal and lets each answer see the prompt and itself only. pair_from indexes the flattened [pairs x width]
-    hidden states: the position that predicts each answer token (pair_targets), in the row order of the whole-row
-    layout (pair_rows: chosen r, rejected n + r)."""
+    both answers' positions continuing the prompt's, and each token's segment (pair_mask makes the attention mask
+    of them where it is used). pair_from indexes the flattened [pairs x width] hidden states: the position that
+    predicts each answer token (pair_targets), in the row order of the whole-row layout (pair_rows: chosen r,
+    rejected n + r)."""
     import torch
 
     n = len(examples)
     width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    segment = torch.full((n, width), PADDING, dtype=torch.long)
     sources: list[int] = []
     targets: list[int] = []
     rows: list[int] = []
@@ -155,21 +157,33 @@ def _packed_pairs(examples: list[PreferenceExample], *, pad_id: int) -> dict[str
         ids[r, : p + c + k] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
         positions[r, : p + c] = torch.arange(p + c)
         positions[r, p + c : p + c + k] = torch.arange(p, p + k)
-        segment[r, :p], segment[r, p : p + c], segment[r, p + c : p + c + k] = 0, 1, 2
+        segment[r, :p], segment[r, p : p + c], segment[r, p + c : p + c + k] = PROMPT, CHOSEN, REJECTED
         at = r * width
         # The first token of either answer is predicted by the prompt's last position, the others by the one before.
         sources += [at + p - 1 + j for j in range(c)] + [at + (p - 1 if j == 0 else p + c + j - 1) for j in range(k)]
         targets += e.chosen_ids + e.rejected_ids
         rows += [r] * c + [n + r] * k
     counts = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
-    query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = causal & (key >= 0) & ((key == 0) | (key == query) | (query < 0))
-    def longs(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long)
+    return {"pair_ids": ids, "pair_positions": positions, "pair_segments": segment, "pair_from": _longs(sources),
+            "pair_targets": _longs(targets), "pair_rows": _longs(rows), "pair_counts": _longs(counts)}
 
-    return {"pair_ids": ids, "pair_positions": positions, "pair_mask": mask[:, None], "pair_from": longs(sources),
-            "pair_targets": longs(targets), "pair_rows": longs(rows), "pair_counts": longs(counts)}
+
+def _longs(values: list[int]) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(values, dtype=torch.long)
+
+
+def pair_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The [pairs, 1, width, width] attention mask of packed pair rows (True: may attend), made on the segments'
+    device: causal, and each answer sees the prompt and itself only; padding sees what comes before it."""
+    import torch
+
+    width = segments.size(1)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segments.device).tril()
+    allowed = (key == PROMPT) | (key == query) | (query == PADDING)
+    return (causal & (key != PADDING) & allowed)[:, None]
 
 
 # ---------------------------------------------------------------- log-probs
@@ -188,12 +202,16 @@ def sequence_logps(
 
 
 def packs_pairs(model: Any) -> bool:
-    """Whether the model attends as the pair mask says: SDPA takes a custom 4D mask as it is, and every layer must
-    be plain full attention (a sliding window or a recurrent layer would need masks of its own)."""
+    """Whether the model attends as the pair mask and positions say: SDPA takes a custom 4D mask as it is; rotary
+    position embeddings follow position_ids (ALiBi and learned positions follow the token index or the 2D mask);
+    and every layer must be plain full attention (a sliding window or a recurrent layer needs masks of its own)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     lm = causal_lm(model)
+    text = lm.config.get_text_config()
     if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(text, "rope_parameters", None) is None or getattr(text, "alibi", False):
         return False
     try:
         cache = DynamicCache(config=lm.config)
@@ -208,8 +226,8 @@ def packed_pair_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = 
     positions that predict an answer token."""
     lm = causal_lm(model)
     with body_outputs(lm) as captured:
-        model(input_ids=batch["pair_ids"], attention_mask=batch["pair_mask"], position_ids=batch["pair_positions"],
-              use_cache=False, logits_to_keep=1)
+        model(input_ids=batch["pair_ids"], attention_mask=pair_mask(batch["pair_segments"]),
+              position_ids=batch["pair_positions"], use_cache=False, logits_to_keep=1)
     hidden = captured[0]
     flat = hidden.reshape(-1, hidden.size(-1))[batch["pair_from"]]
     logps, correct = score_positions(lm, flat, batch["pair_targets"], empty=hidden.float().flatten()[:0],

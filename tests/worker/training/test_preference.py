@@ -14,6 +14,8 @@ from worker.training.preference import (
     PreferenceExample,
     PreferenceLossType,
     collate_pairs,
+    packs_pairs,
+    pair_mask,
     pair_metrics,
     preference_loss,
     reference_logps,
@@ -358,22 +360,33 @@ def test_sequence_logps_matches_full_logits_while_scoring_only_answer_positions_
 
 
 def test_a_pair_row_is_its_prompt_once_then_each_answer_seeing_the_prompt_and_itself(tokenizer: Any) -> None:
-    from worker.training.preference import PreferenceExample
-
     batch = collate_pairs([PreferenceExample([1, 2, 3], [4, 5], [6]), PreferenceExample([7, 8], [9], [10, 11])],
                           pad_id=0)
     assert batch["pair_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
     assert batch["pair_positions"].tolist()[0] == [0, 1, 2, 3, 4, 3]  # the rejected answer starts where the prompt ends
     assert batch["pair_positions"].tolist()[1][:5] == [0, 1, 2, 2, 3]
-    sees = batch["pair_mask"][0, 0].int().tolist()
+    mask = pair_mask(batch["pair_segments"])
+    sees = mask[0, 0].int().tolist()
     assert sees[4] == [1, 1, 1, 1, 1, 0]  # the chosen answer's 2nd token: the prompt and the chosen answer so far
     assert sees[5] == [1, 1, 1, 0, 0, 1]  # the rejected answer: the prompt and itself, not the chosen answer
-    assert batch["pair_mask"][1, 0, 4].int().tolist() == [1, 1, 0, 1, 1, 0]
+    assert mask[1, 0, 4].int().tolist() == [1, 1, 0, 1, 1, 0]
+    assert mask[1, 0, 5].int().tolist() == [1, 1, 1, 1, 1, 0]  # padding: what comes before it, never padding
     # Each answer token is predicted by the position before it; an answer's first token by the prompt's last.
     assert batch["pair_targets"].tolist() == [4, 5, 6, 9, 10, 11]
     assert batch["pair_from"].tolist() == [2, 3, 2, 6 + 1, 6 + 1, 6 + 3]
     assert batch["pair_rows"].tolist() == [0, 0, 2, 1, 3, 3]  # chosen rows first, then the rejected ones
     assert batch["pair_counts"].tolist() == [2, 1, 1, 2]
+
+
+def test_only_models_whose_positions_follow_position_ids_pack_pairs() -> None:
+    """ALiBi (Falcon's alibi=True) biases attention by token index, so a rejected answer after the chosen one would
+    sit at the wrong distance from its prompt; rotary models read position_ids."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "attn_implementation": "sdpa"}
+    assert packs_pairs(FalconForCausalLM(FalconConfig(**small, alibi=False)))
+    assert not packs_pairs(FalconForCausalLM(FalconConfig(**small, alibi=True)))
 
 
 def test_sequence_logps_keeps_one_row_per_pair_with_gradient_checkpointing(tiny_model: Path, tokenizer: Any) -> None:
