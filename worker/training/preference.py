@@ -1,12 +1,12 @@
 """Preference tuning (DPO and its kin): pair records -> one padded batch -> sequence log-probs -> pair losses.
 
-A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Each pair runs as one
-row: its prompt once, then both answers, each continuing the prompt's positions and masked so it sees the prompt
-and itself only; where the model's attention cannot take that mask (an implementation other than SDPA, sliding
-windows, recurrent layers) each answer runs as a whole row after its prompt (the chosen rows first, the rejected
-rows after them). Each answer is scored by the summed log-probability of its tokens. The losses follow TRL's
-formulas (trl 1.16: DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo" and for label smoothing) so that a
-job's beta, label_smoothing and simpo_gamma mean what they mean there.
+A pair is one prompt with a preferred and a non-preferred answer (OpenAI's DPO format). Each pair runs as one row:
+its prompt once, then both answers, each continuing the prompt's positions and masked so it sees the prompt and
+itself only; where the model cannot take that row (packs_pairs: attention other than SDPA, sliding windows,
+recurrent layers, positions other than rotary embeddings of position_ids) each answer runs as a whole row after its
+prompt (the chosen rows first, the rejected rows after them). Each answer is scored by the summed log-probability of
+its tokens. The losses follow TRL's formulas (trl 1.16: DPOTrainer for "sigmoid" and "ipo", CPOTrainer for "simpo"
+and for label smoothing) so that a job's beta, label_smoothing and simpo_gamma mean what they mean there.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
-# The output layer runs on this many answer positions at a time, and each chunk is recomputed in the backward
-# pass instead of kept: memory for logits is chunk_tokens x vocabulary x 4 bytes (512 MiB at 1024 x 128k),
-# whatever the batch. Smaller chunks cost a little speed (more, smaller matrix products).
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # The segments of a packed pair row (collate_pairs' pair_segments).
 PADDING, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2

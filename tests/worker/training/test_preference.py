@@ -359,7 +359,7 @@ def test_sequence_logps_matches_full_logits_while_scoring_only_answer_positions_
     assert sum(shape[0] for shape in head_inputs_of_ours[1:]) == int(n_tokens.sum()) > 3
 
 
-def test_a_pair_row_is_its_prompt_once_then_each_answer_seeing_the_prompt_and_itself(tokenizer: Any) -> None:
+def test_a_pair_row_is_its_prompt_once_then_each_answer_seeing_the_prompt_and_itself() -> None:
     batch = collate_pairs([PreferenceExample([1, 2, 3], [4, 5], [6]), PreferenceExample([7, 8], [9], [10, 11])],
                           pad_id=0)
     assert batch["pair_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
