@@ -25,17 +25,28 @@ def lora_model(tiny_model: Path) -> Any:
     return model
 
 
-def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: Path, tokenizer: Any) -> None:
+def full_model(tiny_model: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model)  # everything trains, the output layer too
+
+
+@pytest.mark.parametrize(("make", "head_calls"), [(lora_model, 1), (full_model, 2)],
+                         ids=["frozen-head", "trained-head"])
+def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: Path, tokenizer: Any, make: Any,
+                                                                     head_calls: int) -> None:
+    """A frozen output layer (adapters) makes each chunk's gradient in the forward: it runs once per labelled
+    position; a trained one (full fine-tuning) recomputes each chunk in backward: twice."""
     examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in chat_records(6, seed=3)]
     batch = collate([[i] for i in range(6)], examples, pad_id=tokenizer.pad_token_id or 0, packing=False)
     labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert 0 < labelled < batch["labels"][:, 1:].numel() / 2  # the prompts carry no label
-    model = lora_model(tiny_model)
+    model = make(tiny_model)
     full_loss, full_count, full_correct = token_loss_sum(forward_logits(model, batch), batch["labels"])
     full_loss.backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    head = model.get_base_model().get_output_embeddings()
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
     seen: list[int] = []
     hook = head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0] * args[0].shape[-2]
                                                                         if args[0].dim() == 3 else args[0].shape[0]))
@@ -51,9 +62,33 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: 
     worst = {n: float((grads[n] - full_grads[n]).abs().max() / full_grads[n].abs().max()) for n in grads}
     assert max(worst.values()) < 1e-4, worst
     # The output layer saw one position per row (the forward's logits_to_keep=1), then chunks of at most 7
-    # labelled positions (each twice: the forward, and its recomputation in backward); never a whole batch.
+    # labelled positions; never a whole batch.
     assert seen[0] == batch["input_ids"].shape[0] and max(seen[1:]) <= 7
-    assert sum(seen[1:]) == 2 * labelled
+    assert sum(seen[1:]) == head_calls * labelled
+
+
+@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (1.7, None), (0.5, 5.0)])
+def test_the_fused_output_layer_matches_autograd_through_the_logits(scale: float, softcap: float | None) -> None:
+    """The gradient made in the forward (one-hot - softmax, through the scale and the softcap's tanh) is what
+    autograd gives through the full logits, for any weights of the log-probabilities downstream (DPO's are not
+    uniform)."""
+    from worker.training.fused_head import FusedHeadLogps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=False).requires_grad_(False)
+    hidden = torch.randn(37, 32, requires_grad=True)
+    targets, weights = torch.randint(0, 500, (37,)), torch.randn(37)
+    logits = head(hidden) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    expected_grad, hidden.grad = hidden.grad, None
+    logps, correct = FusedHeadLogps.apply(hidden, targets, head, scale, softcap, 8)
+    (logps * weights).sum().backward()
+    assert torch.allclose(logps, expected, atol=1e-5)
+    assert torch.equal(correct, logits.argmax(-1) == targets)
+    assert float((hidden.grad - expected_grad).abs().max()) < 1e-5 * float(expected_grad.abs().max())
 
 
 def test_the_models_own_output_layer_computes_nothing_while_the_body_is_read(tiny_model: Path) -> None:
