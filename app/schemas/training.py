@@ -28,7 +28,8 @@ PreferenceLoss = Literal["sigmoid", "ipo", "simpo"]
 # log-probabilities, an order of magnitude smaller than DPO's summed log-ratios, so its beta is larger (its
 # paper uses 2 to 10; 2.0 is the conservative end).
 AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
-# A DPO step scores answers with the output layer on at most this many positions at a time (never the full logits).
+# Training and evaluation run the output layer on at most this many labelled positions at a time (never the full
+# logits; worker/training/logprobs.py).
 LOGP_CHUNK_TOKENS = 1024
 # simpo_gamma when a simpo job does not give it: the target reward margin TRL's CPOTrainer defaults to.
 AUTO_SIMPO_GAMMA = 0.5
@@ -193,6 +194,8 @@ class TrainingConfig(BaseModel):
     train_on_inputs: StrictBool = False
     # Recomputes activations in the backward pass: about 30% slower, far less activation memory.
     gradient_checkpointing: StrictBool = False
+    # "auto": bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX512-BF16, AMX or Arm BF16),
+    # fp16 on an older GPU, fp32 on other CPUs; the worker resolves it (worker/training/model.py).
     precision: Precision = "auto"
     eval_steps: int | None = Field(default=None, ge=1)
     n_evals: int | None = Field(default=None, ge=0, le=1000)

@@ -12,7 +12,8 @@ The memory model, per process (c = bytes per value at the compute precision):
   projections, rotary embedding, attention and MLP (13h + 4kv + 4i values) plus each adapter's dropout copy
   of its input and mask; on a CPU also the attention scores and probabilities (the eager kernel); with
   gradient checkpointing only each layer's input, plus one layer recomputed at a time;
-- logits: per token, the vocabulary at c, its fp32 copy for the loss and the fp32 gradient;
+- logits: per position of one chunk of the output layer (at most LOGP_CHUNK_TOKENS; every token under FSDP), the
+  vocabulary at c, in fp32 for the loss, and its fp32 gradient;
 - FSDP shards weights, gradients and optimizer state over the processes; on a GPU a fixed runtime allowance
   (CUDA context, kernels, allocator slack).
 """
@@ -69,10 +70,12 @@ class MemoryEstimate:
                 "precision": self.precision}
 
 
-def _bytes_per_value(config: TrainingConfig, device: str) -> tuple[int, str]:
+def _bytes_per_value(config: TrainingConfig, native_bf16: bool) -> tuple[int, str]:
+    """"auto" is bf16 where the device computes bf16 natively, as the worker resolves it (worker/training/model.py;
+    fp16 on an older GPU is 2 bytes too)."""
     precision = config.precision
     if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
+        precision = "bf16" if native_bf16 else "fp32"
     return (4 if precision == "fp32" else 2), precision
 
 
@@ -82,8 +85,9 @@ def _module_shapes(h: int, kv: int, i: int) -> dict[str, tuple[int, int]]:
 
 
 def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal["cuda", "cpu"] = "cuda",
-                seq_length: int | None = None) -> MemoryEstimate | None:
-    """The peak memory of one training process; None when the model's shape is not known."""
+                seq_length: int | None = None, cpu_bf16: bool = False) -> MemoryEstimate | None:
+    """The peak memory of one training process; None when the model's shape is not known. `cpu_bf16`: the CPU has
+    bf16 instructions (the worker's "auto" then trains in bf16 there)."""
     parameters, h, layers = info.get("parameters"), info.get("hidden_size"), info.get("layers")
     vocab = info.get("vocab_size") or 0
     if not parameters or not h or not layers:
@@ -91,7 +95,7 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     heads = info.get("attention_heads") or 1
     kv = (info.get("kv_heads") or heads) * (h // heads)
     i = info.get("intermediate_size") or 4 * h
-    c, precision = _bytes_per_value(config, device)
+    c, precision = _bytes_per_value(config, device == "cuda" or cpu_bf16)
     shapes = _module_shapes(h, kv, i)
     linear_parameters = layers * sum(a * b for a, b in shapes.values())
     adapter = config.adapter
@@ -132,8 +136,10 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
         activations = tokens * (layers * h * c + per_token_layer)
     else:
         activations = tokens * layers * per_token_layer
-    # DPO runs the output layer on LOGP_CHUNK_TOKENS answer positions at a time; supervised training on every token.
-    logits = (min(tokens, LOGP_CHUNK_TOKENS) if config.method == "dpo" else tokens) * vocab * (c + 8.0)
+    # The output layer runs on LOGP_CHUNK_TOKENS labelled positions at a time (worker/training/logprobs.py); FSDP's
+    # sharded runs take the full logits of every token.
+    sharded = config.distributed == "fsdp" and config.processes > 1
+    logits = (tokens if sharded else min(tokens, LOGP_CHUNK_TOKENS)) * vocab * (c + 8.0)
     runtime = GPU_RUNTIME_BYTES if device == "cuda" else 0.0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
                           logits=logits, runtime=runtime, trainable_parameters=int(trainable), precision=precision)

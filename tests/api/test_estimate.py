@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import FineTuningJob, RegisteredModel
-from app.schemas.training import AdapterConfig, TrainingConfig
+from app.schemas.training import LOGP_CHUNK_TOKENS, AdapterConfig, TrainingConfig
 from app.services import workers as worker_service
 from app.services.estimates import GIB, peak_memory
 from tests.api.conftest import upload_chat
@@ -52,7 +52,19 @@ def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> 
     twice = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024), device="cpu")
     assert supervised is not None and dpo is not None and twice is not None
     assert dpo.activations > twice.activations > supervised.activations
-    assert dpo.logits < twice.logits  # the output layer runs on chunks of answer positions only
+    # the output layer runs on a chunk of labelled positions at a time, a whole batch of logits only under FSDP
+    assert dpo.logits == twice.logits == supervised.logits == LOGP_CHUNK_TOKENS * SEVEN_B["vocab_size"] * 12
+    sharded = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024, processes=2, distributed="fsdp"))
+    assert sharded is not None and sharded.logits == 4 * 1024 * SEVEN_B["vocab_size"] * 10
+
+
+def test_auto_precision_is_estimated_as_the_worker_resolves_it() -> None:
+    """bf16 where the device computes it natively (a GPU, a CPU with bf16 instructions), fp32 on other CPUs."""
+    gpu, cpu = peak_memory(SEVEN_B, config()), peak_memory(SEVEN_B, config(), device="cpu")
+    amx = peak_memory(SEVEN_B, config(), device="cpu", cpu_bf16=True)
+    assert gpu is not None and cpu is not None and amx is not None
+    assert (gpu.precision, cpu.precision, amx.precision) == ("bf16", "fp32", "bf16")
+    assert amx.weights == gpu.weights < cpu.weights
 
 
 def test_an_estimate_answers_without_creating_anything(client: TestClient, session: Session) -> None:
