@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     import torch
     import transformers
 
+    from worker.training.model import cpu_bf16
+
+    if args.precision == "bf16" and not torch.cuda.is_available() and cpu_bf16() == "none":
+        parser.error("--precision bf16: this CPU has no bf16 instructions (tuneforge refuses bf16 on it); use fp32")
     root = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.dir))
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"

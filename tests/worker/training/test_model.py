@@ -7,7 +7,7 @@ import torch
 
 from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import code_mapping, make_config, write_jsonl
-from worker.training.model import count_parameters, load_model, resolve_precision
+from worker.training.model import count_parameters, cpu_bf16, load_model, resolve_precision
 from worker.training.recipe import train
 
 
@@ -25,9 +25,41 @@ def test_fp16_on_cpu_is_refused_before_any_weights_load(tmp_path: Path) -> None:
         )
 
 
-def test_auto_precision_is_fp32_on_cpu() -> None:
-    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
-    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+AMX = {"amx_bf16": True, "avx512_bf16": True, "avx512_bw": True, "avx512_vl": True, "avx512_dq": True}
+AVX512 = {"avx512_bw": True, "avx512_vl": True, "avx512_dq": True, "avx512_bf16": False}
+GRAVITON3 = {"architecture": "arm64", "bf16": True}
+AVX2 = {"avx2": True, "avx512_bf16": False, "amx_bf16": False}
+
+
+@pytest.mark.parametrize(("capabilities", "kind"), [(AMX, "native"), (GRAVITON3, "native"), (AVX512, "emulated"),
+                                                    (AVX2, "none")])
+def test_a_cpus_bf16_is_read_from_its_instruction_sets(monkeypatch: pytest.MonkeyPatch, capabilities: dict,
+                                                       kind: str) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert cpu_bf16() == kind
+
+
+@pytest.mark.parametrize(("kind", "auto"), [("native", torch.bfloat16), ("emulated", torch.float32),
+                                            ("none", torch.float32)])
+def test_auto_precision_on_a_cpu_is_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                                  auto: torch.dtype) -> None:
+    monkeypatch.setattr("worker.training.model.cpu_bf16", lambda: kind)
+    assert resolve_precision("auto", torch.device("cpu")) == auto
+    assert resolve_precision("fp32", torch.device("cpu")) == torch.float32
+    if kind == "none":
+        with pytest.raises(ValueError, match='"bf16" needs a CPU with bf16 or AVX-512 instructions.*use "fp32"'):
+            resolve_precision("bf16", torch.device("cpu"))
+    else:
+        assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_before_any_weights_load(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setattr("worker.training.model.cpu_bf16", lambda: "none")
+    train_file = write_jsonl(tmp_path / "train.jsonl", code_mapping(4))
+    with pytest.raises(ValueError, match='precision "bf16" needs a CPU with bf16'):
+        train(make_config(precision="bf16"), model_path=tmp_path / "no-such-model", train_file=train_file,
+              validation_file=None, output_dir=tmp_path / "out", reporter=RecordingReporter())
 
 
 @pytest.mark.parametrize("adapter_type", ["lora", "dora", "qlora"])
