@@ -12,8 +12,8 @@ class FusedHeadLogps(torch.autograd.Function):
     """score_positions under a frozen output layer: each target's log-probability and whether the argmax was
     right, with the gradient of each log-probability with respect to its hidden state made in the forward, one
     chunk at a time. d logp / d logits is (one-hot - softmax), times the derivative of the model's scale and
-    softcap; the softmax is made in place from the chunk's logits, so a chunk costs one fp32 logits buffer and
-    its cast to the compute dtype, the output layer runs twice per position instead of three times (forward,
+    softcap; the log-sum-exp and the softmax are made in place in the chunk's logits, so a chunk costs one fp32
+    logits buffer (and, in bf16, the layer's output and the gradient's cast), the output layer runs twice per position instead of three times (forward,
     recomputation, backward), and the backward only scales the kept [positions, hidden] gradient. Under
     autocast every product runs in the autocast dtype, as the unfused layer's would."""
 
@@ -25,16 +25,19 @@ class FusedHeadLogps(torch.autograd.Function):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
             logits = head(h).float()
             if scale != 1.0:
-                logits = logits * scale
+                logits.mul_(scale)
             capped = None
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = softcap * capped
-            lse = logits.logsumexp(-1)
-            logps.append(logits.gather(-1, t[:, None]).squeeze(-1) - lse)
+            if softcap is not None:  # the one model family that needs a second buffer: tanh's derivative
+                capped = logits.div_(softcap).tanh_()
+                logits = capped * softcap
+            picked = logits.gather(-1, t[:, None]).squeeze(-1)
             correct.append(logits.argmax(-1) == t)
-            # one-hot - softmax, in place over the logits
-            grad = logits.sub_(lse[:, None]).exp_().neg_()
+            # log-sum-exp and then one-hot - softmax, in place over the logits (no second buffer)
+            top = logits.amax(-1, keepdim=True)
+            exps = logits.sub_(top).exp_()
+            total = exps.sum(-1, keepdim=True)
+            logps.append(picked - (top + total.log()).squeeze(-1))
+            grad = exps.div_(total).neg_()
             grad.scatter_add_(-1, t[:, None], grad.new_ones(len(t), 1))
             if capped is not None:
                 grad.mul_(1 - capped.square_())
