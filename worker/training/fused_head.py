@@ -13,9 +13,10 @@ class FusedHeadLogps(torch.autograd.Function):
     right, with the gradient of each log-probability with respect to its hidden state made in the forward, one
     chunk at a time. d logp / d logits is (one-hot - softmax), times the derivative of the model's scale and
     softcap; the log-sum-exp and the softmax are made in place in the chunk's logits, so a chunk costs one fp32
-    logits buffer (and, in bf16, the layer's output and the gradient's cast), the output layer runs twice per position instead of three times (forward,
-    recomputation, backward), and the backward only scales the kept [positions, hidden] gradient. Under
-    autocast every product runs in the autocast dtype, as the unfused layer's would."""
+    logits buffer (and, in bf16, the layer's output and the gradient's cast), the output layer runs twice per
+    position instead of three times (forward, recomputation, backward), and the backward only scales the kept
+    [positions, hidden] gradient. Under autocast every product runs in the autocast dtype, as the unfused
+    layer's would."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, scale: float,
