@@ -100,7 +100,9 @@ def test_two_fsdp_processes_pause_and_resume_on_the_one_process_curve(
     second = _torchrun(tmp_path, tiny_model, config, tmp_path / "fsdp-resumed", "--resume", str(checkpoint))
     assert "resumed from checkpoint at step 5" in [e["message"] for e in second["events"][:3]]
     _assert_same_curve(first["steps"] + second["steps"], one_process["steps"])
-    _assert_same_adapter(tmp_path / "fsdp-resumed" / "final", one_process["final"])
+    # FSDP's sharded output layer takes the full logits through autograd; one process makes the frozen output layer's
+    # gradient in its forward (fused_head): the same gradients, rounded in another order (1.6e-5 apart once here).
+    _assert_same_adapter(tmp_path / "fsdp-resumed" / "final", one_process["final"], atol=5e-5)
 
 
 def test_sigterm_to_any_rank_checkpoints_and_releases_the_whole_run(
