@@ -40,6 +40,7 @@ from worker.training.data import (
 )
 from worker.training.distributed import ProcessGroup
 from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
+from worker.training.host import release_freed_memory
 from worker.training.logprobs import token_loss
 from worker.training.model import (
     adapter_differences,
@@ -632,6 +633,7 @@ def train(
             resumed_plan = None
             metrics = train_step(run, state, plan)
             new_best, stop_reason = evaluate_step(run, state, metrics)
+            release_freed_memory()
             state.log_history.append(metrics)
             reporter.metrics(metrics)
             csv_writer.writerow(metrics)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.training.host import CPU_KERNEL_CACHE_CAPACITY, release_freed_memory
+from worker.training.model import cpu_bf16
+
+ROOT = Path(__file__).resolve().parents[3]
+
+# bf16 products of 3 x 120 distinct shapes (forward and backward), in a fresh process that imports worker.training
+# first; prints how much malloc'd memory the second and third 120 shapes added.
+KERNEL_CACHES = """
+import ctypes
+import worker.training
+import torch
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def held():
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+weight = torch.randn(256, 256, dtype=torch.bfloat16, requires_grad=True)
+def products(rows):
+    for m in rows:
+        (torch.randn(m, 256, dtype=torch.bfloat16, requires_grad=True) @ weight).sum().backward()
+
+products(range(1, 121))
+first = held()
+products(range(121, 241))
+second = held()
+products(range(241, 361))
+print(second - first, held() - second)
+"""
+
+
+def _kernel_cache_growth(env: dict[str, str]) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, "-c", KERNEL_CACHES], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    second, third = (float(x) for x in out.stdout.split()[-2:])
+    return second, third
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc's mallinfo2")
+@pytest.mark.skipif(cpu_bf16() == "none", reason="no bf16 instructions: torch runs bf16 products without oneDNN")
+def test_cpu_kernel_caches_stop_growing_once_full_and_an_operators_capacity_wins() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in CPU_KERNEL_CACHE_CAPACITY}
+    capped = _kernel_cache_growth(env)
+    # oneDNN's own defaults (1,024 kernels in each cache): every new shape adds kernels that stay.
+    uncapped = _kernel_cache_growth({**env, "LRU_CACHE_CAPACITY": "1024", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
+    assert uncapped[0] > 40 and uncapped[1] > 40, uncapped
+    assert max(capped) < 15, capped
+
+
+def _anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, read from /proc")
+def test_release_freed_memory_hands_freed_heap_back() -> None:
+    import torch
+
+    # 256 MB of 64 KB tensors (glibc's heap, under its mmap threshold); all freed but the last, which keeps the
+    # heap's top in use so free() alone cannot give any of it back.
+    tensors = [torch.ones(16384) for _ in range(4096)]
+    last = tensors[-1]
+    del tensors
+    held = _anon_mb()
+    release_freed_memory()
+    assert held - _anon_mb() > 128
+    assert last.sum().item() == 16384

@@ -1,0 +1,40 @@
+"""The training process's host memory: caps on the CPU kernel caches, and handing freed heap back to the system.
+Imports no torch (worker/training/__init__.py applies the caps before torch runs anything)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Any
+
+# oneDNN, which runs torch's bf16 matrix products on a CPU, compiles a kernel for every input shape and caches it
+# twice: in ideep's computation cache (LRU_CACHE_CAPACITY) and in oneDNN's primitive cache, 1,024 entries each by
+# default, some of them about a megabyte. A micro-batch's token count changes from one forward to the next, so a bf16
+# job's memory grew with every step until both were full: 38 MB a step on qwen2-152k (docs/benchmarks.md, issue 18).
+# These caps keep the kernels that one forward and backward reuse across layers; an operator's own values win.
+CPU_KERNEL_CACHE_CAPACITY = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+
+
+def cap_cpu_kernel_caches() -> None:
+    """Set the caps in this process's environment (and its children's) unless set already; oneDNN reads them when
+    it first makes a kernel, so this must run before torch's first matrix product."""
+    for name, value in CPU_KERNEL_CACHE_CAPACITY.items():
+        os.environ.setdefault(name, value)
+
+
+_libc: Any = None
+
+
+def release_freed_memory() -> None:
+    """Return the heap that freed tensors left to the system (glibc's malloc_trim; nothing elsewhere). glibc keeps
+    freed chunks for reuse, and tensors of changing shapes fragment them: between two steps of a bf16 LoRA job on
+    qwen2-152k it held about 150 MB more than the step needed. Milliseconds, once per step."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            _libc = libc.malloc_trim
+    if _libc:
+        _libc(0)
