@@ -139,16 +139,12 @@ def load_model(
         model.requires_grad_(True)
         return model
 
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if adapter.type == "qlora":
         keep_4bit_layout_trainable(model)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
-        )
-    elif config.gradient_checkpointing:
+        freeze_quantized_base(model)
+    if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
         model.enable_input_require_grads()
@@ -157,6 +153,24 @@ def load_model(
 
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     return get_peft_model(model, lora_config(adapter))
+
+
+def freeze_quantized_base(model: PreTrainedModel) -> None:
+    """peft's prepare_model_for_kbit_training for a 4-bit base, less one cast: every weight is frozen and the small
+    unquantized ones (norms, biases) go to fp32, but the input embedding and the output layer stay in the dtype they
+    were loaded in, as under LoRA. They are frozen, and most of a small model's unquantized weights: in fp32 a
+    151,936 x 896 table is 272 MB more than in bf16, and autocast cast the output layer back to bf16 for every chunk of
+    logits (docs/benchmarks.md, issue 18). Gradient checkpointing is set up by load_model, as for LoRA."""
+    import bitsandbytes as bnb
+    import torch
+
+    tables = {id(p) for layer in (model.get_input_embeddings(), model.get_output_embeddings()) if layer is not None
+              for p in layer.parameters()}
+    for param in model.parameters():
+        param.requires_grad = False
+        half = param.dtype in (torch.float16, torch.bfloat16)
+        if half and not isinstance(param, bnb.nn.Params4bit) and id(param) not in tables:
+            param.data = param.data.float()
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:

@@ -78,6 +78,20 @@ def test_only_adapter_parameters_require_grad(tiny_model: Path, adapter_type: st
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def test_qlora_keeps_the_embedding_and_output_layer_in_the_load_dtype(tiny_model: Path) -> None:
+    # peft's prepare_model_for_kbit_training would cast both to fp32: the largest unquantized weights, all frozen.
+    config = make_config(adapter={"type": "qlora", "r": 4, "alpha": 8}, gradient_checkpointing=True)
+    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    norms = [p for name, p in base.named_parameters() if "norm" in name]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert base.is_gradient_checkpointing
+
+
 def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_model: Path) -> None:
     # bitsandbytes repacks 4-bit weights for an inference-only CPU kernel in eval mode (AVX512-BF16 CPUs)
     # and never unpacks them; training after an evaluation must still get the true gradients.
