@@ -142,8 +142,12 @@ def load_model(
     from peft import get_peft_model
 
     if adapter.type == "qlora":
+        # QLoRA is LoRA on a 4-bit base, and is set up as LoRA is: peft's prepare_model_for_kbit_training is not
+        # used, because it casts every unquantized weight to fp32. The embedding and output layer are frozen and most
+        # of a small model's unquantized weights (in fp32 a 151,936 x 896 table is 272 MB more than in bf16, and
+        # autocast cast the output layer back for every chunk of logits); fp32 norms made every decoder layer's
+        # input fp32, for each 4-bit and adapter product to cast back (docs/benchmarks.md, issue 18).
         keep_4bit_layout_trainable(model)
-        freeze_quantized_base(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
@@ -151,26 +155,23 @@ def load_model(
     if init_adapter is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    return get_peft_model(model, lora_config(adapter))
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, lora_config(adapter))
+    if dtype != torch.float32:
+        keep_adapter_inputs_in_compute_dtype(peft_model)
+    return peft_model
 
 
-def freeze_quantized_base(model: PreTrainedModel) -> None:
-    """peft's prepare_model_for_kbit_training for a 4-bit base, less one cast: every weight is frozen and the small
-    unquantized ones (norms, biases) go to fp32, but the input embedding and the output layer stay in the dtype they
-    were loaded in, as under LoRA. They are frozen, and most of a small model's unquantized weights: in fp32 a
-    151,936 x 896 table is 272 MB more than in bf16, and autocast cast the output layer back to bf16 for every chunk of
-    logits (docs/benchmarks.md, issue 18). Gradient checkpointing is set up by load_model, as for LoRA."""
-    import bitsandbytes as bnb
-    import torch
-
-    tables = {id(p) for layer in (model.get_input_embeddings(), model.get_output_embeddings()) if layer is not None
-              for p in layer.parameters()}
-    for param in model.parameters():
-        param.requires_grad = False
-        half = param.dtype in (torch.float16, torch.bfloat16)
-        if half and not isinstance(param, bnb.nn.Params4bit) and id(param) not in tables:
-            param.data = param.data.float()
+def keep_adapter_inputs_in_compute_dtype(model: PeftModel) -> None:
+    """peft casts each adapted layer's input to the adapter's dtype (fp32 here) before the adapter's two small
+    products; under autocast, where a bf16 or fp16 job always runs, those products run in the compute dtype anyway,
+    so the cast was a round trip of every adapted layer's input (and of its gradient) for nothing. Without it a bf16
+    forward and backward of qwen2-152k's decoder with all-linear LoRA took 0.76-0.79 s instead of 0.82-0.88 s
+    (docs/benchmarks.md, issue 18). The adapter's weights stay fp32."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:

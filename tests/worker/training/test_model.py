@@ -78,18 +78,46 @@ def test_only_adapter_parameters_require_grad(tiny_model: Path, adapter_type: st
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def test_qlora_keeps_the_embedding_and_output_layer_in_the_load_dtype(tiny_model: Path) -> None:
-    # peft's prepare_model_for_kbit_training would cast both to fp32: the largest unquantized weights, all frozen.
+def test_qlora_keeps_the_unquantized_weights_in_the_load_dtype(tiny_model: Path) -> None:
+    # peft's prepare_model_for_kbit_training would cast them all to fp32 (the embedding and output layer are frozen
+    # and the largest of them), and fp32 norms would hand every 4-bit layer an fp32 input.
+    import bitsandbytes as bnb
+
     config = make_config(adapter={"type": "qlora", "r": 4, "alpha": 8}, gradient_checkpointing=True)
     model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
     base = model.get_base_model()
     assert base.get_input_embeddings().weight.dtype == torch.bfloat16
     assert base.get_output_embeddings().weight.dtype == torch.bfloat16
-    norms = [p for name, p in base.named_parameters() if "norm" in name]
-    assert norms and all(p.dtype == torch.float32 for p in norms)
+    frozen = [p for p in base.parameters() if not p.requires_grad and not isinstance(p, bnb.nn.Params4bit)]
+    assert len(frozen) > 3 and all(p.dtype == torch.bfloat16 for p in frozen)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert base.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "dora", "qlora"])
+def test_bf16_adapters_take_their_input_in_bf16_and_train_fp32_weights(tiny_model: Path, adapter_type: str) -> None:
+    # peft would cast each adapted layer's input to fp32 first, and autocast back to bf16 for the product.
+    config = make_config(adapter={"type": adapter_type, "r": 4, "alpha": 8, "dropout": 0.1})
+    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
+    seen: list[torch.dtype] = []
+
+    def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].ndim == 3:  # the tokens' hidden states (DoRA also runs its layers on an fp32 identity matrix)
+            seen.append(args[0].dtype)
+
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(record)
+    ids = torch.tensor([[5, 9, 13, 21, 34, 8, 2, 7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(seen) == 2 * 7 and set(seen) == {torch.bfloat16}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == 2 * 7 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
 
 
 def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_model: Path) -> None:
