@@ -171,7 +171,7 @@ def keep_adapter_inputs_in_compute_dtype(model: PeftModel) -> None:
     (docs/benchmarks.md, issue 18). The adapter's weights stay fp32."""
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 - a peft layer's flag, not in torch's stub
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
