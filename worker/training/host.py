@@ -11,9 +11,11 @@ from typing import Any
 # oneDNN, which runs torch's bf16 matrix products on a CPU, compiles a kernel for every input shape and caches it
 # twice: in ideep's computation cache (LRU_CACHE_CAPACITY) and in oneDNN's primitive cache, 1,024 entries each by
 # default, some of them about a megabyte. A micro-batch's token count changes from one forward to the next, so a bf16
-# job's memory grew with every step until both were full: 38 MB a step on qwen2-152k (docs/benchmarks.md, issue 18).
-# These caps keep the kernels that one forward and backward reuse across layers; an operator's own values win.
-CPU_KERNEL_CACHE_CAPACITY = {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+# job's memory grew with every step until both were full: 613 -> 1,290 MB malloc'd over 45 steps of qwen2-152k LoRA;
+# with ideep's cache capped, 613 -> about 965 MB (docs/benchmarks.md, issue 18). oneDNN's keeps its default:
+# capping it at 256 as well held the job at about 715 MB, but made the 64 steps take 155 s instead of 126 s and bf16
+# DPO 9% slower. An operator's own values win.
+CPU_KERNEL_CACHE_CAPACITY = {"LRU_CACHE_CAPACITY": "64"}
 
 
 def cap_cpu_kernel_caches() -> None:
