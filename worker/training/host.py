@@ -1,5 +1,5 @@
-"""The training process's host memory: caps on the CPU kernel caches, and handing freed heap back to the system.
-Imports no torch (worker/training/__init__.py applies the caps before torch runs anything)."""
+"""The training process's host memory: a cap on a CPU kernel cache, and handing freed heap back to the system.
+Imports no torch (worker/training/__init__.py applies the cap before torch runs anything)."""
 
 from __future__ import annotations
 
