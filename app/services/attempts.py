@@ -12,7 +12,8 @@ import time
 from collections.abc import Collection
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -92,10 +93,11 @@ def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
                    message_job_id: str | None = None, missing_models: Collection[str] = ()) -> FineTuningJob | None:
     """Claim the best queued job this worker can run (see claimable_jobs); None when there is none.
 
-    Postgres: the job row is locked FOR UPDATE SKIP LOCKED, so concurrent workers pass over each other's
-    candidates instead of queueing on them, and the project row is locked while its running jobs are
-    counted, so two claims cannot both take a project's last slot. SQLite (embedded mode, one worker)
-    ignores both; the fenced UPDATE in _take still lets only one claim win.
+    Postgres: the job row is locked (_lock_queued: passed over while another transaction holds it, then
+    waited for briefly, so that a dispatch's write in flight cannot make a lower-priority job run first), and
+    the project row is locked while its running jobs are counted, so two claims cannot both take a project's
+    last slot. SQLite (embedded mode, one worker) ignores both; the fenced UPDATE in _take still lets only
+    one claim win.
     """
     limit = settings.max_running_jobs_per_project
     full: set[int] = set()
@@ -109,10 +111,8 @@ def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
                 full.add(project_pk)
                 session.rollback()
                 continue
-        job = session.scalar(select(FineTuningJob)
-                             .where(FineTuningJob.pk == pk, FineTuningJob.status == JobStatus.QUEUED)
-                             .with_for_update(skip_locked=True).execution_options(populate_existing=True))
-        if job is None:  # claimed, cancelled or being claimed by someone else since we read the list
+        job = _lock_queued(session, pk, wait=False) or _lock_queued(session, pk, wait=True)
+        if job is None:  # claimed, cancelled or paused by someone else since we read the list
             session.rollback()
             continue
         taken = _take(session, job=job, owner=worker.name, settings=settings)
@@ -120,6 +120,36 @@ def claim_next_job(session: Session, *, worker: WorkerSpec, settings: Settings,
             return taken
     session.rollback()
     return None
+
+
+# How long a claim waits for a queued job's row that a short write holds (see _lock_queued).
+CLAIM_LOCK_WAIT = "2s"
+
+
+def _lock_queued(session: Session, pk: int, *, wait: bool) -> FineTuningJob | None:
+    """The job's row, locked, while it is still queued; None when it is not, or (wait=False) when another
+    transaction holds the row.
+
+    A held row is passed over first (SKIP LOCKED). But the holder is often not a rival claim: a dispatch
+    records where the job's message went, or writes its routing note, in the very moment the message
+    reaches this worker. Passing over the best job then would run a lower-priority one ahead of it, so the
+    claim waits for the row (at most CLAIM_LOCK_WAIT) and re-reads its status once the holder commits.
+    A rival claim's hold lasts one UPDATE; after it, the job is no longer queued and the claim moves on.
+    """
+    query = (select(FineTuningJob).where(FineTuningJob.pk == pk, FineTuningJob.status == JobStatus.QUEUED)
+             .execution_options(populate_existing=True))
+    if not wait:
+        return session.scalar(query.with_for_update(skip_locked=True))
+    if session.get_bind().dialect.name != "postgresql":
+        return None  # SQLite (embedded mode) has one worker and no row locks: the first read was final
+    session.execute(text(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT}'"))
+    try:
+        with session.begin_nested():
+            job = session.scalar(query.with_for_update())
+    except OperationalError:  # lock_timeout (or a deadlock): leave this job to its holder
+        return None
+    session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+    return job
 
 
 def renew_lease(session: Session, *, job_pk: int, attempt: int, settings: Settings) -> bool:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import FineTuningJob, JobEvent, Worker
+from app.core.db import get_engine
+from app.models import FineTuningJob, JobEvent, Project, Worker
 from app.schemas.jobs import JobResources
 from app.services import attempts
 from app.services import workers as worker_service
@@ -65,6 +67,39 @@ def test_claim_prefers_the_messages_own_job_among_the_equally_best_only(session:
     claimed = attempts.claim_next_job(session, worker=spec(), settings=SETTINGS, message_job_id=low.id)
     assert claimed is not None and claimed.id == urgent.id
     assert first.status == "queued"
+
+
+def test_claim_waits_out_a_dispatch_writing_to_the_best_job_instead_of_running_a_lower_one(
+        database_url: str) -> None:
+    """Committed rows and real concurrent transactions: a dispatch records where the high-priority job's
+    message went while the worker that got the message claims. Passing over the held row (SKIP LOCKED alone)
+    ran the low-priority job first."""
+    engine = get_engine()
+    with Session(engine, expire_on_commit=False) as setup:
+        project = create_project(setup, f"claim-race-{time.time_ns()}")
+        low = create_job(setup, project=project, priority=0)
+        high = create_job(setup, project=project, priority=10)
+    try:
+        with engine.connect() as dispatcher:
+            dispatcher.execute(update(FineTuningJob).where(FineTuningJob.pk == high.pk)
+                               .values(dispatched_at=time.time(), dispatch_queue="training.w1"))
+            threading.Timer(0.5, dispatcher.commit).start()
+            with Session(engine) as worker_session:
+                claimed = attempts.claim_next_job(worker_session, worker=spec(), settings=SETTINGS)
+                assert claimed is not None and claimed.id == high.id
+            with Session(engine) as worker_session:  # a row held past the wait is left to its holder
+                dispatcher.execute(update(FineTuningJob).where(FineTuningJob.pk == low.pk)
+                                   .values(dispatched_at=time.time()))
+                started = time.monotonic()
+                assert attempts.claim_next_job(worker_session, worker=spec(), settings=SETTINGS) is None
+                assert time.monotonic() - started < 10
+            dispatcher.rollback()
+    finally:
+        with Session(engine) as cleanup:
+            cleanup.execute(delete(JobEvent).where(JobEvent.job_pk.in_([low.pk, high.pk])))
+            cleanup.execute(delete(FineTuningJob).where(FineTuningJob.pk.in_([low.pk, high.pk])))
+            cleanup.execute(delete(Project).where(Project.pk == project.pk))
+            cleanup.commit()
 
 
 def test_claim_keeps_the_attempt_contract(session: Session) -> None:
