@@ -86,6 +86,25 @@ def check_quantization_support() -> None:
         ) from exc
 
 
+def _from_pretrained(model_path: Path, kwargs: dict) -> PreTrainedModel:
+    """transformers' from_pretrained, with the weights read by worker/training/weights.py instead of mapped (a
+    load then peaks at the loaded model's size, not that plus the file's). A model that ships its own Python
+    (trust_remote_code), or whose checkpoint the reader does not cover, is loaded by transformers alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    from worker.training.weights import read_checkpoint
+
+    if not kwargs["trust_remote_code"]:
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+        with read_checkpoint(model_path) as state_dict:
+            if state_dict is not None and type(config) in AutoModelForCausalLM._model_mapping:
+                model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+                rest = {k: v for k, v in kwargs.items() if k not in ("use_safetensors", "local_files_only")}
+                return model_class.from_pretrained(None, config=config, state_dict=state_dict, **rest)
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
 def load_model(
     config: TrainingConfig,
     model_path: Path,
@@ -101,7 +120,7 @@ def load_model(
     of a fresh one; its own LoraConfig is used.
     """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     adapter = config.adapter
     kwargs: dict = {
@@ -125,7 +144,7 @@ def load_model(
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model = _from_pretrained(model_path, kwargs)
     if adapter.type != "qlora":
         model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
     model.config.use_cache = False  # a KV cache is useless in training and disables packed masks
