@@ -101,7 +101,11 @@ def _from_pretrained(model_path: Path, kwargs: dict) -> PreTrainedModel:
             if state_dict is not None and type(config) in AutoModelForCausalLM._model_mapping:
                 model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
                 rest = {k: v for k, v in kwargs.items() if k not in ("use_safetensors", "local_files_only")}
-                return model_class.from_pretrained(None, config=config, state_dict=state_dict, **rest)
+                model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **rest)
+                # Where the model came from, as transformers records it when it reads the folder itself (peft writes
+                # it into adapter_config.json, and looks there for the base's config when it saves an adapter).
+                model.config.name_or_path = model.name_or_path = str(model_path)
+                return model
     return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
 
 

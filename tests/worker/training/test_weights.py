@@ -72,6 +72,9 @@ def test_a_model_loads_the_same_as_through_transformers_sharded_or_not(tmp_path:
         base = ours.get_base_model() if hasattr(ours, "get_base_model") else ours
         embed = base.model.embed_tokens.weight
         assert embed.data_ptr() == base.lm_head.weight.data_ptr()  # still tied
+        assert base.name_or_path == base.config.name_or_path == str(folder)  # as when transformers reads the folder
+        if adapter != "full":
+            assert ours.peft_config["default"].base_model_name_or_path == str(folder)
         assert embed.dtype == (torch.float32 if adapter == "full" else dtype)
         assert torch.equal(embed, expected["model.embed_tokens.weight"].to(embed.dtype))
         kwargs = {"dtype": embed.dtype, "use_safetensors": True, "local_files_only": True}
