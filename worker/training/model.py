@@ -105,6 +105,10 @@ def _from_pretrained(model_path: Path, kwargs: dict) -> PreTrainedModel:
                 # Where the model came from, as transformers records it when it reads the folder itself (peft writes
                 # it into adapter_config.json, and looks there for the base's config when it saves an adapter).
                 model.config.name_or_path = model.name_or_path = str(model_path)
+                if model.can_generate():  # the folder's generation_config.json, as transformers' loading reads it
+                    model.adjust_generation_fn(None, False, False, str(model_path), cache_dir=None,
+                                               force_download=False, proxies=None, local_files_only=True, token=None,
+                                               revision=None, subfolder="", trust_remote_code=False)
                 return model
     return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
 

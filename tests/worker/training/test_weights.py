@@ -19,12 +19,14 @@ from worker.training.model import load_model
 
 def _wide_model(path: Path, *, vocab: int, hidden: int, shard: str | None = None) -> Path:
     """A Qwen2 model with a tied vocabulary-sized table (most of its bytes), saved in fp32 as full fine-tunes are."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[2, 3], temperature=0.7, top_p=0.8, do_sample=True)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return path
 
 
@@ -85,8 +87,11 @@ def test_a_model_loads_the_same_as_through_transformers_sharded_or_not(tmp_path:
                                                                   bnb_4bit_use_double_quant=True,
                                                                   bnb_4bit_compute_dtype=dtype),
                        "device_map": {"": torch.device("cpu")}}
-        theirs = AutoModelForCausalLM.from_pretrained(folder, **kwargs).state_dict()
-        mine = base.state_dict()
+        their_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        assert base.config.to_dict() == their_model.config.to_dict()
+        assert base.generation_config.to_dict() == their_model.generation_config.to_dict()
+        assert base.generation_config.eos_token_id == [2, 3]  # the folder's, not one made from config.json
+        theirs, mine = their_model.state_dict(), base.state_dict()
         for name, value in theirs.items():
             key = next(k for k in mine if k.replace(".base_layer", "") == name)
             assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), name
