@@ -117,3 +117,30 @@ def test_worker_loads_safetensors_and_runs_remote_code_only_when_the_catalogue_a
                    trust_remote_code=trust_remote_code)
     assert seen["use_safetensors"] is True and seen["local_files_only"] is True
     assert seen["trust_remote_code"] is trust_remote_code
+
+
+def test_a_folder_with_safetensors_is_read_by_the_workers_reader_without_remote_code(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The reader (worker/training/weights.py) reads *.safetensors only, and transformers builds the model from them
+    with remote code off; a model whose catalogue entry allows remote code goes through the test above instead."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from app.schemas.training import TrainingConfig
+    from worker.training.model import load_model
+    from worker.training.tiny_model import make_tiny_model
+    from worker.training.weights import FileTensor
+
+    folder = make_tiny_model(tmp_path / "model")
+    seen: dict[str, Any] = {}
+
+    def capture(path: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs, path=path)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", capture)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        load_model(TrainingConfig(), folder, device=torch.device("cpu"), dtype=torch.float32)
+    assert seen["path"] is None and seen["trust_remote_code"] is False
+    assert seen["state_dict"] and all(isinstance(t, FileTensor) for t in seen["state_dict"].values())

@@ -96,9 +96,9 @@ def _from_pretrained(model_path: Path, kwargs: dict) -> PreTrainedModel:
     from worker.training.weights import read_checkpoint
 
     if not kwargs["trust_remote_code"]:
-        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         with read_checkpoint(model_path) as state_dict:
-            if state_dict is not None and type(config) in AutoModelForCausalLM._model_mapping:
+            config = None if state_dict is None else AutoConfig.from_pretrained(model_path, local_files_only=True)
+            if config is not None and type(config) in AutoModelForCausalLM._model_mapping:
                 model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
                 rest = {k: v for k, v in kwargs.items() if k not in ("use_safetensors", "local_files_only")}
                 model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **rest)
