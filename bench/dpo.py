@@ -49,7 +49,6 @@ import multiprocessing
 import os
 import platform
 import random
-import resource
 import shutil
 import tempfile
 import time
@@ -310,7 +309,9 @@ def run_row(name: str, model_dir: str, train_file: str, valid_file: str, work: s
     import worker.training.recipe  # noqa: F401
     from tests.support.reporters import RecordingReporter  # noqa: F401
 
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # This process's own high-water mark (VmHWM): a spawned child's ru_maxrss starts at its parent's RSS, which
+    # carries over the fork and exec; the CUDA peak allocation (nothing yet) on a GPU, as peak_mb is measured.
+    imports_mb = peak_memory_mb()
     model_path, root = Path(model_dir), Path(work)
     torch.manual_seed(42)
     if torch.cuda.is_available():
