@@ -18,6 +18,7 @@ differently still loads the same weights, only without the saving.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -72,12 +73,6 @@ class FileTensor:
     def __init__(self, fd: int, *, dtype: torch.dtype, shape: list[int], offset: int) -> None:
         self.fd, self.dtype, self.shape, self.offset = fd, dtype, torch.Size(shape), offset
 
-    def get_shape(self) -> list[int]:  # the safetensors slice's interface
-        return list(self.shape)
-
-    def get_dtype(self) -> str:
-        return next(name for name, dtype in _DTYPES.items() if dtype == self.dtype)
-
     def __getitem__(self, index: Any) -> Any:
         if index is Ellipsis:
             return PendingRead(self)
@@ -126,7 +121,8 @@ class PendingRead:
 @contextmanager
 def read_checkpoint(model_dir: Path) -> Iterator[dict[str, FileTensor] | None]:
     """The model's weights as a lazy state dict, its files open while the block runs; None when the model has no
-    safetensors checkpoint or holds a dtype read here does not cover (transformers then loads it itself)."""
+    safetensors checkpoint, holds a dtype read here does not cover, or a tensor whose byte range does not match its
+    shape (transformers then loads it itself, and safetensors says what is wrong with the file)."""
     files = checkpoint_files(model_dir)
     if files is None:
         yield None
@@ -140,11 +136,11 @@ def read_checkpoint(model_dir: Path) -> Iterator[dict[str, FileTensor] | None]:
             header, data_start = _read_header(fd)
             for name, entry in header.items():
                 dtype = _DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    yield None
+                begin, end = entry["data_offsets"]
+                if dtype is None or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+                    yield None  # a byte range that does not hold its shape: safetensors reports the corrupt file
                     return
-                state[name] = FileTensor(fd, dtype=dtype, shape=entry["shape"],
-                                         offset=data_start + entry["data_offsets"][0])
+                state[name] = FileTensor(fd, dtype=dtype, shape=entry["shape"], offset=data_start + begin)
         yield state
     finally:
         for fd in fds:
