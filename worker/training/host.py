@@ -31,7 +31,8 @@ _libc: Any = None
 def release_freed_memory() -> None:
     """Return the heap that freed tensors left to the system (glibc's malloc_trim; nothing elsewhere). glibc keeps
     freed chunks for reuse, and tensors of changing shapes fragment them: between two steps of a bf16 LoRA job on
-    qwen2-152k it held about 150 MB more than the step needed. Milliseconds, once per step."""
+    qwen2-152k it held about 150 MB more than the step needed. Milliseconds; train_step calls it before each forward
+    pass and the loop after each step."""
     global _libc
     if _libc is None:
         _libc = False

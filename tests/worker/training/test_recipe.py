@@ -337,3 +337,31 @@ def test_splitting_a_step_into_smaller_forwards_keeps_the_loss_curve(
     assert calls["n"] > 2 * result.steps  # the 8 steps really ran as more forwards
     assert split_result.trained_tokens == result.trained_tokens
     assert split.losses() == pytest.approx(whole.losses(), rel=1e-4)
+
+
+def test_freed_heap_is_handed_back_before_every_forward_pass(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.training.recipe as recipe
+
+    # glibc's heap grows forward pass after forward pass within a step unless released between them
+    # (docs/benchmarks.md, issue 18): the order of releases and forward passes is what this checks.
+    order: list[str] = []
+    real_loss, real_release = recipe.token_loss, recipe.release_freed_memory
+
+    def forward(model, batch):
+        order.append("forward")
+        return real_loss(model, batch)
+
+    def release() -> None:
+        order.append("release")
+        real_release()
+
+    monkeypatch.setattr(recipe, "token_loss", forward)
+    monkeypatch.setattr(recipe, "release_freed_memory", release)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
+    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
+    result, _ = run(tmp_path, tiny_model, records)
+    passes = [i for i, what in enumerate(order) if what == "forward"]
+    assert len(passes) > 2 * result.steps
+    assert all(order[i - 1] == "release" for i in passes), order
