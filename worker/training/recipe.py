@@ -40,7 +40,7 @@ from worker.training.data import (
 )
 from worker.training.distributed import ProcessGroup
 from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
-from worker.training.host import release_freed_memory
+from worker.training.host import PASS_RELEASE_GROWTH_MB, release_freed_memory
 from worker.training.logprobs import token_loss
 from worker.training.model import (
     adapter_differences,
@@ -401,8 +401,8 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
         mb = micro_batches[k] if real else run.collate(filler, run.train_examples, packing=config.packing)
         # A step's forward passes differ in shape, so glibc's freed chunks from one rarely fit the next and the
         # heap grows pass after pass (qwen2-152k QLoRA in bf16: 1,192 -> 1,335 MB at the starts of a step's four
-        # passes). Handed back before each pass: the row's peak 1,383-1,498 -> 1,216-1,288 MB (docs/benchmarks.md).
-        release_freed_memory()
+        # passes). Handed back before a pass once it grew (docs/benchmarks.md, issue 18, stop 30).
+        release_freed_memory(min_growth_mb=PASS_RELEASE_GROWTH_MB)
         with distributed.accumulate(run.wrapped, group=procs, strategy=config.distributed, sync=k == n_passes - 1):
             loss_sum, stats = step_loss(run, mb)
             # DDP and FSDP average gradients over processes; scaling by their count makes that a sum.

@@ -83,3 +83,19 @@ def test_release_freed_memory_hands_freed_heap_back() -> None:
     release_freed_memory()
     assert held - _anon_mb() > 128
     assert last.sum().item() == 16384
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, read from /proc")
+def test_a_release_with_min_growth_waits_until_resident_memory_grew_that_much() -> None:
+    import torch
+
+    release_freed_memory()  # what the growth counts from
+    tensors = [torch.ones(16384) for _ in range(4096)]  # 256 MB on glibc's heap, as above
+    last = tensors[-1]
+    del tensors
+    held = _anon_mb()
+    release_freed_memory(min_growth_mb=1024)  # it grew about 256 MB: kept
+    assert held - _anon_mb() < 32
+    release_freed_memory(min_growth_mb=128)
+    assert held - _anon_mb() > 128
+    assert last.sum().item() == 16384
