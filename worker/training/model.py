@@ -187,6 +187,10 @@ def load_model(
         peft_model = get_peft_model(model, lora_config(adapter))
     if dtype != torch.float32:
         keep_adapter_inputs_in_compute_dtype(peft_model)
+    if device.type == "cpu":  # torch's CPU dropout draws each element's mask on its own (worker/training/dropout.py)
+        from worker.training.dropout import use_packed_dropout
+
+        use_packed_dropout(peft_model)
     return peft_model
 
 
