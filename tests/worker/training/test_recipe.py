@@ -366,3 +366,34 @@ def test_a_release_of_freed_heap_is_offered_before_every_forward_pass(
     passes = [i for i, what in enumerate(order) if what == "forward"]
     assert len(passes) > 2 * result.steps
     assert all(order[i - 1] == "release" for i in passes), order
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_checkpointed_forward_offers_a_release_before_its_backward(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, checkpointing: bool
+) -> None:
+    """A checkpointed forward leaves everything but the layers' inputs freed, for the recomputation not to fit
+    (docs/benchmarks.md, issue 18, stop 31); without checkpointing nothing is offered between the two."""
+    import worker.training.recipe as recipe
+
+    order: list[str] = []
+    real_loss, real_release = recipe.token_loss, recipe.release_freed_memory
+
+    def forward(model, batch):
+        loss, count, correct = real_loss(model, batch)
+        order.append("forward")
+        loss.register_hook(lambda grad: order.append("backward"))
+        return loss, count, correct
+
+    def release(**kwargs: float) -> None:
+        order.append("release")
+        real_release(**kwargs)
+
+    monkeypatch.setattr(recipe, "token_loss", forward)
+    monkeypatch.setattr(recipe, "release_freed_memory", release)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)
+    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
+    run(tmp_path, tiny_model, records, gradient_checkpointing=checkpointing)
+    between = [order[i + 1 : order.index("backward", i)] for i, what in enumerate(order) if what == "forward"]
+    assert len(between) > 2
+    assert all(part == (["release"] if checkpointing else []) for part in between), order
