@@ -19,13 +19,15 @@ LEVELS = 1 << 16  # the draw's resolution: one int16 per element
 
 
 class PackedDropout(torch.nn.Module):
-    """nn.Dropout(p) for a CPU tensor, its mask drawn four elements to a 64-bit draw (elsewhere: nn.Dropout's)."""
+    """nn.Dropout(p), its mask drawn four elements to a 64-bit draw for a CPU tensor (on other devices torch's
+    own dropout, whose generators are not per element)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), not {p}")
         self.p = p
+        self.scale = 1.0 / (1.0 - p)
         # drop where the int16 uniform is below this: round(p * 65,536) of the 65,536 values
         self.below = -(LEVELS // 2) + min(round(p * LEVELS), LEVELS - 1)
 
@@ -39,12 +41,11 @@ class PackedDropout(torch.nn.Module):
             return torch.nn.functional.dropout(x, self.p, training=True)
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
         keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= self.below
-        return x.mul(keep).mul_(1.0 / (1.0 - self.p))
+        return x.mul(keep).mul_(self.scale)
 
 
-def use_packed_dropout(model: Any) -> int:
-    """Swap each adapter's nn.Dropout (PEFT's lora_dropout) for a PackedDropout of the same p; returns how many."""
-    swapped = 0
+def use_packed_dropout(model: Any) -> None:
+    """Swap each adapter's nn.Dropout (PEFT's lora_dropout) for a PackedDropout of the same p."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, torch.nn.ModuleDict):
@@ -52,5 +53,3 @@ def use_packed_dropout(model: Any) -> int:
         for name, layer in dropouts.items():
             if type(layer) is torch.nn.Dropout:
                 dropouts[name] = PackedDropout(layer.p)
-                swapped += 1
-    return swapped

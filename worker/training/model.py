@@ -187,10 +187,9 @@ def load_model(
         peft_model = get_peft_model(model, lora_config(adapter))
     if dtype != torch.float32:
         keep_adapter_inputs_in_compute_dtype(peft_model)
-    if device.type == "cpu":  # torch's CPU dropout draws each element's mask on its own (worker/training/dropout.py)
-        from worker.training.dropout import use_packed_dropout
+    from worker.training.dropout import use_packed_dropout
 
-        use_packed_dropout(peft_model)
+    use_packed_dropout(peft_model)  # torch's CPU dropout draws each element's mask on its own
     return peft_model
 
 

@@ -410,7 +410,7 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
             if config.gradient_checkpointing:
                 # A checkpointed forward keeps only each layer's input: everything else it made is freed heap by
                 # now, which the backward's recomputation rarely fits (qwen2-152k QLoRA in fp32 peaked at
-                # 1,521-1,680 MB, 1,455-1,471 with this; docs/benchmarks.md, issue 18, stop 31). Without
+                # 1,521-1,680 MB, 1,508-1,516 with this; docs/benchmarks.md, issue 18, stop 31). Without
                 # checkpointing the forward's activations are alive until the backward and there is little to hand back.
                 release_freed_memory(min_growth_mb=PASS_RELEASE_GROWTH_MB)
             run.scaler.scale(loss).backward()

@@ -339,41 +339,9 @@ def test_splitting_a_step_into_smaller_forwards_keeps_the_loss_curve(
     assert split.losses() == pytest.approx(whole.losses(), rel=1e-4)
 
 
-def test_a_release_of_freed_heap_is_offered_before_every_forward_pass(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import worker.training.recipe as recipe
-
-    # glibc's heap grows forward pass after forward pass within a step unless released between them
-    # (docs/benchmarks.md, issue 18): the order of releases and forward passes is what this checks (when a release
-    # acts is test_host's).
-    order: list[str] = []
-    real_loss, real_release = recipe.token_loss, recipe.release_freed_memory
-
-    def forward(model, batch):
-        order.append("forward")
-        return real_loss(model, batch)
-
-    def release(**kwargs: float) -> None:
-        order.append("release")
-        real_release(**kwargs)
-
-    monkeypatch.setattr(recipe, "token_loss", forward)
-    monkeypatch.setattr(recipe, "release_freed_memory", release)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
-    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
-    result, _ = run(tmp_path, tiny_model, records)
-    passes = [i for i, what in enumerate(order) if what == "forward"]
-    assert len(passes) > 2 * result.steps
-    assert all(order[i - 1] == "release" for i in passes), order
-
-
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_a_checkpointed_forward_offers_a_release_before_its_backward(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, checkpointing: bool
-) -> None:
-    """A checkpointed forward leaves everything but the layers' inputs freed, for the recomputation not to fit
-    (docs/benchmarks.md, issue 18, stop 31); without checkpointing nothing is offered between the two."""
+def record_releases_and_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Train with several forward passes a step, recording in order each release offered, each forward pass and
+    each backward reaching a pass's loss."""
     import worker.training.recipe as recipe
 
     order: list[str] = []
@@ -391,9 +359,34 @@ def test_a_checkpointed_forward_offers_a_release_before_its_backward(
 
     monkeypatch.setattr(recipe, "token_loss", forward)
     monkeypatch.setattr(recipe, "release_freed_memory", release)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)
-    records = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
-    run(tmp_path, tiny_model, records, gradient_checkpointing=checkpointing)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
+    return order
+
+
+RELEASE_RECORDS = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
+
+
+def test_a_release_of_freed_heap_is_offered_before_every_forward_pass(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # glibc's heap grows forward pass after forward pass within a step unless released between them
+    # (docs/benchmarks.md, issue 18): the order of releases and forward passes is what this checks (when a release
+    # acts is test_host's).
+    order = record_releases_and_passes(monkeypatch)
+    result, _ = run(tmp_path, tiny_model, RELEASE_RECORDS)
+    passes = [i for i, what in enumerate(order) if what == "forward"]
+    assert len(passes) > 2 * result.steps
+    assert all(order[i - 1] == "release" for i in passes), order
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_checkpointed_forward_offers_a_release_before_its_backward(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, checkpointing: bool
+) -> None:
+    """A checkpointed forward leaves everything but the layers' inputs freed, for the recomputation not to fit
+    (docs/benchmarks.md, issue 18, stop 31); without checkpointing nothing is offered between the two."""
+    order = record_releases_and_passes(monkeypatch)
+    run(tmp_path, tiny_model, RELEASE_RECORDS, gradient_checkpointing=checkpointing)
     between = [order[i + 1 : order.index("backward", i)] for i, what in enumerate(order) if what == "forward"]
     assert len(between) > 2
     assert all(part == (["release"] if checkpointing else []) for part in between), order
