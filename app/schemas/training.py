@@ -31,6 +31,10 @@ AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 # Training and evaluation run the output layer on at most this many labelled positions at a time (never the full
 # logits; worker/training/logprobs.py).
 LOGP_CHUNK_TOKENS = 1024
+# With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many
+# MB, for its backward not to recompute them (worker/training/checkpointing.py; the memory estimate counts them). A
+# qwen2-152k QLoRA pass of 512 tokens makes about 126 MB of them in fp32 (4 layers), 63 MB in bf16.
+SAVED_OUTPUTS_PER_PASS_MB = 128
 # simpo_gamma when a simpo job does not give it: the target reward margin TRL's CPOTrainer defaults to.
 AUTO_SIMPO_GAMMA = 0.5
 
@@ -192,7 +196,8 @@ class TrainingConfig(BaseModel):
     packing: StrictBool = False
     # True puts prompts / user turns in the loss as well as the answers.
     train_on_inputs: StrictBool = False
-    # Recomputes activations in the backward pass: about 30% slower, far less activation memory.
+    # Recomputes activations in the backward pass: far less activation memory, for the element-wise work again and
+    # the products past SAVED_OUTPUTS_PER_PASS_MB (worker/training/checkpointing.py).
     gradient_checkpointing: StrictBool = False
     # "auto": bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX512-BF16, AMX or Arm BF16),
     # fp16 on an older GPU, fp32 on other CPUs; the worker resolves it (worker/training/model.py).

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.schemas.jobs import JobResources
-from app.schemas.training import LOGP_CHUNK_TOKENS, TrainingConfig
+from app.schemas.training import LOGP_CHUNK_TOKENS, SAVED_OUTPUTS_PER_PASS_MB, TrainingConfig
 
 # CUDA context, cuBLAS workspaces and caching-allocator slack, measured on the lent GPU when there was one.
 GPU_RUNTIME_BYTES = 0.75e9
@@ -133,7 +133,9 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     if device == "cpu":
         per_token_layer += 2 * c * heads * row_length
     if config.gradient_checkpointing:
-        activations = tokens * (layers * h * c + per_token_layer)
+        # Each layer's input, one layer's recomputation, and the products' outputs a pass keeps (at most all of them).
+        kept = min(SAVED_OUTPUTS_PER_PASS_MB * 2**20, tokens * layers * per_token_layer)
+        activations = tokens * (layers * h * c + per_token_layer) + kept
     else:
         activations = tokens * layers * per_token_layer
     # The output layer runs on LOGP_CHUNK_TOKENS labelled positions at a time (worker/training/logprobs.py); FSDP's

@@ -39,6 +39,11 @@ def test_the_memory_model_orders_methods_and_knobs_as_they_behave() -> None:
     checkpointed = peak_memory(SEVEN_B, config(gradient_checkpointing=True, batch_size=8, max_seq_length=2048))
     plain = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=2048))
     assert checkpointed is not None and plain is not None and checkpointed.activations < plain.activations / 5
+    # A pass short enough to keep all its products' outputs within SAVED_OUTPUTS_PER_PASS_MB costs what it would
+    # without checkpointing, and more: the layers' inputs and one layer's recomputation on top.
+    short = {"batch_size": 1, "max_seq_length": 8}
+    checkpointed, plain = (peak_memory(SEVEN_B, config(gradient_checkpointing=gc, **short)) for gc in (True, False))
+    assert checkpointed is not None and plain is not None and checkpointed.activations > plain.activations
     sharded = peak_memory(SEVEN_B, config("full", processes=4, distributed="fsdp"))
     assert sharded is not None and sharded.weights == pytest.approx(full.weights / 4)
     assert peak_memory({"parameters": None}, config()) is None

@@ -34,6 +34,12 @@ EpochPlan = list[list[list[int]]]
 # qwen2-152k benchmark (fp32, CPU) the LoRA peak fell from 2,442 to 2,087 MB at the same speed (29.3 against
 # 30.0 s) and the QLoRA peak from 2,236 to 1,763 MB (19.9 against 18.9 s); 512 was 8% slower than 1,024.
 MAX_TOKENS_PER_FORWARD = 1024
+# With gradient checkpointing a pass keeps its products' outputs (worker/training/checkpointing.py) and its backward's
+# peak is one layer's recomputed activations, both in proportion to the pass's tokens. Halving the pass made room
+# for what it keeps: qwen2-152k QLoRA in fp32 peaked at 1,381-1,449 MB keeping them in passes of 512 tokens against
+# 1,404-1,457 MB for plain checkpointing in passes of 1,024, and 1,529-1,546 MB keeping them in passes of 1,024
+# (docs/benchmarks.md, issue 18, stop 32).
+MAX_TOKENS_PER_CHECKPOINTED_FORWARD = 512
 
 
 @dataclass

@@ -157,12 +157,13 @@ def load_model(
         model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
     model.config.use_cache = False  # a KV cache is useless in training and disables packed masks
 
-    checkpointing = {"use_reentrant": False}
+    from worker.training.checkpointing import enable_checkpointing
+
     if adapter.type == "full":
         if init_adapter is not None:
             raise ValueError("continued training from an adapter needs an adapter type (lora, qlora or dora), not full")
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            enable_checkpointing(model)
         model.requires_grad_(True)
         return model
 
@@ -176,7 +177,7 @@ def load_model(
         # input fp32, for each 4-bit and adapter product to cast back (docs/benchmarks.md, issue 18).
         keep_4bit_layout_trainable(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        enable_checkpointing(model)
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
         model.enable_input_require_grads()
     if init_adapter is not None:

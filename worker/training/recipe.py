@@ -30,6 +30,7 @@ from worker.training import checkpoint as ckpt
 from worker.training import distributed, dpo, stopping
 from worker.training.data import (
     IGNORE_INDEX,
+    MAX_TOKENS_PER_CHECKPOINTED_FORWARD,
     MAX_TOKENS_PER_FORWARD,
     EpochPlan,
     batch_to_device,
@@ -382,11 +383,12 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
     epoch, batch_index = state.epoch, state.next_batch
     group = plan[batch_index : batch_index + config.gradient_accumulation_steps]
     started = time.perf_counter()
+    max_tokens = MAX_TOKENS_PER_CHECKPOINTED_FORWARD if config.gradient_checkpointing else MAX_TOKENS_PER_FORWARD
     # Each process takes every world_size-th row of each batch (all of it when alone).
     micro_batches = [
         run.collate(part, run.train_examples, packing=config.packing)
         for b in group
-        for part in split_by_tokens(b[procs.rank :: procs.world_size], run.lengths, max_tokens=MAX_TOKENS_PER_FORWARD)
+        for part in split_by_tokens(b[procs.rank :: procs.world_size], run.lengths, max_tokens=max_tokens)
     ]
     # Gradients cross processes in every process's last backward, so all run the same number:
     # one with fewer micro-batches runs weightless repeats of the step's first row.

@@ -360,6 +360,7 @@ def record_releases_and_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(recipe, "token_loss", forward)
     monkeypatch.setattr(recipe, "release_freed_memory", release)
     monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
     return order
 
 
@@ -390,3 +391,31 @@ def test_a_checkpointed_forward_offers_a_release_before_its_backward(
     between = [order[i + 1 : order.index("backward", i)] for i, what in enumerate(order) if what == "forward"]
     assert len(between) > 2
     assert all(part == (["release"] if checkpointing else []) for part in between), order
+
+
+def test_a_checkpointed_step_runs_passes_of_the_checkpointed_bound(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With gradient checkpointing a forward pass holds at most MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens (what it
+    keeps for its backward grows with the pass: worker/training/checkpointing.py); without, MAX_TOKENS_PER_FORWARD."""
+    import worker.training.recipe as recipe
+
+    passes: list[tuple[int, int]] = []  # (rows, width) of each forward
+    real = recipe.token_loss
+
+    def counting(model, batch):
+        passes.append(tuple(batch["input_ids"].shape))
+        return real(model, batch)
+
+    monkeypatch.setattr(recipe, "token_loss", counting)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 10**6)
+    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
+    for checkpointing in (False, True):
+        passes.clear()
+        result, _ = run(tmp_path / str(checkpointing), tiny_model, RELEASE_RECORDS,
+                        gradient_checkpointing=checkpointing)
+        if checkpointing:
+            assert len(passes) > 2 * result.steps
+            assert all(rows == 1 or rows * width <= 24 for rows, width in passes), passes
+        else:
+            assert len(passes) == result.steps
