@@ -18,7 +18,8 @@ peers receive those ids and labels, and the run checks that TRL keeps them), one
 alpha=32, dropout 0.05 on q_proj/v_proj), AdamW (lr 1e-3, linear decay, no warmup, weight decay 0, clip 1.0), 8
 examples per optimizer step (the packed TRL row takes as many packed rows per step as gives the same number of
 steps), no gradient checkpointing for LoRA rows (stated for TRL, whose default is on) and gradient checkpointing
-for QLoRA rows (NF4 with double quantisation; prepare_model_for_kbit_training for the peers), fp32 on CPU (bf16
+for QLoRA rows (NF4 with double quantisation; prepare_model_for_kbit_training for the peers; tuneforge's is
+selective, worker/training/checkpointing.py), fp32 on CPU (bf16
 on CUDA; --precision bf16 for every row: frozen weights in bf16, adapters in fp32, bf16 autocast). QLoRA rows
 train on the first `qlora_train` examples. Rows (bench/train_rows.py): seed (the recipe tuneforge grew from:
 dataset padded to its longest example, labels include the padding), hf-dynamic, hf-grouped (HF Trainer,
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -50,6 +52,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +202,10 @@ def trl_version() -> str | None:
 
 
 def run_shape(shape: Shape, root: Path, *, rows: list[str], in_process: bool, memory_limit: int | None,
-              timeout: float, peak: float, bf16: bool) -> dict[str, dict[str, Any]]:
+              timeout: float, peak: Callable[[], float], bf16: bool) -> dict[str, dict[str, Any]]:
+    """Run `rows` of `shape` and print their table. `peak` measures the matmul peak: once before the rows and once
+    after, and MFU is against the higher (a shared machine's speed moves; the higher peak gives the lower MFU)."""
+    before = peak()
     started = time.perf_counter()
     model_dir, train_file, valid_file = prepare(shape, root / shape.name)
     train = load_token_ids(train_file, model_dir, train_on_inputs=not shape.chat)
@@ -226,7 +232,10 @@ def run_shape(shape: Shape, root: Path, *, rows: list[str], in_process: bool, me
         done = f"{r['steps']} steps, training loop {r['seconds']:.1f} s" if r["status"] == "ok" else r["status"]
         print(f"  ran {name}: {done} ({time.perf_counter() - began:.0f} s in all; load average {load:.1f} "
               "at its start)", flush=True)
-    print_table(shape, results, peak)
+    after = peak()
+    print(f"matmul peak before the rows {before / 1e9:.1f} GFLOP/s, after {after / 1e9:.1f}: MFU against "
+          f"{max(before, after) / 1e9:.1f}", flush=True)
+    print_table(shape, results, max(before, after))
     return results
 
 
@@ -269,7 +278,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         bf16 = args.precision == "bf16" if args.precision else device == "cuda"
         precision = "bfloat16" if bf16 else "float32"
-        peak = matmul_peak(precision, device)
         limits = "none (in-process)" if in_process else (
             f"{memory_limit / 2**30:.1f} GiB private memory (MemAvailable at start "
             f"{(available or 0) / 2**30:.1f} GiB), {args.row_timeout:.0f} s per row")
@@ -277,13 +285,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
               f"precision {precision}; torch {torch.__version__}, transformers {transformers.__version__}, "
               f"peft {peft.__version__}, trl {trl_version() or 'not installed (TRL rows skipped)'}")
         print(f"load average at start {_load()}; row limits: {limits}")
-        print(f"matmul peak ({precision}, 2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
+        print(f"matmul peak: {precision}, 2048^3, best of 5, measured before and after each shape's rows", flush=True)
         results = {}
         for shape in shapes:
             rows = [r for r in shape.rows if (trl_version() or Row(r).stack != "trl")
                     and (args.rows is None or r in args.rows.split(","))]
             results[shape.name] = run_shape(shape, root, rows=rows, in_process=in_process, memory_limit=memory_limit,
-                                            timeout=args.row_timeout, peak=peak, bf16=bf16)
+                                            timeout=args.row_timeout,
+                                            peak=functools.partial(matmul_peak, precision, device), bf16=bf16)
         print(f"\nload average at the end {_load()}")
         return results
     finally:
