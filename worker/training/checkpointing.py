@@ -7,10 +7,10 @@ matrix products and of attention, up to SAVED_OUTPUTS_PER_PASS_MB a forward pass
 backward's recomputation takes those from the store and recomputes only the element-wise work (norms, activations,
 rotary embeddings, dropout masks from the same seed) and the products that did not fit.
 
-On qwen2-152k QLoRA (4 layers; docs/benchmarks.md, issue 18, stop 32) a checkpointed forward and backward took
-about a quarter less time, and with passes of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens the step's peak memory did
-not rise: the backward's peak is one layer's recomputed activations, and they shrink with the pass as much as the
-kept outputs grow.
+On qwen2-152k's layer shape with QLoRA (docs/benchmarks.md, issue 18, stop 32) a checkpointed forward and backward
+took 20-26% less time in fp32 and bf16, and with passes of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens the step's peak
+memory did not rise: the backward's peak is one layer's recomputed activations, and they shrink with the pass about
+as much as the kept outputs grow.
 """
 
 from __future__ import annotations

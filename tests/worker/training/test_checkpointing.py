@@ -28,7 +28,7 @@ class CountProducts(TorchDispatchMode):
 
 
 def load(tiny_model: Path, adapter_type: str, *, checkpointing: bool) -> tuple[torch.nn.Module, SavedOutputs | None]:
-    adapter = {"type": adapter_type, "r": 4, "alpha": 8, "dropout": 0.1}
+    adapter = {"type": "full"} if adapter_type == "full" else {"type": adapter_type, "r": 4, "alpha": 8, "dropout": 0.1}
     config = make_config(adapter=adapter, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)  # the adapters' initial weights
     model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.float32)
@@ -53,9 +53,9 @@ def step(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int]:
     return grads, counter.count
 
 
-@pytest.mark.parametrize("adapter_type", ["lora", "qlora"])
+@pytest.mark.parametrize(("adapter_type", "trained"), [("lora", 2 * 2 * 7), ("qlora", 2 * 2 * 7), ("full", 21)])
 def test_a_checkpointed_backward_recomputes_no_product_it_kept_and_gives_the_same_gradients(
-    tiny_model: Path, adapter_type: str
+    tiny_model: Path, adapter_type: str, trained: int
 ) -> None:
     plain, _ = load(tiny_model, adapter_type, checkpointing=False)
     # As checkpointing does: the backward then also runs the products into the first layer's input.
@@ -66,7 +66,8 @@ def test_a_checkpointed_backward_recomputes_no_product_it_kept_and_gives_the_sam
     grads, products = step(model)
     assert budget.used_bytes > 0
     assert products == backward_products  # the forward's products came from the store
-    assert grads.keys() == want.keys() and len(grads) == 2 * 2 * 7  # A and B of all-linear in both layers
+    # LoRA: A and B of all-linear in both layers; full: every tensor of the model (the output layer is tied)
+    assert grads.keys() == want.keys() and len(grads) == trained
     for name in want:
         torch.testing.assert_close(grads[name], want[name], msg=name)
     # With nothing kept, the backward reruns the layers' products: what the budget saves.
