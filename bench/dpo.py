@@ -14,7 +14,8 @@ Rows (a row's name says its departures from the like-for-like settings, see Row)
 - tuneforge: worker.training.recipe.train with method "dpo": the reference log-probs computed once before
   training with the adapter disabled, each prompt run once for both its answers (one row per pair: the prompt,
   then both answers, each masked to see the prompt and itself), length-grouped batches split into
-  forward passes of at most MAX_TOKENS_PER_FORWARD tokens, the output layer on the answer positions only; fp32 on
+  forward passes of at most MAX_TOKENS_PER_FORWARD tokens (MAX_TOKENS_PER_CHECKPOINTED_FORWARD in the rows that
+  checkpoint), the output layer on the answer positions only; fp32 on
   a CPU (its default);
 - trl: DPOTrainer with the settings that were fastest and leanest here: precompute_ref_log_probs=True (one
   reference pass before training, kept with the data, as tuneforge; the default re-scores the base model in every

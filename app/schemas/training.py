@@ -33,7 +33,7 @@ AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 LOGP_CHUNK_TOKENS = 1024
 # With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many
 # MB, for its backward not to recompute them (worker/training/checkpointing.py; the memory estimate counts them). A
-# qwen2-152k QLoRA pass of 512 tokens makes about 126 MB of them in fp32 (4 layers), 63 MB in bf16.
+# qwen2-152k QLoRA pass of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens makes about 126 MB of them in fp32 (4 layers).
 SAVED_OUTPUTS_PER_PASS_MB = 128
 # simpo_gamma when a simpo job does not give it: the target reward margin TRL's CPOTrainer defaults to.
 AUTO_SIMPO_GAMMA = 0.5

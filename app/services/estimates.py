@@ -11,7 +11,8 @@ The memory model, per process (c = bytes per value at the compute precision):
 - activations kept for the backward pass, per token and decoder layer: the inputs and outputs of the norms,
   projections, rotary embedding, attention and MLP (13h + 4kv + 4i values) plus each adapter's dropout copy
   of its input and mask; on a CPU also the attention scores and probabilities (the eager kernel); with
-  gradient checkpointing only each layer's input, plus one layer recomputed at a time;
+  gradient checkpointing each layer's input, one layer recomputed at a time, and the matrix products' and
+  attention's outputs a pass keeps (at most SAVED_OUTPUTS_PER_PASS_MB);
 - logits: per position of one chunk of the output layer (at most LOGP_CHUNK_TOKENS; every token under FSDP), the
   vocabulary at c, in fp32 for the loss, and its fp32 gradient;
 - FSDP shards weights, gradients and optimizer state over the processes; on a GPU a fixed runtime allowance

@@ -11,6 +11,12 @@ On qwen2-152k's layer shape with QLoRA (docs/benchmarks.md, issue 18, stop 32) a
 took 20-26% less time in fp32 and bf16, and with passes of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens the step's peak
 memory did not rise: the backward's peak is one layer's recomputed activations, and they shrink with the pass about
 as much as the kept outputs grow.
+
+What the rule keeps and nothing reads: torch's recomputation stops before each layer's last product (its output is
+not needed), so that output is kept for nothing (about 6% of what a tiny model's pass keeps); and DoRA's products of
+its two adapter matrices are weight-sized, not token-sized, so on a large model they take the budget. The budget
+bounds both. The policy is called in the forward only (torch 2.13: the recomputation reads the store by index), so
+only the forward spends the budget.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ MAX_TOKENS_PER_FORWARD = 1024
 # With gradient checkpointing a pass keeps its products' outputs (worker/training/checkpointing.py) and its backward's
 # peak is one layer's recomputed activations, both in proportion to the pass's tokens. Halving the pass made room
 # for what it keeps: qwen2-152k QLoRA in fp32 peaked at 1,381-1,449 MB keeping them in passes of 512 tokens against
-# 1,404-1,457 MB for plain checkpointing in passes of 1,024, and 1,529-1,546 MB keeping them in passes of 1,024
+# 1,404-1,457 MB for plain checkpointing in passes of 1,024, and 1,529-1,533 MB keeping up to 128 MB in passes of 1,024
 # (docs/benchmarks.md, issue 18, stop 32).
 MAX_TOKENS_PER_CHECKPOINTED_FORWARD = 512
 
