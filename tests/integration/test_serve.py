@@ -82,8 +82,8 @@ def test_sigterm_to_serve_stops_its_worker_which_hands_the_running_job_back(tmp_
             job = client.post("/v1/fine_tuning/jobs", json={
                 "model": "tiny-llama", "training_file": file_id, "method": {"type": "supervised", "supervised": {
                     # 800 steps: long enough to be running still when serve has stopped its API and asks the worker
-                # (at 200, a fast CPU finished the job in that window).
-                "hyperparameters": {"n_epochs": 40, "batch_size": 2, "save_steps": 1000}}}}).json()
+                    # (at 200, a fast CPU finished the job in that window).
+                    "hyperparameters": {"n_epochs": 40, "batch_size": 2, "save_steps": 1000}}}}).json()
             deadline = time.monotonic() + 120
             while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
                 assert time.monotonic() < deadline, "the job did not start"

@@ -22,20 +22,19 @@ only the forward spends the budget.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from app.schemas.training import SAVED_OUTPUTS_PER_PASS_MB
-
-if TYPE_CHECKING:
-    import torch
 
 
 @functools.cache
 def kept_ops() -> frozenset[Any]:
     """The operators whose outputs a checkpointed forward keeps: matrix products (bitsandbytes' 4-bit product
     included, where it is installed) and the fused attention kernels."""
-    import torch
-
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
            aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -52,9 +51,6 @@ def kept_ops() -> frozenset[Any]:
 
 
 def _nbytes(output: Any) -> int:
-    import torch
-    from torch.utils._pytree import tree_leaves
-
     return sum(t.numel() * t.element_size() for t in tree_leaves(output) if isinstance(t, torch.Tensor))
 
 
@@ -69,9 +65,7 @@ class SavedOutputs:
         """A forward pre-hook: each forward pass has the whole budget (its kept outputs are freed by its backward)."""
         self.used_bytes = 0
 
-    def policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        from torch.utils.checkpoint import CheckpointPolicy
-
+    def policy(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if func in kept_ops():
             size = _nbytes(ctx.op_output)
             if self.used_bytes + size <= self.limit_bytes:
@@ -80,14 +74,12 @@ class SavedOutputs:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     def contexts(self) -> Any:
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         return create_selective_checkpoint_contexts(self.policy)
 
 
-def enable_checkpointing(model: torch.nn.Module, *, limit_mb: float = SAVED_OUTPUTS_PER_PASS_MB) -> SavedOutputs:
+def enable_checkpointing(model: torch.nn.Module) -> SavedOutputs:
     """Turn on a transformers model's gradient checkpointing with the selective policy above; returns its budget."""
-    budget = SavedOutputs(int(limit_mb * 2**20))
+    budget = SavedOutputs(SAVED_OUTPUTS_PER_PASS_MB * 2**20)
     model.register_forward_pre_hook(budget.new_pass)
     model.gradient_checkpointing_enable(  # type: ignore[operator]
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": budget.contexts})

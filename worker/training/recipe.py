@@ -410,8 +410,9 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
             # DDP and FSDP average gradients over processes; scaling by their count makes that a sum.
             loss = loss_sum / step_units * procs.world_size if real else loss_sum * 0.0
             if config.gradient_checkpointing:
-                # A checkpointed forward keeps only each layer's input: everything else it made is freed heap by
-                # now, which the backward's recomputation rarely fits (qwen2-152k QLoRA in fp32 peaked at
+                # A checkpointed forward keeps each layer's input and the outputs within its budget
+                # (worker/training/checkpointing.py): everything else it made is freed heap by now, which the
+                # backward's recomputation rarely fits (qwen2-152k QLoRA in fp32 peaked at
                 # 1,521-1,680 MB, 1,508-1,516 with this; docs/benchmarks.md, issue 18, stop 31). Without
                 # checkpointing the forward's activations are alive until the backward and there is little to hand back.
                 release_freed_memory(min_growth_mb=PASS_RELEASE_GROWTH_MB)
