@@ -5,11 +5,13 @@ A vocabulary of 152k makes the output layer and its cross-entropy the largest te
 tokens x 151,936 classes are 5 GB of fp32 logits), and a chat's prompt tokens carry no label. So the model is called
 as a whole (DDP's and PEFT's forward run) with logits_to_keep=1 and its own output layer idle, the decoder body's
 last hidden states are taken with a forward hook, and the output layer runs only at positions whose next token is
-labelled, LOGP_CHUNK_TOKENS positions at a time, one chunk of logits alive at a time. With gradients on and a frozen
-output layer (LoRA, QLoRA, DoRA), each chunk's gradient with respect to its hidden states is computed in the forward
-from the chunk's softmax, in place (FusedHeadLogps: the logits are made once and never kept); a trainable output
-layer (full fine-tuning) has each chunk recomputed in backward instead. Under FSDP the output layer's weights are
-sharded outside the root module's forward, so sharded runs keep the full-logits path (evaluate.forward_logits).
+labelled, LOGP_CHUNK_TOKENS positions at a time. With gradients on and a frozen output layer (LoRA, QLoRA, DoRA),
+each chunk's gradient with respect to its hidden states is computed in the forward, in one sweep over blocks of the
+output layer's weight (FusedHeadLogps: no chunk's logits over the whole vocabulary are ever made); without gradients
+(evaluation, the reference model) the same sweep scores any plain linear output layer; a trainable output layer (full
+fine-tuning) has each chunk's logits made whole and recomputed in backward instead. Under FSDP the output layer's
+weights are sharded outside the root module's forward, so sharded runs keep the full-logits path
+(evaluate.forward_logits).
 """
 
 from __future__ import annotations
@@ -99,18 +101,22 @@ def labelled_logps(model: Any, batch: dict[str, Any], *, chunk_tokens: int = LOG
 def score_positions(lm: Any, hidden: torch.Tensor, targets: torch.Tensor, *, empty: torch.Tensor,
                     chunk_tokens: int = LOGP_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-probability of each target given the decoder's last hidden state at the position before it, and
-    whether the argmax was right: the output layer `chunk_tokens` positions at a time. With gradients on, a frozen
-    output layer has each chunk's gradient made in the forward (FusedHeadLogps), a trainable one has each chunk
-    recomputed in backward. `empty` (a 0-length tensor on the graph) is what no position gives."""
+    whether the argmax was right: the output layer `chunk_tokens` positions at a time. A frozen plain linear output
+    layer has each chunk's gradient made in the forward (FusedHeadLogps), and without gradients any plain linear one
+    is scored by the same sweep (fused_head.head_logps); a trainable one has each chunk recomputed in backward.
+    `empty` (a 0-length tensor on the graph) is what no position gives."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     head = lm.get_output_embeddings()
     scale, softcap = logit_transform(lm.config)
-    if len(targets) and torch.is_grad_enabled() and hidden.requires_grad and frozen_linear(head):
-        from worker.training.fused_head import FusedHeadLogps
+    trains = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    if len(targets) and type(head) is torch.nn.Linear and (not trains or frozen_linear(head)):
+        from worker.training.fused_head import FusedHeadLogps, head_logps
 
-        return FusedHeadLogps.apply(hidden, targets, head, scale, softcap, chunk_tokens)
+        if trains:
+            return FusedHeadLogps.apply(hidden, targets, head, scale, softcap, chunk_tokens)
+        return head_logps(hidden, targets, head, scale, softcap, chunk_tokens)
     logps, correct = [], []
     for start in range(0, len(targets), chunk_tokens):
         part = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], scale, softcap)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.worker.training.factories import chat_records
 from worker.training.data import IGNORE_INDEX, collate, tokenize_record
@@ -31,12 +32,13 @@ def full_model(tiny_model: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(tiny_model)  # everything trains, the output layer too
 
 
-@pytest.mark.parametrize(("make", "head_calls"), [(lora_model, 1), (full_model, 2)],
+@pytest.mark.parametrize(("make", "head_calls"), [(lora_model, 0), (full_model, 2)],
                          ids=["frozen-head", "trained-head"])
 def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: Path, tokenizer: Any, make: Any,
                                                                      head_calls: int) -> None:
-    """A frozen output layer (adapters) makes each chunk's gradient in the forward: it runs once per labelled
-    position; a trained one (full fine-tuning) recomputes each chunk in backward: twice."""
+    """A frozen output layer (adapters) makes each chunk's gradient in the forward from blocks of its weight (the
+    layer itself is not called); a trained one (full fine-tuning) recomputes each chunk in backward: it runs
+    twice per labelled position."""
     examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in chat_records(6, seed=3)]
     batch = collate([[i] for i in range(6)], examples, pad_id=tokenizer.pad_token_id or 0, packing=False)
     labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -63,32 +65,79 @@ def test_the_chunked_loss_equals_the_full_logits_loss_and_gradients(tiny_model: 
     assert max(worst.values()) < 1e-4, worst
     # The output layer saw one position per row (the forward's logits_to_keep=1), then chunks of at most 7
     # labelled positions; never a whole batch.
-    assert seen[0] == batch["input_ids"].shape[0] and max(seen[1:]) <= 7
+    assert seen[0] == batch["input_ids"].shape[0] and max(seen[1:], default=0) <= 7
     assert sum(seen[1:]) == head_calls * labelled
 
 
-@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (1.7, None), (0.5, 5.0)])
-def test_the_fused_output_layer_matches_autograd_through_the_logits(scale: float, softcap: float | None) -> None:
-    """The gradient made in the forward (one-hot - softmax, through the scale and the softcap's tanh) is what
-    autograd gives through the full logits, for any weights of the log-probabilities downstream (DPO's are not
-    uniform)."""
-    from worker.training.fused_head import FusedHeadLogps
+class ProductShapes(TorchDispatchMode):
+    """The output shapes of the matrix products run inside it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize(("scale", "softcap", "bias"), [(1.0, None, False), (1.7, None, True), (0.5, 5.0, False)])
+def test_the_fused_output_layer_matches_autograd_through_the_logits(
+    scale: float, softcap: float | None, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gradient made in the forward (one-hot - softmax, through the scale and the softcap's tanh), a block of
+    the vocabulary at a time with the softmax's sums rescaled as the running maximum grows, is what autograd gives
+    through the full logits, for any weights of the log-probabilities downstream (DPO's are not uniform); no
+    product is wider than a block, and evaluation's scores are the same."""
+    from worker.training import fused_head
+
+    monkeypatch.setattr(fused_head, "VOCAB_BLOCK_ROWS", 64)  # 8 blocks, the last one short
     torch.manual_seed(0)
-    head = torch.nn.Linear(32, 500, bias=False).requires_grad_(False)
+    head = torch.nn.Linear(32, 500, bias=bias).requires_grad_(False)
     hidden = torch.randn(37, 32, requires_grad=True)
     targets, weights = torch.randint(0, 500, (37,)), torch.randn(37)
+    targets[:4] = torch.tensor([0, 63, 64, 499])  # each end of a block
     logits = head(hidden) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     (expected * weights).sum().backward()
     expected_grad, hidden.grad = hidden.grad, None
-    logps, correct = FusedHeadLogps.apply(hidden, targets, head, scale, softcap, 8)
+    with ProductShapes() as products:
+        logps, correct = fused_head.FusedHeadLogps.apply(hidden, targets, head, scale, softcap, 8)
     (logps * weights).sum().backward()
     assert torch.allclose(logps, expected, atol=1e-5)
     assert torch.equal(correct, logits.argmax(-1) == targets)
     assert float((hidden.grad - expected_grad).abs().max()) < 1e-5 * float(expected_grad.abs().max())
+    assert products.shapes and max(rows * cols for rows, cols in products.shapes) <= 8 * 64
+    # Without a gradient (evaluation): the same figures from one product per block instead of two.
+    with torch.no_grad(), ProductShapes() as scoring:
+        plain, plain_correct = fused_head.head_logps(hidden, targets, head, scale, softcap, 8)
+    assert torch.allclose(plain, expected, atol=1e-5) and torch.equal(plain_correct, correct)
+    assert len(scoring.shapes) * 2 == len(products.shapes)
+    assert max(rows * cols for rows, cols in scoring.shapes) <= 8 * 64
+
+
+def test_the_fused_output_layer_under_bf16_autocast_stays_near_fp32() -> None:
+    """Under autocast the products run in bf16 (as the layer's own would) and the sums in fp32: the
+    log-probabilities and the gradient stay within bf16's rounding of the fp32 ones."""
+    from worker.training.fused_head import FusedHeadLogps
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(64, 5000, bias=False).requires_grad_(False)
+    hidden = torch.randn(21, 64, requires_grad=True)
+    targets = torch.randint(0, 5000, (21,))
+    logps, _ = FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 1024)
+    logps.sum().backward()
+    exact_grad, hidden.grad = hidden.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 1024)
+    low.sum().backward()
+    assert low.dtype == torch.float32
+    assert float((low - logps).abs().max()) < 0.05
+    assert float((hidden.grad - exact_grad).abs().max()) < 0.02 * float(exact_grad.abs().max())
 
 
 def test_the_models_own_output_layer_computes_nothing_while_the_body_is_read(tiny_model: Path) -> None:
