@@ -17,13 +17,16 @@ class FusedHeadLogps(torch.autograd.Function):
     right, with the gradient of each log-probability with respect to its hidden state made in the forward.
 
     d logp / d logits is (one-hot - softmax), times the derivative of the model's scale and softcap, so
-    d logp / d hidden = W[target] (its one-hot share) - sum over the vocabulary of softmax x W. One sweep over the
-    output layer's weight, VOCAB_BLOCK_ROWS rows at a time, makes both: a block's logits, then its exponentials
+    d logp / d hidden = (1 - p_target) W[target] - the sum of softmax x W over the other entries. One sweep over the
+    output layer's weight, a block of its rows at a time, makes both: a block's logits, then its exponentials
     against the running maximum times the same block of the weight, added to the running sum (rescaled when the
-    maximum grows, as flash attention does). Both products of a block run while it is in the cache, the output layer
-    runs twice per position instead of three times (forward, recomputation, backward), and no [positions,
-    vocabulary] buffer is made (on a CPU: VOCAB_BLOCK_ROWS); `chunk_tokens` positions go through the sweep
-    together. The backward only scales the kept [positions, hidden] gradient. Under autocast every product runs in
+    maximum grows, as flash attention does); the target's share is kept apart in fp32, so a confident position's
+    small gradient is not lost to a bf16 product's rounding. The output layer runs twice per position instead of
+    three times (forward, recomputation, backward). On a CPU a block is VOCAB_BLOCK_ROWS rows: both products of a
+    block run while it is in the cache, and no [positions, vocabulary] buffer is made; on a GPU the vocabulary is one
+    block.
+    `chunk_tokens` positions go through the sweep together. The backward only scales the kept [positions, hidden]
+    gradient. Under autocast every product runs in
     the autocast dtype, as the unfused layer's would, and the sums are kept in fp32."""
 
     @staticmethod
@@ -54,7 +57,7 @@ def _chunks(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, 
     weight, bias = head.weight, head.bias
     autocast = torch.is_autocast_enabled(hidden.device.type)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else weight.dtype
-    # On a GPU, where the sweep is unmeasured, the whole vocabulary is one block: the unblocked layer's products.
+    # On a GPU, where the sweep is unmeasured, the whole vocabulary is one block.
     block = VOCAB_BLOCK_ROWS if hidden.device.type == "cpu" else weight.size(0)
     parts = [_sweep(hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], weight, bias, scale,
                     softcap, dtype, block=block, gradient=gradient) for start in range(0, len(targets), chunk_tokens)]
@@ -71,11 +74,16 @@ def _sweep(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias: torch.T
     rows = torch.arange(n, device=h.device)
     top = torch.full((n,), -torch.inf, device=h.device)  # running maximum of each position's logits
     total = torch.zeros(n, device=h.device)  # sum of exp(logit - top)
-    spread = torch.zeros(n, h.size(-1), device=h.device)  # sum of exp(logit - top) x d logit / d hidden
+    # sum of exp(logit - top) x d logit / d hidden over every entry but the target; the target's own share, in
+    # target_exp, stays out of the product: near p_target = 1 the gradient is a small difference, and a bf16
+    # product's rounding of the whole softmax would swamp it
+    spread = torch.zeros(n, h.size(-1), device=h.device)
+    target_exp = torch.zeros(n, device=h.device)
     picked = torch.zeros(n, device=h.device)  # the target's logit
     picked_slope = torch.zeros(n, device=h.device)  # d logit / d (h . W[target]) at the target
     best = torch.full((n,), -torch.inf, device=h.device)  # running argmax: its logit and index
     best_at = torch.zeros(n, dtype=torch.long, device=h.device)
+    lowest = torch.finfo(torch.float32).min  # the running maximum's floor: a block of -inf logits makes no NaN
     low = h.to(dtype)
     for lo in range(0, weight.size(0), block):
         w = weight[lo : lo + block].to(dtype)
@@ -95,25 +103,27 @@ def _sweep(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias: torch.T
         inside = (t >= lo) & (t < lo + logits.size(1))
         at = (t - lo).clamp(0, logits.size(1) - 1)
         picked = torch.where(inside, logits[rows, at], picked)
-        if slope is not None:
-            picked_slope = torch.where(inside, slope[rows, at], picked_slope)
-        new_top = torch.maximum(top, block_top)
+        new_top = torch.maximum(top, block_top).clamp_(min=lowest)
         shrink = (top - new_top).exp_()  # exp(-inf) = 0 on the first block
         exps = logits.sub_(new_top[:, None]).exp_()
         total = total * shrink + exps.sum(-1)
         if gradient:
+            own = exps[rows, at]
+            target_exp = target_exp * shrink + torch.where(inside, own, 0.0)
+            exps[rows, at] = torch.where(inside, 0.0, own)
             if slope is not None:
+                picked_slope = torch.where(inside, slope[rows, at], picked_slope)
                 exps.mul_(slope)
             spread.mul_(shrink[:, None]).add_((exps.to(dtype) @ w).float())
         top = new_top
     logp = picked - (top + total.log())
     if not gradient:
         return logp, best_at == t, None
-    # d logp / d hidden = scale x (slope_t x W[t] - sum_v softmax_v x slope_v x W[v])
-    own = weight[t].to(dtype).float()
+    # d logp / d hidden = scale x ((1 - p_t) slope_t W[t] - sum over v != t of p_v slope_v W[v]), 1 - p_t in fp32
+    coefficient = 1 - target_exp / total
     if softcap is not None:
-        own.mul_(picked_slope[:, None])
-    grad = own.sub_(spread.div_(total[:, None]))
+        coefficient.mul_(picked_slope)
+    grad = weight[t].to(dtype).float().mul_(coefficient[:, None]).sub_(spread.div_(total[:, None]))
     if scale != 1.0:
         grad.mul_(scale)
     return logp, best_at == t, grad

@@ -7,7 +7,7 @@ as a whole (DDP's and PEFT's forward run) with logits_to_keep=1 and its own outp
 last hidden states are taken with a forward hook, and the output layer runs only at positions whose next token is
 labelled, LOGP_CHUNK_TOKENS positions at a time. With gradients on and a frozen output layer (LoRA, QLoRA, DoRA),
 each chunk's gradient with respect to its hidden states is computed in the forward, in one sweep over blocks of the
-output layer's weight (FusedHeadLogps: no chunk's logits over the whole vocabulary are ever made); without gradients
+output layer's weight (FusedHeadLogps; on a CPU no chunk's logits over the whole vocabulary are made); without gradients
 (evaluation, the reference model) the same sweep scores any plain linear output layer; a trainable output layer (full
 fine-tuning) has each chunk's logits made whole and recomputed in backward instead. Under FSDP the output layer's
 weights are sharded outside the root module's forward, so sharded runs keep the full-logits path

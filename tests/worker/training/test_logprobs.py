@@ -120,24 +120,51 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     assert max(rows * cols for rows, cols in scoring.shapes) <= 8 * 64
 
 
+def test_a_block_of_minus_infinity_logits_makes_no_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block whose logits are all -inf (a bias that rules entries out) adds nothing: no NaN from its maximum."""
+    from worker.training import fused_head
+
+    monkeypatch.setattr(fused_head, "VOCAB_BLOCK_ROWS", 64)
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 256, bias=True).requires_grad_(False)
+    head.bias[:64] = -torch.inf  # the first block, so the running maximum starts at -inf
+    hidden = torch.randn(5, 16, requires_grad=True)
+    targets = torch.randint(64, 256, (5,))
+    expected = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    expected.sum().backward()
+    expected_grad, hidden.grad = hidden.grad, None
+    logps, _ = fused_head.FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 8)
+    logps.sum().backward()
+    assert torch.allclose(logps, expected, atol=1e-5)
+    assert torch.allclose(hidden.grad, expected_grad, atol=1e-5)
+
+
 def test_the_fused_output_layer_under_bf16_autocast_stays_near_fp32() -> None:
-    """Under autocast the products run in bf16 (as the layer's own would) and the sums in fp32: the
-    log-probabilities and the gradient stay within bf16's rounding of the fp32 ones."""
+    """Under autocast the products run in bf16 (as the layer's own would) and the sums in fp32. At a confident
+    position (p_target 0.94 to 1) the gradient is a small difference: with the target's share kept out of the bf16
+    product each row's gradient stays within 15% of fp32's (about 6% here, and 7% with the unblocked layer before the
+    sweep); through the product it was 28% off."""
     from worker.training.fused_head import FusedHeadLogps
 
     torch.manual_seed(1)
     head = torch.nn.Linear(64, 5000, bias=False).requires_grad_(False)
-    hidden = torch.randn(21, 64, requires_grad=True)
-    targets = torch.randint(0, 5000, (21,))
-    logps, _ = FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 1024)
-    logps.sum().backward()
+    targets = torch.randint(0, 5000, (24,))
+    hidden = torch.randn(24, 64) * 0.5
+    confident = torch.arange(24) < 12
+    rows = head.weight[targets[confident]]
+    hidden[confident] += rows / rows.norm(dim=-1, keepdim=True) * torch.linspace(20, 40, 12)[:, None]
+    hidden.requires_grad_(True)
+    exact, _ = FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 1024)
+    exact.sum().backward()
     exact_grad, hidden.grad = hidden.grad, None
+    assert float(exact[confident].exp().min()) > 0.9
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low, _ = FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 1024)
     low.sum().backward()
     assert low.dtype == torch.float32
-    assert float((low - logps).abs().max()) < 0.05
-    assert float((hidden.grad - exact_grad).abs().max()) < 0.02 * float(exact_grad.abs().max())
+    assert float((low - exact).abs().max()) < 0.05
+    off = (hidden.grad - exact_grad).norm(dim=-1) / exact_grad.norm(dim=-1)
+    assert float(off[confident].max()) < 0.15 and float(off[~confident].max()) < 0.01
 
 
 def test_the_models_own_output_layer_computes_nothing_while_the_body_is_read(tiny_model: Path) -> None:
