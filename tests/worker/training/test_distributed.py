@@ -70,7 +70,10 @@ def _assert_same_curve(ours: list[dict[str, Any]], reference: list[dict[str, Any
     assert [s["trained_tokens"] for s in ours] == [s["trained_tokens"] for s in reference]
 
 
-def _assert_same_adapter(ours: Path, reference: Path, *, atol: float = 1e-5) -> None:
+# Two processes score half the positions each, so the output layer's products (a block of its vocabulary at a time,
+# worker/training/fused_head.py) run on other shapes and round differently: 1.1e-5 apart once after 10 steps. A
+# gradient that skipped the all-reduce would be off by a whole process's share.
+def _assert_same_adapter(ours: Path, reference: Path, *, atol: float = 3e-5) -> None:
     mine = load_file(str(ours / "adapter_model.safetensors"))
     theirs = load_file(str(reference / "adapter_model.safetensors"))
     assert sorted(mine) == sorted(theirs)
