@@ -33,10 +33,9 @@ AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 LOGP_CHUNK_TOKENS = 1024
 # On a CPU a frozen output layer (adapters) runs on this many of its rows (vocabulary entries) at a time: a block's
 # logits, then its share of the gradient while the block is in the cache, with no [positions, vocabulary] buffer
-# (worker/training/fused_head.py; the memory estimate's CPU figures count it). On 113
-# positions of qwen2-152k's output layer (Zen 4, 2 cores): fp32 529 ms unblocked, 501 / 449 / 444 / 431 / 440 ms in
-# blocks of 256 / 512 / 1,024 / 2,048 / 4,096 rows; bf16 252 ms, 207 ms in blocks of 2,048; on 46 positions fp32 no
-# faster (293 / 298 ms).
+# (worker/training/fused_head.py; the memory estimate's CPU figures count it). On 113 positions of qwen2-152k's
+# output layer (Zen 4, 2 cores): fp32 529 ms unblocked, 501 / 449 / 444 / 431 / 440 ms in blocks of 256 / 512 /
+# 1,024 / 2,048 / 4,096 rows; bf16 252 ms, 207 ms in blocks of 2,048; on 46 positions fp32 no faster (293 / 298 ms).
 VOCAB_BLOCK_ROWS = 2048
 # With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many
 # MB, for its backward not to recompute them (worker/training/checkpointing.py; the memory estimate counts them). A

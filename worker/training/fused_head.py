@@ -24,10 +24,9 @@ class FusedHeadLogps(torch.autograd.Function):
     small gradient is not lost to a bf16 product's rounding. The output layer runs twice per position instead of
     three times (forward, recomputation, backward). On a CPU a block is VOCAB_BLOCK_ROWS rows: both products of a
     block run while it is in the cache, and no [positions, vocabulary] buffer is made; on a GPU the vocabulary is one
-    block.
-    `chunk_tokens` positions go through the sweep together. The backward only scales the kept [positions, hidden]
-    gradient. Under autocast every product runs in
-    the autocast dtype, as the unfused layer's would, and the sums are kept in fp32."""
+    block. `chunk_tokens` positions go through the sweep together. The backward only scales the kept [positions,
+    hidden] gradient. Under autocast every product runs in the autocast dtype, as the unfused layer's would, and the
+    sums are kept in fp32."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, scale: float,

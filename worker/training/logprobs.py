@@ -111,12 +111,13 @@ def score_positions(lm: Any, hidden: torch.Tensor, targets: torch.Tensor, *, emp
     head = lm.get_output_embeddings()
     scale, softcap = logit_transform(lm.config)
     trains = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    if len(targets) and type(head) is torch.nn.Linear and (not trains or frozen_linear(head)):
+    if len(targets) and type(head) is torch.nn.Linear:
         from worker.training.fused_head import FusedHeadLogps, head_logps
 
-        if trains:
+        if not trains:
+            return head_logps(hidden, targets, head, scale, softcap, chunk_tokens)
+        if frozen_linear(head):
             return FusedHeadLogps.apply(hidden, targets, head, scale, softcap, chunk_tokens)
-        return head_logps(hidden, targets, head, scale, softcap, chunk_tokens)
     logps, correct = [], []
     for start in range(0, len(targets), chunk_tokens):
         part = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], scale, softcap)
