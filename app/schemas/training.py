@@ -8,6 +8,7 @@ pairs: `method` "dpo" with a `preference` block).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, model_validator
@@ -31,12 +32,24 @@ AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 # Training and evaluation run the output layer on at most this many labelled positions at a time (never the full
 # logits; worker/training/logprobs.py).
 LOGP_CHUNK_TOKENS = 1024
-# On a CPU a frozen output layer (adapters) runs on this many of its rows (vocabulary entries) at a time: a block's
+# On a CPU a frozen output layer (adapters) runs on a block of its rows (vocabulary entries) at a time: a block's
 # logits, then its share of the gradient while the block is in the cache, with no [positions, vocabulary] buffer
-# (worker/training/fused_head.py; the memory estimate's CPU figures count it). On 113 positions of qwen2-152k's
-# output layer (Zen 4, 2 cores): fp32 529 ms unblocked, 501 / 449 / 444 / 431 / 440 ms in blocks of 256 / 512 /
-# 1,024 / 2,048 / 4,096 rows; bf16 252 ms, 207 ms in blocks of 2,048; on 46 positions fp32 no faster (293 / 298 ms).
-VOCAB_BLOCK_ROWS = 2048
+# (worker/training/fused_head.py; the memory estimate's CPU figures count it). A block holds about
+# VOCAB_BLOCK_LOGITS logits: its rows are the power of two nearest VOCAB_BLOCK_LOGITS / positions, within
+# VOCAB_BLOCK_ROWS. Few positions (a pass's answers) take long blocks: each block costs some twenty small operations
+# whatever its size, and the sweep reads the whole weight anyway. qwen2-152k's output layer, forward and backward
+# (docs/benchmarks.md, issue 18, stop 35). Intel Xeon with AMX, bf16: 22 positions 57 ms in blocks of 2,048 rows, 40
+# in 32,768; 86 positions 87 / 68 ms (8,192); 150 positions 108 / 95 (4,096); 600 positions 267 ms in 2,048 and
+# 303 in 8,192; fp32 within 5% from 1,024 to 16,384 rows. Zen 4 (stop 33): 113 positions bf16 207 / 205 ms in
+# 2,048 / 4,096 rows, 46 positions fp32 298 / 300.
+VOCAB_BLOCK_LOGITS = 2**19
+VOCAB_BLOCK_ROWS = (2048, 32768)
+
+
+def vocab_block_rows(positions: int) -> int:
+    """The rows of a CPU sweep's block over a frozen output layer for `positions` positions at once."""
+    low, high = VOCAB_BLOCK_ROWS
+    return min(high, max(low, 2 ** round(math.log2(VOCAB_BLOCK_LOGITS / max(positions, 1)))))
 # With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many
 # MB, for its backward not to recompute them (worker/training/checkpointing.py; the memory estimate counts them). A
 # qwen2-152k QLoRA pass of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens makes about 126 MB of them in fp32 (4 layers).

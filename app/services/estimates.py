@@ -14,8 +14,8 @@ The memory model, per process (c = bytes per value at the compute precision):
   gradient checkpointing each layer's input, one layer recomputed at a time, and the matrix products' and
   attention's outputs a pass keeps (at most SAVED_OUTPUTS_PER_PASS_MB);
 - logits: per position of one chunk of the output layer (at most LOGP_CHUNK_TOKENS; every token under FSDP), the
-  vocabulary (on a CPU, a frozen output layer's block of VOCAB_BLOCK_ROWS) at c, in fp32 for the loss, and its fp32
-  gradient;
+  vocabulary (on a CPU, a frozen output layer's block of vocab_block_rows(positions)) at c, in fp32 for the loss,
+  and its fp32 gradient;
 - FSDP shards weights, gradients and optimizer state over the processes; on a GPU a fixed runtime allowance
   (CUDA context, kernels, allocator slack).
 """
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.schemas.jobs import JobResources
-from app.schemas.training import LOGP_CHUNK_TOKENS, SAVED_OUTPUTS_PER_PASS_MB, VOCAB_BLOCK_ROWS, TrainingConfig
+from app.schemas.training import LOGP_CHUNK_TOKENS, SAVED_OUTPUTS_PER_PASS_MB, TrainingConfig, vocab_block_rows
 
 # CUDA context, cuBLAS workspaces and caching-allocator slack, measured on the lent GPU when there was one.
 GPU_RUNTIME_BYTES = 0.75e9
@@ -141,13 +141,18 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     else:
         activations = tokens * layers * per_token_layer
     # The output layer runs on LOGP_CHUNK_TOKENS labelled positions at a time (worker/training/logprobs.py), and on a
-    # CPU a frozen one (adapters that leave it alone) on VOCAB_BLOCK_ROWS of its rows at a time
-    # (worker/training/fused_head.py); FSDP's sharded runs take the full logits of every token.
+    # CPU a frozen one (adapters that leave it alone) on a block of its rows at a time, longer for fewer positions
+    # (worker/training/fused_head.py): the largest block any chunk up to that many positions makes. FSDP's sharded
+    # runs take the full logits of every token.
     sharded = config.distributed == "fsdp" and config.processes > 1
     frozen_head = adapter.type != "full" and (adapter.target_modules == "all-linear"
                                               or "lm_head" not in adapter.target_modules)
-    rows = min(vocab, VOCAB_BLOCK_ROWS) if device == "cpu" and frozen_head and not sharded else vocab
-    logits = (tokens if sharded else min(tokens, LOGP_CHUNK_TOKENS)) * rows * (c + 8.0)
+    positions = tokens if sharded else min(tokens, LOGP_CHUNK_TOKENS)
+    if device == "cpu" and frozen_head and not sharded:
+        block = max(p * min(vocab, vocab_block_rows(p)) for p in range(1, positions + 1))
+    else:
+        block = positions * vocab
+    logits = block * (c + 8.0)
     runtime = GPU_RUNTIME_BYTES if device == "cuda" else 0.0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=float(activations),
                           logits=logits, runtime=runtime, trainable_parameters=int(trainable), precision=precision)

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import FineTuningJob, RegisteredModel
-from app.schemas.training import LOGP_CHUNK_TOKENS, VOCAB_BLOCK_ROWS, AdapterConfig, TrainingConfig
+from app.schemas.training import LOGP_CHUNK_TOKENS, AdapterConfig, TrainingConfig, vocab_block_rows
 from app.services import workers as worker_service
 from app.services.estimates import GIB, peak_memory
 from tests.api.conftest import upload_chat
@@ -58,8 +58,9 @@ def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> 
     assert supervised is not None and dpo is not None and twice is not None
     assert dpo.activations > twice.activations > supervised.activations
     # the output layer runs on a chunk of labelled positions at a time, a whole batch of logits only under FSDP; on a
-    # CPU a frozen one a block of its rows at a time
-    assert dpo.logits == twice.logits == supervised.logits == LOGP_CHUNK_TOKENS * VOCAB_BLOCK_ROWS * 12
+    # CPU a frozen one a block of its rows at a time (a chunk of many positions takes the shortest blocks)
+    block = LOGP_CHUNK_TOKENS * vocab_block_rows(LOGP_CHUNK_TOKENS)
+    assert dpo.logits == twice.logits == supervised.logits == block * 12
     gpu = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024))
     full = peak_memory(SEVEN_B, config("full", batch_size=4, max_seq_length=1024), device="cpu")
     head = peak_memory(SEVEN_B, TrainingConfig(adapter=AdapterConfig(type="lora", target_modules=["q_proj", "lm_head"]),

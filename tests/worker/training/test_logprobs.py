@@ -93,7 +93,7 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     product is wider than a block, and evaluation's scores are the same."""
     from worker.training import fused_head
 
-    monkeypatch.setattr(fused_head, "VOCAB_BLOCK_ROWS", 64)  # 8 blocks, the last one short
+    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions: 64)  # 8 blocks, the last one short
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 500, bias=bias).requires_grad_(False)
     hidden = torch.randn(37, 32, requires_grad=True)
@@ -120,11 +120,33 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     assert max(rows * cols for rows, cols in scoring.shapes) <= 8 * 64
 
 
+def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks() -> None:
+    """A sweep's block holds about VOCAB_BLOCK_LOGITS logits, within VOCAB_BLOCK_ROWS: a few positions (a pass's
+    answers) take long blocks, a chunk of many positions short ones, and the log-probabilities do not change."""
+    from app.schemas.training import VOCAB_BLOCK_LOGITS, VOCAB_BLOCK_ROWS, vocab_block_rows
+    from worker.training import fused_head
+
+    low, high = VOCAB_BLOCK_ROWS
+    assert vocab_block_rows(1) == high and vocab_block_rows(10**6) == low
+    for positions in range(VOCAB_BLOCK_LOGITS // high, VOCAB_BLOCK_LOGITS // low + 1):
+        assert 2**-0.5 <= positions * vocab_block_rows(positions) / VOCAB_BLOCK_LOGITS <= 2**0.5, positions
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 3 * high, bias=False).requires_grad_(False)
+    for positions in (4, 1000):
+        hidden, targets = torch.randn(positions, 8), torch.randint(0, 3 * high, (positions,))
+        with torch.no_grad(), ProductShapes() as scoring:
+            logps, _ = fused_head.head_logps(hidden, targets, head, 1.0, None, 1024)
+        assert {cols for _, cols in scoring.shapes} == {vocab_block_rows(positions)}
+        expected = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        assert torch.allclose(logps, expected, atol=1e-5)
+    assert vocab_block_rows(4) == high and vocab_block_rows(1000) == low
+
+
 def test_a_block_of_minus_infinity_logits_makes_no_nan(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block whose logits are all -inf (a bias that rules entries out) adds nothing: no NaN from its maximum."""
     from worker.training import fused_head
 
-    monkeypatch.setattr(fused_head, "VOCAB_BLOCK_ROWS", 64)
+    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions: 64)
     torch.manual_seed(2)
     head = torch.nn.Linear(16, 256, bias=True).requires_grad_(False)
     head.bias[:64] = -torch.inf  # the first block, so the running maximum starts at -inf
