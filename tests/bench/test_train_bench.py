@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import QUICK, main, trl_version
+from bench.train import QUICK, bracket, main, run_order, trl_version
 from bench.train_rows import Row
 
 
@@ -27,8 +27,24 @@ def test_training_benchmark_quick_run_prints_every_row_of_both_shapes_and_the_be
             assert len(printed[name]) == 14, printed[name]
         for adapter in ("LoRA", "QLoRA"):
             assert f"{shape.name} {adapter}: " in section
+        for name in ("tuneforge", "tuneforge-qlora"):  # run before and after the other rows of its adapter type
+            assert f"ran {name}: " in section and f"ran {name} again: " in section
+            assert f"{name}: training loop " in section and "before its peers" in section
         if trl_version():
             assert f"{shape.name} LoRA: tokens/s tuneforge/best peer (" in section
             assert "peak memory tuneforge/leanest peer (" in section
     assert "load average at start" in out and "matmul peak before the rows" in out
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed
+
+
+def test_each_tuneforge_row_runs_first_and_last_of_its_adapter_type_and_counts_the_mean() -> None:
+    assert run_order(["hf-dynamic", "trl", "tuneforge", "hf-grouped-qlora", "tuneforge-qlora"]) == [
+        "tuneforge", "hf-dynamic", "trl", "tuneforge", "tuneforge-qlora", "hf-grouped-qlora", "tuneforge-qlora"]
+    assert run_order(["tuneforge", "seed-qlora"]) == ["tuneforge", "seed-qlora"]  # alone in its type: once
+    first = {"status": "ok", "seconds": 10.0, "cpu_seconds": 19.0, "peak_mb": 900.0, "loop_mb": 800.0}
+    last = {**first, "seconds": 14.0, "cpu_seconds": 27.0, "peak_mb": 880.0, "loop_mb": 850.0}
+    both = bracket(first, last)
+    assert (both["seconds"], both["cpu_seconds"], both["peak_mb"], both["loop_mb"]) == (12.0, 23.0, 900.0, 850.0)
+    assert both["runs_seconds"] == (10.0, 14.0)
+    stopped = {"status": "failed: out of memory"}
+    assert bracket(first, stopped) is stopped and bracket(stopped, last) is stopped
