@@ -50,6 +50,8 @@ def vocab_block_rows(positions: int) -> int:
     """The rows of a CPU sweep's block over a frozen output layer for `positions` positions at once."""
     low, high = VOCAB_BLOCK_ROWS
     return min(high, max(low, 2 ** round(math.log2(VOCAB_BLOCK_LOGITS / max(positions, 1)))))
+
+
 # With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many
 # MB, for its backward not to recompute them (worker/training/checkpointing.py; the memory estimate counts them). A
 # qwen2-152k QLoRA pass of MAX_TOKENS_PER_CHECKPOINTED_FORWARD tokens makes about 126 MB of them in fp32 (4 layers).

@@ -132,14 +132,14 @@ def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks() -> None:
         assert 2**-0.5 <= positions * vocab_block_rows(positions) / VOCAB_BLOCK_LOGITS <= 2**0.5, positions
     torch.manual_seed(3)
     head = torch.nn.Linear(8, 3 * high, bias=False).requires_grad_(False)
-    for positions in (4, 1000):
+    # 4 positions; 1,000; 1,030 in chunks of 1,024 and 6: each chunk's block from its own positions
+    for positions, blocks in ((4, {high}), (1000, {low}), (1030, {low, high})):
         hidden, targets = torch.randn(positions, 8), torch.randint(0, 3 * high, (positions,))
         with torch.no_grad(), ProductShapes() as scoring:
             logps, _ = fused_head.head_logps(hidden, targets, head, 1.0, None, 1024)
-        assert {cols for _, cols in scoring.shapes} == {vocab_block_rows(positions)}
+        assert {cols for _, cols in scoring.shapes} == blocks
         expected = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         assert torch.allclose(logps, expected, atol=1e-5)
-    assert vocab_block_rows(4) == high and vocab_block_rows(1000) == low
 
 
 def test_a_block_of_minus_infinity_logits_makes_no_nan(monkeypatch: pytest.MonkeyPatch) -> None:
