@@ -38,12 +38,13 @@ LOGP_CHUNK_TOKENS = 1024
 # VOCAB_BLOCK_LOGITS logits: its rows are the power of two nearest VOCAB_BLOCK_LOGITS / positions, within
 # VOCAB_BLOCK_ROWS. Few positions (a pass's answers) take long blocks: each block costs some twenty small operations
 # whatever its size, and the sweep reads the whole weight anyway. qwen2-152k's output layer, forward and backward
-# (docs/benchmarks.md, issue 18, stop 35). Intel Xeon with AMX, bf16: 22 positions 57 ms in blocks of 2,048 rows, 40
-# in 32,768; 86 positions 87 / 68 ms (8,192); 150 positions 108 / 95 (4,096); 600 positions 267 ms in 2,048 and
-# 303 in 8,192; fp32 within 5% from 1,024 to 16,384 rows. Zen 4 (stop 33): 113 positions bf16 207 / 205 ms in
-# 2,048 / 4,096 rows, 46 positions fp32 298 / 300.
+# (docs/benchmarks.md, issue 18, stop 35). Intel Xeon with AMX, bf16: 22 positions 57 ms in blocks of 2,048 rows, 41
+# in 16,384; 86 positions 87 / 68 ms (8,192); 150 positions 108 / 95 (4,096); 600 positions 267 ms in 2,048 and
+# 303 in 8,192. fp32 moves less: 40-300 positions 0-7% faster in 4,096-8,192 rows than in 2,048; 14 positions 105
+# ms in 2,048, 108 in 16,384, 121 in 32,768 (hence the top of the range). Zen 4 (stop 33): 113 positions bf16
+# 207 / 205 ms in 2,048 / 4,096 rows, 46 positions fp32 298 / 300.
 VOCAB_BLOCK_LOGITS = 2**19
-VOCAB_BLOCK_ROWS = (2048, 32768)
+VOCAB_BLOCK_ROWS = (2048, 16384)
 
 
 def vocab_block_rows(positions: int) -> int:

@@ -61,10 +61,11 @@ def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> 
     # CPU a frozen one a block of its rows at a time (a chunk of many positions takes the shortest blocks)
     block = LOGP_CHUNK_TOKENS * vocab_block_rows(LOGP_CHUNK_TOKENS)
     assert dpo.logits == twice.logits == supervised.logits == block * 12
-    # fewer positions take longer blocks: a chunk counts the largest any of its first positions makes (22 of them
-    # sweep all 32,000 rows at once, 23 sweep 16,384 at a time)
-    few = peak_memory(SEVEN_B, config(batch_size=1, max_seq_length=23), device="cpu")
-    assert few is not None and few.logits == 22 * SEVEN_B["vocab_size"] * 12
+    # fewer positions take longer blocks: a chunk counts the largest any of its first positions makes (45 of them
+    # sweep 16,384 rows at a time, 46 sweep 8,192)
+    few = peak_memory(SEVEN_B, config(batch_size=1, max_seq_length=46), device="cpu")
+    assert vocab_block_rows(45) == 2 * vocab_block_rows(46) == 16384
+    assert few is not None and few.logits == 45 * 16384 * 12
     gpu = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024))
     full = peak_memory(SEVEN_B, config("full", batch_size=4, max_seq_length=1024), device="cpu")
     head = peak_memory(SEVEN_B, TrainingConfig(adapter=AdapterConfig(type="lora", target_modules=["q_proj", "lm_head"]),
