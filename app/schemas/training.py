@@ -41,16 +41,26 @@ LOGP_CHUNK_TOKENS = 1024
 # (docs/benchmarks.md, issue 18, stop 35). Intel Xeon with AMX, bf16: 22 positions 57 ms in blocks of 2,048 rows, 41
 # in 16,384; 86 positions 87 / 68 ms (8,192); 150 positions 108 / 95 (4,096); 600 positions 267 ms in 2,048 and
 # 303 in 8,192. fp32 moves less: 40-300 positions 0-7% faster in 4,096-8,192 rows than in 2,048; 14 positions 105
-# ms in 2,048, 108 in 16,384, 121 in 32,768 (hence the top of the range). Zen 4 (stop 33): 113 positions bf16
-# 207 / 205 ms in 2,048 / 4,096 rows, 46 positions fp32 298 / 300.
+# ms in 2,048, 108 in 16,384, 121 in 32,768 (hence the top of the range).
 VOCAB_BLOCK_LOGITS = 2**19
 VOCAB_BLOCK_ROWS = (2048, 16384)
+# ... and a block's weight takes at most 1/VOCAB_BLOCK_CACHE_SHARE of the host's last-level cache, where the host
+# reports one: the sweep reads each block twice, and the second read must find it still in the cache, beside the
+# logits and whatever else the cache holds. A Zen 4 with a 32 MB L3 (stop 36): fp32 on 14 / 22 / 40 positions took
+# 116 / 143 / 262 ms in blocks of 2,048 rows (7.3 MB), 148 / 166 / 291 in 4,096 (14.7 MB) and 173 / 212 / 295 in
+# 16,384 (59 MB); bf16 64 / 67 / 94 ms in 4,096 rows (7.3 MB), 67 / 70 / 101 in 8,192.
+VOCAB_BLOCK_CACHE_SHARE = 4
 
 
-def vocab_block_rows(positions: int) -> int:
-    """The rows of a CPU sweep's block over a frozen output layer for `positions` positions at once."""
+def vocab_block_rows(positions: int, *, row_bytes: int = 0, cache_bytes: int | None = None) -> int:
+    """The rows of a CPU sweep's block over a frozen output layer for `positions` positions at once, each row of
+    `row_bytes` (the hidden size times the product's element size), on a host with `cache_bytes` of last-level
+    cache. Without both (the memory estimate, which holds for any host) only VOCAB_BLOCK_ROWS bounds it."""
     low, high = VOCAB_BLOCK_ROWS
-    return min(high, max(low, 2 ** round(math.log2(VOCAB_BLOCK_LOGITS / max(positions, 1)))))
+    rows = min(high, max(low, 2 ** round(math.log2(VOCAB_BLOCK_LOGITS / max(positions, 1)))))
+    if row_bytes and cache_bytes:
+        rows = min(rows, 2 ** math.floor(math.log2(max(cache_bytes / VOCAB_BLOCK_CACHE_SHARE / row_bytes, 1))))
+    return rows
 
 
 # With gradient_checkpointing a forward pass also keeps its matrix products' and attention's outputs, up to this many

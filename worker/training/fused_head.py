@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas.training import vocab_block_rows
+from worker.training.host import last_level_cache_bytes
 
 
 class FusedHeadLogps(torch.autograd.Function):
@@ -22,11 +23,11 @@ class FusedHeadLogps(torch.autograd.Function):
     against the running maximum times the same block of the weight, added to the running sum (rescaled when the
     maximum grows, as flash attention does); the target's share is kept apart in fp32, so a confident position's
     small gradient is not lost to a bf16 product's rounding. The output layer runs twice per position instead of
-    three times (forward, recomputation, backward). On a CPU a block is vocab_block_rows(positions) rows: both
-    products of a block run while it is in the cache, and no [positions, vocabulary] buffer is made; on a GPU the
-    vocabulary is one block. `chunk_tokens` positions go through the sweep together. The backward only scales the
-    kept [positions, hidden] gradient. Under autocast every product runs in the autocast dtype, as the unfused
-    layer's would, and the sums are kept in fp32."""
+    three times (forward, recomputation, backward). On a CPU a block is vocab_block_rows(...) rows (longer for fewer
+    positions, as long as the host's cache holds it): both products of a block run while it is in the cache, and no
+    [positions, vocabulary] buffer is made; on a GPU the vocabulary is one block. `chunk_tokens` positions go
+    through the sweep together. The backward only scales the kept [positions, hidden] gradient. Under autocast
+    every product runs in the autocast dtype, as the unfused layer's would, and the sums are kept in fp32."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, scale: float,
@@ -60,7 +61,9 @@ def _chunks(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, 
     for start in range(0, len(targets), chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         # On a GPU, where the sweep is unmeasured, the whole vocabulary is one block.
-        block = vocab_block_rows(len(t)) if hidden.device.type == "cpu" else weight.size(0)
+        block = (vocab_block_rows(len(t), row_bytes=weight.size(1) * dtype.itemsize,
+                                  cache_bytes=last_level_cache_bytes())
+                 if hidden.device.type == "cpu" else weight.size(0))
         parts.append(_sweep(h, t, weight, bias, scale, softcap, dtype, block=block, gradient=gradient))
     logps, right, grads = zip(*parts, strict=True)
     return torch.cat(logps), torch.cat(right), torch.cat(grads) if gradient else None

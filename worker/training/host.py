@@ -1,11 +1,14 @@
-"""The training process's host memory: a cap on a CPU kernel cache, and handing freed heap back to the system.
-Imports no torch (worker/training/__init__.py applies the cap before torch runs anything)."""
+"""The training process's host memory: a cap on a CPU kernel cache, handing freed heap back to the system, and the
+size of the CPU's last-level cache. Imports no torch (worker/training/__init__.py applies the cap before torch runs
+anything)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+from pathlib import Path
 from typing import Any
 
 # oneDNN, which runs torch's bf16 matrix products on a CPU, compiles a kernel for every input shape and caches it
@@ -63,3 +66,19 @@ def resident_mb() -> float:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return 0.0
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+@functools.cache
+def last_level_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of the highest-level cache the first CPU reports (Linux's sysfs: index*/level and size, such as
+    "32768K"), or None where it reports none."""
+    caches = []
+    for index in cpu.glob("index*"):
+        with contextlib.suppress(OSError, ValueError):
+            size = (index / "size").read_text().strip()
+            scale = _UNITS.get(size[-1:].upper(), 1)
+            caches.append((int((index / "level").read_text()), int(size.rstrip("KMGkmg")) * scale))
+    return max(caches)[1] if caches else None

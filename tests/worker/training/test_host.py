@@ -99,3 +99,16 @@ def test_a_release_with_min_growth_waits_until_resident_memory_grew_that_much() 
     release_freed_memory(min_growth_mb=128)
     assert held - _anon_mb() > 128
     assert last.sum().item() == 16384
+
+
+def test_the_last_level_cache_is_the_highest_level_the_cpu_reports(tmp_path: Path) -> None:
+    """sysfs's caches of the first CPU, sizes as Linux writes them: the highest level's size; none reported, None."""
+    from worker.training.host import last_level_cache_bytes
+
+    for index, (level, size) in enumerate([(1, "32K"), (1, "32K"), (3, "32768K"), (2, "1024K")]):
+        (tmp_path / "cpu" / f"index{index}").mkdir(parents=True)
+        (tmp_path / "cpu" / f"index{index}" / "level").write_text(f"{level}\n")
+        (tmp_path / "cpu" / f"index{index}" / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path / "cpu") == 32 * 2**20
+    (tmp_path / "none").mkdir()
+    assert last_level_cache_bytes(tmp_path / "none") is None

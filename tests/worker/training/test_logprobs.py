@@ -93,7 +93,7 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     product is wider than a block, and evaluation's scores are the same."""
     from worker.training import fused_head
 
-    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions: 64)  # 8 blocks, the last one short
+    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions, **_: 64)  # 8 blocks, the last one short
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 500, bias=bias).requires_grad_(False)
     hidden = torch.randn(37, 32, requires_grad=True)
@@ -120,12 +120,13 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     assert max(rows * cols for rows, cols in scoring.shapes) <= 8 * 64
 
 
-def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks() -> None:
+def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep's block holds about VOCAB_BLOCK_LOGITS logits, within VOCAB_BLOCK_ROWS: a few positions (a pass's
     answers) take long blocks, a chunk of many positions short ones, and the log-probabilities do not change."""
     from app.schemas.training import VOCAB_BLOCK_LOGITS, VOCAB_BLOCK_ROWS, vocab_block_rows
     from worker.training import fused_head
 
+    monkeypatch.setattr(fused_head, "last_level_cache_bytes", lambda: None)  # any host: no cache to fit
     low, high = VOCAB_BLOCK_ROWS
     assert vocab_block_rows(1) == high and vocab_block_rows(10**6) == low
     for positions in range(VOCAB_BLOCK_LOGITS // high, VOCAB_BLOCK_LOGITS // low + 1):
@@ -142,11 +143,38 @@ def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks() -> None:
         assert torch.allclose(logps, expected, atol=1e-5)
 
 
+def test_a_block_takes_at_most_a_share_of_the_hosts_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However few the positions, a block's weight takes at most 1/VOCAB_BLOCK_CACHE_SHARE of the last-level
+    cache (a Zen 4's 32 MB: qwen2-152k's fp32 rows 2,048 at a time, bf16 ones 4,096), and the sweep's products
+    follow it, in the product's own precision."""
+    from app.schemas.training import VOCAB_BLOCK_CACHE_SHARE, VOCAB_BLOCK_ROWS, vocab_block_rows
+    from worker.training import fused_head
+
+    low, high = VOCAB_BLOCK_ROWS
+    zen4 = 32 * 2**20
+    assert vocab_block_rows(14) == high
+    assert vocab_block_rows(14, row_bytes=896 * 4, cache_bytes=zen4) == 2048
+    assert vocab_block_rows(14, row_bytes=896 * 2, cache_bytes=zen4) == 4096
+    assert vocab_block_rows(10**6, row_bytes=896 * 2, cache_bytes=zen4) == low  # many positions: the rule's own
+    assert vocab_block_rows(14, row_bytes=896 * 2, cache_bytes=2**40) == high  # a large cache: no cap
+    torch.manual_seed(4)
+    head = torch.nn.Linear(8, 3 * high, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(4, 8), torch.randint(0, 3 * high, (4,))
+    expected = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    # fp32 rows of 8 are 32 bytes: this cache holds 1,024 of them in its share; bf16 rows twice as many
+    monkeypatch.setattr(fused_head, "last_level_cache_bytes", lambda: VOCAB_BLOCK_CACHE_SHARE * 1024 * 32)
+    for autocast, rows in ((False, 1024), (True, 2048)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), ProductShapes() as scoring:
+            logps, _ = fused_head.head_logps(hidden, targets, head, 1.0, None, 1024)
+        assert {cols for _, cols in scoring.shapes} == {rows}
+        assert torch.allclose(logps, expected, atol=0.1 if autocast else 1e-5)
+
+
 def test_a_block_of_minus_infinity_logits_makes_no_nan(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block whose logits are all -inf (a bias that rules entries out) adds nothing: no NaN from its maximum."""
     from worker.training import fused_head
 
-    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions: 64)
+    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions, **_: 64)
     torch.manual_seed(2)
     head = torch.nn.Linear(16, 256, bias=True).requires_grad_(False)
     head.bias[:64] = -torch.inf  # the first block, so the running maximum starts at -inf
