@@ -258,14 +258,16 @@ def run_order(rows: list[str]) -> list[str]:
 
 def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """One tuneforge row from its runs before and after its peers: the mean of their times (wall and CPU), the
-    higher of their memory peaks, the rest from the later run; a run that did not finish stands for the row."""
+    higher of their memory peaks (both kept, as are both times), the rest from the later run; a run that did not
+    finish stands for the row."""
     if before["status"] != "ok" or after["status"] != "ok":
         return before if before["status"] != "ok" else after
     loop = [r["loop_mb"] for r in (before, after)]
     return {**after, "seconds": (before["seconds"] + after["seconds"]) / 2,
             "cpu_seconds": (before["cpu_seconds"] + after["cpu_seconds"]) / 2,
             "peak_mb": max(before["peak_mb"], after["peak_mb"]), "loop_mb": max(loop) if all(loop) else None,
-            "runs_seconds": (before["seconds"], after["seconds"])}
+            "runs_seconds": (before["seconds"], after["seconds"]),
+            "runs_peak_mb": (before["peak_mb"], after["peak_mb"])}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -380,8 +382,9 @@ def print_table(shape: Shape, results: dict[str, dict[str, Any]], peak: float) -
               f"{r['valid_loss']:>11.3f}{mfu:>7.2f}")
     for name, r in ok.items():
         if "runs_seconds" in r:
-            first, last = r["runs_seconds"]
-            print(f"{name}: training loop {first:.1f} s before its peers, {last:.1f} s after; the table has the mean")
+            (first, last), (first_mb, last_mb) = r["runs_seconds"], r["runs_peak_mb"]
+            print(f"{name}: training loop {first:.1f} s before its peers, {last:.1f} s after; the table has the mean;"
+                  f" peak memory {first_mb:,.0f} MB before, {last_mb:,.0f} MB after; the table has the higher")
     for qlora in (False, True):
         print_ratios(shape, results, qlora=qlora)
 

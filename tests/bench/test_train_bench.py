@@ -30,6 +30,7 @@ def test_training_benchmark_quick_run_prints_every_row_of_both_shapes_and_the_be
         for name in ("tuneforge", "tuneforge-qlora"):  # run before and after the other rows of its adapter type
             assert f"ran {name}: " in section and f"ran {name} again: " in section
             assert f"{name}: training loop " in section and "before its peers" in section
+            assert "MB before" in section and "the table has the higher" in section
         if trl_version():
             assert f"{shape.name} LoRA: tokens/s tuneforge/best peer (" in section
             assert "peak memory tuneforge/leanest peer (" in section
@@ -45,6 +46,6 @@ def test_each_tuneforge_row_runs_first_and_last_of_its_adapter_type_and_counts_t
     last = {**first, "seconds": 14.0, "cpu_seconds": 27.0, "peak_mb": 880.0, "loop_mb": 850.0}
     both = bracket(first, last)
     assert (both["seconds"], both["cpu_seconds"], both["peak_mb"], both["loop_mb"]) == (12.0, 23.0, 900.0, 850.0)
-    assert both["runs_seconds"] == (10.0, 14.0)
+    assert both["runs_seconds"] == (10.0, 14.0) and both["runs_peak_mb"] == (900.0, 880.0)
     stopped = {"status": "failed: out of memory"}
     assert bracket(first, stopped) is stopped and bracket(stopped, last) is stopped
