@@ -48,7 +48,7 @@ VOCAB_BLOCK_ROWS = (2048, 16384)
 # reports one: the sweep reads each block twice, and the second read must find it still in the cache, beside the
 # logits and whatever else the cache holds. A Zen 4 with a 32 MB L3 (stop 36): fp32 on 14 / 22 / 40 positions took
 # 116 / 143 / 262 ms in blocks of 2,048 rows (7.3 MB), 148 / 166 / 291 in 4,096 (14.7 MB) and 173 / 212 / 295 in
-# 16,384 (59 MB); bf16 64 / 67 / 94 ms in 4,096 rows (7.3 MB), 67 / 70 / 101 in 8,192.
+# 16,384 (59 MB); bf16 62 / 67 / 94 ms in 4,096 rows (7.3 MB), 67 / 70 / 101 in 8,192.
 VOCAB_BLOCK_CACHE_SHARE = 4
 
 
