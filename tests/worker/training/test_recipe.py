@@ -419,3 +419,34 @@ def test_a_checkpointed_step_runs_passes_of_the_checkpointed_bound(
             assert all(rows == 1 or rows * width <= 24 for rows, width in passes), passes
         else:
             assert len(passes) == result.steps
+
+
+def test_the_run_drops_the_tokenizer_once_the_data_is_tokenised_and_saves_it_with_the_adapter(
+        tmp_path: Path, tiny_model: Path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from transformers import AutoTokenizer
+
+    loaded: list[weakref.ref] = []
+    load = AutoTokenizer.from_pretrained
+
+    def recorded(*args, **kwargs):
+        loaded.append(weakref.ref(found := load(*args, **kwargs)))
+        return found
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recorded)
+    alive_at_first_step: list[bool] = []
+
+    class Watching(RecordingReporter):
+        def metrics(self, data: dict) -> None:
+            super().metrics(data)
+            alive_at_first_step.append(any(ref() is not None for ref in loaded))
+
+    result = train(make_config(), model_path=tiny_model, train_file=write_jsonl(tmp_path / "t.jsonl", code_mapping(4)),
+                   validation_file=None, output_dir=tmp_path / "out", reporter=Watching())
+    assert len(loaded) == 1 and alive_at_first_step and not any(alive_at_first_step)
+    monkeypatch.undo()
+    saved = AutoTokenizer.from_pretrained(result.final_dir)
+    text = "code for river0: 3 7"
+    assert saved.encode(text) == tokenizer.encode(text) and len(saved) == len(tokenizer)
+    assert saved.pad_token_id == tokenizer.pad_token_id and saved.chat_template == tokenizer.chat_template
