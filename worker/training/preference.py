@@ -199,14 +199,17 @@ def sequence_logps(
 
 
 def packs_pairs(model: Any) -> bool:
-    """Whether the model attends as the pair mask and positions say: SDPA takes a custom 4D mask as it is; rotary
-    position embeddings follow position_ids (ALiBi and learned positions follow the token index or the 2D mask);
-    and every layer must be plain full attention (a sliding window or a recurrent layer needs masks of its own)."""
+    """Whether the model attends as the pair mask and positions say: SDPA (and the CPU's block attention) takes a custom
+    4D mask as it is; rotary position embeddings follow position_ids (ALiBi and learned positions follow the token index
+    or the 2D mask); and every layer must be plain full attention (a sliding window or a recurrent layer needs masks of
+    its own)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    from worker.training.attention import BLOCK_ATTENTION
 
     lm = causal_lm(model)
     text = lm.config.get_text_config()
-    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+    if getattr(lm.config, "_attn_implementation", None) not in ("sdpa", BLOCK_ATTENTION):
         return False
     if getattr(text, "rope_parameters", None) is None or getattr(text, "alibi", False):
         return False
