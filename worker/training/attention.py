@@ -12,7 +12,8 @@ A block's fp32 scores are heads x QUERY_BLOCK x keys (14 x 64 x 580 x 4 bytes: 2
 
 It takes what the SDPA path takes (transformers' boolean 4D masks: causal, padding, packed sequences, DPO's pair
 masks, or none for plain causal rows) and hands anything else to SDPA: dropout, a float mask, a query shorter than
-its keys (generation with a cache), a device other than the CPU.
+its keys (generation with a cache), a device other than the CPU. It is one operator to torch (a custom op with its
+own backward), so a checkpointed forward's selective policy keeps its output as it keeps SDPA's.
 """
 
 from __future__ import annotations
@@ -29,59 +30,84 @@ BLOCK_ATTENTION = "tuneforge_cpu_blocks"
 QUERY_BLOCK = 64
 
 
-class BlockAttention(torch.autograd.Function):
+@torch.library.custom_op("tuneforge::block_attention", mutates_args=(), device_types="cpu")
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T x scale, masked) v for q [batch, heads, length, dim] and k, v [batch, kv heads, length, dim]
     (heads a multiple of kv heads), with `mask` a boolean [batch, 1 or heads, length, length] (True: attend) or None
-    for causal attention. A query that may attend to nothing gets zeros, as SDPA gives it."""
+    for causal attention; and each query's log-sum-exp of scores, which the backward recomputes the probabilities
+    from. A query that may attend to nothing gets zeros, as SDPA gives it. One operator to torch: a checkpointed
+    forward's policy keeps its two outputs (worker/training/checkpointing.py), not its products of scores."""
+    batch, heads, length, dim = q.shape
+    group = heads // k.size(1)
+    out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+    for lo, hi, end in _blocks(mask, length):
+        scores = _scores(q, k, mask, lo, hi, end, scale, group)
+        top = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+        probs = scores.sub_(top).exp_()
+        total = probs.sum(-1, keepdim=True)
+        # A query that sees no key: probabilities 0, and a log-sum-exp of +inf makes the backward's 0 too.
+        lse[:, :, lo:hi] = torch.where(total > 0, top + total.log(), math.inf).squeeze(-1)
+        probs.div_(total.clamp_(min=torch.finfo(torch.float32).tiny))
+        values = _by_kv_head(probs.to(q.dtype), group).matmul(v[:, :, :end])
+        out[:, :, lo:hi] = values.view(batch, heads, hi - lo, dim)
+    return out, lse
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
-        batch, heads, length, dim = q.shape
-        kv_heads = k.size(1)
-        group = heads // kv_heads
-        out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-        ends = []
-        for lo in range(0, length, QUERY_BLOCK):
-            hi = min(length, lo + QUERY_BLOCK)
-            end = _last_key(mask, lo, hi)
-            ends.append(end)
-            scores = _scores(q, k, mask, lo, hi, end, scale, group)
-            top = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
-            probs = scores.sub_(top).exp_()
-            total = probs.sum(-1, keepdim=True)
-            # A query that sees no key: probabilities 0, and a log-sum-exp of +inf makes the backward's 0 too.
-            lse[:, :, lo:hi] = torch.where(total > 0, top + total.log(), math.inf).squeeze(-1)
-            probs.div_(total.clamp_(min=torch.finfo(torch.float32).tiny))
-            values = _by_kv_head(probs.to(q.dtype), group).matmul(v[:, :, :end])
-            out[:, :, lo:hi] = values.view(batch, heads, hi - lo, dim)
-        ctx.save_for_backward(q, k, v, out, lse, *(() if mask is None else (mask,)))
-        ctx.ends, ctx.scale = ends, scale
-        return out
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        q, k, v, out, lse, *masks = ctx.saved_tensors
-        mask = masks[0] if masks else None
-        batch, heads, length, dim = q.shape
-        group = heads // k.size(1)
-        # d softmax: p x (dp - sum(p x dp)), and sum(p x dp) over the keys is sum(dout x out) over the dimensions.
-        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for lo, end in zip(range(0, length, QUERY_BLOCK), ctx.ends, strict=True):
-            hi = min(length, lo + QUERY_BLOCK)
-            probs = _scores(q, k, mask, lo, hi, end, ctx.scale, group).sub_(lse[:, :, lo:hi, None]).exp_()
-            grad_block = _by_kv_head(grad_out[:, :, lo:hi], group)
-            grad_v[:, :, :end] += _by_kv_head(probs.to(q.dtype), group).transpose(-1, -2).matmul(grad_block).float()
-            grad_probs = grad_block.matmul(v[:, :, :end].transpose(-1, -2)).view_as(probs).float()
-            grad_scores = probs.mul_(grad_probs.sub_(delta[:, :, lo:hi])).mul_(ctx.scale).to(q.dtype)
-            grad_scores = _by_kv_head(grad_scores, group)
-            grad_q[:, :, lo:hi] = grad_scores.matmul(k[:, :, :end]).view(batch, heads, hi - lo, dim)
-            grad_k[:, :, :end] += grad_scores.transpose(-1, -2).matmul(_by_kv_head(q[:, :, lo:hi], group)).float()
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+@block_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tuneforge::block_attention_backward", mutates_args=(), device_types="cpu")
+def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """block_attention's gradients with respect to q, k and v, a block of queries at a time."""
+    batch, heads, length, dim = q.shape
+    group = heads // k.size(1)
+    # d softmax: p x (dp - sum(p x dp)), and sum(p x dp) over the keys is sum(dout x out) over the dimensions.
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for lo, hi, end in _blocks(mask, length):
+        probs = _scores(q, k, mask, lo, hi, end, scale, group).sub_(lse[:, :, lo:hi, None]).exp_()
+        grad_block = _by_kv_head(grad_out[:, :, lo:hi], group)
+        grad_v[:, :, :end] += _by_kv_head(probs.to(q.dtype), group).transpose(-1, -2).matmul(grad_block).float()
+        grad_probs = grad_block.matmul(v[:, :, :end].transpose(-1, -2)).view_as(probs).float()
+        grad_scores = _by_kv_head(probs.mul_(grad_probs.sub_(delta[:, :, lo:hi])).mul_(scale).to(q.dtype), group)
+        grad_q[:, :, lo:hi] = grad_scores.matmul(k[:, :, :end]).view(batch, heads, hi - lo, dim)
+        grad_k[:, :, :end] += grad_scores.transpose(-1, -2).matmul(_by_kv_head(q[:, :, lo:hi], group)).float()
+    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+@block_attention_backward.register_fake
+def _(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+      lse: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, mask, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, mask)
+    ctx.scale = scale
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    return (*block_attention_backward(grad_out, q, k, v, out, lse, mask, ctx.scale), None, None)
+
+
+block_attention.register_autograd(_backward, setup_context=_save)
+
+
+def _blocks(mask: torch.Tensor | None, length: int) -> list[tuple[int, int, int]]:
+    """(first query, one past the last, one past the last key any of them may attend to) for each block."""
+    return [(lo, min(length, lo + QUERY_BLOCK), _last_key(mask, lo, min(length, lo + QUERY_BLOCK)))
+            for lo in range(0, length, QUERY_BLOCK)]
 
 
 def _by_kv_head(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -116,7 +142,7 @@ def block_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface (sdpa_attention_forward's arguments and output layout, [batch, length,
-    heads, dim]): BlockAttention where it applies, SDPA otherwise."""
+    heads, dim]): block_attention where it applies, SDPA otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -129,7 +155,7 @@ def block_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
-    out = BlockAttention.apply(query, key, value, attention_mask, scale)
+    out, _ = block_attention(query, key, value, attention_mask, scale)
     return out.transpose(1, 2), None
 
 

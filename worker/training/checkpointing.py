@@ -29,18 +29,20 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from app.schemas.training import SAVED_OUTPUTS_PER_PASS_MB
+from worker.training import attention  # noqa: F401  # registers torch.ops.tuneforge.block_attention
 
 
 @functools.cache
 def kept_ops() -> frozenset[Any]:
     """The operators whose outputs a checkpointed forward keeps: matrix products (bitsandbytes' 4-bit product
-    included, where it is installed) and the fused attention kernels."""
+    included, where it is installed) and the fused attention kernels, the CPU's block attention among them."""
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
            aten._scaled_dot_product_flash_attention_for_cpu.default,
            aten._scaled_dot_product_flash_attention.default,
            aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default}
+           aten._scaled_dot_product_cudnn_attention.default,
+           torch.ops.tuneforge.block_attention.default}
     try:
         import bitsandbytes  # noqa: F401  # registers torch.ops.bitsandbytes
 

@@ -156,10 +156,8 @@ def load_model(
     if adapter.type != "qlora":
         model.to(device)  # type: ignore[arg-type]  # transformers' stub for .to is too narrow
     model.config.use_cache = False  # a KV cache is useless in training and disables packed masks
-    if device.type == "cpu" and dtype != torch.float32 and not config.gradient_checkpointing:
-        # In fp32 the block attention was no faster than SDPA's kernel (worker/training/attention.py). A checkpointed
-        # forward keeps SDPA: its selective policy keeps the fused kernel's output, where it would keep the block
-        # attention's products of scores (worker/training/checkpointing.py).
+    if device.type == "cpu" and dtype != torch.float32:
+        # In fp32 the block attention was no faster than SDPA's kernel (worker/training/attention.py).
         from worker.training.attention import use_block_attention
 
         use_block_attention(model)

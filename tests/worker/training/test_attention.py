@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tests.worker.training.factories import make_config
 from worker.training import attention
-from worker.training.attention import BLOCK_ATTENTION, BlockAttention, block_attention_forward
+from worker.training.attention import BLOCK_ATTENTION, block_attention, block_attention_forward
 from worker.training.model import load_model
 
 LENGTH = 150  # more than two query blocks, the last one partial
@@ -48,7 +49,7 @@ def test_block_attention_gives_softmax_attention_and_its_gradients(name: str, dt
     q, k, v = (torch.randn(2, heads, LENGTH, 16, generator=g).to(dtype).requires_grad_() for heads in (6, 2, 2))
     grad = torch.randn(2, 6, LENGTH, 16, generator=g).to(dtype)
 
-    out = BlockAttention.apply(q, k, v, mask, 0.25)
+    out, _ = block_attention(q, k, v, mask, 0.25)
     out.backward(grad)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
     expected = reference(*exact, full, 0.25)
@@ -62,7 +63,7 @@ def test_block_attention_gives_softmax_attention_and_its_gradients(name: str, dt
         assert out[1, :, 5].abs().max() == 0
 
 
-def test_the_attention_interface_hands_what_blocks_do_not_cover_to_sdpa() -> None:
+def test_the_attention_interface_hands_what_blocks_do_not_cover_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     module = torch.nn.Module()
     module.is_causal = True
     module.num_key_value_groups = 3
@@ -73,27 +74,22 @@ def test_the_attention_interface_hands_what_blocks_do_not_cover_to_sdpa() -> Non
     cases = [(one_query, None, {}), (torch.randn(1, 6, 9, 16, generator=g), float_mask, {}),
              (torch.randn(1, 6, 9, 16, generator=g), None, {"dropout": 0.0, "is_causal": False})]
     called = []
-    original = attention.BlockAttention.apply
-    attention.BlockAttention.apply = lambda *a: called.append(a) or original(*a)  # type: ignore[method-assign]
-    try:
-        for q, mask, kwargs in cases:
-            ours, _ = block_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
-            theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
-            assert torch.equal(ours, theirs)
-        assert not called
-        causal_q = torch.randn(1, 6, 9, 16, generator=g)
-        ours, _ = block_attention_forward(module, causal_q, k, v, None, scaling=0.25)
-        theirs, _ = sdpa_attention_forward(module, causal_q, k, v, None, scaling=0.25)
-        assert len(called) == 1 and ours.shape == theirs.shape == (1, 9, 6, 16)
-        torch.testing.assert_close(ours, theirs)
-    finally:
-        attention.BlockAttention.apply = original  # type: ignore[method-assign]
+    monkeypatch.setattr(attention, "block_attention", lambda *a: called.append(a) or block_attention(*a))
+    for q, mask, kwargs in cases:
+        ours, _ = block_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
+        assert torch.equal(ours, theirs)
+    assert not called
+    causal_q = torch.randn(1, 6, 9, 16, generator=g)
+    ours, _ = block_attention_forward(module, causal_q, k, v, None, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, causal_q, k, v, None, scaling=0.25)
+    assert len(called) == 1 and ours.shape == theirs.shape == (1, 9, 6, 16)
+    torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize(("precision", "checkpointing", "expected"), [
-    ("bf16", False, BLOCK_ATTENTION), ("fp32", False, "sdpa"), ("bf16", True, "sdpa")])
-def test_a_bf16_cpu_job_attends_in_blocks_unless_checkpointed(tiny_model: Path, precision: str, checkpointing: bool,
-                                                               expected: str) -> None:
+    ("bf16", False, BLOCK_ATTENTION), ("bf16", True, BLOCK_ATTENTION), ("fp32", False, "sdpa")])
+def test_a_bf16_cpu_job_attends_in_blocks(tiny_model: Path, precision: str, checkpointing: bool, expected: str) -> None:
     config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, precision=precision,
                          gradient_checkpointing=checkpointing)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -127,3 +123,37 @@ def test_a_model_attending_in_blocks_gives_the_loss_and_gradients_of_sdpa(tiny_m
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=0)
     for a, b in zip(our_grads, their_grads, strict=True):
         assert (a - b).norm() <= 0.05 * b.norm()
+
+
+class CountBlockAttention(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += func is torch.ops.tuneforge.block_attention.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpointed_backward_keeps_the_block_attention_it_ran_and_gives_the_same_gradients(
+    tiny_model: Path,
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (2, 40), generator=g)
+    results = []
+    for checkpointing in (False, True):
+        config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, precision="bf16",
+                             gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
+        model.train()
+        forward, backward = CountBlockAttention(), CountBlockAttention()
+        with forward, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        with backward:
+            loss.backward()
+        layers = model.config.num_hidden_layers
+        assert (forward.count, backward.count) == (layers, 0)
+        results.append([p.grad for p in model.parameters() if p.grad is not None])
+    for plain, checkpointed in zip(*results, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
