@@ -14,6 +14,7 @@ from tests.worker.training.factories import make_config
 from worker.training import attention
 from worker.training.attention import BLOCK_ATTENTION, block_attention, block_attention_forward
 from worker.training.model import load_model
+from worker.training.preference import packs_pairs
 
 LENGTH = 150  # more than two query blocks, the last one partial
 
@@ -157,3 +158,10 @@ def test_a_checkpointed_backward_keeps_the_block_attention_it_ran_and_gives_the_
         results.append([p.grad for p in model.parameters() if p.grad is not None])
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def test_a_bf16_cpu_dpo_job_still_runs_each_pair_as_one_row(tiny_model: Path) -> None:
+    config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, precision="bf16")
+    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert model.config._attn_implementation == BLOCK_ATTENTION
+    assert packs_pairs(model)
