@@ -6,7 +6,8 @@ queries and keys: at qwen2-152k's shape (14 query heads of 64 dimensions over 2 
 tokens) its forward and backward ran at 40-60 GFLOP/s in bf16 against a 410 GFLOP/s matrix product, and took 15% of
 a bf16 LoRA step (docs/benchmarks.md, issue 18, stop 38). Here each block of QUERY_BLOCK query rows meets every key up
 to the block's last visible one in two batched products per key/value head (its group of query heads stacked, so no
-key or value is repeated per query head), the softmax runs in fp32 between them, and only the output and each
+key or value is repeated per query head), the softmax runs in fp32 between them (on scores the bf16 product rounded
+to bf16, as transformers' eager attention has them), and only the output and each
 query's log-sum-exp are kept; the backward recomputes a block's probabilities from them, as flash attention does.
 A block's fp32 scores are heads x QUERY_BLOCK x keys (14 x 64 x 580 x 4 bytes: 2 MB).
 
@@ -58,7 +59,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 @block_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    batch, heads, length, dim = q.shape
+    return q.new_empty(batch, length, heads, dim).transpose(1, 2), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tuneforge::block_attention_backward", mutates_args=(), device_types="cpu")
@@ -87,7 +89,7 @@ def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
 @block_attention_backward.register_fake
 def _(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
       lse: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -149,6 +151,8 @@ def block_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     applies = (query.device.type == "cpu" and not dropout and kwargs.get("softcap") is None
                and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
                and query.size(2) == key.size(2) and query.size(1) % key.size(1) == 0
+               and query.size(0) == key.size(0) == value.size(0)  # SDPA broadcasts a batch of one; the blocks do not
+               and query.size(-1) == key.size(-1) == value.size(-1)  # MLA's values are narrower than its keys
                and query.dtype == key.dtype == value.dtype
                and (attention_mask.dtype == torch.bool if attention_mask is not None else causal))
     if not applies:

@@ -72,13 +72,16 @@ def test_the_attention_interface_hands_what_blocks_do_not_cover_to_sdpa(monkeypa
     k, v = torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
     one_query = torch.randn(1, 6, 1, 16, generator=g)  # generation with a cache: one query, nine keys
     float_mask = torch.zeros(1, 1, 9, 9)
-    cases = [(one_query, None, {}), (torch.randn(1, 6, 9, 16, generator=g), float_mask, {}),
-             (torch.randn(1, 6, 9, 16, generator=g), None, {"dropout": 0.0, "is_causal": False})]
+    query = torch.randn(1, 6, 9, 16, generator=g)
+    cases = [(one_query, k, v, None, {}), (query, k, v, float_mask, {}),
+             (query, k, v, None, {"dropout": 0.0, "is_causal": False}),
+             (query, k, v[..., :8], None, {}),  # values narrower than the keys (multi-head latent attention)
+             (torch.randn(2, 6, 9, 16, generator=g), k, v, None, {})]  # one key/value row for two query rows
     called = []
     monkeypatch.setattr(attention, "block_attention", lambda *a: called.append(a) or block_attention(*a))
-    for q, mask, kwargs in cases:
-        ours, _ = block_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
-        theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, **kwargs)
+    for q, key, value, mask, kwargs in cases:
+        ours, _ = block_attention_forward(module, q, key, value, mask, scaling=0.25, **kwargs)
+        theirs, _ = sdpa_attention_forward(module, q, key, value, mask, scaling=0.25, **kwargs)
         assert torch.equal(ours, theirs)
     assert not called
     causal_q = torch.randn(1, 6, 9, 16, generator=g)
@@ -153,8 +156,9 @@ def test_a_checkpointed_backward_keeps_the_block_attention_it_ran_and_gives_the_
             loss = model(input_ids=ids, labels=ids).loss
         with backward:
             loss.backward()
-        layers = model.config.num_hidden_layers
-        assert (forward.count, backward.count) == (layers, 0)
+        assert forward.count == model.config.num_hidden_layers
+        if checkpointing:
+            assert backward.count == 0  # kept by the forward, not run again
         results.append([p.grad for p in model.parameters() if p.grad is not None])
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain)
