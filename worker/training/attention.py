@@ -11,10 +11,11 @@ to bf16, as transformers' eager attention has them), and only the output and eac
 query's log-sum-exp are kept; the backward recomputes a block's probabilities from them, as flash attention does.
 A block's fp32 scores are heads x QUERY_BLOCK x keys (14 x 64 x 580 x 4 bytes: 2 MB).
 
-It takes what the SDPA path takes (transformers' boolean 4D masks: causal, padding, packed sequences, DPO's pair
-masks, or none for plain causal rows) and hands anything else to SDPA: dropout, a float mask, a query shorter than
-its keys (generation with a cache), a device other than the CPU. It is one operator to torch (a custom op with its
-own backward), so a checkpointed forward's selective policy keeps its output as it keeps SDPA's.
+It takes what the SDPA path takes (transformers' boolean 4D masks: causal, padding, packed sequences, DPO's pair masks,
+or none for plain causal rows) and hands anything else to SDPA: dropout, a float mask, head sizes that differ
+(multi-head latent attention), a query shorter than its keys (generation with a cache), a device other than the CPU. It
+is one operator to torch (a custom op with its own backward), so a checkpointed forward's selective policy keeps its
+output as it keeps SDPA's.
 """
 
 from __future__ import annotations

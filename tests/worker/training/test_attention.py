@@ -99,6 +99,7 @@ def test_a_bf16_cpu_job_attends_in_blocks(tiny_model: Path, precision: str, chec
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=dtype)
     assert model.config._attn_implementation == expected
+    assert packs_pairs(model)  # a DPO job still runs each pair as one row
 
 
 def test_a_model_attending_in_blocks_gives_the_loss_and_gradients_of_sdpa(tiny_model: Path) -> None:
@@ -163,9 +164,3 @@ def test_a_checkpointed_backward_keeps_the_block_attention_it_ran_and_gives_the_
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain)
 
-
-def test_a_bf16_cpu_dpo_job_still_runs_each_pair_as_one_row(tiny_model: Path) -> None:
-    config = make_config(adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, precision="bf16")
-    model = load_model(config, tiny_model, device=torch.device("cpu"), dtype=torch.bfloat16)
-    assert model.config._attn_implementation == BLOCK_ATTENTION
-    assert packs_pairs(model)
