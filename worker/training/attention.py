@@ -7,8 +7,8 @@ tokens) its forward and backward ran at 40-60 GFLOP/s in bf16 against a 410 GFLO
 a bf16 LoRA step (docs/benchmarks.md, issue 18, stop 38). Here each block of QUERY_BLOCK query rows meets every key up
 to the block's last visible one in two batched products per key/value head (its group of query heads stacked, so no
 key or value is repeated per query head), the softmax runs in fp32 between them (on scores the bf16 product rounded
-to bf16, as transformers' eager attention has them), and only the output and each
-query's log-sum-exp are kept; the backward recomputes a block's probabilities from them, as flash attention does.
+to bf16, as transformers' eager attention has them), and only the output and each query's log-sum-exp are kept;
+the backward recomputes a block's probabilities from them, as flash attention does.
 A block's fp32 scores are heads x QUERY_BLOCK x keys (14 x 64 x 580 x 4 bytes: 2 MB).
 
 It takes what the SDPA path takes (transformers' boolean 4D masks: causal, padding, packed sequences, DPO's pair masks,
