@@ -181,10 +181,6 @@ def load_model(
         # autocast cast the output layer back for every chunk of logits); fp32 norms made every decoder layer's
         # input fp32, for each 4-bit and adapter product to cast back (docs/benchmarks.md, issue 18).
         keep_4bit_layout_trainable(model)
-        if device.type == "cpu":
-            from worker.training.dequantize import use_buffered_dequantization
-
-            use_buffered_dequantization(model)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
