@@ -23,7 +23,8 @@ selective, worker/training/checkpointing.py), fp32 on CPU (bf16
 on CUDA; --precision bf16 for every row: frozen weights in bf16, adapters in fp32, bf16 autocast). QLoRA rows
 train on the first `qlora_train` examples. Rows (bench/train_rows.py): seed (the recipe tuneforge grew from:
 dataset padded to its longest example, labels include the padding), hf-dynamic, hf-grouped (HF Trainer,
-group_by_length), trl, trl-padding-free, trl-packing (SFTTrainer), tuneforge.
+group_by_length), trl, trl-padding-free, trl-packing (SFTTrainer), trl-liger (SFTTrainer padding-free with Liger's
+Triton kernels, use_liger_kernel=True: on a CUDA device with liger-kernel installed, else skipped), tuneforge.
 
 Throughput is real (non-padding) tokens per second of the training loop (model load, tokenisation and evaluation
 excluded, for every row alike). Each row runs in its own spawned process (--in-process: all in this one) under a
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
 import math
 import multiprocessing
 import os
@@ -75,13 +77,15 @@ from bench.train_rows import (
 
 # The other benchmarks (dpo, evals, stop, memory, inference) train on the llama-1k shape with these settings.
 __all__ = ["BATCH", "LEARNING_RATE", "LLAMA_1K", "LORA", "QUICK", "generate_texts", "main", "peak_memory_mb",
-           "trl_version", "write_data"]
+           "runnable_rows", "trl_version", "write_data"]
 
 LLAMA_ROWS = ("seed", "hf-dynamic", "hf-grouped", "trl", "trl-padding-free", "trl-packing", "tuneforge",
               "seed-qlora", "tuneforge-qlora")
 # No seed rows (the seed recipe has no prompt masking) and no packing row (it changes the number of steps) here.
-QWEN2_ROWS = ("hf-dynamic", "hf-grouped", "trl", "trl-padding-free", "tuneforge",
-              "hf-dynamic-qlora", "hf-grouped-qlora", "trl-qlora", "trl-padding-free-qlora", "tuneforge-qlora")
+# The Liger rows (TRL padding-free with Liger's Triton kernels, issue 18's GPU peer) run only on a CUDA device.
+QWEN2_ROWS = ("hf-dynamic", "hf-grouped", "trl", "trl-padding-free", "trl-liger", "tuneforge",
+              "hf-dynamic-qlora", "hf-grouped-qlora", "trl-qlora", "trl-padding-free-qlora", "trl-liger-qlora",
+              "tuneforge-qlora")
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,26 @@ def trl_version() -> str | None:
         return None
 
 
+def liger_version() -> str | None:
+    """liger-kernel's version where its kernels can run (installed, and a CUDA device for its Triton kernels)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import liger_kernel  # noqa: F401 - importing it is the check: it needs triton
+
+        return importlib.metadata.version("liger-kernel")
+    except ImportError:
+        return None
+
+
+def runnable_rows(rows: tuple[str, ...] | list[str]) -> list[str]:
+    """The rows whose stack this machine has: TRL rows need trl, the Liger rows liger-kernel and a CUDA device."""
+    return [r for r in rows if (trl_version() or Row(r).stack != "trl")
+            and (liger_version() or Row(r).setting != "liger")]
+
+
 def run_shape(shape: Shape, root: Path, *, rows: list[str], in_process: bool, memory_limit: int | None,
               timeout: float, peak: Callable[[], float], bf16: bool) -> dict[str, dict[str, Any]]:
     """Run `rows` of `shape` and print their table. `peak` measures the matmul peak: once before the rows and once
@@ -314,13 +338,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
             f"{(available or 0) / 2**30:.1f} GiB), {args.row_timeout:.0f} s per row")
         print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               f"precision {precision}; torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"peft {peft.__version__}, trl {trl_version() or 'not installed (TRL rows skipped)'}")
+              f"peft {peft.__version__}, trl {trl_version() or 'not installed (TRL rows skipped)'}, liger-kernel "
+              f"{liger_version() or 'not here (needs it installed and a CUDA device: Liger rows skipped)'}")
         print(f"load average at start {_load()}; row limits: {limits}")
         print(f"matmul peak: {precision}, 2048^3, best of 5, measured before and after each shape's rows", flush=True)
         results = {}
         for shape in shapes:
-            rows = [r for r in shape.rows if (trl_version() or Row(r).stack != "trl")
-                    and (args.rows is None or r in args.rows.split(","))]
+            rows = [r for r in runnable_rows(shape.rows) if args.rows is None or r in args.rows.split(",")]
             results[shape.name] = run_shape(shape, root, rows=rows, in_process=in_process, memory_limit=memory_limit,
                                             timeout=args.row_timeout,
                                             peak=functools.partial(matmul_peak, precision, device), bf16=bf16)

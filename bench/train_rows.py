@@ -4,7 +4,8 @@ itself (bench/train.py runs them and prints the table).
 A row's name says what it runs: the stack (seed, hf, trl, tuneforge), then its one setting, then "-qlora" for a
 4-bit NF4 base: seed; hf-dynamic (per-batch padding), hf-grouped (train_sampling_strategy="group_by_length",
 transformers 5's name for the old group_by_length=True); trl (SFTTrainer defaults), trl-padding-free
-(padding_free=True), trl-packing (packing=True); tuneforge (worker.training.recipe.train, its defaults).
+(padding_free=True), trl-packing (packing=True), trl-liger (padding_free=True and use_liger_kernel=True: Liger's
+Triton kernels, CUDA only); tuneforge (worker.training.recipe.train, its defaults).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Row:
 
     @property
     def setting(self) -> str:
-        """What follows the stack: dynamic, grouped, padding-free, packing, or "" (the stack's defaults)."""
+        """What follows the stack: dynamic, grouped, padding-free, liger, packing, or "" (the stack's defaults)."""
         return self.name.removeprefix(self.stack).removesuffix("-qlora").strip("-")
 
     @property
@@ -306,13 +307,14 @@ def run_trl(row: Row, model_dir: Path, train: list[Any], work: Path, *, bf16: bo
     model = _peft_model(model_dir, qlora=row.qlora, bf16=bf16)
     ids = [e.input_ids for e in train]
     real = sum(len(x) for x in ids)
-    packing, padding_free = row.setting == "packing", row.setting == "padding-free"
+    packing, liger = row.setting == "packing", row.setting == "liger"
+    padding_free = row.setting == "padding-free" or liger  # Liger's row adds its kernels to the best TRL setting
     steps = math.ceil(len(ids) / BATCH)
     # Packed rows are up to 1024 tokens: take as many per step as gives the unpacked run's step count.
     batch = max(1, math.ceil(math.ceil(real / MAX_SEQ_LENGTH) / steps)) if packing else BATCH
     # padding_free without packing refuses a max_length (it would not be enforced): the ids are already truncated.
     args = SFTConfig(**_training_args(work, row, batch, bf16=bf16), packing=packing, padding_free=padding_free,
-                     max_length=None if padding_free else MAX_SEQ_LENGTH)
+                     max_length=None if padding_free else MAX_SEQ_LENGTH, use_liger_kernel=liger)
     # Pre-tokenised input_ids with labels (-100 on the prompt): the form TRL's own completion_only_loss and
     # assistant_only_loss preparation produces, which it then uses as given.
     dataset = Dataset.from_dict({"input_ids": ids, "labels": [e.labels for e in train]})

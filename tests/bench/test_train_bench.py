@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench.train import QUICK, bracket, main, run_order, trl_version
+from bench.train import QUICK, bracket, main, run_order, runnable_rows, trl_version
 from bench.train_rows import Row
 
 
@@ -20,7 +21,7 @@ def test_training_benchmark_quick_run_prints_every_row_of_both_shapes_and_the_be
     assert [s.split(":")[0] for s in sections] == ["llama-1k", "qwen2-152k"]
     for section in sections:
         shape = QUICK[section.split(":")[0]]
-        expected = [r for r in shape.rows if trl_version() or Row(r).stack != "trl"]
+        expected = runnable_rows(shape.rows)
         assert {name: r["status"] for name, r in results[shape.name].items()} == dict.fromkeys(expected, "ok")
         printed = {line.split()[0]: line.split()[1:] for line in section.splitlines() if line.split()}
         for name in expected:  # steps, real tokens, tokens/s, ... MFU: every figure printed
@@ -49,3 +50,12 @@ def test_each_tuneforge_row_runs_first_and_last_of_its_adapter_type_and_counts_t
     assert both["runs_seconds"] == (10.0, 14.0) and both["runs_peak_mb"] == (900.0, 880.0)
     stopped = {"status": "failed: out of memory"}
     assert bracket(first, stopped) is stopped and bracket(stopped, last) is stopped
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA device with liger-kernel the Liger rows run")
+def test_the_liger_rows_are_left_out_without_a_cuda_device() -> None:
+    rows = ["hf-grouped", "trl-padding-free", "trl-liger", "tuneforge", "trl-liger-qlora", "tuneforge-qlora"]
+    assert [Row(r).setting for r in rows if Row(r).setting == "liger"] == ["liger", "liger"]
+    expected = ["hf-grouped", "trl-padding-free", "tuneforge", "tuneforge-qlora"] if trl_version() else [
+        "hf-grouped", "tuneforge", "tuneforge-qlora"]
+    assert runnable_rows(rows) == expected
