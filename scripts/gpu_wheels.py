@@ -1,0 +1,117 @@
+"""Fetch, here, the Python packages that scripts/gpu_check.sh needs on a lent GPU machine and its image lacks.
+
+    . .venv/bin/activate && python scripts/gpu_wheels.py     # then: run(command="bash scripts/gpu_check.sh",
+                                                            #        carry=[".gpu"], timeout_s=560)
+
+The lent machines (../.library/device/KINDS.md) run Python 3.12 with a CUDA build of torch, triton, accelerate,
+numpy, pandas, pyarrow, pytest and more, but no bitsandbytes, TRL or liger-kernel, an older transformers (5.17) and
+huggingface_hub (1.33), and nothing can be fetched there. This downloads the versions installed in this checkout's
+.venv (the versions the test suite passes with) as Python 3.12 manylinux wheels into .gpu/wheels (git-ignored), and
+keeps only the CPU and CUDA 13 libraries of bitsandbytes (its wheel holds one library per CUDA and ROCm release,
+43 MB; what `run` carries is limited to 64 MiB). It then names any package the carried ones need that is neither
+carried nor in the image, so a missing one shows here and not in the device's few minutes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEST = ROOT / ".gpu" / "wheels"
+# Carried even where the image has a version: ours is the one the suite passes with (the image's transformers 5.17
+# and huggingface_hub 1.33 are older than what transformers 5.25 requires).
+CARRY = ["bitsandbytes", "trl", "liger-kernel", "transformers", "huggingface-hub", "kernels", "tomlkit", "httpx2",
+         "httpcore2", "truststore", "peft", "datasets", "dill", "multiprocess", "pydantic", "pydantic-core",
+         "annotated-types", "typing-inspection", "pydantic-settings", "python-dotenv", "pytest-timeout"]
+# What tuneforge's worker, tests and benchmark import that the image provides (their needs are checked too).
+FROM_THE_IMAGE = ["torch", "accelerate", "safetensors", "tokenizers", "torchmetrics", "pytest"]
+# Not installed here (it needs triton, which needs CUDA): its version is set here; it needs only torch and triton.
+NOT_INSTALLED_HERE = {"liger-kernel": "0.8.5"}
+# The image's packages (KINDS.md, "Python packages already there"), as far as the carried ones need them.
+IMAGE = {"torch", "triton", "accelerate", "annotated-doc", "numpy", "pandas", "pyarrow", "pytest", "psutil", "pyyaml",
+         "jinja2", "tqdm",
+         "regex", "requests", "filelock", "fsspec", "packaging", "xxhash", "httpx", "anyio", "idna", "h11", "click",
+         "typer", "rich", "safetensors", "tokenizers", "hf-xet", "typing-extensions", "sentencepiece", "certifi",
+         "markupsafe", "iniconfig", "pluggy", "pygments", "python-dateutil", "six", "urllib3", "charset-normalizer",
+         "shellingham", "markdown-it-py", "mdurl", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal",
+         "propcache", "attrs", "aiohappyeyeballs", "tzdata", "sympy", "networkx", "mpmath", "setuptools",
+         "torchmetrics", "lightning-utilities"}
+# bitsandbytes loads libbitsandbytes_cuda<torch.version.cuda>.so: the image's torch is a CUDA 13 build.
+BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64"]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirements(name: str, python_version: str) -> set[str]:
+    """The names `name` requires when installed without extras on Linux under `python_version`."""
+    from packaging.requirements import Requirement
+
+    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": "",
+                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+    needed = set()
+    for line in importlib.metadata.requires(name) or []:
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate(environment):
+            needed.add(canonical(requirement.name))
+    return needed
+
+
+def missing_on_the_device(python_version: str) -> list[str]:
+    """Packages the carried ones need (transitively) that are neither carried nor in the image."""
+    carried = {canonical(n) for n in CARRY}
+    image = {canonical(n) for n in IMAGE}
+    seen, todo = set(), [*carried, *map(canonical, FROM_THE_IMAGE)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in NOT_INSTALLED_HERE:
+            todo.extend(requirements(name, python_version) - seen)
+    return sorted(n for n in seen - carried - image if not n.startswith("nvidia-"))
+
+
+def trim_bitsandbytes(wheel: Path) -> None:
+    """Rewrite the bitsandbytes wheel without the libraries for other CUDA, ROCm and XPU releases."""
+    trimmed = wheel.with_suffix(".trimmed")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            library = item.filename.rsplit("/", 1)[-1]
+            if library.startswith("libbitsandbytes_") and not BNB_KEEP.search(library):
+                continue
+            target.writestr(item, source.read(item))
+    trimmed.replace(wheel)
+
+
+def main() -> int:
+    python_version = sys.argv[1] if len(sys.argv) > 1 else "3.12"  # the image's; another for a local rehearsal
+    DEST.mkdir(parents=True, exist_ok=True)
+    for old in DEST.glob("*.whl"):
+        old.unlink()
+    pins = [f"{name}=={NOT_INSTALLED_HERE.get(name) or importlib.metadata.version(name)}" for name in CARRY]
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(DEST),
+                    *pins], check=True)
+    for wheel in DEST.glob("bitsandbytes-*.whl"):
+        trim_bitsandbytes(wheel)
+    total = sum(w.stat().st_size for w in DEST.glob("*.whl"))
+    print(f"{len(pins)} wheels for Python {python_version} in {DEST.relative_to(ROOT)}: {total / 2**20:.1f} MiB")
+    missing = missing_on_the_device(python_version)
+    if missing:
+        print(f"needed but neither carried nor in the image: {', '.join(missing)} (add them to CARRY)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
