@@ -1,15 +1,16 @@
 """Fetch, here, the Python packages that scripts/gpu_check.sh needs on a lent GPU machine and its image lacks.
 
     . .venv/bin/activate && python scripts/gpu_wheels.py     # then: run(command="bash scripts/gpu_check.sh",
-                                                            #        carry=[".gpu"], timeout_s=560)
+                                                            #        carry=[".gpu"], timeout_s=590)
 
 The lent machines (../.library/device/KINDS.md) run Python 3.12 with a CUDA build of torch, triton, accelerate,
 numpy, pandas, pyarrow, pytest and more, but no bitsandbytes, TRL or liger-kernel, an older transformers (5.17) and
 huggingface_hub (1.33), and nothing can be fetched there. This downloads the versions installed in this checkout's
 .venv (the versions the test suite passes with) as Python 3.12 manylinux wheels into .gpu/wheels (git-ignored), and
 keeps only the CPU and CUDA 13 libraries of bitsandbytes (its wheel holds one library per CUDA and ROCm release,
-43 MB; what `run` carries is limited to 64 MiB). It then names any package the carried ones need that is neither
-carried nor in the image, so a missing one shows here and not in the device's few minutes.
+43 MB; what `run` carries is limited to 64 MiB). It then names any package needed there (the worker extra's, the
+carried ones', and what they need in turn) that is neither carried nor in the image, so a missing one shows here
+and not in the device's few minutes (tests/test_gpu_wheels.py checks the same in CI).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ DEST = ROOT / ".gpu" / "wheels"
 CARRY = ["bitsandbytes", "trl", "liger-kernel", "transformers", "huggingface-hub", "kernels", "tomlkit", "httpx2",
          "httpcore2", "truststore", "peft", "datasets", "dill", "multiprocess", "pydantic", "pydantic-core",
          "annotated-types", "typing-inspection", "pydantic-settings", "python-dotenv", "pytest-timeout"]
-# What tuneforge's worker, tests and benchmark import that the image provides (their needs are checked too).
-FROM_THE_IMAGE = ["torch", "accelerate", "safetensors", "tokenizers", "torchmetrics", "pytest"]
+# Beside tuneforge's worker extra (pyproject.toml), what the GPU tests and the benchmark import there. wandb is left
+# out: a job imports it only when it asks for it.
+ALSO_NEEDED = ["pytest", "tokenizers"]
+LEFT_OUT = {"wandb"}
 # Not installed here (it needs triton, which needs CUDA): its version is set here; it needs only torch and triton.
 NOT_INSTALLED_HERE = {"liger-kernel": "0.8.5"}
 # The image's packages (KINDS.md, "Python packages already there"), as far as the carried ones need them.
@@ -51,11 +54,11 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(name: str, python_version: str) -> set[str]:
-    """The names `name` requires when installed without extras on Linux under `python_version`."""
+def requirements(name: str, python_version: str, *, extra: str = "") -> set[str]:
+    """The names `name` requires (with `extra`, else without extras) on Linux under `python_version`."""
     from packaging.requirements import Requirement
 
-    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": "",
+    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": extra,
                    "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
     needed = set()
     for line in importlib.metadata.requires(name) or []:
@@ -65,11 +68,19 @@ def requirements(name: str, python_version: str) -> set[str]:
     return needed
 
 
+def needed_on_the_device(python_version: str) -> set[str]:
+    """The worker's requirements (tuneforge's worker extra) and what the GPU tests and the benchmark import."""
+    worker = requirements("tuneforge", python_version, extra="worker") - requirements("tuneforge", python_version)
+    return (worker - LEFT_OUT) | {canonical(n) for n in [*CARRY, *ALSO_NEEDED]}
+
+
 def missing_on_the_device(python_version: str) -> list[str]:
-    """Packages the carried ones need (transitively) that are neither carried nor in the image."""
+    """Packages needed there (needed_on_the_device, and what they need in turn) that are neither carried nor in the
+    image."""
     carried = {canonical(n) for n in CARRY}
     image = {canonical(n) for n in IMAGE}
-    seen, todo = set(), [*carried, *map(canonical, FROM_THE_IMAGE)]
+    seen: set[str] = set()
+    todo = sorted(needed_on_the_device(python_version))
     while todo:
         name = todo.pop()
         if name in seen:
