@@ -215,17 +215,19 @@ def liger_version() -> str | None:
     if not torch.cuda.is_available():
         return None
     try:
-        import liger_kernel  # noqa: F401 - importing it is the check: it needs triton
+        import liger_kernel.transformers  # noqa: F401 - the check: its kernels import triton (the package alone not)
 
         return importlib.metadata.version("liger-kernel")
-    except ImportError:
+    except (ImportError, RuntimeError, OSError):
         return None
 
 
-def runnable_rows(rows: tuple[str, ...] | list[str]) -> list[str]:
-    """The rows whose stack this machine has: TRL rows need trl, the Liger rows liger-kernel and a CUDA device."""
+def runnable_rows(rows: tuple[str, ...] | list[str], *, in_process: bool) -> list[str]:
+    """The rows whose stack this machine has: TRL rows need trl, the Liger rows liger-kernel and a CUDA device, and
+    a process of their own (Liger patches the model's classes for the whole process: every later row would run its
+    kernels)."""
     return [r for r in rows if (trl_version() or Row(r).stack != "trl")
-            and (liger_version() or Row(r).setting != "liger")]
+            and (Row(r).setting != "liger" or (liger_version() and not in_process))]
 
 
 def run_shape(shape: Shape, root: Path, *, rows: list[str], in_process: bool, memory_limit: int | None,
@@ -331,20 +333,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     root = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.dir))
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not args.memory_limit_gb:
+            memory_limit = None  # the rows' tensors are in the GPU's memory, and CUDA maps far more than it uses
         bf16 = args.precision == "bf16" if args.precision else device == "cuda"
         precision = "bfloat16" if bf16 else "float32"
-        limits = "none (in-process)" if in_process else (
-            f"{memory_limit / 2**30:.1f} GiB private memory (MemAvailable at start "
-            f"{(available or 0) / 2**30:.1f} GiB), {args.row_timeout:.0f} s per row")
+        memory = "no memory limit" if memory_limit is None else (
+            f"{memory_limit / 2**30:.1f} GiB private memory (MemAvailable at start {(available or 0) / 2**30:.1f} GiB)")
+        limits = "none (in-process)" if in_process else f"{memory}, {args.row_timeout:.0f} s per row"
         print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               f"precision {precision}; torch {torch.__version__}, transformers {transformers.__version__}, "
               f"peft {peft.__version__}, trl {trl_version() or 'not installed (TRL rows skipped)'}, liger-kernel "
-              f"{liger_version() or 'not here (needs it installed and a CUDA device: Liger rows skipped)'}")
+              f"{liger_version() or 'not here (needs it installed and a CUDA device: Liger rows skipped)'}"
+              f"{' (Liger rows skipped in-process)' if in_process and liger_version() else ''}")
         print(f"load average at start {_load()}; row limits: {limits}")
         print(f"matmul peak: {precision}, 2048^3, best of 5, measured before and after each shape's rows", flush=True)
         results = {}
         for shape in shapes:
-            rows = [r for r in runnable_rows(shape.rows) if args.rows is None or r in args.rows.split(",")]
+            rows = [r for r in runnable_rows(shape.rows, in_process=in_process)
+                    if args.rows is None or r in args.rows.split(",")]
             results[shape.name] = run_shape(shape, root, rows=rows, in_process=in_process, memory_limit=memory_limit,
                                             timeout=args.row_timeout,
                                             peak=functools.partial(matmul_peak, precision, device), bf16=bf16)

@@ -28,7 +28,11 @@ DEST = ROOT / ".gpu" / "wheels"
 # and huggingface_hub 1.33 are older than what transformers 5.25 requires).
 CARRY = ["bitsandbytes", "trl", "liger-kernel", "transformers", "huggingface-hub", "kernels", "tomlkit", "httpx2",
          "httpcore2", "truststore", "peft", "datasets", "dill", "multiprocess", "pydantic", "pydantic-core",
-         "annotated-types", "typing-inspection", "pydantic-settings", "python-dotenv", "pytest-timeout"]
+         "annotated-types", "typing-inspection", "pydantic-settings", "python-dotenv", "pytest-timeout",
+         # The image has these, in versions KINDS.md does not give, and transformers 5.25 (regex >= 2025.10.22, checked
+         # at import), huggingface_hub 2.4 (click >= 8.4.2, hf-xet >= 1.6) and datasets 5.2 (fsspec <= 2026.9.0) are
+         # particular about them.
+         "regex", "click", "hf-xet", "fsspec"]
 # Beside tuneforge's worker extra (pyproject.toml), what the GPU tests and the benchmark import there. wandb is left
 # out: a job imports it only when it asks for it.
 ALSO_NEEDED = ["pytest", "tokenizers"]
@@ -42,8 +46,11 @@ IMAGE = {"torch", "triton", "accelerate", "annotated-doc", "numpy", "pandas", "p
          "typer", "rich", "safetensors", "tokenizers", "hf-xet", "typing-extensions", "sentencepiece", "certifi",
          "markupsafe", "iniconfig", "pluggy", "pygments", "python-dateutil", "six", "urllib3", "charset-normalizer",
          "shellingham", "markdown-it-py", "mdurl", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal",
-         "propcache", "attrs", "aiohappyeyeballs", "tzdata", "sympy", "networkx", "mpmath", "setuptools",
+         "propcache", "attrs", "aiohappyeyeballs", "sympy", "networkx", "mpmath", "setuptools",
          "torchmetrics", "lightning-utilities"}
+# The image's versions that KINDS.md gives (its pip list, 2026-11), for the packages needed there.
+IMAGE_VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "accelerate": "1.15.0", "numpy": "2.5.2",
+                  "safetensors": "0.8.0", "tokenizers": "0.23.2", "torchmetrics": "1.9.0"}
 # bitsandbytes loads libbitsandbytes_cuda<torch.version.cuda>.so: the image's torch is a CUDA 13 build.
 BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
@@ -91,6 +98,25 @@ def missing_on_the_device(python_version: str) -> list[str]:
     return sorted(n for n in seen - carried - image if not n.startswith("nvidia-"))
 
 
+def unmet_on_the_device(python_version: str) -> list[str]:
+    """Requirements of the carried packages that the image's known versions (IMAGE_VERSIONS) do not meet."""
+    from packaging.requirements import Requirement
+
+    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": "",
+                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+    carried = {canonical(n) for n in CARRY}
+    unmet = []
+    for name in sorted(carried - set(NOT_INSTALLED_HERE)):
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            there = IMAGE_VERSIONS.get(canonical(requirement.name))
+            if (there and canonical(requirement.name) not in carried
+                    and (requirement.marker is None or requirement.marker.evaluate(environment))
+                    and not requirement.specifier.contains(there, prereleases=True)):
+                unmet.append(f"{name} needs {requirement.name}{requirement.specifier} (the image has {there})")
+    return unmet
+
+
 def trim_bitsandbytes(wheel: Path) -> None:
     """Rewrite the bitsandbytes wheel without the libraries for other CUDA, ROCm and XPU releases."""
     trimmed = wheel.with_suffix(".trimmed")
@@ -120,8 +146,10 @@ def main() -> int:
     missing = missing_on_the_device(python_version)
     if missing:
         print(f"needed but neither carried nor in the image: {', '.join(missing)} (add them to CARRY)")
-        return 1
-    return 0
+    unmet = unmet_on_the_device(python_version)
+    if unmet:
+        print(f"the image's versions fall short: {'; '.join(unmet)} (add them to CARRY)")
+    return 1 if missing or unmet else 0
 
 
 if __name__ == "__main__":

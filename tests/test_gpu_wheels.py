@@ -27,6 +27,14 @@ def test_every_package_the_carried_ones_need_is_carried_or_in_the_image() -> Non
     assert gpu_wheels.missing_on_the_device("3.12") == ["pydantic-core"]
 
 
+def test_requirements_that_the_images_known_versions_fall_short_of_are_named() -> None:
+    gpu_wheels = load_script()
+    assert gpu_wheels.unmet_on_the_device("3.12") == []
+    gpu_wheels.IMAGE_VERSIONS = {**gpu_wheels.IMAGE_VERSIONS, "tokenizers": "0.22.1"}
+    unmet = gpu_wheels.unmet_on_the_device("3.12")
+    assert any(line.startswith("transformers needs tokenizers") and "(the image has 0.22.1)" in line for line in unmet)
+
+
 def test_the_check_starts_from_the_worker_extra_and_finds_a_worker_requirement_that_is_not_there() -> None:
     gpu_wheels = load_script()
     needed = gpu_wheels.needed_on_the_device("3.12")
