@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
               f"precision {precision}; torch {torch.__version__}, transformers {transformers.__version__}, "
               f"peft {peft.__version__}, trl {trl_version() or 'not installed (TRL rows skipped)'}, liger-kernel "
               f"{liger_version() or 'not here (needs it installed and a CUDA device: Liger rows skipped)'}"
-              f"{' (Liger rows skipped in-process)' if in_process and liger_version() else ''}")
+              f"{' (rows skipped in-process)' if in_process and liger_version() else ''}")
         print(f"load average at start {_load()}; row limits: {limits}")
         print(f"matmul peak: {precision}, 2048^3, best of 5, measured before and after each shape's rows", flush=True)
         results = {}

@@ -20,32 +20,9 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 stage=${1:-all}
 
-# Wheels are zip files: unpacked as pip --target would (no entry points needed), so no pip or index is needed there.
-# Then every carried package's requirements are checked against what is importable, and what falls short is named
-# (the run goes on: the tests say what it breaks).
-"$python" - <<'EOF' 2>&1 | tee "$out/environment.txt" || exit 1
-import importlib.metadata, pathlib, sys, zipfile
-from packaging.requirements import Requirement
-wheels = sorted(pathlib.Path(".gpu/wheels").glob("*.whl"))
-if not wheels:
-    sys.exit("no wheels in .gpu/wheels: run `python scripts/gpu_wheels.py` here and carry .gpu")
-for wheel in wheels:
-    zipfile.ZipFile(wheel).extractall("/tmp/site")
-print(f"unpacked {len(wheels)} wheels into /tmp/site")
-for info in pathlib.Path("/tmp/site").glob("*.dist-info"):
-    dist = importlib.metadata.Distribution.at(info)
-    for line in dist.requires or []:
-        requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        try:
-            version = importlib.metadata.version(requirement.name)
-        except importlib.metadata.PackageNotFoundError:
-            print(f"MISSING: {dist.metadata['Name']} needs {requirement}")
-            continue
-        if not requirement.specifier.contains(version, prereleases=True):
-            print(f"UNMET: {dist.metadata['Name']} needs {requirement}, found {version}")
-EOF
+# The carried wheels into /tmp/site, and any requirement of theirs that what is there does not meet.
+"$python" scripts/gpu_wheels.py --unpack /tmp/site 2>&1 | tee "$out/environment.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"

@@ -2,6 +2,7 @@
 
     . .venv/bin/activate && python scripts/gpu_wheels.py     # then: run(command="bash scripts/gpu_check.sh",
                                                             #        carry=[".gpu"], timeout_s=590)
+    python3 scripts/gpu_wheels.py --unpack /tmp/site         # there (gpu_check.sh does it): no pip, no index
 
 The lent machines (../.library/device/KINDS.md) run Python 3.12 with a CUDA build of torch, triton, accelerate,
 numpy, pandas, pyarrow, pytest and more, but no bitsandbytes, TRL or liger-kernel, an older transformers (5.17) and
@@ -15,12 +16,14 @@ and not in the device's few minutes (tests/test_gpu_wheels.py checks the same in
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEST = ROOT / ".gpu" / "wheels"
@@ -41,12 +44,11 @@ LEFT_OUT = {"wandb"}
 NOT_INSTALLED_HERE = {"liger-kernel": "0.8.5"}
 # The image's packages (KINDS.md, "Python packages already there"), as far as the carried ones need them.
 IMAGE = {"torch", "triton", "accelerate", "annotated-doc", "numpy", "pandas", "pyarrow", "pytest", "psutil", "pyyaml",
-         "jinja2", "tqdm",
-         "regex", "requests", "filelock", "fsspec", "packaging", "xxhash", "httpx", "anyio", "idna", "h11", "click",
-         "typer", "rich", "safetensors", "tokenizers", "hf-xet", "typing-extensions", "sentencepiece", "certifi",
-         "markupsafe", "iniconfig", "pluggy", "pygments", "python-dateutil", "six", "urllib3", "charset-normalizer",
-         "shellingham", "markdown-it-py", "mdurl", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal",
-         "propcache", "attrs", "aiohappyeyeballs", "sympy", "networkx", "mpmath", "setuptools",
+         "jinja2", "tqdm", "regex", "requests", "filelock", "fsspec", "packaging", "xxhash", "httpx", "anyio", "idna",
+         "h11", "click", "typer", "rich", "safetensors", "tokenizers", "hf-xet", "typing-extensions", "sentencepiece",
+         "certifi", "markupsafe", "iniconfig", "pluggy", "pygments", "python-dateutil", "six", "urllib3",
+         "charset-normalizer", "shellingham", "markdown-it-py", "mdurl", "aiohttp", "multidict", "yarl", "frozenlist",
+         "aiosignal", "propcache", "attrs", "aiohappyeyeballs", "sympy", "networkx", "mpmath", "setuptools",
          "torchmetrics", "lightning-utilities"}
 # The image's versions that KINDS.md gives (its pip list, 2026-11), for the packages needed there.
 IMAGE_VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "accelerate": "1.15.0", "numpy": "2.5.2",
@@ -61,18 +63,19 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(name: str, python_version: str, *, extra: str = "") -> set[str]:
-    """The names `name` requires (with `extra`, else without extras) on Linux under `python_version`."""
+def applicable(lines: list[str] | None, python_version: str, *, extra: str = "") -> list[Any]:
+    """The requirements among `lines` (a distribution's Requires-Dist) that apply on Linux x86-64 under
+    `python_version`, with `extra` (else without extras)."""
     from packaging.requirements import Requirement
 
     environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": extra,
                    "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
-    needed = set()
-    for line in importlib.metadata.requires(name) or []:
-        requirement = Requirement(line)
-        if requirement.marker is None or requirement.marker.evaluate(environment):
-            needed.add(canonical(requirement.name))
-    return needed
+    return [r for r in map(Requirement, lines or []) if r.marker is None or r.marker.evaluate(environment)]
+
+
+def requirements(name: str, python_version: str, *, extra: str = "") -> set[str]:
+    """The names that the installed distribution `name` requires (see applicable)."""
+    return {canonical(r.name) for r in applicable(importlib.metadata.requires(name), python_version, extra=extra)}
 
 
 def needed_on_the_device(python_version: str) -> set[str]:
@@ -100,20 +103,43 @@ def missing_on_the_device(python_version: str) -> list[str]:
 
 def unmet_on_the_device(python_version: str) -> list[str]:
     """Requirements of the carried packages that the image's known versions (IMAGE_VERSIONS) do not meet."""
-    from packaging.requirements import Requirement
-
-    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0", "extra": "",
-                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
     carried = {canonical(n) for n in CARRY}
     unmet = []
     for name in sorted(carried - set(NOT_INSTALLED_HERE)):
-        for line in importlib.metadata.requires(name) or []:
-            requirement = Requirement(line)
+        for requirement in applicable(importlib.metadata.requires(name), python_version):
             there = IMAGE_VERSIONS.get(canonical(requirement.name))
             if (there and canonical(requirement.name) not in carried
-                    and (requirement.marker is None or requirement.marker.evaluate(environment))
                     and not requirement.specifier.contains(there, prereleases=True)):
                 unmet.append(f"{name} needs {requirement.name}{requirement.specifier} (the image has {there})")
+    return unmet
+
+
+def unpack(site: Path) -> list[str]:
+    """There: unpack the carried wheels into `site` (a wheel is a zip file; nothing carried needs its entry points),
+    and return the requirements of the unpacked packages that what `site` and this Python hold does not meet."""
+    wheels = sorted((ROOT / ".gpu" / "wheels").glob("*.whl"))
+    if not wheels:
+        raise SystemExit("no wheels in .gpu/wheels: run `python scripts/gpu_wheels.py` here and carry .gpu")
+    for wheel in wheels:
+        zipfile.ZipFile(wheel).extractall(site)
+    print(f"unpacked {len(wheels)} wheels into {site}")
+    return unmet_in(site)
+
+
+def unmet_in(site: Path) -> list[str]:
+    """Requirements of the distributions in `site` that `site` and then this Python's path do not meet (the order
+    of PYTHONPATH=site)."""
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = [str(site), *sys.path]
+    unmet = []
+    for info in sorted(site.glob("*.dist-info")):
+        dist = importlib.metadata.Distribution.at(info)
+        for requirement in applicable(dist.requires, python_version):
+            found = next(iter(importlib.metadata.distributions(name=requirement.name, path=path)), None)
+            if found is None:
+                unmet.append(f"{dist.metadata['Name']} needs {requirement}: not there")
+            elif not requirement.specifier.contains(found.version, prereleases=True):
+                unmet.append(f"{dist.metadata['Name']} needs {requirement}: {found.version} there")
     return unmet
 
 
@@ -130,7 +156,17 @@ def trim_bitsandbytes(wheel: Path) -> None:
 
 
 def main() -> int:
-    python_version = sys.argv[1] if len(sys.argv) > 1 else "3.12"  # the image's; another for a local rehearsal
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("python_version", nargs="?", default="3.12",
+                        help="the wheels' Python (the image's 3.12; another for a rehearsal on this machine)")
+    parser.add_argument("--unpack", type=Path, metavar="SITE",
+                        help="on the GPU machine: unpack .gpu/wheels into SITE and name the requirements unmet there")
+    args = parser.parse_args()
+    if args.unpack:
+        for line in unpack(args.unpack):
+            print(f"UNMET: {line}")  # the run goes on: the tests say what it breaks
+        return 0
+    python_version = args.python_version
     DEST.mkdir(parents=True, exist_ok=True)
     for old in DEST.glob("*.whl"):
         old.unlink()

@@ -3,6 +3,7 @@ tests and the benchmark need there, and bitsandbytes' wheel keeps the libraries 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import zipfile
 from pathlib import Path
@@ -57,3 +58,15 @@ def test_the_bitsandbytes_wheel_keeps_its_cpu_and_cuda_13_libraries(tmp_path: Pa
     with zipfile.ZipFile(wheel) as archive:
         assert archive.namelist() == [n for n in names if not any(k in n for k in ("cuda128", "rocm", "xpu"))]
         assert archive.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"bitsandbytes/libbitsandbytes_cuda130.so"
+
+
+def test_the_unpacked_packages_requirements_that_are_not_met_there_are_named(tmp_path: Path) -> None:
+    gpu_wheels = load_script()
+    info = tmp_path / "carried-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: carried\nVersion: 1.0\n"
+                                   "Requires-Dist: packaging>=999\nRequires-Dist: not-a-package-anywhere\n"
+                                   "Requires-Dist: pytest\nRequires-Dist: nothing-on-linux; sys_platform == 'win32'\n")
+    assert gpu_wheels.unmet_in(tmp_path) == [
+        f"carried needs packaging>=999: {importlib.metadata.version('packaging')} there",
+        "carried needs not-a-package-anywhere: not there"]
