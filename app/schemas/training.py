@@ -32,6 +32,29 @@ AUTO_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 # Training and evaluation run the output layer on at most this many labelled positions at a time (never the full
 # logits; worker/training/logprobs.py).
 LOGP_CHUNK_TOKENS = 1024
+# A batch whose padded size (rows x longest row) is above this many tokens runs as several forward passes
+# of whole rows (the step's loss and gradient are unchanged: the loss is normalised by the step's tokens).
+# Activation memory then scales with this budget, not with batch_size x the longest example: a long-tailed
+# dataset no longer needs memory for batch_size copies of its longest example. Costs a little speed where
+# a forward of this size does not fill the device (small models on a GPU). 1,024 rather than 2,048: on the
+# qwen2-152k benchmark (fp32, CPU) the LoRA peak fell from 2,442 to 2,087 MB at the same speed (29.3 against
+# 30.0 s) and the QLoRA peak from 2,236 to 1,763 MB (19.9 against 18.9 s); 512 was 8% slower than 1,024.
+MAX_TOKENS_PER_FORWARD = 1024
+# With gradient checkpointing a pass keeps its products' outputs (worker/training/checkpointing.py) and its backward's
+# peak is one layer's recomputed activations, both in proportion to the pass's tokens. Halving the pass made room
+# for what it keeps: qwen2-152k QLoRA in fp32 peaked at 1,381-1,449 MB keeping them in passes of 512 tokens against
+# 1,404-1,457 MB for plain checkpointing in passes of 1,024, and 1,529-1,533 MB keeping up to 128 MB in passes of 1,024
+# (docs/benchmarks.md, issue 18, stop 32).
+MAX_TOKENS_PER_CHECKPOINTED_FORWARD = 512
+
+
+def forward_tokens(gradient_checkpointing: bool) -> int:
+    """The padded tokens (rows x longest row) a training forward pass holds at most, a row longer than that alone:
+    worker/training/recipe.py splits each batch by it, and the memory estimate (app/services/estimates.py) counts
+    one such pass's activations."""
+    return MAX_TOKENS_PER_CHECKPOINTED_FORWARD if gradient_checkpointing else MAX_TOKENS_PER_FORWARD
+
+
 # On a CPU a frozen output layer (adapters) runs on a block of its rows (vocabulary entries) at a time: a block's
 # logits, then its share of the gradient while the block is in the cache, with no [positions, vocabulary] buffer
 # (worker/training/fused_head.py; the memory estimate's CPU figures count it). A block holds about

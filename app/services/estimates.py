@@ -8,14 +8,15 @@ The memory model, per process (c = bytes per value at the compute precision):
   quantization constants) and the rest (embeddings, head, norms) at c;
 - trainable parameters (all for full, r x (in + out) per adapted linear for adapters) get fp32 gradients and
   two fp32 AdamW moments: 4 + 8 bytes each;
-- activations kept for the backward pass, per token and decoder layer: the inputs and outputs of the norms,
-  projections, rotary embedding, attention and MLP (13h + 4kv + 4i values) plus each adapter's dropout copy
-  of its input and mask; on a CPU also the attention scores and probabilities (the eager kernel); with
-  gradient checkpointing each layer's input, one layer recomputed at a time, and the matrix products' and
-  attention's outputs a pass keeps (at most SAVED_OUTPUTS_PER_PASS_MB);
-- logits: per position of one chunk of the output layer (at most LOGP_CHUNK_TOKENS; every token under FSDP), the
-  vocabulary (on a CPU, a frozen output layer's block of vocab_block_rows(positions)) at c, in fp32 for the loss,
-  and its fp32 gradient;
+- activations kept for the backward pass of one forward pass (the recipe runs a batch as passes of at most
+  forward_tokens(gradient_checkpointing) tokens, a longer row alone), per token and decoder layer: the inputs
+  and outputs of the norms, projections, rotary embedding, attention and MLP (13h + 4kv + 4i values) plus each
+  adapter's dropout copy of its input and mask; on a CPU also the attention scores and probabilities (the eager
+  kernel); with gradient checkpointing each layer's input, one layer recomputed at a time, and the matrix
+  products' and attention's outputs a pass keeps (at most SAVED_OUTPUTS_PER_PASS_MB);
+- logits: per position of one chunk of the output layer (at most LOGP_CHUNK_TOKENS; every token of a pass under
+  FSDP), the vocabulary (on a CPU, a frozen output layer's block of vocab_block_rows(positions)) at c, in fp32
+  for the loss, and its fp32 gradient;
 - FSDP shards weights, gradients and optimizer state over the processes; on a GPU a fixed runtime allowance
   (CUDA context, kernels, allocator slack).
 """
@@ -30,7 +31,13 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.schemas.jobs import JobResources
-from app.schemas.training import LOGP_CHUNK_TOKENS, SAVED_OUTPUTS_PER_PASS_MB, TrainingConfig, vocab_block_rows
+from app.schemas.training import (
+    LOGP_CHUNK_TOKENS,
+    SAVED_OUTPUTS_PER_PASS_MB,
+    TrainingConfig,
+    forward_tokens,
+    vocab_block_rows,
+)
 
 # CUDA context, cuBLAS workspaces and caching-allocator slack, measured on the lent GPU when there was one.
 GPU_RUNTIME_BYTES = 0.75e9
@@ -123,7 +130,10 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     # A DPO pair is one row of its prompt and both answers (each answer fits max_seq_length with the prompt, so the
     # row is at most twice that), attention over the whole row (worker/training/preference.py).
     row_length = min(seq_length or config.max_seq_length, config.max_seq_length) * (2 if config.method == "dpo" else 1)
-    tokens = math.ceil(config.batch_size / config.processes) * row_length
+    # A batch runs as forward passes of whole rows, each within forward_tokens(...) tokens (a longer row alone):
+    # activations and logits are one pass's, whatever the batch.
+    rows = math.ceil(config.batch_size / config.processes)
+    tokens = min(rows, max(1, forward_tokens(config.gradient_checkpointing) // row_length)) * row_length
     # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
     # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
     # gate, activation and product (3i); each adapter's dropped-out input (its in-features) and down-projection

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import FineTuningJob, RegisteredModel
-from app.schemas.training import LOGP_CHUNK_TOKENS, AdapterConfig, TrainingConfig, vocab_block_rows
+from app.schemas.training import LOGP_CHUNK_TOKENS, AdapterConfig, TrainingConfig, forward_tokens, vocab_block_rows
 from app.services import workers as worker_service
 from app.services.estimates import GIB, peak_memory
 from tests.api.conftest import upload_chat
@@ -49,18 +49,44 @@ def test_the_memory_model_orders_methods_and_knobs_as_they_behave() -> None:
     assert peak_memory({"parameters": None}, config()) is None
 
 
+def test_activations_are_one_forward_pass_of_the_recipe_not_the_whole_batch() -> None:
+    """The recipe runs a batch as forward passes of whole rows within forward_tokens(...) tokens (a longer row
+    alone) and frees each pass's activations in its backward: a batch of 16 rows of 512 tokens keeps what 2 do."""
+    assert forward_tokens(False) == 1024 and forward_tokens(True) == 512
+
+    def activations(**values: Any) -> float:
+        estimate = peak_memory(SEVEN_B, config(**values))
+        assert estimate is not None
+        return estimate.activations
+
+    assert activations(batch_size=16, max_seq_length=512) == activations(batch_size=2, max_seq_length=512)
+    assert activations(batch_size=2, max_seq_length=512) == 2 * activations(batch_size=1, max_seq_length=512)
+    assert activations(batch_size=8, max_seq_length=4096) == activations(batch_size=1, max_seq_length=4096)
+    assert activations(batch_size=3, max_seq_length=400) == 2 * activations(batch_size=1, max_seq_length=400)
+    checkpointed = {"gradient_checkpointing": True, "max_seq_length": 256}
+    assert activations(batch_size=8, **checkpointed) == activations(batch_size=2, **checkpointed)
+    assert activations(batch_size=8, **checkpointed) < activations(batch_size=4, max_seq_length=256)
+    # each of 4 processes takes 4 of the batch's 16 rows of 1,024 tokens: passes of one row, as alone with batch 1
+    assert activations(batch_size=16, max_seq_length=1024, processes=4, distributed="ddp") == activations(
+        batch_size=1, max_seq_length=1024)
+
+
 def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> None:
     """A pair's row holds its prompt once and both answers (up to twice max_seq_length); the CPU's masked attention
     keeps scores over the whole row, so a pair costs more than two rows of max_seq_length would there."""
-    supervised = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024), device="cpu")
-    dpo = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024, method="dpo"), device="cpu")
-    twice = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024), device="cpu")
+    # passes of MAX_TOKENS_PER_FORWARD (1,024) tokens: two pairs, four rows of 256 tokens, two rows
+    supervised = peak_memory(SEVEN_B, config(batch_size=2, max_seq_length=256), device="cpu")
+    dpo = peak_memory(SEVEN_B, config(batch_size=2, max_seq_length=256, method="dpo"), device="cpu")
+    twice = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=256), device="cpu")
     assert supervised is not None and dpo is not None and twice is not None
     assert dpo.activations > twice.activations > supervised.activations
-    # the output layer runs on a chunk of labelled positions at a time, a whole batch of logits only under FSDP; on a
+    # the output layer runs on a chunk of labelled positions at a time, a whole pass of logits only under FSDP; on a
     # CPU a frozen one a block of its rows at a time (a chunk of many positions takes the shortest blocks)
+    rows = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024), device="cpu")
+    pairs = peak_memory(SEVEN_B, config(batch_size=4, max_seq_length=1024, method="dpo"), device="cpu")
+    assert rows is not None and pairs is not None
     block = LOGP_CHUNK_TOKENS * vocab_block_rows(LOGP_CHUNK_TOKENS)
-    assert dpo.logits == twice.logits == supervised.logits == block * 12
+    assert pairs.logits == rows.logits == block * 12
     # fewer positions take longer blocks: a chunk counts the largest any of its first positions makes (45 of them
     # sweep 16,384 rows at a time, 46 sweep 8,192)
     few = peak_memory(SEVEN_B, config(batch_size=1, max_seq_length=46), device="cpu")
@@ -74,7 +100,8 @@ def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> 
     assert gpu.logits == LOGP_CHUNK_TOKENS * SEVEN_B["vocab_size"] * 10
     assert full.logits == head.logits == LOGP_CHUNK_TOKENS * SEVEN_B["vocab_size"] * 12
     sharded = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024, processes=2, distributed="fsdp"))
-    assert sharded is not None and sharded.logits == 4 * 1024 * SEVEN_B["vocab_size"] * 10
+    # each process's 4 rows run as passes of one row (1,024 tokens)
+    assert sharded is not None and sharded.logits == 1024 * SEVEN_B["vocab_size"] * 10
 
 
 def test_auto_precision_is_estimated_as_the_worker_resolves_it() -> None:

@@ -26,13 +26,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from app.schemas.training import EVAL_COST_SHARE, MIN_EVAL_EXAMPLES, TrainingConfig
+from app.schemas.training import EVAL_COST_SHARE, MIN_EVAL_EXAMPLES, TrainingConfig, forward_tokens
 from worker.training import checkpoint as ckpt
 from worker.training import distributed, dpo, stopping
 from worker.training.data import (
     IGNORE_INDEX,
-    MAX_TOKENS_PER_CHECKPOINTED_FORWARD,
-    MAX_TOKENS_PER_FORWARD,
     EpochPlan,
     batch_to_device,
     collate,
@@ -396,7 +394,7 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
     epoch, batch_index = state.epoch, state.next_batch
     group = plan[batch_index : batch_index + config.gradient_accumulation_steps]
     started = time.perf_counter()
-    max_tokens = MAX_TOKENS_PER_CHECKPOINTED_FORWARD if config.gradient_checkpointing else MAX_TOKENS_PER_FORWARD
+    max_tokens = forward_tokens(config.gradient_checkpointing)
     # Each process takes every world_size-th row of each batch (all of it when alone).
     micro_batches = [
         run.collate(part, run.train_examples, packing=config.packing)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.schemas import training as training_schema
 from tests.support.reporters import RecordingReporter
 from tests.worker.training.factories import chat_records, code_mapping, make_config, write_jsonl
 from worker.training import stopping
@@ -332,7 +333,7 @@ def test_splitting_a_step_into_smaller_forwards_keeps_the_loss_curve(
         return real(model, batch)
 
     monkeypatch.setattr(recipe, "token_loss", counting)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # about one or two rows per forward
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", 24)  # about one or two rows per forward
     split_result, split = run(tmp_path / "split", tiny_model, records, n_epochs=2)
     assert calls["n"] > 2 * result.steps  # the 8 steps really ran as more forwards
     assert split_result.trained_tokens == result.trained_tokens
@@ -359,8 +360,8 @@ def record_releases_and_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(recipe, "token_loss", forward)
     monkeypatch.setattr(recipe, "release_freed_memory", release)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
     return order
 
 
@@ -408,8 +409,8 @@ def test_a_checkpointed_step_runs_passes_of_the_checkpointed_bound(
         return real(model, batch)
 
     monkeypatch.setattr(recipe, "token_loss", counting)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_FORWARD", 10**6)
-    monkeypatch.setattr(recipe, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", 10**6)
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_CHECKPOINTED_FORWARD", 24)
     for checkpointing in (False, True):
         passes.clear()
         result, _ = run(tmp_path / str(checkpointing), tiny_model, RELEASE_RECORDS,
