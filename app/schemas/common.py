@@ -2,9 +2,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 T = TypeVar("T")
+
+# Every request body's models: an unknown field is refused, and so is a number that is not finite (Python's json
+# reads Infinity and NaN, and the SDKs send them: a job would store what Postgres's JSON cannot hold, or train on it).
+REQUEST_MODEL = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ListPage(BaseModel, Generic[T]):

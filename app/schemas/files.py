@@ -7,6 +7,19 @@ from pydantic import BaseModel
 from app.schemas.common import ListPage, OmitsUnsetOptionals
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
+# The roles a chat example's (or a pair's) messages may take. "developer" is OpenAI's newer name for the system
+# message; chat templates know only "system", so training, token counts and inference render it as that.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+# How the worker reads an uploaded JSONL file: UTF-8, with or without a leading byte-order mark (the upload's
+# validation accepts one: app/services/datasets.py).
+JSONL_ENCODING = "utf-8-sig"
+
+
+def template_role(role: str) -> str:
+    """The role a chat template renders a message of `role` as."""
+    return "system" if role == "developer" else role
 
 
 class FilePublic(OmitsUnsetOptionals):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator, model_validator
+
+from app.schemas.common import REQUEST_MODEL
+from app.schemas.files import template_role
 
 # The most choices (n) and stop sequences one request may ask for (OpenAI allows 4 stop sequences).
 MAX_CHOICES = 8
@@ -17,14 +20,14 @@ MAX_STOP_SEQUENCES = 4
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     role: Literal["system", "developer", "user", "assistant"]
     # A string, or text parts (joined); images and audio are not supported by the inference role.
@@ -36,7 +39,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     include_usage: StrictBool = False
 
@@ -44,7 +47,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """What chat completions and completions share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     model: str = Field(min_length=1, description="A base model, a fine-tuned model id (ft:...) or a checkpoint id "
                                                  "(ft:...:ckpt-step-N) of this project.")
@@ -104,7 +107,7 @@ class ChatCompletionCreate(_Sampling):
         return self
 
     def prompt(self) -> dict[str, Any]:
-        return {"messages": [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        return {"messages": [{"role": template_role(m.role), "content": m.text()}
                              for m in self.messages]}
 
 

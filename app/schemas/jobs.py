@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import annotated_types
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     TypeAdapter,
@@ -19,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from app.core.config import LABEL_PATTERN
 from app.models.job import JobStatus
-from app.schemas.common import ListPage, OmitsUnsetOptionals
+from app.schemas.common import REQUEST_MODEL, ListPage, OmitsUnsetOptionals
 from app.schemas.training import (
     DPO_HYPERPARAMETER_FIELDS,
     HYPERPARAMETER_FIELDS,
@@ -84,7 +83,7 @@ def _hyperparameters_model(model_name: str, doc: str, *, openai: tuple[str, ...]
     for name in openai:
         definitions[name], validators[f"_{name}"] = _auto_or_within(name)
     definitions.update((name, _left_out(name)) for name in fields if name not in openai)
-    return create_model(model_name, __config__=ConfigDict(extra="forbid"), __module__=__name__, __doc__=doc,
+    return create_model(model_name, __config__=REQUEST_MODEL, __module__=__name__, __doc__=doc,
                         __validators__=validators, **definitions)
 
 
@@ -113,7 +112,7 @@ else:
 class _MethodBlock(BaseModel):
     """The extensions a method block carries beside its hyperparameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     adapter: AdapterConfig | None = None
     # Our extension: the base-vs-tuned answer report after training (with a validation file; on by default).
@@ -129,7 +128,7 @@ class DpoMethod(_MethodBlock):
 
 
 class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     type: TrainingMethod = "supervised"
     supervised: SupervisedMethod | None = None
@@ -137,7 +136,7 @@ class Method(BaseModel):
 
 
 class WandbIntegration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     project: str = Field(min_length=1, max_length=128)
     name: str | None = Field(default=None, max_length=128)
@@ -146,7 +145,7 @@ class WandbIntegration(BaseModel):
 
 
 class Integration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     type: Literal["wandb"]
     wandb: WandbIntegration
@@ -155,7 +154,7 @@ class Integration(BaseModel):
 class JobResources(BaseModel):
     """What a job needs from a worker; a job that asks for nothing runs on any worker."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     # GPUs on one worker host; the job trains with one process per GPU.
     gpus: int = Field(default=0, ge=0, le=MAX_PROCESSES)  # one process per GPU
@@ -176,7 +175,7 @@ class JobResources(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     model: str = Field(min_length=1, max_length=255)
     training_file: str = Field(min_length=1, max_length=64)

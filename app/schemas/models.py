@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
 from app.models.registered_model import DOWNLOAD_HEARTBEAT_SECONDS, ModelStatus
-from app.schemas.common import ListPage
+from app.schemas.common import REQUEST_MODEL, ListPage
 
 
 class ModelDetails(BaseModel):
@@ -43,7 +43,7 @@ class ModelPublic(BaseModel):
 class ModelRegister(BaseModel):
     """Register a base model: a Hub repository (pinned to the commit `revision` resolves to) or a local folder."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     name: str = Field(min_length=1, max_length=255, description="What jobs say in `model`.")
     source: str = Field(min_length=1, max_length=1024, description="hf:ORG/NAME (or ORG/NAME), or path:/folder.")
@@ -96,7 +96,7 @@ class ModelDeleted(BaseModel):
 
 
 class ModelPull(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     worker: str | None = Field(default=None, min_length=1, max_length=255,
                                description="Only this worker (default: every live worker).")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, model_validator
+from pydantic import BaseModel, Field, StrictBool, ValidationInfo, model_validator
+
+from app.schemas.common import REQUEST_MODEL
 
 AdapterType = Literal["lora", "qlora", "dora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -121,7 +123,7 @@ SUPERVISED_ONLY_FIELDS = ("packing", "train_on_inputs")
 class QuantizationConfig(BaseModel):
     """4-bit weight quantization for QLoRA (bitsandbytes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     bits: Literal[4] = 4
     # nf4 fits normally distributed weights better than fp4; both cost the same memory.
@@ -135,7 +137,7 @@ class QuantizationConfig(BaseModel):
 class AdapterConfig(BaseModel):
     """What trains: a LoRA-family adapter, or every weight ("full")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     type: AdapterType = "lora"
     # r: higher = more capacity, more adapter memory and a slower step.
@@ -166,7 +168,7 @@ class AdapterConfig(BaseModel):
 class AnswerBudget(BaseModel):
     """How much an answer report generates: a job's (EvaluationConfig) and a later one's (EvaluationCreate)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     # The first N examples; each costs two generations (base and tuned).
     max_examples: int = Field(default=32, ge=1, le=1000)
@@ -186,7 +188,7 @@ class PreferenceConfig(BaseModel):
     """How a DPO job scores a pair (preferred vs non-preferred answer to the same prompt); "auto" values are
     filled per loss_type (AUTO_BETA, AUTO_SIMPO_GAMMA)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     # The descriptions are the OpenAPI document's (the wire's DpoHyperparameters derive from these fields).
     beta: float = Field(default=AUTO_BETA["sigmoid"], gt=0, le=20, description=(
@@ -229,7 +231,7 @@ class PreferenceConfig(BaseModel):
 class TrainingConfig(BaseModel):
     """Every knob of one fine-tuning run (supervised or DPO), fully resolved."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     # Configs stored before DPO have neither field: they are supervised.
     method: TrainingMethod = "supervised"

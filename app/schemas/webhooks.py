@@ -3,9 +3,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from app.schemas.common import ListPage
+from app.schemas.common import REQUEST_MODEL, ListPage
 
 EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 
@@ -16,7 +16,7 @@ HTTP_URL = re.compile(r"^https?://[A-Za-z0-9\[]")
 
 
 class WebhookCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_MODEL
 
     url: str = Field(max_length=2048, json_schema_extra={"pattern": HTTP_URL.pattern})
     # Omitted: all three job events.

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+from app.schemas.files import CHAT_ROLES
+
 MAX_REPORTED_ERRORS = 100
 # Percentiles come from a uniform sample of this many values: exact below it, within ~1% above.
 RESERVOIR_SIZE = 10_000
@@ -24,7 +26,6 @@ RESERVOIR_SIZE = 10_000
 DUPLICATE_TRACKING_LIMIT = 500_000
 # A line is buffered whole before it is parsed; one this long is not a fine-tuning example.
 MAX_LINE_BYTES = 32 * 1024 * 1024
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call",
                           "refusal"})
 CHAT_EXAMPLE_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "functions"})

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.storage import Storage
 from app.models import File
+from app.schemas.files import template_role
 from app.schemas.training import TrainingConfig
 from app.services.datasets import LengthStats, detect_format
 
@@ -50,6 +51,8 @@ class TokenCounter:
     def _chat(self, messages: list[dict[str, Any]], tools: Any = None, *, generation: bool = False
               ) -> tuple[list[str], int]:
         if self.template is not None:
+            messages = [{**m, "role": template_role(m["role"])}
+                        if isinstance(m, dict) and isinstance(m.get("role"), str) else m for m in messages]
             return [self.template.render(messages=messages, tools=tools, bos_token=self.bos_token,
                                          eos_token=self.eos_token, add_generation_prompt=generation)], 0
         texts = [m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("tool_calls"))
@@ -61,10 +64,12 @@ class TokenCounter:
         fmt = detect_format(example)
         if fmt == "chat":
             return [self._chat(example["messages"], example.get("tools"))]
+        # + BOS and EOS, as the trainer adds them where the tokenizer has them (Qwen2's has no BOS)
+        specials = bool(self.bos_token) + bool(self.eos_token)
         if fmt == "prompt_completion":
-            return [([example["prompt"], example["completion"]], 2)]  # + BOS and EOS, as the trainer adds
+            return [([example["prompt"], example["completion"]], specials)]
         if fmt == "text":
-            return [([example["text"]], 2)]
+            return [([example["text"]], specials)]
         source = example["input"]
         return [self._chat(source["messages"] + example[key], source.get("tools"))
                 for key in ("preferred_output", "non_preferred_output")]

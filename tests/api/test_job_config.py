@@ -3,11 +3,15 @@ ignored: each combination that would do nothing is refused, naming the parameter
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from app.models import FineTuningJob
 from app.schemas.jobs import JobCreate
 from app.schemas.training import HYPERPARAMETER_FIELDS, NEEDS_VALIDATION_FILE
 from tests.api.conftest import upload_chat
@@ -155,3 +159,28 @@ def test_a_validation_file_gives_a_validation_curve_by_default(client: TestClien
     assert chosen["method"]["supervised"]["hyperparameters"].get("n_evals") is None
     without = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train}).json()
     assert without["method"]["supervised"]["hyperparameters"].get("n_evals") is None
+
+
+@pytest.mark.parametrize(("place", "value"), [
+    ("method.supervised.hyperparameters.max_grad_norm", "Infinity"),
+    ("method.supervised.adapter.alpha", "Infinity"),
+    ("method.supervised.hyperparameters.learning_rate", "NaN"),
+])
+def test_a_number_that_is_not_finite_is_refused_naming_its_field(client: TestClient, session: Session, place: str,
+                                                                 value: str) -> None:
+    """Python's json (and the SDKs over it) writes Infinity and NaN: refused with a 400 that names the field,
+    before anything is stored (Postgres's JSON cannot hold them)."""
+    body: dict[str, Any] = {"model": "tiny-llama", "training_file": upload_chat(client)}
+    *path, name = place.split(".")
+    node = body
+    for key in path:
+        node = node.setdefault(key, {})
+    node[name] = 1.0
+    raw = json.dumps(body).replace(f'"{name}": 1.0', f'"{name}": {value}')
+    before = session.scalar(select(func.count()).select_from(FineTuningJob))
+    for endpoint in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        response = client.post(endpoint, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == place and error["type"] == "invalid_request_error", error
+    assert session.scalar(select(func.count()).select_from(FineTuningJob)) == before

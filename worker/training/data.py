@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_role
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -38,6 +40,16 @@ class Example:
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The beginning-of-text token before a text or a prompt, where the tokenizer has one (Qwen2's has none)."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The end-of-text token after a text or a completion, where the tokenizer has one."""
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> list[int]:
@@ -72,8 +84,8 @@ def tokenize_prompt_completion(
     tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, train_on_inputs: bool
 ) -> Example:
     """Tokenise prompt and completion separately so the boundary is exact; loss on the completion."""
-    prompt_ids = [tokenizer.bos_token_id, *_encode(tokenizer, prompt)]
-    completion_ids = [*_encode(tokenizer, completion), tokenizer.eos_token_id]
+    prompt_ids = [*_bos(tokenizer), *_encode(tokenizer, prompt)]
+    completion_ids = [*_encode(tokenizer, completion), *_eos(tokenizer)]
     prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     return Example(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
@@ -85,13 +97,12 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any]) -> li
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template: use /v1/completions with a text prompt")
         return _render_chat(tokenizer, prompt["messages"], generation=True)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [*bos, *_encode(tokenizer, prompt["text"])]
+    return [*_bos(tokenizer), *_encode(tokenizer, prompt["text"])]
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
     """Plain text: every token is in the loss."""
-    ids = [tokenizer.bos_token_id, *_encode(tokenizer, text), tokenizer.eos_token_id]
+    ids = [*_bos(tokenizer), *_encode(tokenizer, text), *_eos(tokenizer)]
     return Example(ids, list(ids))
 
 
@@ -106,10 +117,11 @@ def tokenize_record(record: Any, tokenizer: PreTrainedTokenizerBase, *, train_on
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise ValueError('every message needs a string "role"')
-            if message["role"] not in ("system", "user", "assistant", "tool"):
+            if message["role"] not in CHAT_ROLES:
                 raise ValueError(f"unknown role {message['role']!r}")
             if message.get("weight", 1) not in (0, 1):
                 raise ValueError('"weight" must be 0 or 1')
+        messages = [{**m, "role": template_role(m["role"])} for m in messages]
         example = tokenize_chat(tokenizer, messages, train_on_inputs=train_on_inputs)
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
@@ -140,7 +152,7 @@ def load_examples(
     """Read and tokenise a JSONL file, truncating to max_seq_length; reports truncated and dropped examples."""
     examples: list[Example] = []
     n_truncated = n_dropped = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=JSONL_ENCODING) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from app.schemas.files import CHAT_ROLES, template_role
 from app.schemas.training import LOGP_CHUNK_TOKENS
 from worker.training.data import IGNORE_INDEX, _encode, _render_chat
 from worker.training.logprobs import Scored, body_outputs, causal_lm, labelled_logps, score_positions, without_ddp
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 # The segments of a packed pair row (collate_pairs' pair_segments).
 PADDING, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
@@ -61,7 +61,7 @@ def _check_messages(messages: Any, where: str, *, answer: bool) -> list[dict[str
             raise ValueError(f"unknown role {message['role']!r} in {where}")
         if answer and message["role"] != "assistant":
             raise ValueError(f"{where} must hold assistant messages only, not {message['role']!r}")
-    return messages
+    return [{**m, "role": template_role(m["role"])} for m in messages]
 
 
 def tokenize_preference(record: Any, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> PreferenceExample:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,48 @@ def test_split_by_tokens_bounds_each_forward_and_keeps_row_order() -> None:
     # A row longer than the budget runs alone; a batch that fits stays whole.
     assert split_by_tokens([[0], [1]], lengths, max_tokens=100) == [[[0]], [[1]]]
     assert split_by_tokens(batch, lengths, max_tokens=8 * 500) == [batch]
+
+
+def test_a_tokenizer_without_a_beginning_of_text_token_trains_text_and_prompt_completion(tiny_model: Path) -> None:
+    """Qwen2's tokenizer has no BOS token: text and prompt-completion examples start with the text's own tokens
+    (no None among the ids), and the API's token count adds only the special tokens the tokenizer has."""
+    from transformers import AutoTokenizer
+
+    from app.services.tokens import load_token_counter
+
+    bare = AutoTokenizer.from_pretrained(tiny_model)
+    bare.bos_token = None
+    assert bare.bos_token_id is None
+    text = tokenize_record({"text": "alpha beta"}, bare, train_on_inputs=False)
+    pair = tokenize_record({"prompt": "alpha", "completion": " beta"}, bare, train_on_inputs=False)
+    words = bare("alpha beta", add_special_tokens=False)["input_ids"]
+    assert text.input_ids == [*words, bare.eos_token_id]
+    assert None not in pair.input_ids and pair.input_ids[-1] == bare.eos_token_id
+    with_bos = AutoTokenizer.from_pretrained(tiny_model)
+    assert tokenize_record({"text": "alpha beta"}, with_bos, train_on_inputs=False).input_ids == [
+        with_bos.bos_token_id, *words, with_bos.eos_token_id]
+    files = {name: (tiny_model / name).read_text() for name in ("tokenizer.json", "tokenizer_config.json")}
+    counted = load_token_counter(files)
+    assert counted is not None and counted.lengths([{"text": "alpha beta"}]) == [len(words) + 2]
+    config = json.loads(files["tokenizer_config.json"])
+    config["bos_token"] = None
+    counted = load_token_counter({**files, "tokenizer_config.json": json.dumps(config)})
+    assert counted is not None and counted.lengths([{"text": "alpha beta"}]) == [len(text.input_ids)]
+
+
+def test_a_developer_message_trains_as_a_system_message(tokenizer: Any) -> None:
+    """The upload accepts OpenAI's "developer" role; chat templates know "system", which training renders it as."""
+    chat = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
+    system = [{**chat[0], "role": "system"}, *chat[1:]]
+    developer = tokenize_record({"messages": chat}, tokenizer, train_on_inputs=False)
+    assert developer == tokenize_record({"messages": system}, tokenizer, train_on_inputs=False)
+    assert "be brief" in tokenizer.decode(developer.input_ids)
+
+
+def test_a_file_with_a_byte_order_mark_loads(tmp_path: Path, tokenizer: Any) -> None:
+    """The upload's validation accepts a UTF-8 byte-order mark before the first line; the worker reads past it."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "completion": " b"}\n{"text": "c d"}\n')
+    examples = load_examples(path, tokenizer, max_seq_length=64, train_on_inputs=False, reporter=RecordingReporter())
+    assert len(examples) == 2

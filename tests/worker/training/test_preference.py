@@ -493,3 +493,14 @@ def test_reference_logps_of_a_plain_model_are_its_own_without_gradients(tiny_mod
     assert not ref.requires_grad
     with torch.no_grad():
         assert torch.allclose(ref, _naive_logps(model, batch), atol=1e-5)
+
+
+def test_a_developer_message_in_a_pair_renders_as_a_system_message(tokenizer: Any) -> None:
+    """A pair's prompt may carry OpenAI's "developer" role (the upload accepts it): tokenised as "system"."""
+    def pair(role: str) -> dict[str, Any]:
+        return {"input": {"messages": [{"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}]},
+                "preferred_output": [{"role": "assistant", "content": "hello"}],
+                "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
+
+    assert tokenize_preference(pair("developer"), tokenizer, max_seq_length=256) == tokenize_preference(
+        pair("system"), tokenizer, max_seq_length=256)
