@@ -31,7 +31,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     # finished; paused after a checkpoint; handed back (queued) on a stop, a crash or a lost lease
     JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED,
                                   JobStatus.QUEUED}),
-    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    # resumed (back to validating_files when it never ran: its files may not have been checked), or cancelled
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.VALIDATING_FILES, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -41,6 +42,9 @@ TERMINAL_STATUSES = tuple(status for status, targets in TRANSITIONS.items() if n
 WAITING_STATUSES = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
 # Holding (or about to hold) a worker or the project's running-job quota.
 ACTIVE_STATUSES = (*WAITING_STATUSES, JobStatus.RUNNING)
+# Jobs that have not finished: active ones, and paused ones that resume. What they use (files, a model they continue
+# from) cannot be deleted.
+UNFINISHED_STATUSES = (*ACTIVE_STATUSES, JobStatus.PAUSED)
 
 
 def sources_of(target: JobStatus) -> tuple[JobStatus, ...]:

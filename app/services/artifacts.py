@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
+from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import Storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
+from app.models.job import UNFINISHED_STATUSES
 
 # Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
 WEIGHT_KINDS = ("adapter", "model")
@@ -58,10 +59,18 @@ def has_weights(session: Session, *, job: FineTuningJob) -> bool:
                                                        JobArtifact.kind.in_(WEIGHT_KINDS)).limit(1)) is not None
 
 
+# A checkpoint's step is a 32-bit column (JobCheckpoint.step_number): a longer number names no checkpoint.
+MAX_CHECKPOINT_STEP = 2**31 - 1
+
+
 def split_checkpoint_id(model_id: str) -> tuple[str, int | None]:
-    """A fine-tuned model id and the checkpoint step of a ``...:ckpt-step-N`` id (None for the model itself)."""
+    """A fine-tuned model id and the checkpoint step of a ``...:ckpt-step-N`` id (None for the model itself: an id
+    whose N is not a step, such as "²" or a number past MAX_CHECKPOINT_STEP, is looked up whole and found by
+    nothing)."""
     head, sep, tail = model_id.rpartition(":ckpt-step-")
-    return (head, int(tail)) if sep and tail.isdigit() else (model_id, None)
+    if sep and tail.isascii() and tail.isdigit() and int(tail) <= MAX_CHECKPOINT_STEP:
+        return head, int(tail)
+    return model_id, None
 
 
 def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) -> tuple[FineTuningJob, int | None]:
@@ -82,8 +91,16 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
     """Remove a fine-tuned model's weights, result files and checkpoints; the job's record stays."""
     job, step = find_fine_tuned_model(session, project=project, model_id=model_id)
     if step is not None:
-        raise NotFound(f"The model '{model_id}' is a checkpoint; delete the fine-tuned model instead.",
-                       param="model")
+        raise InvalidRequest(f"The model '{model_id}' is a checkpoint of '{job.fine_tuned_model}': checkpoints go "
+                             "with their model; delete that instead.", param="model", code="invalid_value")
+    in_use = session.scalar(select(FineTuningJob.id).where(
+        FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(UNFINISHED_STATUSES),
+        (FineTuningJob.model == model_id) | FineTuningJob.model.startswith(f"{model_id}:ckpt-step-", autoescape=True),
+    ).limit(1))
+    if in_use is not None:
+        raise Conflict(f"The model '{model_id}' is trained further by fine-tuning job {in_use}, which has not "
+                       "finished; cancel the job or wait for it before deleting the model.", param="model",
+                       code="model_in_use")
     keys = [a.blob_key for a in list_artifacts(session, job=job)]
     file_pks = list(session.scalars(select(JobArtifact.file_pk).where(JobArtifact.job_pk == job.pk)))
     session.execute(delete(JobArtifact).where(JobArtifact.job_pk == job.pk))

@@ -13,14 +13,13 @@ from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
 from app.core.storage import Storage, TooLarge
 from app.models import File, FineTuningJob, Project
 from app.models.base import new_id
-from app.models.job import ACTIVE_STATUSES, JobStatus
+from app.models.job import UNFINISHED_STATUSES
 from app.models.registered_model import USABLE_STATUSES
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
 from app.services.tokens import record_token_stats
 
 UPLOAD_PURPOSES = ("fine-tune",)
-ACTIVE_JOB_STATUSES = (*ACTIVE_STATUSES, JobStatus.PAUSED)
 
 
 def check_purpose(purpose: str | None) -> str:
@@ -152,7 +151,7 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
     in_use = session.scalar(
         select(FineTuningJob.id).where(
             FineTuningJob.project_pk == project.pk,
-            FineTuningJob.status.in_(ACTIVE_JOB_STATUSES),
+            FineTuningJob.status.in_(UNFINISHED_STATUSES),
             (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id),
         ).limit(1))
     if in_use is not None:

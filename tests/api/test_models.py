@@ -92,3 +92,33 @@ def test_deleting_a_base_model_says_it_is_a_base_model(client: TestClient) -> No
     assert response.status_code == 403
     assert response.json()["error"]["message"].startswith("'tiny-llama' is a base model: only fine-tuned models")
     assert client.get("/v1/models/tiny-llama").status_code == 200
+
+
+def test_a_checkpoint_id_whose_step_is_no_number_is_not_found(client: TestClient, session: Any) -> None:
+    """"²" passes str.isdigit and a step past 32 bits is no checkpoint's: both are ids of no model (404), not a
+    crash in int() or in Postgres."""
+    from tests.api.conftest import upload_chat
+
+    job = succeeded_job(session)
+    for tail in ("²", "99999999999999999999", "٣"):
+        model = f"{job.fine_tuned_model}:ckpt-step-{tail}"
+        assert client.get(f"/v1/models/{model}").status_code == 404
+        created = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": upload_chat(client)})
+        assert created.status_code == 400 and created.json()["error"]["code"] == "model_not_available", created.text
+
+
+def test_a_model_is_not_deleted_while_a_job_trains_on_from_it_nor_one_checkpoint_alone(client: TestClient,
+                                                                                        session: Any) -> None:
+    from tests.api.conftest import upload_chat
+
+    parent = succeeded_job(session)
+    checkpoint = client.delete(f"/v1/models/{parent.fine_tuned_model}:ckpt-step-5")
+    assert checkpoint.status_code == 400 and checkpoint.json()["error"]["param"] == "model", checkpoint.text
+    child = client.post("/v1/fine_tuning/jobs", json={"model": f"{parent.fine_tuned_model}:ckpt-step-5",
+                                                      "training_file": upload_chat(client)}).json()
+    refused = client.delete(f"/v1/models/{parent.fine_tuned_model}")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "model_in_use" and child["id"] in refused.json()["error"]["message"]
+    assert client.get(f"/v1/models/{parent.fine_tuned_model}:ckpt-step-5").status_code == 200
+    assert client.post(f"/v1/fine_tuning/jobs/{child['id']}/cancel").status_code == 200
+    assert client.delete(f"/v1/models/{parent.fine_tuned_model}").status_code == 200

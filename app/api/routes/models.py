@@ -47,9 +47,10 @@ def read_model(session: SessionDep, project: CurrentProject, settings: SettingsD
                        root=job.base_model, fine_tuning_job=job.id)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(403))
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(400, 403, 409))
 def delete_model(session: SessionDep, project: CurrentProject, settings: SettingsDep, model_id: str) -> ModelDeleted:
-    """Delete a fine-tuned model: its adapter, merged weights, result files and checkpoints."""
+    """Delete a fine-tuned model: its adapter, merged weights, result files and checkpoints (409 while a job that
+    has not finished continues training from it; a checkpoint goes only with its model)."""
     if base_models.find(session, settings=settings, name=model_id) is not None:
         raise PermissionDenied(f"'{model_id}' is a base model: only fine-tuned models can be deleted here (base "
                                f"models are managed by the operator: DELETE /v1/admin/models/{model_id}).",
