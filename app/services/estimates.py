@@ -203,18 +203,29 @@ def worker_fits(session: Session, *, peak_gib: float, resources: JobResources, s
     return found
 
 
+def plan_memory(session: Session, *, plan: Any, settings: Settings) -> MemoryEstimate | None:
+    """peak_memory of a planned job (app/services/jobs.py's JobPlan), for its estimate and for creation's check
+    alike: rows as long as the training file's longest example where its tokens were counted for the model (packed
+    rows are max_seq_length long), else max_seq_length."""
+    from app.services import base_models
+
+    model = base_models.find(session, settings=settings, name=plan.base_model)
+    if model is None:
+        return None
+    stats = ((plan.files[0].report or {}).get("tokens") or {}).get(plan.base_model) or {}
+    longest = None if plan.config.packing else (stats.get("tokens_per_example") or {}).get("max")
+    return peak_memory(model.info, plan.config, seq_length=longest)
+
+
 def estimate_job(session: Session, *, project: Any, request: Any, settings: Settings) -> dict[str, Any]:
     """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
-    from app.services import base_models
     from app.services.jobs import plan_job
 
     plan = plan_job(session, project=project, request=request, settings=settings)
     report = plan.files[0].report or {}
     stats = (report.get("tokens") or {}).get(plan.base_model)
     tokens = stats["total_tokens"] if stats else None
-    longest = ((stats or {}).get("tokens_per_example") or {}).get("max")
-    model = base_models.find(session, settings=settings, name=plan.base_model)
-    memory = peak_memory(model.info, plan.config, seq_length=longest) if model is not None else None
+    memory = plan_memory(session, plan=plan, settings=settings)
     fits = worker_fits(session, peak_gib=memory.total_gib, resources=plan.resources, settings=settings) \
         if memory is not None else []
     return {"model": request.model, "base_model": plan.base_model, "method": plan.config.adapter.type,

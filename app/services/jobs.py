@@ -107,6 +107,27 @@ def dataset_file(session: Session, *, project: Project, file_id: str, param: str
     return row
 
 
+# The formats the trainer renders with the model's chat template (worker/training/data.py, preference.py).
+TEMPLATE_FORMATS = ("chat", "preference")
+
+
+def _check_chat_template(session: Session, *, base_model: str, files: list[File], settings: Settings) -> None:
+    """400 invalid_file when a file's examples are rendered with a chat template and the model has none (its
+    registration says so): the worker could not tokenise them."""
+    from app.services import base_models
+
+    model = base_models.find(session, settings=settings, name=base_model)
+    if model is None or (model.info or {}).get("has_chat_template") is not False:
+        return
+    for param, file in zip(("training_file", "validation_file"), files, strict=False):
+        found = (file.report or {}).get("format")
+        if found in TEMPLATE_FORMATS:
+            raise InvalidRequest(f"Model {base_model!r} has no chat template, and {param} {file.id} holds "
+                                 f"{FORMAT_NAMES[found]} examples, which training renders with one. Use "
+                                 "prompt/completion or text examples, or a model that has a chat template.",
+                                 param=param, code="invalid_file")
+
+
 def _wrong_format(file_id: str, *, found: str, method: TrainingMethod) -> str:
     holds = f"File {file_id} holds {FORMAT_NAMES.get(found, found)} examples (detected format {found!r})"
     if method == "dpo":
@@ -296,6 +317,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
+    _check_chat_template(session, base_model=base_model, files=files, settings=settings)
     if request.integrations and settings.wandb_mode == "online" and settings.wandb_api_key is None:
         raise InvalidRequest("The wandb integration needs a W&B API key on this service, and none is configured: the "
                              "operator sets TUNEFORGE_WANDB_API_KEY on the API and the workers (or "
@@ -334,12 +356,9 @@ def check_prompt_room(session: Session, *, files: list[File], base_model: str, c
 
 def check_fits_some_worker(session: Session, *, plan: JobPlan, settings: Settings) -> None:
     """400 with the numbers when every live worker states its GPU memory and none has enough for the job."""
-    from app.services import base_models, estimates
+    from app.services import estimates
 
-    model = base_models.find(session, settings=settings, name=plan.base_model)
-    if model is None:
-        return
-    memory = estimates.peak_memory(model.info, plan.config)
+    memory = estimates.plan_memory(session, plan=plan, settings=settings)
     if memory is None:
         return
     fits = estimates.worker_fits(session, peak_gib=memory.total_gib, resources=plan.resources, settings=settings)
@@ -478,17 +497,33 @@ def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJ
 
 
 def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
-    """A paused job goes back to the queue and continues from its last checkpoint."""
+    """A paused job goes back to the queue and continues from its last checkpoint. One that never ran and whose
+    files were not all checked (paused in validating_files, before a worker read them whole) goes back there."""
     job = get_job(session, project=project, job_id=job_id)
     if job.status != JobStatus.PAUSED:
         raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
                              param="fine_tuning_job_id", code="job_not_paused")
-    job.status = JobStatus.QUEUED
     job.requested_action = None
     job.dispatched_at = None
-    add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
+    if job.attempt == 0 and not _files_checked(session, job):
+        job.status = JobStatus.VALIDATING_FILES
+        add_event(session, job=job, message="Job resumed: its files are checked, then it is queued.")
+    else:
+        job.status = JobStatus.QUEUED
+        add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
     session.commit()
     return job
+
+
+def _files_checked(session: Session, job: FineTuningJob) -> bool:
+    """Whether the job's files passed what creation queues a job on: read whole, and for DPO the prompt room
+    measured (app/services/intake.py checks the rest in validating_files)."""
+    files = list(session.scalars(select(File).where(File.project_pk == job.project_pk,
+                                                    File.id.in_([job.training_file, job.validation_file]))))
+    config = TrainingConfig.model_validate(job.config)
+    return all(f.status == "processed" for f in files) and (config.method != "dpo" or all(
+        known_token_stats(f, model=job.base_model, max_seq_length=config.max_seq_length) is not None
+        for f in files))
 
 
 def list_all_jobs(session: Session, *, project_pk: int | None, after: str | None, limit: int

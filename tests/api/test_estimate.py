@@ -150,3 +150,29 @@ def test_a_job_no_live_worker_can_hold_is_refused_with_the_numbers(client: TestC
     assert client.post("/v1/fine_tuning/jobs/estimate", json=body).json()["workers"][0]["fits"] is True
     created = client.post("/v1/fine_tuning/jobs", json=body)
     assert created.status_code == 200, created.text
+
+
+def test_creation_checks_memory_as_the_estimate_reports_it(client: TestClient, session: Session) -> None:
+    """Both size a job's rows by the training file's longest example (its tokens counted for the model at upload),
+    not max_seq_length: a worker that the estimate says fits is not refused at creation."""
+    from tests.support.data import chat_lines, jsonl
+
+    uploaded = client.post("/v1/files?model=tiny-llama", data={"purpose": "fine-tune"},
+                           files={"file": ("train.jsonl", jsonl(chat_lines(12)), "application/jsonl")}).json()
+    stats = client.get(f"/v1/files/{uploaded['id']}/validation_report").json()["report"]["tokens"]["tiny-llama"]
+    longest = stats["tokens_per_example"]["max"]
+    model = client.get("/v1/models/tiny-llama").json()["details"]
+    settings = config(batch_size=4, max_seq_length=2048)
+    rows, whole_rows = peak_memory(model, settings, seq_length=longest), peak_memory(model, settings)
+    assert rows is not None and whole_rows is not None and rows.total_gib < whole_rows.total_gib - 0.01
+    worker_service.register_worker(session, spec=worker_service.WorkerSpec(
+        name="snug-gpu", hostname="h", pid=1, queue="training.snug-gpu", version="t", gpus=1,
+        gpu_memory_gb=(rows.total_gib + whole_rows.total_gib) / 2))
+    session.commit()
+    body: dict[str, Any] = {"model": "tiny-llama", "training_file": uploaded["id"], "method": {
+        "type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4, "max_seq_length": 2048}}}}
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
+    assert estimate["memory"]["total_gib"] == pytest.approx(rows.total_gib, abs=1e-3)
+    assert estimate["workers"][0]["fits"] is True
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    assert created.status_code == 200, created.text

@@ -441,3 +441,20 @@ def test_token_estimate_without_a_chat_template_is_close_to_the_rendered_count(t
     estimate = counter.lengths(rows)
     assert all(abs(e - x) <= 0.2 * x for e, x in zip(estimate, exact, strict=True)), (estimate, exact)
     assert counter.lengths([FORMATS["text"], FORMATS["prompt_completion"]])[0] > 2
+
+
+def test_a_job_paused_before_its_files_were_read_whole_resumes_into_validating_files(
+        client: TestClient, session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming must not skip the check a pause interrupted: a job that never ran goes back to validating_files,
+    and the bad line late in its file still fails it."""
+    settings = get_settings()
+    monkeypatch.setattr(settings, "intake_sync_validation_bytes", 1)
+    body = upload(client, big_chat_file(12_000, bad_line=11_000)).json()
+    job = create_job(client, body["id"]).json()
+    assert job["status"] == "validating_files"
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").json()["status"] == "paused"
+    assert validate_job_files(session, job_id=job["id"], settings=settings) is False  # paused: nothing checked
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "validating_files"
+    assert validate_job_files(session, job_id=job["id"], settings=settings) is False
+    failed = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["param"] == "training_file"

@@ -189,3 +189,29 @@ def test_events_without_data_leave_the_field_out(client: TestClient) -> None:
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     created = next(e for e in events if e["message"].startswith("Created fine-tuning job"))
     assert "data" not in created  # OpenAI's schema allows it absent, not null
+
+
+def test_chat_and_preference_files_are_refused_for_a_model_without_a_chat_template(client: TestClient,
+                                                                                     session: Any) -> None:
+    """The worker renders chat examples and pairs with the model's chat template: without one the job is refused
+    at creation, naming the file, and prompt/completion examples still train."""
+    from sqlalchemy import select
+
+    from app.models import RegisteredModel
+    from tests.api.conftest import upload, upload_pairs
+    from tests.support.data import jsonl
+
+    assert client.get("/v1/models/tiny-llama").status_code == 200  # the catalogue imported
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == "tiny-llama"))
+    model.info = {**model.info, "has_chat_template": False}
+    session.commit()
+    chat = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client)})
+    assert chat.status_code == 400, chat.text
+    error = chat.json()["error"]
+    assert (error["param"], error["code"]) == ("training_file", "invalid_file") and "chat template" in error["message"]
+    pairs = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_pairs(client),
+                                                      "method": {"type": "dpo"}})
+    assert pairs.status_code == 400 and pairs.json()["error"]["param"] == "training_file", pairs.text
+    completions = upload(client, jsonl([{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(12)])).json()
+    plain = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": completions["id"]})
+    assert plain.status_code == 200, plain.text

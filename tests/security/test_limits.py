@@ -137,3 +137,22 @@ def test_every_list_route_enforces_the_limit_ceiling(client: TestClient, project
             assert response.status_code == 400 and response.json()["error"]["param"] == "limit", url
         checked.append(path)
     assert len(checked) >= 4, checked
+
+
+def test_resuming_a_paused_job_counts_against_the_quota(client: TestClient,
+                                                        override_settings: Callable[..., Any]) -> None:
+    """A paused job holds no slot; resuming it takes one, so pause, create and resume cannot outgrow the quota."""
+    override_settings(max_active_jobs_per_project=1)
+    body = job_body(client)
+    paused = client.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/pause").json()["status"] == "paused"
+    other = client.post("/v1/fine_tuning/jobs", json=body)
+    assert other.status_code == 200, other.text
+    refused = client.post(f"/v1/fine_tuning/jobs/{paused}/resume")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded", refused.text
+    assert client.get(f"/v1/fine_tuning/jobs/{paused}").json()["status"] == "paused"
+    # a job that is not paused is refused for that, whatever the quota
+    not_paused = client.post(f"/v1/fine_tuning/jobs/{other.json()['id']}/resume")
+    assert not_paused.status_code == 400 and not_paused.json()["error"]["code"] == "job_not_paused"
+    assert client.post(f"/v1/fine_tuning/jobs/{other.json()['id']}/cancel").status_code == 200
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "queued"
