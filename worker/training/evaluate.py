@@ -7,7 +7,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from worker.training.data import IGNORE_INDEX, EpochPlan, Example, batch_to_device, collate
+from app.schemas.training import forward_tokens
+from worker.training.data import IGNORE_INDEX, EpochPlan, Example, batch_to_device, collate, split_by_tokens
 from worker.training.logprobs import token_loss
 
 if TYPE_CHECKING:
@@ -55,12 +56,17 @@ def evaluate(
     In a multi-process run each process passes its share of the batches and torchmetrics sums the
     shares across processes. A sharded (FSDP) model needs the same number of forward passes in every
     process: `forward_passes` beyond len(plan) run on `filler` and count for nothing; it is scored from its full
-    logits, any other model only at its labelled positions (logprobs.token_loss).
+    logits, any other model only at its labelled positions (logprobs.token_loss). Any other model runs a batch as
+    forward passes within forward_tokens(False) tokens, as training does: the sums are the same, and a batch of
+    long examples holds one pass's activations at a time, not the whole batch's.
     """
     import torch
     from torchmetrics import SumMetric
 
     sharded = forward_passes is not None
+    if not sharded:
+        lengths = [len(e.input_ids) for e in examples]
+        plan = [part for batch in plan for part in split_by_tokens(batch, lengths, max_tokens=forward_tokens(False))]
     nll, tokens, right = (SumMetric().to(device) for _ in range(3))
     was_training = model.training
     model.eval()

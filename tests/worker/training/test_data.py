@@ -205,3 +205,40 @@ def test_a_file_with_a_byte_order_mark_loads(tmp_path: Path, tokenizer: Any) -> 
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "completion": " b"}\n{"text": "c d"}\n')
     examples = load_examples(path, tokenizer, max_seq_length=64, train_on_inputs=False, reporter=RecordingReporter())
     assert len(examples) == 2
+
+
+def test_evaluation_runs_a_batch_as_passes_within_the_forward_budget_with_the_same_figures(
+        tiny_model: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validation batch of long examples holds one pass's activations at a time, as training does: passes of
+    forward_tokens(False) tokens (a longer row alone), summed into the same loss and accuracy."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    import worker.training.evaluate as evaluation
+    from app.schemas import training as training_schema
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, use_safetensors=True, attn_implementation="sdpa")
+    examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in code_mapping(6) + chat_records(6)]
+    plan = [[[i] for i in range(len(examples))]]  # one batch of every example
+    passes: list[int] = []
+    real = evaluation.token_loss
+
+    def counting(model: Any, batch: dict[str, Any]) -> Any:
+        passes.append(batch["input_ids"].numel())
+        return real(model, batch)
+
+    monkeypatch.setattr(evaluation, "token_loss", counting)
+
+    def run(budget: int) -> dict[str, float]:
+        monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", budget)
+        passes.clear()
+        return evaluation.evaluate(model, plan, examples, pad_id=tokenizer.pad_token_id,
+                                   device=torch.device("cpu"), autocast=nullcontext)
+
+    whole = run(10**6)
+    assert len(passes) == 1
+    longest = max(len(e.input_ids) for e in examples)
+    split = run(longest)
+    assert len(passes) > 2 and max(passes) <= longest, passes
+    assert split == pytest.approx(whole, rel=1e-5)
