@@ -294,6 +294,9 @@ class TrainingConfig(BaseModel):
         evaluates = self.eval_steps is not None or bool(self.n_evals)
         if self.eval_steps is not None and self.n_evals is not None:
             raise ConfigConflict("n_evals", "give eval_steps or n_evals, not both")
+        # n_checkpoints' default (1) stands beside save_steps in an echoed job; any other count would be ignored
+        if self.save_steps is not None and self.n_checkpoints != 1:
+            raise ConfigConflict("n_checkpoints", "give save_steps or n_checkpoints, not both")
         if self.early_stopping_patience is not None and not evaluates:
             raise ConfigConflict("early_stopping_patience",
                                  "early_stopping_patience needs evaluation: set eval_steps or n_evals")

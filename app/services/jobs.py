@@ -186,24 +186,35 @@ def method_request(request: JobCreate) -> MethodRequest:
         raise InvalidRequest(f"method.{other} configures a {other} job and method.type is {method.type!r}: set "
                              f"method.type to {other!r}, or move these settings to method.{method.type}.",
                              param=f"method.{other}", code="invalid_value")
+    top = request.hyperparameters
     if method.type == "supervised":
         supervised = method.supervised or SupervisedMethod()
-        hyper = supervised.hyperparameters or request.hyperparameters or Hyperparameters()
-        prefix = "method.supervised.hyperparameters" if supervised.hyperparameters else "hyperparameters"
-        return MethodRequest(method="supervised", block=supervised, hyperparameters=hyper, prefix=prefix)
+        if supervised.hyperparameters is None:
+            hyper = top or Hyperparameters()
+            return MethodRequest(method="supervised", block=supervised, hyperparameters=hyper,
+                                 prefix="hyperparameters")
+        _same_as_method(top, supervised.hyperparameters, method="supervised")
+        return MethodRequest(method="supervised", block=supervised, hyperparameters=supervised.hyperparameters,
+                             prefix="method.supervised.hyperparameters")
     dpo = method.dpo or DpoMethod()
-    top = request.hyperparameters
     if top is not None and dpo.hyperparameters is None:
         raise InvalidRequest("The deprecated top-level hyperparameters configure supervised jobs; give a DPO job's "
                              "under method.dpo.hyperparameters.", param="hyperparameters", code="invalid_value")
     dpo_hyper = dpo.hyperparameters or DpoHyperparameters()
-    for name in sorted(top.model_fields_set if top is not None else ()):  # an echoed job repeats the method's values
-        if name not in DpoHyperparameters.model_fields or getattr(top, name) != getattr(dpo_hyper, name):
-            raise InvalidRequest(f"hyperparameters.{name} differs from method.dpo.hyperparameters.{name}: the "
-                                 "top-level hyperparameters are deprecated; give a DPO job's under "
-                                 "method.dpo.hyperparameters only.", param=f"hyperparameters.{name}",
-                                 code="invalid_value")
+    _same_as_method(top, dpo_hyper, method="dpo")
     return MethodRequest(method="dpo", block=dpo, hyperparameters=dpo_hyper, prefix="method.dpo.hyperparameters")
+
+
+def _same_as_method(top: Hyperparameters | None, inner: Hyperparameters | DpoHyperparameters, *,
+                    method: TrainingMethod) -> None:
+    """The deprecated top-level hyperparameters beside the method's: each one given must repeat the method's value
+    (an echoed job carries both), or it would be ignored."""
+    for name in sorted(top.model_fields_set if top is not None else ()):
+        if name not in type(inner).model_fields or getattr(top, name) != getattr(inner, name):
+            raise InvalidRequest(f"hyperparameters.{name} differs from method.{method}.hyperparameters.{name}: the "
+                                 f"top-level hyperparameters are deprecated; give a {method} job's under "
+                                 f"method.{method}.hyperparameters only.", param=f"hyperparameters.{name}",
+                                 code="invalid_value")
 
 
 def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
@@ -229,6 +240,13 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
     base_lr = BASE_LEARNING_RATE[chosen.method][adapter.type]
     if hyper.learning_rate is not None:
         learning_rate, multiplier = hyper.learning_rate, hyper.learning_rate / base_lr
+        given = hyper.learning_rate_multiplier
+        # an echoed job carries both, the multiplier derived from the rate: only a different one would be ignored
+        if given != "auto" and not math.isclose(float(given), multiplier, rel_tol=1e-6):
+            raise InvalidRequest(f"learning_rate {learning_rate:g} and learning_rate_multiplier {given:g} disagree "
+                                 f"(this method's base rate is {base_lr:g}, so the rate means a multiplier of "
+                                 f"{multiplier:g}): give one of them.",
+                                 param=f"{chosen.prefix}.learning_rate_multiplier", code="invalid_value")
     else:
         multiplier = 1.0 if hyper.learning_rate_multiplier == "auto" else float(hyper.learning_rate_multiplier)
         learning_rate = base_lr * multiplier

@@ -184,3 +184,20 @@ def test_a_number_that_is_not_finite_is_refused_naming_its_field(client: TestCli
         error = response.json()["error"]
         assert error["param"] == place and error["type"] == "invalid_request_error", error
     assert session.scalar(select(func.count()).select_from(FineTuningJob)) == before
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"method": {"supervised": {"hyperparameters": {"learning_rate": 1e-3, "learning_rate_multiplier": 2}}}},
+     "method.supervised.hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"n_epochs": 2}, "method": {"supervised": {"hyperparameters": {"n_epochs": 3}}}},
+     "hyperparameters.n_epochs"),
+    ({"method": {"supervised": {"hyperparameters": {"save_steps": 3, "n_checkpoints": 5}}}},
+     "method.supervised.hyperparameters.n_checkpoints"),
+])
+def test_a_setting_another_one_overrides_is_refused(client: TestClient, extra: dict[str, Any], param: str) -> None:
+    """Each of these would be ignored beside the other: a rate and a multiplier that disagree, a top-level
+    hyperparameter that differs from the method's, a checkpoint count beside save_steps."""
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client),
+                                                          **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.json()
