@@ -294,9 +294,6 @@ class TrainingConfig(BaseModel):
         evaluates = self.eval_steps is not None or bool(self.n_evals)
         if self.eval_steps is not None and self.n_evals is not None:
             raise ConfigConflict("n_evals", "give eval_steps or n_evals, not both")
-        # n_checkpoints' default (1) stands beside save_steps in an echoed job; any other count would be ignored
-        if self.save_steps is not None and self.n_checkpoints != 1:
-            raise ConfigConflict("n_checkpoints", "give save_steps or n_checkpoints, not both")
         if self.early_stopping_patience is not None and not evaluates:
             raise ConfigConflict("early_stopping_patience",
                                  "early_stopping_patience needs evaluation: set eval_steps or n_evals")
@@ -307,6 +304,9 @@ class TrainingConfig(BaseModel):
                                  "run the output layer outside the sharded forward): use \"ddp\"")
         if info.context is None:
             return self
+        # n_checkpoints' default (1) stands beside save_steps in an echoed job; any other count would be ignored
+        if self.save_steps is not None and self.n_checkpoints != 1:
+            raise ConfigConflict("n_checkpoints", "give save_steps or n_checkpoints, not both")
         if self.early_stopping_threshold and self.early_stopping_patience is None:
             raise ConfigConflict("early_stopping_threshold",
                                  "early_stopping_threshold applies to early stopping: set early_stopping_patience "

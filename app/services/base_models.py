@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.models import FineTuningJob, RegisteredModel
-from app.models.job import ACTIVE_STATUSES, JobStatus
+from app.models.job import UNFINISHED_STATUSES, JobStatus
 from app.models.registered_model import DOWNLOAD_STALE_SECONDS, MODEL_STATUSES, USABLE_STATUSES
 from app.services import hub
 
@@ -236,7 +236,7 @@ def remove(session: Session, *, settings: Settings, name: str) -> RegisteredMode
     """Unregister a model, unless a job that has not finished uses it."""
     row = get(session, settings=settings, name=name)
     in_use = session.scalar(select(FineTuningJob.id).where(FineTuningJob.base_model == name,
-                                                           FineTuningJob.status.in_(ACTIVE_STATUSES)).limit(1))
+                                                           FineTuningJob.status.in_(UNFINISHED_STATUSES)).limit(1))
     if in_use is not None:
         raise Conflict(f"Model {name!r} is used by fine-tuning job {in_use}, which has not finished.",
                        param="name", code="model_in_use")

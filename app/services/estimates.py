@@ -131,9 +131,10 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     # row is at most twice that), attention over the whole row (worker/training/preference.py).
     row_length = min(seq_length or config.max_seq_length, config.max_seq_length) * (2 if config.method == "dpo" else 1)
     # A batch runs as forward passes of whole rows, each within forward_tokens(...) tokens (a longer row alone):
-    # activations and logits are one pass's, whatever the batch.
+    # activations and logits are one pass's, whatever the batch. Rows shorter than row_length fill a pass up to the
+    # budget, so a pass is counted at the budget (or the batch, or one row past the budget).
     rows = math.ceil(config.batch_size / config.processes)
-    tokens = min(rows, max(1, forward_tokens(config.gradient_checkpointing) // row_length)) * row_length
+    tokens = min(rows * row_length, max(forward_tokens(config.gradient_checkpointing), row_length))
     # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
     # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
     # gate, activation and product (3i); each adapter's dropped-out input (its in-features) and down-projection

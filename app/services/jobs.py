@@ -514,16 +514,25 @@ def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJ
     return job
 
 
-def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
-    """A paused job goes back to the queue and continues from its last checkpoint. One that never ran and whose
-    files were not all checked (paused in validating_files, before a worker read them whole) goes back there."""
-    job = get_job(session, project=project, job_id=job_id)
+def resume_job(session: Session, *, project: Project, job_id: str, settings: Settings) -> FineTuningJob:
+    """A paused job goes back to the queue and continues from its last checkpoint, taking a slot of the project's
+    active-job quota (429 when it is full: a paused job holds none). One that never ran goes back through
+    validating_files instead: it may have been paused there, and the intake's checks (app/services/intake.py) run
+    again, at once for files already read whole."""
+    from app.services.quotas import check_job_quota
+
+    found = get_job(session, project=project, job_id=job_id)
+    # Locked from here to the commit: a cancel or a second resume waits, then finds the status this one left.
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == found.pk).with_for_update()
+                         .execution_options(populate_existing=True))
+    assert job is not None
     if job.status != JobStatus.PAUSED:
         raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
                              param="fine_tuning_job_id", code="job_not_paused")
+    check_job_quota(session, project=project, settings=settings)
     job.requested_action = None
     job.dispatched_at = None
-    if job.attempt == 0 and not _files_checked(session, job):
+    if job.attempt == 0:
         job.status = JobStatus.VALIDATING_FILES
         add_event(session, job=job, message="Job resumed: its files are checked, then it is queued.")
     else:
@@ -531,17 +540,6 @@ def resume_job(session: Session, *, project: Project, job_id: str) -> FineTuning
         add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
     session.commit()
     return job
-
-
-def _files_checked(session: Session, job: FineTuningJob) -> bool:
-    """Whether the job's files passed what creation queues a job on: read whole, and for DPO the prompt room
-    measured (app/services/intake.py checks the rest in validating_files)."""
-    files = list(session.scalars(select(File).where(File.project_pk == job.project_pk,
-                                                    File.id.in_([job.training_file, job.validation_file]))))
-    config = TrainingConfig.model_validate(job.config)
-    return all(f.status == "processed" for f in files) and (config.method != "dpo" or all(
-        known_token_stats(f, model=job.base_model, max_seq_length=config.max_seq_length) is not None
-        for f in files))
 
 
 def list_all_jobs(session: Session, *, project_pk: int | None, after: str | None, limit: int

@@ -201,3 +201,16 @@ def test_a_setting_another_one_overrides_is_refused(client: TestClient, extra: d
                                                           **extra})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.json()
+
+
+def test_a_rule_added_for_requests_leaves_stored_jobs_readable() -> None:
+    """A stored config is held to the rules it was created under: one saved with save_steps and n_checkpoints
+    before they were refused together still loads (the job, its list and its worker read it)."""
+    from pydantic import ValidationError
+
+    from app.schemas.training import TrainingConfig
+
+    stored = {"save_steps": 3, "n_checkpoints": 5}
+    assert TrainingConfig.model_validate(stored).n_checkpoints == 5
+    with pytest.raises(ValidationError, match="give save_steps or n_checkpoints"):
+        TrainingConfig.model_validate(stored, context={"validation_file": False})

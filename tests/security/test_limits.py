@@ -155,4 +155,5 @@ def test_resuming_a_paused_job_counts_against_the_quota(client: TestClient,
     not_paused = client.post(f"/v1/fine_tuning/jobs/{other.json()['id']}/resume")
     assert not_paused.status_code == 400 and not_paused.json()["error"]["code"] == "job_not_paused"
     assert client.post(f"/v1/fine_tuning/jobs/{other.json()['id']}/cancel").status_code == 200
-    assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "queued"
+    # it never ran: back through validating_files, whose checks run again
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "validating_files"

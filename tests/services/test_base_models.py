@@ -109,9 +109,12 @@ def test_names_are_unique_and_a_model_in_use_stays(session: Session, hub: FakeHu
     with pytest.raises(Conflict):
         base_models.register(session, settings=settings(), name="tiny-chat", source="hf:test-org/tiny-chat")
     job = create_job(session, model="tiny-chat", base_model="tiny-chat", status="running")
-    with pytest.raises(Conflict) as caught:
-        base_models.remove(session, settings=settings(), name="tiny-chat")
-    assert caught.value.code == "model_in_use" and job.id in caught.value.message
+    for status in ("running", "paused"):  # a paused job resumes on the model
+        job.status = status
+        session.commit()
+        with pytest.raises(Conflict) as caught:
+            base_models.remove(session, settings=settings(), name="tiny-chat")
+        assert caught.value.code == "model_in_use" and job.id in caught.value.message
     job.status = "succeeded"
     session.commit()
     assert base_models.remove(session, settings=settings(), name="tiny-chat").name == "tiny-chat"

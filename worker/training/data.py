@@ -52,8 +52,13 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as a chat template renders them: each role through template_role ("developer" as "system")."""
+    return [{**m, "role": template_role(m["role"])} for m in messages]
+
+
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    text = tokenizer.apply_chat_template(template_messages(messages), tokenize=False, add_generation_prompt=generation)
     assert isinstance(text, str)
     return _encode(tokenizer, text)
 
@@ -121,7 +126,6 @@ def tokenize_record(record: Any, tokenizer: PreTrainedTokenizerBase, *, train_on
                 raise ValueError(f"unknown role {message['role']!r}")
             if message.get("weight", 1) not in (0, 1):
                 raise ValueError('"weight" must be 0 or 1')
-        messages = [{**m, "role": template_role(m["role"])} for m in messages]
         example = tokenize_chat(tokenizer, messages, train_on_inputs=train_on_inputs)
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.schemas.files import JSONL_ENCODING
 from worker.training.data import EpochPlan, batch_to_device
+from worker.training.evaluate import split_for_evaluation
 from worker.training.preference import (
     PreferenceExample,
     collate_pairs,
@@ -111,13 +112,17 @@ def _score_all(run: Run, pairs: list[Any], *, adapter_off: bool) -> torch.Tensor
     import torch
 
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
-    order = sorted(range(len(pairs)), key=lambda i: pair_tokens(pairs[i]))
+    lengths = [pair_tokens(p) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
     size = run.config.batch_size
+    # batches of batch_size pairs, each as forward passes within the evaluation's budget
+    plan = split_for_evaluation([[[i] for i in order[start : start + size]] for start in range(0, len(order), size)],
+                                lengths)
     was_training = run.model.training
     run.model.eval()
     try:
-        for start in range(0, len(order), size):
-            indexes = order[start : start + size]
+        for rows in plan:
+            indexes = [i for row in rows for i in row]
             batch = batch_to_device(collate(indexes, pairs, pad_id=run.pad_id), run.device)
             with run.autocast():
                 if adapter_off:
@@ -171,7 +176,8 @@ def evaluate_pairs(run: Run, plan: EpochPlan) -> dict[str, float]:
 
     from worker.training import distributed
 
-    mine = plan[run.procs.rank :: run.procs.world_size]
+    mine = split_for_evaluation(plan[run.procs.rank :: run.procs.world_size],
+                                [pair_tokens(p) for p in run.valid_examples])
     totals = {"loss": 0.0, "pairs": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
     was_training = run.model.training
     run.model.eval()

@@ -40,6 +40,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int(mask.sum()), correct
 
 
+def split_for_evaluation(plan: EpochPlan, lengths: list[int]) -> EpochPlan:
+    """Each batch of `plan` as forward passes within forward_tokens(False) tokens (a longer row alone), as training
+    runs its batches; `lengths` are the examples' (or pairs') tokens. Evaluation's sums are the same, and a batch of
+    long examples holds one pass's activations at a time, not the whole batch's."""
+    budget = forward_tokens(False)
+    return [part for batch in plan for part in split_by_tokens(batch, lengths, max_tokens=budget)]
+
+
 def evaluate(
     model: Any,
     plan: EpochPlan,
@@ -56,17 +64,13 @@ def evaluate(
     In a multi-process run each process passes its share of the batches and torchmetrics sums the
     shares across processes. A sharded (FSDP) model needs the same number of forward passes in every
     process: `forward_passes` beyond len(plan) run on `filler` and count for nothing; it is scored from its full
-    logits, any other model only at its labelled positions (logprobs.token_loss). Any other model runs a batch as
-    forward passes within forward_tokens(False) tokens, as training does: the sums are the same, and a batch of
-    long examples holds one pass's activations at a time, not the whole batch's.
+    logits, any other model only at its labelled positions (logprobs.token_loss). Each batch of `plan` is one
+    forward pass: split_for_evaluation makes them.
     """
     import torch
     from torchmetrics import SumMetric
 
     sharded = forward_passes is not None
-    if not sharded:
-        lengths = [len(e.input_ids) for e in examples]
-        plan = [part for batch in plan for part in split_by_tokens(batch, lengths, max_tokens=forward_tokens(False))]
     nll, tokens, right = (SumMetric().to(device) for _ in range(3))
     was_training = model.training
     model.eval()

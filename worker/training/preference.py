@@ -15,9 +15,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.schemas.files import CHAT_ROLES, template_role
+from app.schemas.files import CHAT_ROLES
 from app.schemas.training import LOGP_CHUNK_TOKENS
-from worker.training.data import IGNORE_INDEX, _encode, _render_chat
+from worker.training.data import IGNORE_INDEX, _encode, _render_chat, template_messages
 from worker.training.logprobs import Scored, body_outputs, causal_lm, labelled_logps, score_positions, without_ddp
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ def _render(
     """data._render_chat, with the record's tool definitions passed to the chat template when it has some."""
     if not tools:
         return _render_chat(tokenizer, messages, generation)
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
+    text = tokenizer.apply_chat_template(template_messages(messages), tools=tools, tokenize=False,
+                                         add_generation_prompt=generation)
     assert isinstance(text, str)
     return _encode(tokenizer, text)
 
@@ -61,7 +62,7 @@ def _check_messages(messages: Any, where: str, *, answer: bool) -> list[dict[str
             raise ValueError(f"unknown role {message['role']!r} in {where}")
         if answer and message["role"] != "assistant":
             raise ValueError(f"{where} must hold assistant messages only, not {message['role']!r}")
-    return [{**m, "role": template_role(m["role"])} for m in messages]
+    return messages
 
 
 def tokenize_preference(record: Any, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> PreferenceExample:

@@ -39,7 +39,7 @@ from worker.training.data import (
     split_by_tokens,
 )
 from worker.training.distributed import ProcessGroup
-from worker.training.evaluate import evaluate, forward_logits, token_loss_sum
+from worker.training.evaluate import evaluate, forward_logits, split_for_evaluation, token_loss_sum
 from worker.training.host import PASS_RELEASE_GROWTH_MB, release_freed_memory
 from worker.training.logprobs import token_loss
 from worker.training.model import (
@@ -497,11 +497,12 @@ def evaluate_on(run: Run, plan: EpochPlan) -> dict[str, float]:
     torchmetrics sums the shares."""
     if run.preference:
         return dpo.evaluate_pairs(run, plan)
-    mine = plan[run.procs.rank :: run.procs.world_size]
+    lengths = [run.tokens(e) for e in run.valid_examples]
+    mine = split_for_evaluation(plan[run.procs.rank :: run.procs.world_size], lengths)
     # Under FSDP every forward pass gathers weights from all processes: all run the same number.
     passes = distributed.all_max(run.procs, len(mine)) if run.sharded else None
     return evaluate(run.model, mine, run.valid_examples, pad_id=run.pad_id, device=run.device, autocast=run.autocast,
-                    forward_passes=passes, filler=plan[0])
+                    forward_passes=passes, filler=split_for_evaluation(plan[:1], lengths)[0])
 
 
 def evaluate_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> tuple[bool, str | None]:

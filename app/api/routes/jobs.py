@@ -8,7 +8,6 @@ from fastapi.responses import Response
 from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
 from app.api.openapi import binary_responses, errors
 from app.api.streaming import stream_blob
-from app.models.job import JobStatus
 from app.schemas.jobs import (
     ArtifactList,
     ArtifactPublic,
@@ -86,14 +85,13 @@ def pause_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id: 
     return job_service.job_public(session, job, project=project)
 
 
-@router.post("/{fine_tuning_job_id}/resume", response_model=JobPublic)
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobPublic,
+             responses=errors(error_codes={400: ("job_not_paused",), 429: ("quota_exceeded",)}))
 def resume_job(session: SessionDep, project: CurrentProject, settings: SettingsDep,
                fine_tuning_job_id: str) -> JobPublic:
     """Resume a paused job from its last checkpoint (429 when the project already has its maximum of active jobs:
     a paused job does not count, a resumed one does)."""
-    if job_service.get_job(session, project=project, job_id=fine_tuning_job_id).status == JobStatus.PAUSED:
-        check_job_quota(session, project=project, settings=settings)  # any other status: resume_job's 400
-    job = job_service.resume_job(session, project=project, job_id=fine_tuning_job_id)
+    job = job_service.resume_job(session, project=project, job_id=fine_tuning_job_id, settings=settings)
     dispatch_job(session, job_id=job.id)
     return job_service.job_public(session, job, project=project)
 

@@ -47,7 +47,8 @@ def read_model(session: SessionDep, project: CurrentProject, settings: SettingsD
                        root=job.base_model, fine_tuning_job=job.id)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(400, 403, 409))
+@router.delete("/{model_id:path}", response_model=ModelDeleted,
+               responses=errors(403, error_codes={400: ("invalid_value",), 409: ("model_in_use",)}))
 def delete_model(session: SessionDep, project: CurrentProject, settings: SettingsDep, model_id: str) -> ModelDeleted:
     """Delete a fine-tuned model: its adapter, merged weights, result files and checkpoints (409 while a job that
     has not finished continues training from it; a checkpoint goes only with its model)."""

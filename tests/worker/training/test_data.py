@@ -197,6 +197,10 @@ def test_a_developer_message_trains_as_a_system_message(tokenizer: Any) -> None:
     developer = tokenize_record({"messages": chat}, tokenizer, train_on_inputs=False)
     assert developer == tokenize_record({"messages": system}, tokenizer, train_on_inputs=False)
     assert "be brief" in tokenizer.decode(developer.input_ids)
+    # what inference and answer reports continue: the same rendering
+    from worker.training.data import prompt_ids
+
+    assert prompt_ids(tokenizer, {"messages": chat[:2]}) == prompt_ids(tokenizer, {"messages": system[:2]})
 
 
 def test_a_file_with_a_byte_order_mark_loads(tmp_path: Path, tokenizer: Any) -> None:
@@ -220,6 +224,7 @@ def test_evaluation_runs_a_batch_as_passes_within_the_forward_budget_with_the_sa
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, use_safetensors=True, attn_implementation="sdpa")
     examples = [tokenize_record(r, tokenizer, train_on_inputs=False) for r in code_mapping(6) + chat_records(6)]
+    lengths = [len(e.input_ids) for e in examples]
     plan = [[[i] for i in range(len(examples))]]  # one batch of every example
     passes: list[int] = []
     real = evaluation.token_loss
@@ -233,12 +238,11 @@ def test_evaluation_runs_a_batch_as_passes_within_the_forward_budget_with_the_sa
     def run(budget: int) -> dict[str, float]:
         monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", budget)
         passes.clear()
-        return evaluation.evaluate(model, plan, examples, pad_id=tokenizer.pad_token_id,
-                                   device=torch.device("cpu"), autocast=nullcontext)
+        return evaluation.evaluate(model, evaluation.split_for_evaluation(plan, lengths), examples,
+                                   pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), autocast=nullcontext)
 
     whole = run(10**6)
     assert len(passes) == 1
-    longest = max(len(e.input_ids) for e in examples)
-    split = run(longest)
-    assert len(passes) > 2 and max(passes) <= longest, passes
+    split = run(max(lengths))
+    assert len(passes) > 2 and max(passes) <= max(lengths), passes
     assert split == pytest.approx(whole, rel=1e-5)

@@ -149,3 +149,31 @@ def test_dpo_trains_other_adapters_with_the_disabled_adapter_as_reference(tmp_pa
     # Before the first step the adapter is disabled for the reference, so the first step's rewards are ~0.
     first = reporter.steps[0]
     assert abs(first["train_rewards_chosen"]) < 0.05 and abs(first["train_rewards_rejected"]) < 0.05, first
+
+
+def test_reference_scores_and_evaluation_run_within_the_forward_budget_with_the_same_figures(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference pass and the validation pass put batch_size pairs through the model as forward passes within
+    forward_tokens(False) tokens, as training does (a pair longer than that alone): the figures do not change."""
+    import worker.training.dpo as dpo
+    from app.schemas import training as training_schema
+
+    sizes: list[int] = []
+    real = dpo.collate
+
+    def counting(indexes: list[int], *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(indexes))
+        return real(indexes, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "collate", counting)
+    finals = []
+    for budget in (10**6, 1):
+        monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", budget)
+        sizes.clear()
+        _result, reporter = run_dpo(tmp_path / str(budget), tiny_model, dpo_config(n_evals=1, batch_size=4), n=8,
+                                    valid=8)
+        finals.append(reporter.steps[-1])
+        assert (max(sizes) > 1) if budget > 1 else (set(sizes) == {1}), sizes
+    whole, split = finals
+    for key in ("full_valid_loss", "full_valid_preference_accuracy", "train_loss"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4), key
