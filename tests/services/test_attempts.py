@@ -87,7 +87,7 @@ def test_pauses_resumes_and_hand_offs_never_count_as_crashes(session: Session) -
         claim(session, job, "w1")
         pause_job(session, project=project, job_id=job.id)
         assert attempts.stop_after_checkpoint(session, job_pk=job.pk, attempt=job.attempt) == "paused"
-        resume_job(session, project=project, job_id=job.id)
+        resume_job(session, project=project, job_id=job.id, settings=SETTINGS)
     for _ in range(3):  # a worker's graceful shutdown hands the job on
         claim(session, job, "w1")
         assert attempts.request_release(session, job_pk=job.pk, attempt=job.attempt)
@@ -170,7 +170,7 @@ def test_a_pause_asked_for_while_the_attempt_dies_holds(session: Session) -> Non
     for end in ("crash", "database"):  # the same when the attempt crashes or loses the database
         from app.services.jobs import resume_job
 
-        resume_job(session, project=project, job_id=job.id)
+        resume_job(session, project=project, job_id=job.id, settings=SETTINGS)
         claim(session, job, "w1")
         pause_job(session, project=project, job_id=job.id)
         outcome = crash(session, job) if end == "crash" else attempts.requeue_after_database_loss(
