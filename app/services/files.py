@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
 from app.core.storage import Storage, TooLarge
-from app.models import File, FineTuningJob, Project
+from app.models import File, FineTuningJob, JobArtifact, Project
 from app.models.base import new_id
 from app.models.job import UNFINISHED_STATUSES
 from app.models.registered_model import USABLE_STATUSES
@@ -157,6 +157,15 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
     if in_use is not None:
         raise Conflict(f"File {file_id} is used by fine-tuning job {in_use}, which has not finished; "
                        "cancel the job or wait for it before deleting the file.", param="file_id",
+                       code="file_in_use")
+    from app.services.artifacts import WEIGHT_KINDS
+
+    holds = session.scalar(select(FineTuningJob.fine_tuned_model)
+                           .join(JobArtifact, JobArtifact.job_pk == FineTuningJob.pk)
+                           .where(JobArtifact.file_pk == row.pk, JobArtifact.kind.in_(WEIGHT_KINDS)).limit(1))
+    if holds is not None:  # its rows go with the file: the model would vanish without a word
+        raise Conflict(f"File {file_id} holds the weights of the fine-tuned model {holds!r}; delete the model "
+                       f"(DELETE /v1/models/{holds}), which removes its files and checkpoints.", param="file_id",
                        code="file_in_use")
     # Lock every file on this blob: an upload that is adopting it (it locks the same rows) commits first,
     # and is then counted below.

@@ -122,3 +122,17 @@ def test_a_model_is_not_deleted_while_a_job_trains_on_from_it_nor_one_checkpoint
     assert client.get(f"/v1/models/{parent.fine_tuned_model}:ckpt-step-5").status_code == 200
     assert client.post(f"/v1/fine_tuning/jobs/{child['id']}/cancel").status_code == 200
     assert client.delete(f"/v1/models/{parent.fine_tuned_model}").status_code == 200
+
+
+def test_a_result_file_holding_a_models_weights_is_not_deleted_under_it(client: TestClient, session: Any) -> None:
+    """Deleting the adapter's result file would take the model with it, without a word: 409 naming the model to
+    delete instead. Other result files (metrics) go as any file does."""
+    job = succeeded_job(session)
+    adapter, metrics = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["result_files"]
+    refused = client.delete(f"/v1/files/{adapter}")
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "file_in_use" and job.fine_tuned_model in error["message"]
+    assert client.delete(f"/v1/files/{metrics}").status_code == 200
+    assert client.get(f"/v1/models/{job.fine_tuned_model}").status_code == 200
+    assert client.get(f"/v1/files/{adapter}").status_code == 200
