@@ -57,12 +57,18 @@ def _auto_or_within(name: str) -> tuple[tuple[Any, Any], Any]:
                  if isinstance(b, annotated_types.Le | annotated_types.Lt)), "inf)")
     allowed = f"\"auto\" or {'an integer' if field.annotation is int else 'a number'} in {low}, {high}"
 
+    def within(value: Any) -> bool:
+        if isinstance(value, bool):  # a number field would read true as 1
+            return False
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            return False
+        return True
+
     def check(cls: type[BaseModel], value: Any) -> Any:
-        if value != "auto":
-            try:
-                adapter.validate_python(value)
-            except ValidationError:
-                raise ValueError(f"{name} must be {allowed}") from None
+        if value != "auto" and not within(value):
+            raise ValueError(f"{name} must be {allowed}")
         return value
 
     definition = (Literal["auto"] | bounded, Field(default="auto", description=f"OpenAI's: {allowed}."))

@@ -214,3 +214,12 @@ def test_a_rule_added_for_requests_leaves_stored_jobs_readable() -> None:
     assert TrainingConfig.model_validate(stored).n_checkpoints == 5
     with pytest.raises(ValidationError, match="give save_steps or n_checkpoints"):
         TrainingConfig.model_validate(stored, context={"validation_file": False})
+
+
+@pytest.mark.parametrize("name", ["n_epochs", "batch_size", "learning_rate_multiplier"])
+def test_true_is_not_a_number_of_epochs(client: TestClient, name: str) -> None:
+    """JSON's true is no integer: Python would read it as 1, the request is refused naming the field."""
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client),
+                                                          "hyperparameters": {name: True}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == f"hyperparameters.{name}"
