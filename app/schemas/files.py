@@ -22,6 +22,13 @@ def template_role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
+def template_messages(messages: list[Any]) -> list[Any]:
+    """Messages as a chat template renders them: each role through template_role (a message without a string role
+    is left as it is, for the template's own error)."""
+    return [{**m, "role": template_role(m["role"])} if isinstance(m, dict) and isinstance(m.get("role"), str) else m
+            for m in messages]
+
+
 class FilePublic(OmitsUnsetOptionals):
     OMITTED_WHEN_NONE = ("status_details",)
 

@@ -15,6 +15,7 @@ from app.models import File, FineTuningJob, JobArtifact, Project
 from app.models.base import new_id
 from app.models.job import UNFINISHED_STATUSES
 from app.models.registered_model import USABLE_STATUSES
+from app.services.artifacts import WEIGHT_KINDS
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
 from app.services.tokens import record_token_stats
@@ -158,8 +159,6 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
         raise Conflict(f"File {file_id} is used by fine-tuning job {in_use}, which has not finished; "
                        "cancel the job or wait for it before deleting the file.", param="file_id",
                        code="file_in_use")
-    from app.services.artifacts import WEIGHT_KINDS
-
     holds = session.scalar(select(FineTuningJob.fine_tuned_model)
                            .join(JobArtifact, JobArtifact.job_pk == FineTuningJob.pk)
                            .where(JobArtifact.file_pk == row.pk, JobArtifact.kind.in_(WEIGHT_KINDS)).limit(1))

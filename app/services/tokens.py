@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.storage import Storage
 from app.models import File
-from app.schemas.files import template_role
+from app.schemas.files import template_messages
 from app.schemas.training import TrainingConfig
 from app.services.datasets import LengthStats, detect_format
 
@@ -51,9 +51,7 @@ class TokenCounter:
     def _chat(self, messages: list[dict[str, Any]], tools: Any = None, *, generation: bool = False
               ) -> tuple[list[str], int]:
         if self.template is not None:
-            messages = [{**m, "role": template_role(m["role"])}
-                        if isinstance(m, dict) and isinstance(m.get("role"), str) else m for m in messages]
-            return [self.template.render(messages=messages, tools=tools, bos_token=self.bos_token,
+            return [self.template.render(messages=template_messages(messages), tools=tools, bos_token=self.bos_token,
                                          eos_token=self.eos_token, add_generation_prompt=generation)], 0
         texts = [m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("tool_calls"))
                  for m in messages]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_role
+from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_messages
 
 if TYPE_CHECKING:
     import torch
@@ -50,11 +50,6 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The end-of-text token after a text or a completion, where the tokenizer has one."""
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as a chat template renders them: each role through template_role ("developer" as "system")."""
-    return [{**m, "role": template_role(m["role"])} for m in messages]
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> list[int]:

@@ -170,14 +170,13 @@ def step_metrics(sums: dict[str, float], pairs: int) -> dict[str, float]:
             "train_preference_accuracy": sums["correct"] / pairs}
 
 
-def evaluate_pairs(run: Run, plan: EpochPlan) -> dict[str, float]:
-    """Loss, preference accuracy and rewards on the validation pairs of `plan` (each process its share)."""
+def evaluate_pairs(run: Run, mine: EpochPlan) -> dict[str, float]:
+    """Loss, preference accuracy and rewards on the validation pairs: `mine` is this process's share, one forward
+    pass a batch (recipe.evaluate_on), and the processes' sums are added."""
     import torch
 
     from worker.training import distributed
 
-    mine = split_for_evaluation(plan[run.procs.rank :: run.procs.world_size],
-                                [pair_tokens(p) for p in run.valid_examples])
     totals = {"loss": 0.0, "pairs": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
     was_training = run.model.training
     run.model.eval()

@@ -15,9 +15,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.schemas.files import CHAT_ROLES
+from app.schemas.files import CHAT_ROLES, template_messages
 from app.schemas.training import LOGP_CHUNK_TOKENS
-from worker.training.data import IGNORE_INDEX, _encode, _render_chat, template_messages
+from worker.training.data import IGNORE_INDEX, _encode, _render_chat
 from worker.training.logprobs import Scored, body_outputs, causal_lm, labelled_logps, score_positions, without_ddp
 
 if TYPE_CHECKING:

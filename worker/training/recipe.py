@@ -495,10 +495,10 @@ def step_loss(run: Run, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
 def evaluate_on(run: Run, plan: EpochPlan) -> dict[str, float]:
     """Loss, perplexity and token accuracy on the validation batches of `plan`: each process evaluates its share and
     torchmetrics sums the shares."""
-    if run.preference:
-        return dpo.evaluate_pairs(run, plan)
     lengths = [run.tokens(e) for e in run.valid_examples]
     mine = split_for_evaluation(plan[run.procs.rank :: run.procs.world_size], lengths)
+    if run.preference:
+        return dpo.evaluate_pairs(run, mine)
     # Under FSDP every forward pass gathers weights from all processes: all run the same number.
     passes = distributed.all_max(run.procs, len(mine)) if run.sharded else None
     return evaluate(run.model, mine, run.valid_examples, pad_id=run.pad_id, device=run.device, autocast=run.autocast,
