@@ -24,6 +24,8 @@ class ModelDetails(BaseModel):
     bytes: int | None = None
     has_chat_template: bool | None = None
     license: str | None = None
+    # The names adapter.target_modules may give: each module holding a weight matrix (from the safetensors headers).
+    modules: list[str] | None = None
 
 
 class ModelPublic(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import struct
 import time
@@ -54,9 +55,13 @@ def normalise_source(source: str) -> str:
 
 
 def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[dict[str, Any]],
-             parameters: int | None, license_: str | None) -> dict[str, Any]:
-    """What jobs and the estimate need to know of a model, from its config.json and files."""
+             tensors: list[tuple[str, list[int]]] | None, parameters: int | None,
+             license_: str | None) -> dict[str, Any]:
+    """What jobs and the estimate need to know of a model, from its config.json, files and safetensors headers
+    (`tensors`: each tensor's name and shape; None when there are none to read)."""
     text = config.get("text_config") or config
+    if parameters is None and tensors:
+        parameters = sum(math.prod(shape) for _, shape in tensors)
     dtype = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
     weights = sum(int(f["size"] or 0) for f in files if hub.wanted(f["name"], allow_pickle=True,
                                                                    trust_remote_code=False)
@@ -71,23 +76,35 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
             "kv_heads": text.get("num_key_value_heads") or text.get("num_attention_heads"),
             "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
             "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
-            "license": license_}
+            "license": license_, "modules": weight_modules(tensors, config) if tensors else None}
 
 
-def safetensors_parameters(folder: Path) -> int | None:
-    """The parameter count from the safetensors headers (8-byte length, then JSON): no tensor is read."""
-    total, found = 0, False
-    for weights in sorted(folder.glob("*.safetensors")):
-        with weights.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= int(dim)
-                total, found = total + count, True
-    return total if found else None
+def weight_modules(tensors: list[tuple[str, list[int]]], config: dict[str, Any]) -> list[str]:
+    """The names target_modules can give (a module's last name, as PEFT matches it): every module holding a
+    tensor of two or more dimensions (linear, embedding and convolution weights, 4-bit and GPTQ packings too;
+    norms and biases have one). A tied output layer has no tensor of its own: lm_head is added unless the config
+    says the embeddings are untied."""
+    names = {module.rpartition(".")[2] for name, shape in tensors if len(shape) >= 2
+             for module in [name.rpartition(".")[0]] if module}
+    if (config.get("text_config") or config).get("tie_word_embeddings", True) is not False:
+        names.add("lm_head")
+    return sorted(names)
+
+
+def folder_tensors(folder: Path) -> list[tuple[str, list[int]]] | None:
+    """Each tensor's name and shape from the folder's safetensors headers (8-byte length, then JSON): no tensor
+    is read. None when there are none, or a header does not parse."""
+    tensors = []
+    try:
+        for weights in sorted(folder.glob("*.safetensors")):
+            with weights.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            tensors += [(name, [int(d) for d in tensor["shape"]]) for name, tensor in header.items()
+                        if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None
+    return tensors or None
 
 
 def _read_folder(row: RegisteredModel) -> None:
@@ -102,8 +119,8 @@ def _read_folder(row: RegisteredModel) -> None:
                  if hub.wanted(n, allow_pickle=row.allow_pickle, trust_remote_code=row.trust_remote_code)]
     row.tokenizer = {n: (folder / n).read_text() for n in hub.TOKENIZER_FILES if (folder / n).is_file()}
     config = json.loads((folder / "config.json").read_text())
-    row.info = describe(config, tokenizer=row.tokenizer, files=row.files,
-                        parameters=safetensors_parameters(folder), license_=None)
+    row.info = describe(config, tokenizer=row.tokenizer, files=row.files, tensors=folder_tensors(folder),
+                        parameters=None, license_=None)
 
 
 def _pickle_message(name: str) -> str:
@@ -126,8 +143,11 @@ def _read_hub(row: RegisteredModel, settings: Settings) -> None:
     small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
                             settings=settings)
     row.tokenizer = {n: small[n].decode() for n in hub.TOKENIZER_FILES if n in small}
+    weights = [f["name"] for f in row.files]
+    tensors = hub.safetensors_tensors(repo, listing.sha, weights, settings=settings) \
+        if hub.has_safetensors(weights) else None
     row.info = describe(json.loads(small["config.json"]), tokenizer=row.tokenizer, files=row.files,
-                        parameters=listing.parameters, license_=listing.license)
+                        tensors=tensors, parameters=listing.parameters, license_=listing.license)
 
 
 def register(session: Session, *, settings: Settings, name: str, source: str, revision: str | None = None,

@@ -130,6 +130,27 @@ def list_repo(repo: str, revision: str | None, *, settings: Settings) -> RepoLis
                        gated=bool(info.gated))
 
 
+def safetensors_tensors(repo: str, sha: str, names: list[str], *,
+                        settings: Settings) -> list[tuple[str, list[int]]] | None:
+    """Each tensor's name and shape in the weights a worker fetches (the top-level safetensors files), from their
+    headers: huggingface_hub reads the first 100 kB of each file with a range request, no weights. None when a
+    header does not parse (the model is registered without its module names)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    api = HfApi(token=token(settings) or False)
+    files = [n for n in names if "/" not in n and fnmatch.fnmatch(n, WEIGHT_PATTERNS[0])]
+    with hub_errors(repo, sha), ThreadPoolExecutor(max_workers=8) as pool:
+        try:
+            headers = list(pool.map(lambda name: api.parse_safetensors_file_metadata(repo, name, revision=sha),
+                                    files))
+        except SafetensorsParsingError:
+            return None
+    return [(name, list(tensor.shape)) for header in headers for name, tensor in header.tensors.items()]
+
+
 def fetch_files(repo: str, sha: str, names: list[str], *, settings: Settings) -> dict[str, bytes]:
     """The bytes of some small files of the repository at commit sha."""
     from huggingface_hub import hf_hub_download

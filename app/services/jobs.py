@@ -128,6 +128,28 @@ def _check_chat_template(session: Session, *, base_model: str, files: list[File]
                                  param=param, code="invalid_file")
 
 
+def _check_target_modules(session: Session, *, base_model: str, config: TrainingConfig, settings: Settings) -> None:
+    """400 when target_modules names a module the base model does not have (a typo PEFT would only report in the
+    worker, after the weights were fetched): each name's last part must be one of the model's modules with
+    weights, read from its safetensors headers at registration (info["modules"]; models registered without them
+    are not checked)."""
+    from app.services import base_models
+
+    targets = config.adapter.target_modules
+    if config.adapter.type == "full" or not isinstance(targets, list):
+        return
+    model = base_models.find(session, settings=settings, name=base_model)
+    modules = (model.info or {}).get("modules") if model is not None else None
+    if not modules:
+        return
+    unknown = [name for name in targets if name.rpartition(".")[2] not in modules]
+    if unknown:
+        raise InvalidRequest(f"target_modules names {', '.join(map(repr, unknown))}, which model {base_model!r} does "
+                             f"not have; its modules with weights are {', '.join(modules)}. Name some of those, or "
+                             "use \"all-linear\".", param=f"method.{config.method}.adapter.target_modules",
+                             code="invalid_value")
+
+
 def _wrong_format(file_id: str, *, found: str, method: TrainingMethod) -> str:
     holds = f"File {file_id} holds {FORMAT_NAMES.get(found, found)} examples (detected format {found!r})"
     if method == "dpo":
@@ -344,6 +366,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
                              code="integration_not_configured")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
+    _check_target_modules(session, base_model=base_model, config=config, settings=settings)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []
     return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured)

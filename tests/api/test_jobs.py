@@ -215,3 +215,40 @@ def test_chat_and_preference_files_are_refused_for_a_model_without_a_chat_templa
     completions = upload(client, jsonl([{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(12)])).json()
     plain = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": completions["id"]})
     assert plain.status_code == 200, plain.text
+
+
+def test_target_modules_the_model_does_not_have_are_refused_naming_its_modules(client: TestClient) -> None:
+    """A typo in target_modules is a 400 at creation (PEFT would report it only in the worker, after the weights were
+    fetched): the registry read the model's module names from its safetensors headers."""
+    from tests.api.conftest import upload_pairs
+
+    def adapter(targets: list[str], method: str = "supervised", training_file: str | None = None) -> Any:
+        return create(client, method={"type": method, method: {"adapter": {"type": "lora", "target_modules": targets}}},
+                      **({"training_file": training_file} if training_file else {}))
+
+    typo = adapter(["q_proj", "v_porj"])
+    assert typo.status_code == 400, typo.text
+    error = typo.json()["error"]
+    assert (error["param"], error["code"]) == ("method.supervised.adapter.target_modules", "invalid_value")
+    assert "'v_porj'" in error["message"] and "'q_proj'" not in error["message"]
+    assert "q_proj, up_proj, v_proj" in error["message"]  # what the model has, to choose from
+    norm = adapter(["input_layernorm"], "dpo", upload_pairs(client))  # a norm holds no matrix to adapt
+    assert norm.status_code == 400 and norm.json()["error"]["param"] == "method.dpo.adapter.target_modules"
+    # PEFT matches a name's end: a longer suffix and the (tied or not) output layer are fine.
+    assert adapter(["self_attn.q_proj", "mlp.down_proj", "lm_head"]).status_code == 200
+    assert client.get("/v1/fine_tuning/jobs").json()["data"][0]["method"]["supervised"]["adapter"][
+        "target_modules"] == ["self_attn.q_proj", "mlp.down_proj", "lm_head"]
+
+
+def test_a_model_registered_without_module_names_is_not_checked(client: TestClient, session: Any) -> None:
+    from sqlalchemy import select
+
+    from app.models import RegisteredModel
+
+    assert client.get("/v1/models/tiny-llama").status_code == 200  # the catalogue imported
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == "tiny-llama"))
+    assert "q_proj" in model.info["modules"] and "input_layernorm" not in model.info["modules"]
+    model.info = {**model.info, "modules": None}  # registered before the registry read them, or pickle weights
+    session.commit()
+    response = create(client, method={"type": "supervised", "supervised": {"adapter": {"target_modules": ["qkv"]}}})
+    assert response.status_code == 200, response.text

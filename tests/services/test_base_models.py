@@ -64,7 +64,11 @@ def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, h
     assert next(f for f in row.files if f["name"] == "model.safetensors")["sha256"]
     # The API host keeps the tokenizer: token statistics need no weights.
     assert json.loads(row.tokenizer["tokenizer.json"]) == json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    # The weights' headers give the module names target_modules may use (a bounded range read, not a download).
+    assert row.info["modules"] == ["down_proj", "embed_tokens", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj",
+                                   "up_proj", "v_proj"]
     assert hub.downloads("test-org/tiny-chat", "model.safetensors") == 0
+    assert hub.header_reads("test-org/tiny-chat", "model.safetensors") == ["bytes=0-100000"]
     # The default branch pins to its own commit.
     other = base_models.register(session, settings=settings(), name="tiny-main", source="test-org/tiny-chat")
     assert (other.source, other.commit_sha) == ("hf:test-org/tiny-chat", MAIN)
@@ -94,6 +98,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(session: Session, hub: F
     row = base_models.register(session, settings=settings(), name="p", source="hf:test-org/pickle-chat",
                                allow_pickle=True)
     assert "pytorch_model.bin" in {f["name"] for f in row.files}
+    assert row.info["modules"] is None  # no header to read them from: target_modules is not checked
 
 
 def test_sources_outside_the_allowlist_are_refused(session: Session, hub: FakeHub) -> None:

@@ -204,7 +204,7 @@ class FakeHub:
         self.token = token
         self.tree_page_size = tree_page_size
         self.ranges: list[tuple[str, str]] = []
-        self._requests: list[tuple[str, str]] = []
+        self._requests: list[tuple[str, str, str | None]] = []  # method, path with query, Range header
         self._dropped: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -220,13 +220,26 @@ class FakeHub:
     def requests(self) -> list[tuple[str, str]]:
         """(method, path with query) of every request served so far."""
         with self._lock:
-            return list(self._requests)
+            return [(method, path) for method, path, _ in self._requests]
 
     def downloads(self, repo_id: str, filename: str) -> int:
-        """How many GETs of the file's resolve URL (any revision) were served."""
+        """How many GETs of the file's resolve URL (any revision) read it to its end: a whole file, or the rest
+        from an offset (`bytes=N-`, a resumed download); a bounded range (a safetensors header) is no download."""
         prefix = f"/{repo_id}/resolve/"
-        return sum(1 for method, path in self.requests if method == "GET" and path.startswith(prefix)
+        with self._lock:
+            served = list(self._requests)
+        return sum(1 for method, path, spec in served if method == "GET" and path.startswith(prefix)
+                   and (spec is None or spec.endswith("-"))
                    and unquote(urlsplit(path).path[len(prefix):].partition("/")[2]) == filename)
+
+    def header_reads(self, repo_id: str, filename: str) -> list[str]:
+        """The bounded ranges (`bytes=A-B`) of the file read: what a safetensors header read asks for."""
+        prefix = f"/{repo_id}/resolve/"
+        with self._lock:
+            served = list(self._requests)
+        return [spec for method, path, spec in served if method == "GET" and path.startswith(prefix)
+                and spec is not None and not spec.endswith("-")
+                and unquote(urlsplit(path).path[len(prefix):].partition("/")[2]) == filename]
 
     def patch_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Point huggingface_hub here, online and without Xet, whether or not it is imported yet."""
@@ -251,7 +264,7 @@ class FakeHub:
 
     def _serve(self, request: _Handler) -> None:
         with self._lock:
-            self._requests.append((request.command, request.path))
+            self._requests.append((request.command, request.path, request.headers.get("Range")))
         split = urlsplit(request.path)
         segments = split.path.lstrip("/").split("/")
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
@@ -323,7 +336,8 @@ class FakeHub:
             sha256 = hashlib.sha256(data).hexdigest()
             headers.update({"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data))})
         status, body = 200, data
-        if request.command == "GET" and (spec := request.headers.get("Range")):
+        spec = request.headers.get("Range")
+        if request.command == "GET" and spec:
             with self._lock:
                 self.ranges.append((request.path, spec))
             start_s, _, end_s = spec.removeprefix("bytes=").partition("-")
@@ -333,10 +347,12 @@ class FakeHub:
                 return request.error(416, None, "Range Not Satisfiable", {"Content-Range": f"bytes */{len(data)}"})
             status, body = 206, data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        if request.command == "GET" and filename in repo.delay:
+        # A slow or dropped connection is a download's (what `downloads` counts), not a header read's.
+        download = request.command == "GET" and (spec is None or spec.endswith("-"))
+        if download and filename in repo.delay:
             time.sleep(repo.delay[filename])
         sent = None
-        if request.command == "GET" and filename in repo.drop_after:
+        if download and filename in repo.drop_after:
             with self._lock:
                 if (repo_id, filename) not in self._dropped:
                     self._dropped.add((repo_id, filename))
