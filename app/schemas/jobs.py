@@ -34,9 +34,22 @@ from app.schemas.training import (
 # OpenAI's hyperparameters of each method: "auto", or a value within the bounds of the config field it resolves to.
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 OPENAI_DPO_HYPERPARAMETERS = (*OPENAI_HYPERPARAMETERS, "beta")
-# Bounds on the wire only: a stored config may hold a larger multiplier (an absolute learning_rate over the method's
-# base rate).
+# Bounds on the wire only, for a value given alone: a stored config may hold a larger multiplier (an absolute
+# learning_rate over 100x the method's base rate), and a request may carry it beside that learning_rate (a job's echo
+# sent back). app/services/jobs.py applies them where it resolves the rate.
 WIRE_ONLY_BOUNDS: dict[str, tuple[Any, ...]] = {"learning_rate_multiplier": (annotated_types.Le(100),)}
+
+
+def within_wire_bounds(name: str, value: Any) -> bool:
+    """Whether an OpenAI hyperparameter given alone is within its wire-only bounds ("auto" always is)."""
+    bounds = WIRE_ONLY_BOUNDS.get(name, ())
+    if value == "auto" or not bounds:
+        return True
+    try:
+        TypeAdapter(Annotated[float, *bounds]).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _config_field(name: str) -> FieldInfo:
@@ -49,13 +62,15 @@ def _auto_or_within(name: str) -> tuple[tuple[Any, Any], Any]:
     validator that says so in one message."""
     field = _config_field(name)
     bounds = [*field.metadata, *WIRE_ONLY_BOUNDS.get(name, ())]
-    bounded: Any = Annotated[field.annotation, *bounds]  # type: ignore[name-defined]
+    bounded: Any = Annotated[field.annotation, *field.metadata]  # type: ignore[name-defined]
     adapter: TypeAdapter[Any] = TypeAdapter(bounded)
     low = next((f"[{b.ge}" if isinstance(b, annotated_types.Ge) else f"({b.gt}" for b in bounds
                 if isinstance(b, annotated_types.Ge | annotated_types.Gt)), "(-inf")
     high = next((f"{b.le}]" if isinstance(b, annotated_types.Le) else f"{b.lt})" for b in bounds
                  if isinstance(b, annotated_types.Le | annotated_types.Lt)), "inf)")
     allowed = f"\"auto\" or {'an integer' if field.annotation is int else 'a number'} in {low}, {high}"
+    if name in WIRE_ONLY_BOUNDS:
+        allowed += " (more only beside a learning_rate that means it, as a job's echo carries it)"
 
     def within(value: Any) -> bool:
         if isinstance(value, bool):  # a number field would read true as 1

@@ -31,6 +31,7 @@ from app.schemas.jobs import (
     JobResources,
     Method,
     SupervisedMethod,
+    within_wire_bounds,
 )
 from app.schemas.training import (
     DPO_HYPERPARAMETER_FIELDS,
@@ -270,6 +271,10 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
                                  f"{multiplier:g}): give one of them.",
                                  param=f"{chosen.prefix}.learning_rate_multiplier", code="invalid_value")
     else:
+        if not within_wire_bounds("learning_rate_multiplier", hyper.learning_rate_multiplier):
+            raise InvalidRequest(f"learning_rate_multiplier {hyper.learning_rate_multiplier:g} is over 100; give a "
+                                 "learning_rate instead for a rate that high.",
+                                 param=f"{chosen.prefix}.learning_rate_multiplier", code="invalid_value")
         multiplier = 1.0 if hyper.learning_rate_multiplier == "auto" else float(hyper.learning_rate_multiplier)
         learning_rate = base_lr * multiplier
     preference_fields = set(PreferenceConfig.model_fields)

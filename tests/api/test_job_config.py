@@ -50,6 +50,33 @@ def test_every_echoed_field_of_a_job_is_accepted_back_and_makes_the_same_job(cli
         assert again[name] == echoed[name], name
 
 
+def test_a_rate_over_100x_the_base_goes_back_as_echoed_and_a_multiplier_alone_stays_within_100(
+        client: TestClient) -> None:
+    """A learning_rate 250x DPO's adapter base rate (5e-6) echoes multiplier 250, over OpenAI's wire limit of 100:
+    beside the rate it means, the echo posts back as the same job; the multiplier alone is held to 100."""
+    from tests.api.conftest import upload_pairs
+
+    pairs = upload_pairs(client)
+    first = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": pairs, "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"learning_rate": 1.25e-3}}}})
+    assert first.status_code == 200, first.text
+    echoed = first.json()
+    assert echoed["hyperparameters"]["learning_rate_multiplier"] == 250.0
+    body = {name: echoed[name] for name in JobCreate.model_fields if echoed.get(name) is not None}
+    again = client.post("/v1/fine_tuning/jobs", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["method"] == echoed["method"]
+    for param, body in [
+            ("hyperparameters", {"training_file": upload_chat(client),
+                                 "hyperparameters": {"learning_rate_multiplier": 250}}),
+            ("method.dpo.hyperparameters", {"training_file": pairs, "method": {
+                "type": "dpo", "dpo": {"hyperparameters": {"learning_rate_multiplier": 250}}}})]:
+        alone = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", **body})
+        assert alone.status_code == 400, alone.text
+        error = alone.json()["error"]
+        assert error["param"] == f"{param}.learning_rate_multiplier" and "over 100" in error["message"], error
+
+
 @pytest.mark.parametrize("setting", [{"eval_steps": 5}, {"n_evals": 3}, {"load_best_at_end": True, "n_evals": 2},
                                      {"early_stopping_patience": 2, "eval_steps": 2}])
 def test_settings_that_evaluate_are_refused_without_a_validation_file(client: TestClient,
