@@ -65,10 +65,14 @@ def load_pairs(path: Path, tokenizer: Any, *, max_seq_length: int, reporter: Rep
     return pairs
 
 
-def pair_tokens(pair: PreferenceExample) -> int:
-    """The tokens one pair puts through the model: its prompt once and each answer once (its packed row,
-    preference.packed_pair_logps). What batches are grouped and split into forward passes by."""
-    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+def pair_tokens(pair: PreferenceExample, *, packed: bool = True) -> int:
+    """The tokens one pair puts through the model: its prompt once and each answer once in its packed row
+    (preference.packed_pair_logps); where the model cannot take that row (preference.packs_pairs), two rows of the
+    prompt and an answer, each as wide as the longer answer's (logprobs.labelled_logps). What batches are grouped
+    and split into forward passes by."""
+    if packed:
+        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    return 2 * (len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
 
 
 def collate(indexes: list[int], pairs: list[PreferenceExample], *, pad_id: int) -> dict[str, Any]:
@@ -112,7 +116,7 @@ def _score_all(run: Run, pairs: list[Any], *, adapter_off: bool) -> torch.Tensor
     import torch
 
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
-    lengths = [pair_tokens(p) for p in pairs]
+    lengths = [run.tokens(p) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: lengths[i])
     size = run.config.batch_size
     # batches of batch_size pairs, each as forward passes within the evaluation's budget

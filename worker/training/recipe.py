@@ -28,7 +28,7 @@ from typing import Any
 
 from app.schemas.training import EVAL_COST_SHARE, MIN_EVAL_EXAMPLES, TrainingConfig, forward_tokens
 from worker.training import checkpoint as ckpt
-from worker.training import distributed, dpo, stopping
+from worker.training import distributed, dpo, preference, stopping
 from worker.training.data import (
     IGNORE_INDEX,
     EpochPlan,
@@ -141,6 +141,8 @@ class Run:
     scaler: Any = None  # fp16's loss scaling (disabled otherwise)
     # dpo.setup_reference: {"train", "valid"} reference log-probs of each pair; None when not dpo (or simpo).
     reference: dict[str, Any] | None = None
+    # setup_model: whether the model takes a pair as one packed row (preference.packs_pairs), which tokens() counts.
+    packed_pairs: bool = True
 
     @property
     def full(self) -> bool:
@@ -152,7 +154,7 @@ class Run:
 
     def tokens(self, example: Any) -> int:
         """What an example (or a pair) puts through a forward pass."""
-        return dpo.pair_tokens(example) if self.preference else len(example.input_ids)
+        return dpo.pair_tokens(example, packed=self.packed_pairs) if self.preference else len(example.input_ids)
 
     def collate(self, rows: list[list[int]], examples: list[Any], *, packing: bool) -> dict[str, Any]:
         """One batch of `rows` (lists of example indexes), on the run's device."""
@@ -318,6 +320,11 @@ def setup_model(run: Run, *, model_path: Path, init_adapter: Path | None, trust_
     if resume_from is not None:
         ckpt.load_weights(model, Path(resume_from), full=run.full)
     run.model = model
+    if run.preference and not preference.packs_pairs(model):
+        # Each pair runs as two rows of its prompt and an answer: measured so, forward passes keep within the budget
+        # (the batches planned from the packed lengths stay: a pair's batch is the same whatever its length).
+        run.packed_pairs = False
+        run.lengths = [run.tokens(e) for e in run.train_examples]
     run.wrapped = distributed.wrap(model, group=procs, strategy=config.distributed, device=run.device)
     run.optimizer = make_optimizer(model, config)
     run.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], run.optimizer,

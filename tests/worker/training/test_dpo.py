@@ -177,3 +177,31 @@ def test_reference_scores_and_evaluation_run_within_the_forward_budget_with_the_
     whole, split = finals
     for key in ("full_valid_loss", "full_valid_preference_accuracy", "train_loss"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4), key
+
+
+def test_a_model_that_cannot_pack_pairs_runs_its_two_rows_a_pair_within_the_forward_budget(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where attention cannot take the pair mask (a sliding window, ALiBi...), a pair runs as two rows of its prompt
+    and an answer: passes are measured that way, so a pass of several pairs keeps within forward_tokens (the prompt
+    counted once, as a packed row does, let such passes run up to twice the budget)."""
+    import worker.training.dpo as dpo
+    import worker.training.preference as preference
+    from app.schemas import training as training_schema
+
+    passes: list[tuple[int, int]] = []  # (pairs, tokens of the whole rows the model runs)
+    real = dpo.collate
+
+    def measuring(indexes: list[int], *args: Any, **kwargs: Any) -> Any:
+        batch = real(indexes, *args, **kwargs)
+        passes.append((len(indexes), batch["input_ids"].numel()))
+        return batch
+
+    monkeypatch.setattr(dpo, "collate", measuring)
+    monkeypatch.setattr(preference, "packs_pairs", lambda model: False)
+    records = pairs(16, seed=1)
+    budget = 150  # a few pairs of the factory's (two rows of 20-40 tokens each)
+    monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", budget)
+    _result, reporter = run_dpo(tmp_path, tiny_model, dpo_config(batch_size=8, n_evals=1), n=len(records), valid=8)
+    several = [(n, tokens) for n, tokens in passes if n > 1]
+    assert several and all(tokens <= budget for _, tokens in several), passes
+    assert reporter.steps[-1]["full_valid_loss"] > 0
