@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 from app.schemas.common import REQUEST_MODEL
 from app.schemas.files import template_role
@@ -51,20 +51,20 @@ class _Sampling(BaseModel):
 
     model: str = Field(min_length=1, description="A base model, a fine-tuned model id (ft:...) or a checkpoint id "
                                                  "(ft:...:ckpt-step-N) of this project.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most (capped by the "
+    max_tokens: StrictInt | None = Field(default=None, ge=1, description="Tokens to generate at most (capped by the "
                                                                    "server's TUNEFORGE_INFERENCE_MAX_NEW_TOKENS).")
-    temperature: float = Field(default=1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    temperature: StrictFloat = Field(default=1.0, ge=0, le=2, description="0 is greedy.")
+    top_p: StrictFloat = Field(default=1.0, gt=0, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP_SEQUENCES} sequences; the "
                                                                    "text stops before the first one generated.")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same parameters, same "
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same parameters, same "
                                                                             "model and device: the same answer.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # Sent by many clients with their neutral values; only those are accepted.
-    frequency_penalty: float | None = Field(default=None, description="Only 0 (not implemented).")
-    presence_penalty: float | None = Field(default=None, description="Only 0 (not implemented).")
+    frequency_penalty: StrictFloat | None = Field(default=None, description="Only 0 (not implemented).")
+    presence_penalty: StrictFloat | None = Field(default=None, description="Only 0 (not implemented).")
     user: str | None = None
     store: StrictBool | None = None
     metadata: dict[str, str] | None = None
@@ -94,7 +94,7 @@ class _Sampling(BaseModel):
 
 class ChatCompletionCreate(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
 
     @model_validator(mode="after")
     def _one_limit(self) -> ChatCompletionCreate:
@@ -113,7 +113,7 @@ class ChatCompletionCreate(_Sampling):
 
 class CompletionCreate(_Sampling):
     prompt: str = Field(description="One prompt (lists of prompts and token arrays are not supported).")
-    max_tokens: int | None = Field(default=16, ge=1, description="16 by default, as OpenAI's.")
+    max_tokens: StrictInt | None = Field(default=16, ge=1, description="16 by default, as OpenAI's.")
     echo: StrictBool = False
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, ValidationInfo, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, model_validator
 
 from app.schemas.common import REQUEST_MODEL
 
@@ -141,10 +141,10 @@ class AdapterConfig(BaseModel):
 
     type: AdapterType = "lora"
     # r: higher = more capacity, more adapter memory and a slower step.
-    r: int = Field(default=16, ge=1, le=1024)
+    r: StrictInt = Field(default=16, ge=1, le=1024)
     # alpha / r scales the adapter's update (alpha / sqrt(r) with use_rslora).
-    alpha: float = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    alpha: StrictFloat = Field(default=32, gt=0)
+    dropout: StrictFloat = Field(default=0.05, ge=0.0, lt=1.0)
     # "all-linear" adapts every linear layer except the output head; a list names module suffixes.
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     use_rslora: StrictBool = False
@@ -171,10 +171,10 @@ class AnswerBudget(BaseModel):
     model_config = REQUEST_MODEL
 
     # The first N examples; each costs two generations (base and tuned).
-    max_examples: int = Field(default=32, ge=1, le=1000)
+    max_examples: StrictInt = Field(default=32, ge=1, le=1000)
     # None: twice the longest reference answer's tokens plus 16, at most 512: room to finish the answer and to
     # show a model that does not stop, at a cost bounded by the references.
-    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1, le=4096)
 
 
 class EvaluationConfig(AnswerBudget):
@@ -191,17 +191,17 @@ class PreferenceConfig(BaseModel):
     model_config = REQUEST_MODEL
 
     # The descriptions are the OpenAPI document's (the wire's DpoHyperparameters derive from these fields).
-    beta: float = Field(default=AUTO_BETA["sigmoid"], gt=0, le=20, description=(
+    beta: StrictFloat = Field(default=AUTO_BETA["sigmoid"], gt=0, le=20, description=(
         "How far the tuned model may move from the reference: higher keeps it closer. For simpo, the scale of its "
         "length-normalised rewards. \"auto\": 0.1 for sigmoid and ipo, 2.0 for simpo."))
     loss_type: PreferenceLoss = Field(default="sigmoid", description=(
         "sigmoid (DPO), ipo, or simpo (reference-free: no reference model)."))
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description=(
+    label_smoothing: StrictFloat = Field(default=0.0, ge=0.0, lt=0.5, description=(
         "Conservative DPO: the chance that a pair's preference is wrong; 0 trusts every pair. sigmoid only."))
-    rpo_alpha: float | None = Field(default=None, ge=0.0, description=(
+    rpo_alpha: StrictFloat | None = Field(default=None, ge=0.0, description=(
         "Weight of an NLL term on the preferred answer (RPO), which keeps its likelihood from falling while the "
         "margin grows; null: none."))
-    simpo_gamma: float | None = Field(default=None, ge=0.0, description=(
+    simpo_gamma: StrictFloat | None = Field(default=None, ge=0.0, description=(
         f"SimPO's target margin between the rewards; simpo only (default {AUTO_SIMPO_GAMMA})."))
 
     @model_validator(mode="before")
@@ -239,16 +239,16 @@ class TrainingConfig(BaseModel):
     preference: PreferenceConfig | None = None
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    n_epochs: int = Field(default=3, ge=1, le=50)
-    batch_size: int = Field(default=4, ge=1, le=256)
-    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
-    learning_rate_multiplier: float = Field(default=1.0, gt=0)
+    n_epochs: StrictInt = Field(default=3, ge=1, le=50)
+    batch_size: StrictInt = Field(default=4, ge=1, le=256)
+    learning_rate: StrictFloat = Field(default=2e-4, gt=0, le=1.0)
+    learning_rate_multiplier: StrictFloat = Field(default=1.0, gt=0)
     lr_scheduler: SchedulerName = "linear"
-    warmup_ratio: float = Field(default=0.0, ge=0.0, le=0.5)
-    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(default=1.0, ge=0.0)
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
-    max_seq_length: int = Field(default=1024, ge=8, le=131072)
+    warmup_ratio: StrictFloat = Field(default=0.0, ge=0.0, le=0.5)
+    weight_decay: StrictFloat = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: StrictFloat = Field(default=1.0, ge=0.0)
+    gradient_accumulation_steps: StrictInt = Field(default=1, ge=1, le=1024)
+    max_seq_length: StrictInt = Field(default=1024, ge=8, le=131072)
     # Packing concatenates examples into full rows; attention never crosses example boundaries.
     packing: StrictBool = False
     # True puts prompts / user turns in the loss as well as the answers.
@@ -259,19 +259,19 @@ class TrainingConfig(BaseModel):
     # "auto": bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX512-BF16, AMX or Arm BF16),
     # fp16 on an older GPU, fp32 on other CPUs; the worker resolves it (worker/training/model.py).
     precision: Precision = "auto"
-    eval_steps: int | None = Field(default=None, ge=1)
-    n_evals: int | None = Field(default=None, ge=0, le=1000)
-    early_stopping_patience: int | None = Field(default=None, ge=1)
-    early_stopping_threshold: float = Field(default=0.0, ge=0.0)
-    save_steps: int | None = Field(default=None, ge=1)
-    n_checkpoints: int = Field(default=1, ge=1, le=100)
+    eval_steps: StrictInt | None = Field(default=None, ge=1)
+    n_evals: StrictInt | None = Field(default=None, ge=0, le=1000)
+    early_stopping_patience: StrictInt | None = Field(default=None, ge=1)
+    early_stopping_threshold: StrictFloat = Field(default=0.0, ge=0.0)
+    save_steps: StrictInt | None = Field(default=None, ge=1)
+    n_checkpoints: StrictInt = Field(default=1, ge=1, le=100)
     load_best_at_end: StrictBool = False
-    seed: int = Field(default=42, ge=0, le=2147483647)
+    seed: StrictInt = Field(default=42, ge=0, le=2147483647)
     # Also export merged full weights (base + adapter, safetensors shards) when training ends.
     merge: StrictBool = False
     # Data-parallel training processes for this job on one worker: one per GPU, or gloo processes on a
     # CPU. The global batch (batch_size x gradient_accumulation_steps) is the same for any count.
-    processes: int = Field(default=1, ge=1, le=MAX_PROCESSES)
+    processes: StrictInt = Field(default=1, ge=1, le=MAX_PROCESSES)
     # "ddp" keeps a full replica of the weights in every process; "fsdp" shards weights, gradients and
     # optimizer state across them, for models too large for one device.
     distributed: DistributedStrategy = "ddp"

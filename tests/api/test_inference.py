@@ -95,6 +95,7 @@ def test_a_registered_server_that_is_not_listening_is_unavailable(client: TestCl
     ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
     ({"stream": "yes"}, "stream"), ({"messages": []}, "messages"),
+    ({"n": True}, "n"), ({"max_tokens": True}, "max_tokens"), ({"temperature": True}, "temperature"),  # not 1
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
 ])
 def test_bad_parameters_are_refused_by_name(client: TestClient, body: dict[str, Any], param: str) -> None:

@@ -250,3 +250,23 @@ def test_true_is_not_a_number_of_epochs(client: TestClient, name: str) -> None:
                                                           "hyperparameters": {name: True}})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == f"hyperparameters.{name}"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"seed": True}, "seed"),
+    ({"method": {"supervised": {"hyperparameters": {"max_seq_length": True}}}},
+     "method.supervised.hyperparameters.max_seq_length"),
+    ({"method": {"supervised": {"adapter": {"r": True}}}}, "method.supervised.adapter.r"),
+    ({"resources": {"processes": True}}, "resources.processes"),
+    ({"method": {"supervised": {"hyperparameters": {"n_checkpoints": 2.0}}}},
+     "method.supervised.hyperparameters.n_checkpoints"),
+    ({"method": {"supervised": {"hyperparameters": {"learning_rate": True}}}},
+     "method.supervised.hyperparameters.learning_rate"),
+    ({"method": {"supervised": {"adapter": {"alpha": True}}}}, "method.supervised.adapter.alpha"),
+])
+def test_every_number_setting_refuses_true(client: TestClient, extra: dict[str, Any], param: str) -> None:
+    """tuneforge's number settings, like OpenAI's, refuse true (which Python reads as 1), and its integer ones 2.0."""
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": upload_chat(client),
+                                                          **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.json()
