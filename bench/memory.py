@@ -99,10 +99,10 @@ def run_case(adapter: str, model_dir: str, train_file: str, work: str) -> dict[s
 
 def shape(model_dir: Path) -> dict[str, Any]:
     """What the registry reads from a model folder (the estimate's input)."""
-    from app.services.base_models import describe, safetensors_parameters
+    from app.services.base_models import describe, folder_tensors
 
     config = json.loads((model_dir / "config.json").read_text())
-    return describe(config, tokenizer={}, files=[], parameters=safetensors_parameters(model_dir), license_=None)
+    return describe(config, tokenizer={}, files=[], tensors=folder_tensors(model_dir), parameters=None, license_=None)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ from pydantic import (
     BaseModel,
     Field,
     StrictBool,
+    StrictFloat,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     create_model,
@@ -36,20 +38,9 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 OPENAI_DPO_HYPERPARAMETERS = (*OPENAI_HYPERPARAMETERS, "beta")
 # Bounds on the wire only, for a value given alone: a stored config may hold a larger multiplier (an absolute
 # learning_rate over 100x the method's base rate), and a request may carry it beside that learning_rate (a job's echo
-# sent back). app/services/jobs.py applies them where it resolves the rate.
-WIRE_ONLY_BOUNDS: dict[str, tuple[Any, ...]] = {"learning_rate_multiplier": (annotated_types.Le(100),)}
-
-
-def within_wire_bounds(name: str, value: Any) -> bool:
-    """Whether an OpenAI hyperparameter given alone is within its wire-only bounds ("auto" always is)."""
-    bounds = WIRE_ONLY_BOUNDS.get(name, ())
-    if value == "auto" or not bounds:
-        return True
-    try:
-        TypeAdapter(Annotated[float, *bounds]).validate_python(value)
-    except ValidationError:
-        return False
-    return True
+# sent back). app/services/jobs.py applies the limit where it resolves the rate.
+MAX_WIRE_MULTIPLIER = 100
+WIRE_ONLY_BOUNDS: dict[str, tuple[Any, ...]] = {"learning_rate_multiplier": (annotated_types.Le(MAX_WIRE_MULTIPLIER),)}
 
 
 def _config_field(name: str) -> FieldInfo:
@@ -73,9 +64,7 @@ def _auto_or_within(name: str) -> tuple[tuple[Any, Any], Any]:
         allowed += " (more only beside a learning_rate that means it, as a job's echo carries it)"
 
     def within(value: Any) -> bool:
-        if isinstance(value, bool):  # a number field would read true as 1
-            return False
-        try:
+        try:  # strict: true is no number (Python would read it as 1)
             adapter.validate_python(value)
         except ValidationError:
             return False
@@ -178,15 +167,15 @@ class JobResources(BaseModel):
     model_config = REQUEST_MODEL
 
     # GPUs on one worker host; the job trains with one process per GPU.
-    gpus: int = Field(default=0, ge=0, le=MAX_PROCESSES)  # one process per GPU
+    gpus: StrictInt = Field(default=0, ge=0, le=MAX_PROCESSES)  # one process per GPU
     # Each of those GPUs has at least this much memory (GiB, as nvidia-smi reports it: an 80 GB card
     # shows about 79.6). Needs gpus >= 1.
-    min_gpu_memory_gb: float | None = Field(default=None, gt=0, le=4096)
+    min_gpu_memory_gb: StrictFloat | None = Field(default=None, gt=0, le=4096)
     # The worker must carry every one of these (TUNEFORGE_WORKER_LABELS), e.g. ["a100", "eu-west"].
     labels: list[Annotated[str, Field(pattern=LABEL_PATTERN.pattern)]] = Field(default_factory=list, max_length=16)
     # Training processes on that worker (data parallel): defaults to gpus, or 1 without GPUs (more
     # CPU processes only make sense for testing multi-process training).
-    processes: int | None = Field(default=None, ge=1, le=MAX_PROCESSES)
+    processes: StrictInt | None = Field(default=None, ge=1, le=MAX_PROCESSES)
     distributed: DistributedStrategy = "ddp"
 
     @property
@@ -203,7 +192,7 @@ class JobCreate(BaseModel):
     validation_file: str | None = Field(default=None, max_length=64)
     # Part of the fine-tuned model's id, so kept to characters that are safe everywhere.
     suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int | None = Field(default=None, ge=0, le=2147483647)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2147483647)
     metadata: dict[str, str] | None = None
     integrations: list[Integration] | None = None
     method: Method | None = None
@@ -212,7 +201,7 @@ class JobCreate(BaseModel):
     merge: StrictBool = False
     # Extensions: what the job needs from a worker, and its place in the queue (higher runs first).
     resources: JobResources = Field(default_factory=JobResources)
-    priority: int = Field(default=0, ge=-100, le=100)
+    priority: StrictInt = Field(default=0, ge=-100, le=100)
 
     @field_validator("metadata")
     @classmethod

@@ -33,6 +33,16 @@ from app.services import hub
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
+# Model types whose checkpoints name each weight as the module transformers builds holds it: none of them is in
+# transformers' checkpoint conversion mapping, which renames or fuses other types' weights as they load
+# (tests/services/test_base_models.py checks it against the installed transformers). target_modules is checked
+# against these models' names at job creation; other models' are left to the worker.
+CHECKPOINT_NAMED_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
+    "olmo2", "granite", "cohere", "cohere2", "starcoder2", "stablelm", "gpt2", "smollm3", "glm4",
+})
+# A safetensors header longer than this is no header (an unfetched git-LFS pointer reads as ~2.3e18 bytes).
+MAX_HEADER_BYTES = 100 * 2**20
 
 
 def source_allowed(source: str, settings: Settings) -> bool:
@@ -76,19 +86,22 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
             "kv_heads": text.get("num_key_value_heads") or text.get("num_attention_heads"),
             "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
             "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
-            "license": license_, "modules": weight_modules(tensors, config) if tensors else None}
+            "license": license_, "modules": weight_modules(tensors) if tensors and names_modules(config) else None}
 
 
-def weight_modules(tensors: list[tuple[str, list[int]]], config: dict[str, Any]) -> list[str]:
+def names_modules(config: dict[str, Any]) -> bool:
+    """Whether the model's checkpoint names are the names of the modules transformers builds from it: its type is
+    one of CHECKPOINT_NAMED_TYPES (transformers renames others' weights as it loads them, or fuses them)."""
+    return config.get("model_type") in CHECKPOINT_NAMED_TYPES
+
+
+def weight_modules(tensors: list[tuple[str, list[int]]]) -> list[str]:
     """The names target_modules can give (a module's last name, as PEFT matches it): every module holding a
     tensor of two or more dimensions (linear, embedding and convolution weights, 4-bit and GPTQ packings too;
-    norms and biases have one). A tied output layer has no tensor of its own: lm_head is added unless the config
-    says the embeddings are untied."""
+    norms and biases have one), and lm_head, which a causal LM always has (a tied one has no tensor of its own)."""
     names = {module.rpartition(".")[2] for name, shape in tensors if len(shape) >= 2
              for module in [name.rpartition(".")[0]] if module}
-    if (config.get("text_config") or config).get("tie_word_embeddings", True) is not False:
-        names.add("lm_head")
-    return sorted(names)
+    return sorted(names | {"lm_head"})
 
 
 def folder_tensors(folder: Path) -> list[tuple[str, list[int]]] | None:
@@ -99,10 +112,12 @@ def folder_tensors(folder: Path) -> list[tuple[str, list[int]]] | None:
         for weights in sorted(folder.glob("*.safetensors")):
             with weights.open("rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > min(MAX_HEADER_BYTES, weights.stat().st_size - 8):
+                    return None
                 header = json.loads(f.read(length))
             tensors += [(name, [int(d) for d in tensor["shape"]]) for name, tensor in header.items()
                         if name != "__metadata__"]
-    except (ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         return None
     return tensors or None
 
@@ -143,9 +158,7 @@ def _read_hub(row: RegisteredModel, settings: Settings) -> None:
     small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
                             settings=settings)
     row.tokenizer = {n: small[n].decode() for n in hub.TOKENIZER_FILES if n in small}
-    weights = [f["name"] for f in row.files]
-    tensors = hub.safetensors_tensors(repo, listing.sha, weights, settings=settings) \
-        if hub.has_safetensors(weights) else None
+    tensors = hub.safetensors_tensors(repo, listing.sha, [f["name"] for f in row.files], settings=settings)
     row.info = describe(json.loads(small["config.json"]), tokenizer=row.tokenizer, files=row.files,
                         tensors=tensors, parameters=listing.parameters, license_=listing.license)
 

@@ -108,13 +108,15 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     shapes = _module_shapes(h, kv, i)
     linear_parameters = layers * sum(a * b for a, b in shapes.values())
     adapter = config.adapter
+    targets = adapter.target_modules
+    # A target names a module by its end (PEFT's match): "self_attn.q_proj" adapts q_proj.
+    named = set() if targets == "all-linear" else {t.rpartition(".")[2] for t in targets}
     if adapter.type == "full":
         adapted: list[str] = []
         trainable = parameters
         weights = parameters * 4.0
     else:
-        targets = adapter.target_modules
-        adapted = list(LINEARS) if targets == "all-linear" else [m for m in LINEARS if m in targets]
+        adapted = list(LINEARS) if targets == "all-linear" else [m for m in LINEARS if m in named]
         trainable = layers * sum(adapter.r * (shapes[m][0] + shapes[m][1]) for m in adapted)
         if adapter.type == "dora":
             trainable += layers * sum(shapes[m][1] for m in adapted)
@@ -156,8 +158,7 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     # (worker/training/fused_head.py): the largest block any chunk up to that many positions makes. FSDP's sharded
     # runs take the full logits of every token.
     sharded = config.distributed == "fsdp" and config.processes > 1
-    frozen_head = adapter.type != "full" and (adapter.target_modules == "all-linear"
-                                              or "lm_head" not in adapter.target_modules)
+    frozen_head = adapter.type != "full" and "lm_head" not in named
     positions = tokens if sharded else min(tokens, LOGP_CHUNK_TOKENS)
     if device == "cpu" and frozen_head and not sharded:
         block = max(p * min(vocab, vocab_block_rows(p)) for p in range(1, positions + 1))

@@ -132,22 +132,25 @@ def list_repo(repo: str, revision: str | None, *, settings: Settings) -> RepoLis
 
 def safetensors_tensors(repo: str, sha: str, names: list[str], *,
                         settings: Settings) -> list[tuple[str, list[int]]] | None:
-    """Each tensor's name and shape in the weights a worker fetches (the top-level safetensors files), from their
-    headers: huggingface_hub reads the first 100 kB of each file with a range request, no weights. None when a
-    header does not parse (the model is registered without its module names)."""
+    """Each tensor's name and shape in the weights a worker fetches (`names`' top-level safetensors files), from
+    their headers: huggingface_hub reads the first 100 kB of each file with a range request, no weights. None when
+    there are none, or a header cannot be read or parsed: the model is registered without its module names (what
+    the listing gave stands)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import SafetensorsParsingError
+    from huggingface_hub.errors import HfHubHTTPError, SafetensorsParsingError
 
     api = HfApi(token=token(settings) or False)
     files = [n for n in names if "/" not in n and fnmatch.fnmatch(n, WEIGHT_PATTERNS[0])]
-    with hub_errors(repo, sha), ThreadPoolExecutor(max_workers=8) as pool:
-        try:
+    if not files:
+        return None
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
             headers = list(pool.map(lambda name: api.parse_safetensors_file_metadata(repo, name, revision=sha),
                                     files))
-        except SafetensorsParsingError:
-            return None
+    except (SafetensorsParsingError, HfHubHTTPError, OSError, httpx2.HTTPError):
+        return None
     return [(name, list(tensor.shape)) for header in headers for name, tensor in header.tensors.items()]
 
 

@@ -16,10 +16,20 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import get_storage
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus, Project
+from app.models import (
+    File,
+    FineTuningJob,
+    JobArtifact,
+    JobCheckpoint,
+    JobEvent,
+    JobStatus,
+    Project,
+    RegisteredModel,
+)
 from app.models.base import new_id, now_seconds
 from app.models.job import WAITING_STATUSES
 from app.schemas.jobs import (
+    MAX_WIRE_MULTIPLIER,
     CheckpointPublic,
     DpoHyperparameters,
     DpoMethod,
@@ -31,7 +41,6 @@ from app.schemas.jobs import (
     JobResources,
     Method,
     SupervisedMethod,
-    within_wire_bounds,
 )
 from app.schemas.training import (
     DPO_HYPERPARAMETER_FIELDS,
@@ -112,42 +121,34 @@ def dataset_file(session: Session, *, project: Project, file_id: str, param: str
 TEMPLATE_FORMATS = ("chat", "preference")
 
 
-def _check_chat_template(session: Session, *, base_model: str, files: list[File], settings: Settings) -> None:
+def _check_chat_template(model: RegisteredModel | None, *, files: list[File]) -> None:
     """400 invalid_file when a file's examples are rendered with a chat template and the model has none (its
     registration says so): the worker could not tokenise them."""
-    from app.services import base_models
-
-    model = base_models.find(session, settings=settings, name=base_model)
     if model is None or (model.info or {}).get("has_chat_template") is not False:
         return
     for param, file in zip(("training_file", "validation_file"), files, strict=False):
         found = (file.report or {}).get("format")
         if found in TEMPLATE_FORMATS:
-            raise InvalidRequest(f"Model {base_model!r} has no chat template, and {param} {file.id} holds "
+            raise InvalidRequest(f"Model {model.name!r} has no chat template, and {param} {file.id} holds "
                                  f"{FORMAT_NAMES[found]} examples, which training renders with one. Use "
                                  "prompt/completion or text examples, or a model that has a chat template.",
                                  param=param, code="invalid_file")
 
 
-def _check_target_modules(session: Session, *, base_model: str, config: TrainingConfig, settings: Settings) -> None:
+def _check_target_modules(model: RegisteredModel | None, *, config: TrainingConfig) -> None:
     """400 when target_modules names a module the base model does not have (a typo PEFT would only report in the
     worker, after the weights were fetched): each name's last part must be one of the model's modules with
-    weights, read from its safetensors headers at registration (info["modules"]; models registered without them
-    are not checked)."""
-    from app.services import base_models
-
+    weights, read from its safetensors headers at registration (info["modules"]: None where they are not known,
+    and nothing is checked)."""
     targets = config.adapter.target_modules
-    if config.adapter.type == "full" or not isinstance(targets, list):
-        return
-    model = base_models.find(session, settings=settings, name=base_model)
     modules = (model.info or {}).get("modules") if model is not None else None
-    if not modules:
+    if config.adapter.type == "full" or not isinstance(targets, list) or not modules or model is None:
         return
     unknown = [name for name in targets if name.rpartition(".")[2] not in modules]
     if unknown:
-        raise InvalidRequest(f"target_modules names {', '.join(map(repr, unknown))}, which model {base_model!r} does "
+        raise InvalidRequest(f"target_modules names {', '.join(map(repr, unknown))}, which model {model.name!r} does "
                              f"not have; its modules with weights are {', '.join(modules)}. Name some of those, or "
-                             "use \"all-linear\".", param=f"method.{config.method}.adapter.target_modules",
+                             "use \"all-linear\".", param=wire_param("adapter.target_modules", method=config.method),
                              code="invalid_value")
 
 
@@ -271,8 +272,9 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
                                  f"{multiplier:g}): give one of them.",
                                  param=f"{chosen.prefix}.learning_rate_multiplier", code="invalid_value")
     else:
-        if not within_wire_bounds("learning_rate_multiplier", hyper.learning_rate_multiplier):
-            raise InvalidRequest(f"learning_rate_multiplier {hyper.learning_rate_multiplier:g} is over 100; give a "
+        given = hyper.learning_rate_multiplier
+        if given != "auto" and given > MAX_WIRE_MULTIPLIER:
+            raise InvalidRequest(f"learning_rate_multiplier {given:g} is over {MAX_WIRE_MULTIPLIER}; give a "
                                  "learning_rate instead for a rate that high.",
                                  param=f"{chosen.prefix}.learning_rate_multiplier", code="invalid_value")
         multiplier = 1.0 if hyper.learning_rate_multiplier == "auto" else float(hyper.learning_rate_multiplier)
@@ -350,6 +352,8 @@ class JobPlan:
 def plan_job(session: Session, *, project: Project, request: JobCreate, settings: Settings) -> JobPlan:
     """Validate a job request and resolve its model, files, resources and training config; nothing written (but
     token statistics a DPO job measures, kept in its files' reports)."""
+    from app.services import base_models
+
     method: TrainingMethod = request.method.type if request.method is not None else "supervised"
     base_model = _base_model(session, project=project, model=request.model, settings=settings)
     training = dataset_file(session, project=project, file_id=request.training_file, param="training_file",
@@ -362,7 +366,8 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
             raise InvalidRequest("validation_file must differ from training_file; a model scored on its own "
                                  "training data says nothing about generalisation.", param="validation_file",
                                  code="invalid_file")
-    _check_chat_template(session, base_model=base_model, files=files, settings=settings)
+    registered = base_models.find(session, settings=settings, name=base_model)
+    _check_chat_template(registered, files=files)
     if request.integrations and settings.wandb_mode == "online" and settings.wandb_api_key is None:
         raise InvalidRequest("The wandb integration needs a W&B API key on this service, and none is configured: the "
                              "operator sets TUNEFORGE_WANDB_API_KEY on the API and the workers (or "
@@ -371,7 +376,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
                              code="integration_not_configured")
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
-    _check_target_modules(session, base_model=base_model, config=config, settings=settings)
+    _check_target_modules(registered, config=config)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []
     return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured)

@@ -101,6 +101,12 @@ def test_a_dpo_pair_is_estimated_as_one_row_of_its_prompt_and_both_answers() -> 
     assert gpu is not None and full is not None and head is not None
     assert gpu.logits == LOGP_CHUNK_TOKENS * SEVEN_B["vocab_size"] * 10
     assert full.logits == head.logits == LOGP_CHUNK_TOKENS * SEVEN_B["vocab_size"] * 12
+    # a target names a module by its end, as PEFT matches it
+    longer = peak_memory(SEVEN_B, TrainingConfig(adapter=AdapterConfig(
+        type="lora", target_modules=["self_attn.q_proj", "model.lm_head"]), batch_size=4, max_seq_length=1024),
+        device="cpu")
+    assert longer is not None and longer.logits == head.logits and longer.trainable_parameters == \
+        head.trainable_parameters > 0
     sharded = peak_memory(SEVEN_B, config(batch_size=8, max_seq_length=1024, processes=2, distributed="fsdp"))
     # each process's 4 rows run as passes of one row (1,024 tokens)
     assert sharded is not None and sharded.logits == 1024 * SEVEN_B["vocab_size"] * 10

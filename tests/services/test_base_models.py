@@ -165,3 +165,18 @@ def test_a_hub_out_of_reach_is_a_502_not_a_crash(session: Session, monkeypatch: 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     refused = refusal(session, name="t", source="hf:test-org/tiny-chat")
     assert (refused.status_code, refused.code) == (502, "hub_unavailable"), refused.message
+
+
+def test_module_names_are_kept_for_trusted_types_only_with_a_tied_output_layer(tmp_path: Path) -> None:
+    """The names target_modules is checked against: a tied output layer (no tensor of its own) still counts, a type
+    transformers renames as it loads keeps none, and an unfetched LFS pointer is no header."""
+    tensors = [("model.embed_tokens.weight", [64, 8]), ("model.layers.0.self_attn.q_proj.weight", [8, 8]),
+               ("model.layers.0.input_layernorm.weight", [8]), ("model.layers.0.self_attn.q_proj.bias", [8])]
+    tied = base_models.describe({"model_type": "qwen2", "tie_word_embeddings": True}, tokenizer={}, files=[],
+                                tensors=tensors, parameters=None, license_=None)
+    assert tied["modules"] == ["embed_tokens", "lm_head", "q_proj"] and tied["parameters"] == 64 * 8 + 64 + 8 + 8
+    renamed = base_models.describe({"model_type": "mixtral"}, tokenizer={}, files=[], tensors=tensors,
+                                   parameters=None, license_=None)
+    assert renamed["modules"] is None and renamed["parameters"] == tied["parameters"]
+    (tmp_path / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
+    assert base_models.folder_tensors(tmp_path) is None

@@ -225,20 +225,18 @@ class FakeHub:
     def downloads(self, repo_id: str, filename: str) -> int:
         """How many GETs of the file's resolve URL (any revision) read it to its end: a whole file, or the rest
         from an offset (`bytes=N-`, a resumed download); a bounded range (a safetensors header) is no download."""
-        prefix = f"/{repo_id}/resolve/"
-        with self._lock:
-            served = list(self._requests)
-        return sum(1 for method, path, spec in served if method == "GET" and path.startswith(prefix)
-                   and (spec is None or spec.endswith("-"))
-                   and unquote(urlsplit(path).path[len(prefix):].partition("/")[2]) == filename)
+        return sum(1 for spec in self._gets(repo_id, filename) if spec is None or spec.endswith("-"))
 
     def header_reads(self, repo_id: str, filename: str) -> list[str]:
         """The bounded ranges (`bytes=A-B`) of the file read: what a safetensors header read asks for."""
+        return [spec for spec in self._gets(repo_id, filename) if spec is not None and not spec.endswith("-")]
+
+    def _gets(self, repo_id: str, filename: str) -> list[str | None]:
+        """The Range header (None without one) of each GET of the file's resolve URL, any revision."""
         prefix = f"/{repo_id}/resolve/"
         with self._lock:
             served = list(self._requests)
         return [spec for method, path, spec in served if method == "GET" and path.startswith(prefix)
-                and spec is not None and not spec.endswith("-")
                 and unquote(urlsplit(path).path[len(prefix):].partition("/")[2]) == filename]
 
     def patch_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
