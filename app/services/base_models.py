@@ -35,7 +35,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
 # Model types whose checkpoints name each weight as the module transformers builds holds it: none of them is in
 # transformers' checkpoint conversion mapping, which renames or fuses other types' weights as they load
-# (tests/services/test_base_models.py checks it against the installed transformers). target_modules is checked
+# (tests/worker/test_module_names.py checks it against the installed transformers). target_modules is checked
 # against these models' names at job creation; other models' are left to the worker.
 CHECKPOINT_NAMED_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
@@ -158,9 +158,12 @@ def _read_hub(row: RegisteredModel, settings: Settings) -> None:
     small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
                             settings=settings)
     row.tokenizer = {n: small[n].decode() for n in hub.TOKENIZER_FILES if n in small}
-    tensors = hub.safetensors_tensors(repo, listing.sha, [f["name"] for f in row.files], settings=settings)
-    row.info = describe(json.loads(small["config.json"]), tokenizer=row.tokenizer, files=row.files,
-                        tensors=tensors, parameters=listing.parameters, license_=listing.license)
+    config = json.loads(small["config.json"])
+    # The headers give the module names, kept for the types whose names they are (the listing gives the parameters).
+    tensors = hub.safetensors_tensors(repo, listing.sha, [f["name"] for f in row.files], settings=settings) \
+        if names_modules(config) else None
+    row.info = describe(config, tokenizer=row.tokenizer, files=row.files, tensors=tensors,
+                        parameters=listing.parameters, license_=listing.license)
 
 
 def register(session: Session, *, settings: Settings, name: str, source: str, revision: str | None = None,

@@ -27,7 +27,10 @@ def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeH
     chat = repo_from_dir("test-org/tiny-chat", tiny_model_dir, revisions={"main": MAIN, "v1": V1},
                          license="apache-2.0")
     gated = repo_from_dir("test-org/gated-chat", tiny_model_dir, gated=True)
-    with FakeHub([chat, gated, pickle_only(repo_from_dir("test-org/pickle-chat", tiny_model_dir))],
+    renamed = repo_from_dir("test-org/renamed-chat", tiny_model_dir)  # a type transformers renames as it loads
+    renamed.files["config.json"] = json.dumps({**json.loads(renamed.files["config.json"]),
+                                               "model_type": "mixtral"}).encode()
+    with FakeHub([chat, gated, renamed, pickle_only(repo_from_dir("test-org/pickle-chat", tiny_model_dir))],
                  token=TOKEN) as fake:
         fake.patch_env(monkeypatch)
         yield fake
@@ -69,6 +72,10 @@ def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, h
                                    "up_proj", "v_proj"]
     assert hub.downloads("test-org/tiny-chat", "model.safetensors") == 0
     assert hub.header_reads("test-org/tiny-chat", "model.safetensors") == ["bytes=0-100000"]
+    # A type whose checkpoint names transformers changes as it loads: no names kept, so no header read.
+    renamed = base_models.register(session, settings=settings(), name="renamed", source="hf:test-org/renamed-chat")
+    assert renamed.info["modules"] is None and renamed.info["parameters"] == row.info["parameters"]
+    assert hub.header_reads("test-org/renamed-chat", "model.safetensors") == []
     # The default branch pins to its own commit.
     other = base_models.register(session, settings=settings(), name="tiny-main", source="test-org/tiny-chat")
     assert (other.source, other.commit_sha) == ("hf:test-org/tiny-chat", MAIN)
