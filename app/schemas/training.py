@@ -9,6 +9,7 @@ pairs: `method` "dpo" with a `preference` block).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, model_validator
@@ -48,6 +49,24 @@ MAX_TOKENS_PER_FORWARD = 1024
 # 1,404-1,457 MB for plain checkpointing in passes of 1,024, and 1,529-1,533 MB keeping up to 128 MB in passes of 1,024
 # (docs/benchmarks.md, issue 18, stop 32).
 MAX_TOKENS_PER_CHECKPOINTED_FORWARD = 512
+
+
+def pack_rows(order: Iterable[int], lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """Packing's rows: the examples in `order`, each row filled until the next example would take it past
+    max_seq_length (an example is never split: the worker truncated each to max_seq_length). The worker plans its
+    epochs with it (worker/training/data.py); the API counts a file's rows with it for the estimate."""
+    rows: list[list[int]] = []
+    row: list[int] = []
+    used = 0
+    for i in order:
+        if row and used + lengths[i] > max_seq_length:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += lengths[i]
+    if row:
+        rows.append(row)
+    return rows
 
 
 def forward_tokens(gradient_checkpointing: bool) -> int:

@@ -170,10 +170,14 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
                           logits=logits, runtime=runtime, trainable_parameters=int(trainable), precision=precision)
 
 
-def plan_steps(config: TrainingConfig, *, examples: int, total_tokens: int | None) -> dict[str, int | None]:
-    """Rows per epoch and optimizer steps, as the recipe will plan them (packing fills rows of
-    max_seq_length, so it needs the token count)."""
-    if config.packing and total_tokens is not None:
+def plan_steps(config: TrainingConfig, *, examples: int, total_tokens: int | None,
+               packed_rows: int | None = None) -> dict[str, int | None]:
+    """Rows per epoch and optimizer steps, as the recipe will plan them. Packing needs the token counts: the rows
+    the file's examples pack into at max_seq_length where they were counted for it (packed_rows), else the fewest
+    rows its tokens could fill."""
+    if config.packing and packed_rows is not None:
+        rows = packed_rows
+    elif config.packing and total_tokens is not None:
         rows = math.ceil(total_tokens / config.max_seq_length)
     elif config.packing:
         return {"batches_per_epoch": None, "steps": None}
@@ -221,18 +225,29 @@ def plan_memory(session: Session, *, plan: Any, settings: Settings) -> MemoryEst
 
 def estimate_job(session: Session, *, project: Any, request: Any, settings: Settings) -> dict[str, Any]:
     """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
+    from app.core.storage import get_storage
     from app.services.jobs import plan_job
+    from app.services.tokens import record_token_stats
 
     plan = plan_job(session, project=project, request=request, settings=settings)
-    report = plan.files[0].report or {}
+    training = plan.files[0]
+    if plan.config.packing and training.status == "processed" and \
+            training.bytes <= settings.intake_sync_validation_bytes:
+        # the rows packing makes at this max_seq_length, counted once (kept in the file's report), as a DPO job's
+        # prompt room is: small files only, as at upload
+        record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model, settings=settings,
+                           max_seq_length=plan.config.max_seq_length)
+    report = training.report or {}
     stats = (report.get("tokens") or {}).get(plan.base_model)
     tokens = stats["total_tokens"] if stats else None
+    packed_rows = ((stats or {}).get("packed_rows") or {}).get(str(plan.config.max_seq_length))
     memory = plan_memory(session, plan=plan, settings=settings)
     fits = worker_fits(session, peak_gib=memory.total_gib, resources=plan.resources, settings=settings) \
         if memory is not None else []
     return {"model": request.model, "base_model": plan.base_model, "method": plan.config.adapter.type,
             "examples": int(report.get("examples") or 0), "tokens": tokens, "n_epochs": plan.config.n_epochs,
             "batch_size": plan.config.batch_size,
-            **plan_steps(plan.config, examples=int(report.get("examples") or 0), total_tokens=tokens),
+            **plan_steps(plan.config, examples=int(report.get("examples") or 0), total_tokens=tokens,
+                         packed_rows=packed_rows),
             "memory": memory.as_dict() if memory is not None else None,
             "workers": [f.__dict__ for f in fits]}

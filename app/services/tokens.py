@@ -10,6 +10,8 @@ does); otherwise they are an estimate: message contents plus MESSAGE_OVERHEAD_TO
 from __future__ import annotations
 
 import json
+import random
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +22,7 @@ from app.core.config import Settings
 from app.core.storage import Storage
 from app.models import File
 from app.schemas.files import template_messages
-from app.schemas.training import TrainingConfig
+from app.schemas.training import TrainingConfig, pack_rows
 from app.services.datasets import LengthStats, detect_format
 
 # What a ChatML-style template adds around each message: turn start, role, newline, turn end, newline.
@@ -30,9 +32,15 @@ DEFAULT_MAX_SEQ_LENGTH: int = TrainingConfig.model_fields["max_seq_length"].defa
 # Line numbers kept per max_seq_length for the examples over it (the counts are always exact).
 MAX_REPORTED_LINES = 20
 # Statistics keyed by max_seq_length: one file's report accumulates them for every length a job asked for.
-# "prompt_fills_*" are kept for preference files: pairs whose prompt alone takes max_seq_length tokens.
-PER_LENGTH_KEYS = ("over_max_seq_length", "over_max_seq_length_lines", "prompt_fills_max_seq_length",
+# "packed_rows" is kept for the supervised formats: the rows packing makes of the examples (the estimate's steps);
+# "prompt_fills_*" for preference files: pairs whose prompt alone takes max_seq_length tokens.
+PACKED_KEYS = ("over_max_seq_length", "over_max_seq_length_lines", "packed_rows")
+PREFERENCE_KEYS = ("over_max_seq_length", "over_max_seq_length_lines", "prompt_fills_max_seq_length",
                    "prompt_fills_max_seq_length_lines")
+PER_LENGTH_KEYS = tuple(dict.fromkeys((*PACKED_KEYS, *PREFERENCE_KEYS)))
+# packed_rows packs the examples in the order a job with the default seed trains its first epoch on
+# (worker/training/data.py plan_epoch); other seeds and epochs differ by a few rows.
+PACKING_SEED: int = TrainingConfig.model_fields["seed"].default
 
 
 @dataclass
@@ -159,6 +167,7 @@ def token_statistics(*, storage: Storage, file: File, counter: TokenCounter, max
     length is its prompt with the longer answer; its prompt's length is kept too (prompt_tokens)."""
     preference = (file.report or {}).get("format") == "preference"
     stats, prompts, over, no_room = LengthStats(), LengthStats(), _Over(), _Over()
+    capped = array("I")  # each example's tokens as the worker keeps them (truncated to max_seq_length), for packing
 
     def count(batch: list[tuple[int, dict[str, Any]]]) -> None:
         examples = [example for _line, example in batch]
@@ -167,6 +176,8 @@ def token_statistics(*, storage: Storage, file: File, counter: TokenCounter, max
             stats.add(length)
             if length > max_seq_length:
                 over.add(line)
+            if not preference:
+                capped.append(min(length, max_seq_length))
             if preference:
                 prompts.add(prompt)
                 if prompt >= max_seq_length:
@@ -186,6 +197,10 @@ def token_statistics(*, storage: Storage, file: File, counter: TokenCounter, max
     if preference:
         found.update(prompt_tokens=prompts.summary(), prompt_fills_max_seq_length={key: no_room.count},
                      prompt_fills_max_seq_length_lines={key: no_room.lines})
+    else:
+        order = list(range(len(capped)))
+        random.Random(PACKING_SEED).shuffle(order)
+        found["packed_rows"] = {key: len(pack_rows(order, capped, max_seq_length))}
     return found
 
 
@@ -194,7 +209,7 @@ def known_token_stats(file: File, *, model: str, max_seq_length: int) -> dict[st
     stats = ((file.report or {}).get("tokens") or {}).get(model)
     if stats is None:
         return None
-    wanted = PER_LENGTH_KEYS if (file.report or {}).get("format") == "preference" else PER_LENGTH_KEYS[:2]
+    wanted = PREFERENCE_KEYS if (file.report or {}).get("format") == "preference" else PACKED_KEYS
     if any(str(max_seq_length) not in (stats.get(name) or {}) for name in wanted):
         return None
     return dict(stats)

@@ -184,3 +184,19 @@ def test_creation_checks_memory_as_the_estimate_reports_it(client: TestClient, s
     assert estimate["workers"][0]["fits"] is True
     created = client.post("/v1/fine_tuning/jobs", json=body)
     assert created.status_code == 200, created.text
+
+
+def test_a_packed_estimate_counts_the_rows_packing_makes(client: TestClient, session: Session) -> None:
+    """With packing, the steps come from the rows the file's examples pack into at the job's max_seq_length
+    (counted once, kept in the file's report), not from the fewest rows its tokens could fill."""
+    from app.models import File
+
+    file_id = upload_chat(client, n=30)
+    hyper = {"n_epochs": 1, "batch_size": 2, "packing": True, "max_seq_length": 96}
+    answer = client.post("/v1/fine_tuning/jobs/estimate", json={
+        "model": "tiny-llama", "training_file": file_id, "method": {"supervised": {"hyperparameters": hyper}}})
+    assert answer.status_code == 200, answer.text
+    stats = session.scalar(select(File).where(File.id == file_id)).report["tokens"]["tiny-llama"]
+    rows = stats["packed_rows"]["96"]
+    assert math.ceil(stats["total_tokens"] / 96) < rows < 30  # the fewest rows the tokens fill: what it said before
+    assert (answer.json()["batches_per_epoch"], answer.json()["steps"]) == (math.ceil(rows / 2), math.ceil(rows / 2))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_messages
+from app.schemas.training import pack_rows
 
 if TYPE_CHECKING:
     import torch
@@ -191,17 +192,7 @@ def plan_epoch(lengths: list[int], *, batch_size: int, max_seq_length: int, pack
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if packing:
-        rows: list[list[int]] = []
-        row: list[int] = []
-        used = 0
-        for i in order:
-            if row and used + lengths[i] > max_seq_length:
-                rows.append(row)
-                row, used = [], 0
-            row.append(i)
-            used += lengths[i]
-        if row:
-            rows.append(row)
+        rows = pack_rows(order, lengths, max_seq_length)
         return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
     # Sort by length within mega-batches so a batch pads to similar lengths, then shuffle the batches
     # so the long ones are not all first.

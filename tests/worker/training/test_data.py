@@ -246,3 +246,36 @@ def test_evaluation_runs_a_batch_as_passes_within_the_forward_budget_with_the_sa
     split = run(max(lengths))
     assert len(passes) > 2 and max(passes) <= max(lengths), passes
     assert split == pytest.approx(whole, rel=1e-5)
+
+
+def test_the_api_counts_the_rows_packing_makes_as_the_worker_plans_them(tmp_path: Path, tiny_model: Path) -> None:
+    """The estimate's packed steps: the API's token statistics pack a file's examples (truncated to max_seq_length)
+    into the rows the worker's first epoch with the default seed makes, by the one rule (pack_rows); the fewest rows
+    the tokens could fill, what the estimate said before, is fewer."""
+    import math
+    import random
+
+    from transformers import AutoTokenizer
+
+    from app.core.storage import LocalStorage
+    from app.models import File
+    from app.services.tokens import PACKING_SEED, load_token_counter, token_statistics
+
+    rng = random.Random(3)
+    records = [{"text": " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(2, 40)))}
+               for _ in range(60)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    storage = LocalStorage(tmp_path / "blobs")
+    storage.write("train", [path.read_bytes()])
+    counter = load_token_counter({name: (tiny_model / name).read_text()
+                                  for name in ("tokenizer.json", "tokenizer_config.json")})
+    assert counter is not None
+    max_seq_length = 48
+    stats = token_statistics(storage=storage, file=File(blob_key="train", report={"format": "text"}), counter=counter,
+                             max_seq_length=max_seq_length)
+    examples = load_examples(path, AutoTokenizer.from_pretrained(tiny_model), max_seq_length=max_seq_length,
+                             train_on_inputs=False, reporter=RecordingReporter())
+    lengths = [len(e.input_ids) for e in examples]
+    planned = plan_epoch(lengths, batch_size=1, max_seq_length=max_seq_length, packing=True, seed=PACKING_SEED)
+    assert stats["packed_rows"] == {str(max_seq_length): len(planned)}
+    assert len(planned) > math.ceil(sum(lengths) / max_seq_length)
