@@ -227,14 +227,13 @@ def estimate_job(session: Session, *, project: Any, request: Any, settings: Sett
     """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
     from app.core.storage import get_storage
     from app.services.jobs import plan_job
-    from app.services.tokens import record_token_stats
+    from app.services.tokens import countable_in_request, record_token_stats
 
     plan = plan_job(session, project=project, request=request, settings=settings)
     training = plan.files[0]
-    if plan.config.packing and training.status == "processed" and \
-            training.bytes <= settings.intake_sync_validation_bytes:
+    if plan.config.packing and countable_in_request(training, settings):
         # the rows packing makes at this max_seq_length, counted once (kept in the file's report), as a DPO job's
-        # prompt room is: small files only, as at upload
+        # prompt room is
         record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model, settings=settings,
                            max_seq_length=plan.config.max_seq_length)
     report = training.report or {}

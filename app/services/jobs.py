@@ -54,7 +54,12 @@ from app.schemas.training import (
     TrainingMethod,
 )
 from app.services.paging import page_after
-from app.services.tokens import known_token_stats, prompt_room_problem, record_token_stats
+from app.services.tokens import (
+    countable_in_request,
+    known_token_stats,
+    prompt_room_problem,
+    record_token_stats,
+)
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import needs_of
 
@@ -141,8 +146,10 @@ def _check_target_modules(model: RegisteredModel | None, *, config: TrainingConf
     weights, read from its safetensors headers at registration (info["modules"]: None where they are not known,
     and nothing is checked)."""
     targets = config.adapter.target_modules
-    modules = (model.info or {}).get("modules") if model is not None else None
-    if config.adapter.type == "full" or not isinstance(targets, list) or not modules or model is None:
+    if model is None or config.adapter.type == "full" or not isinstance(targets, list):
+        return
+    modules = (model.info or {}).get("modules")
+    if not modules:
         return
     unknown = [name for name in targets if name.rpartition(".")[2] not in modules]
     if unknown:
@@ -391,7 +398,7 @@ def check_prompt_room(session: Session, *, files: list[File], base_model: str, c
     unmeasured = []
     for param, file in zip(("training_file", "validation_file"), files, strict=False):
         stats = known_token_stats(file, model=base_model, max_seq_length=config.max_seq_length)
-        if stats is None and file.status == "processed" and file.bytes <= settings.intake_sync_validation_bytes:
+        if stats is None and countable_in_request(file, settings):
             stats = record_token_stats(session, storage=get_storage(), file=file, model=base_model,
                                        settings=settings, max_seq_length=config.max_seq_length)
             if stats is None:  # the model has no tokenizer.json: nothing to count with, here or in a worker

@@ -215,6 +215,12 @@ def known_token_stats(file: File, *, model: str, max_seq_length: int) -> dict[st
     return dict(stats)
 
 
+def countable_in_request(file: File, settings: Settings) -> bool:
+    """Whether a request may tokenise the file itself: a validated file small enough (intake_sync_validation_bytes,
+    as at upload); a larger one is counted in a job's validating_files phase (app/services/intake.py)."""
+    return file.status == "processed" and file.bytes <= settings.intake_sync_validation_bytes
+
+
 def record_token_stats(session: Session, *, storage: Storage, file: File, model: str, settings: Settings,
                        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> dict[str, Any] | None:
     """Token statistics of `file` for `model` (stored in its report under tokens[model]), computed once per
