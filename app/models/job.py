@@ -108,6 +108,10 @@ class FineTuningJob(KeyedMixin, Base):
     resources: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
+    # Settings "auto" decided from the first bytes of a training file too large to validate during upload
+    # (app/services/jobs.py: settings_from_count); validating_files decides them again from the whole file's count.
+    decided_by_partial_count: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
+
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

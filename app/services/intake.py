@@ -16,8 +16,9 @@ from app.core.storage import Storage, get_storage
 from app.models import File, FineTuningJob, JobStatus
 from app.models.base import now_seconds
 from app.models.registered_model import USABLE_STATUSES
+from app.schemas.training import TrainingConfig
 from app.services.datasets import status_details, validate_chunks
-from app.services.jobs import add_event, too_few_examples
+from app.services.jobs import add_event, decide_from_count, too_few_examples
 from app.services.tokens import (
     DEFAULT_MAX_SEQ_LENGTH,
     prompt_room_problem,
@@ -52,6 +53,22 @@ def _fail(session: Session, job: FineTuningJob, *, param: str, code: str, messag
     enqueue_job_event(session, job=job)
     session.commit()
     return False
+
+
+def _decide_from_whole_count(session: Session, job: FineTuningJob, *, examples: int) -> None:
+    """The settings creation decided from the first bytes of the training file, decided again from all `examples`,
+    with an event naming what changed."""
+    before = TrainingConfig.model_validate(job.config)
+    after = decide_from_count(before, names=job.decided_by_partial_count or (), n_examples=examples)
+    changed = {name: (getattr(before, name), getattr(after, name)) for name in job.decided_by_partial_count or ()
+               if getattr(before, name) != getattr(after, name)}
+    if changed:
+        job.config = after.model_dump(mode="json")
+        add_event(session, job=job, data={"examples": examples, "changed": {k: list(v) for k, v in changed.items()}},
+                  message=f"training_file holds {examples} examples in all: "
+                  + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+                  + " (decided at creation from the part of the file validated during upload).")
+    job.decided_by_partial_count = None
 
 
 # (level, message, data) of one event to record.
@@ -119,6 +136,7 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id))
     if job is None or job.status != JobStatus.VALIDATING_FILES:
         return False
+    examples = 0
     for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
         if file_id is None:
             continue
@@ -132,6 +150,8 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
         if row.status != "processed":
             return _fail(session, job, param=param, code="invalid_file",
                          message=f"{param} {file_id} failed validation: {row.status_details}")
+        if param == "training_file":
+            examples = (row.report or {}).get("examples", 0)
         shortfall = too_few_examples(row, settings=settings) if param == "training_file" else None
         if shortfall:
             return _fail(session, job, param=param, code="too_few_examples", message=shortfall)
@@ -143,6 +163,8 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
     if job is None or job.status != JobStatus.VALIDATING_FILES:
         session.commit()
         return False
+    if job.decided_by_partial_count:
+        _decide_from_whole_count(session, job, examples=examples)
     job.status = JobStatus.QUEUED
     add_event(session, job=job, message="Files validated; job queued.")
     session.commit()

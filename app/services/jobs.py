@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +193,16 @@ def resolve_resources(requested: JobResources) -> JobResources:
     return requested.model_copy(update={"processes": processes, "labels": list(dict.fromkeys(requested.labels))})
 
 
+def auto_n_epochs(n_examples: int) -> int:
+    """n_epochs "auto": 3, or as many as it takes to see MIN_TARGET_EXAMPLES, or as few as keep within
+    MAX_TARGET_EXAMPLES."""
+    if n_examples * 3 < MIN_TARGET_EXAMPLES:
+        return min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / max(n_examples, 1)))
+    if n_examples * 3 > MAX_TARGET_EXAMPLES:
+        return max(1, MAX_TARGET_EXAMPLES // n_examples)
+    return 3
+
+
 def default_n_evals(*, n_examples: int, n_epochs: int) -> int:
     """How many times a job with a validation file evaluates when it does not say."""
     affordable = math.floor(EVAL_COST_SHARE * n_examples * n_epochs / MIN_EVAL_EXAMPLES)
@@ -248,21 +259,35 @@ def _same_as_method(top: Hyperparameters | None, inner: Hyperparameters | DpoHyp
                                  code="invalid_value")
 
 
+def settings_from_count(request: JobCreate) -> tuple[str, ...]:
+    """The settings a request leaves to the training file's example count that decide_from_count decides: n_epochs
+    "auto", and n_evals where a validation file is given with neither n_evals nor eval_steps. (batch_size "auto" is
+    decided from the count too, once: it sets how many rows a forward pass holds, which creation's memory check
+    was made for, so a later count leaves it as it is.)"""
+    hyper = method_request(request).hyperparameters
+    names: tuple[str, ...] = ("n_epochs",) if hyper.n_epochs == "auto" else ()
+    if request.validation_file is not None and hyper.n_evals is None and hyper.eval_steps is None:
+        names += ("n_evals",)
+    return names
+
+
+def decide_from_count(config: TrainingConfig, *, names: Sequence[str], n_examples: int) -> TrainingConfig:
+    """`config` with the settings `names` (settings_from_count) decided again from `n_examples`: the whole file's
+    count, where creation saw the first intake_sync_validation_bytes of it only."""
+    n_epochs = auto_n_epochs(n_examples) if "n_epochs" in names else config.n_epochs
+    update: dict[str, int] = {"n_epochs": n_epochs}
+    if "n_evals" in names:
+        update["n_evals"] = default_n_evals(n_examples=n_examples, n_epochs=n_epochs)
+    return config.model_copy(update=update)
+
+
 def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
     """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
     chosen = method_request(request)
     hyper = chosen.hyperparameters
     adapter = chosen.block.adapter or AdapterConfig()
 
-    n_epochs: int
-    if hyper.n_epochs == "auto":
-        n_epochs = 3
-        if n_examples * n_epochs < MIN_TARGET_EXAMPLES:
-            n_epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / max(n_examples, 1)))
-        elif n_examples * n_epochs > MAX_TARGET_EXAMPLES:
-            n_epochs = max(1, MAX_TARGET_EXAMPLES // n_examples)
-    else:
-        n_epochs = hyper.n_epochs
+    n_epochs = auto_n_epochs(n_examples) if hyper.n_epochs == "auto" else hyper.n_epochs
     batch_size: int
     if hyper.batch_size == "auto":
         batch_size = max(1, min(32, n_examples // 64, n_examples)) if n_examples >= 256 else min(4, n_examples)
@@ -293,7 +318,7 @@ def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingC
         # beta "auto" (left out) and simpo_gamma left out are decided by PreferenceConfig, per loss_type.
         extras["preference"] = {name: value for name, value in hyper.model_dump(include=preference_fields).items()
                                 if value not in (None, "auto")}
-    if request.validation_file is not None and "n_evals" not in extras and "eval_steps" not in extras:
+    if "n_evals" in settings_from_count(request):
         extras["n_evals"] = default_n_evals(n_examples=n_examples, n_epochs=n_epochs)
     resources = resolve_resources(request.resources)
     if chosen.block.evaluation:
@@ -354,6 +379,9 @@ class JobPlan:
     config: TrainingConfig
     # Files of a DPO job too large to measure in a request: its validating_files phase applies the prompt-room rule.
     unmeasured: list[File]
+    # The settings decided from a count of the training file's first bytes only (a file too large to validate
+    # during upload): its validating_files phase decides them again from the whole file's (decide_from_count).
+    decided_by_partial_count: tuple[str, ...] = ()
 
 
 def plan_job(session: Session, *, project: Project, request: JobCreate, settings: Settings) -> JobPlan:
@@ -386,7 +414,9 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
     _check_target_modules(registered, config=config)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []
-    return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured)
+    partial = training.status == "uploaded"
+    return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured,
+                   decided_by_partial_count=settings_from_count(request) if partial else ())
 
 
 def check_prompt_room(session: Session, *, files: list[File], base_model: str, config: TrainingConfig,
@@ -455,6 +485,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
         if request.integrations else None,
         idempotency_key=idempotency_key, request_hash=request_hash,
         resources=resources.model_dump(mode="json"), priority=request.priority,
+        decided_by_partial_count=list(plan.decided_by_partial_count) or None,
     )
     session.add(job)
     try:

@@ -188,6 +188,36 @@ def test_large_upload_is_validated_by_the_worker_before_the_job_is_queued(
     assert report["examples"] == 12_000 and report["partial"] is False
 
 
+def test_auto_settings_decided_from_the_part_validated_at_upload_are_decided_again_from_the_whole_file(
+        client: TestClient, session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = get_settings()
+    monkeypatch.setattr(settings, "intake_sync_validation_bytes", 1)
+    training = upload(client, big_chat_file(12_000)).json()  # the first MiB holds about 4,000 of its examples
+    validation = upload_chat(client, 12)
+    seen = client.get(f"/v1/files/{training['id']}/validation_report").json()["report"]["examples"]
+    assert seen < 8_333  # few enough for 3 epochs: 3 x seen is within OpenAI's 25,000 examples
+    auto = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": training["id"],
+                                                     "validation_file": validation}).json()
+    given = create_job(client, training["id"], n_epochs=3, batch_size=4).json()
+    assert auto["hyperparameters"]["n_epochs"] == 3 and given["hyperparameters"]["n_epochs"] == 3
+    created = auto["method"]["supervised"]["hyperparameters"]
+    assert validate_job_files(session, job_id=auto["id"], settings=settings) is True
+    assert validate_job_files(session, job_id=given["id"], settings=settings) is True
+    queued = client.get(f"/v1/fine_tuning/jobs/{auto['id']}").json()
+    # 25,000 // 12,000: the whole file's count, as a job created after its validation would get
+    assert queued["status"] == "queued" and queued["hyperparameters"]["n_epochs"] == 2
+    after = queued["method"]["supervised"]["hyperparameters"]
+    assert after["batch_size"] == created["batch_size"]  # creation's memory check was made for it
+    assert after["n_evals"] is not None
+    events = client.get(f"/v1/fine_tuning/jobs/{auto['id']}/events").json()["data"]
+    assert any("12000 examples in all: n_epochs 3 -> 2" in e["message"] for e in events)
+    later = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": training["id"],
+                                                      "validation_file": validation}).json()
+    assert {k: v for k, v in later["method"]["supervised"]["hyperparameters"].items() if k != "batch_size"} == \
+        {k: v for k, v in after.items() if k != "batch_size"}
+    assert client.get(f"/v1/fine_tuning/jobs/{given['id']}").json()["hyperparameters"]["n_epochs"] == 3
+
+
 def test_large_upload_with_a_bad_line_late_fails_the_waiting_job_naming_training_file(
         client: TestClient, session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = get_settings()
