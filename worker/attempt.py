@@ -58,15 +58,33 @@ def _download(storage: Storage, *, file_id: str, project_pk: int, target: Path) 
 
 
 def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | None:
-    """The last registered checkpoint, downloaded and verified against its manifest."""
-    from worker.training.checkpoint import verify_checkpoint
+    """The last registered checkpoint, downloaded and verified against its manifest; and, for load_best_at_end,
+    the best one so far where the training writes its checkpoints, which the final weights are read from (an
+    attempt starts in a fresh directory)."""
+    from worker.training.checkpoint import TRAINER_STATE
+    from worker.training.recipe import checkpoint_dir
 
     with session_scope() as session:
         checkpoint = attempts.latest_checkpoint(session, job_pk=job_pk)
         if checkpoint is None:
             return None
         key, step = checkpoint.blob_key, checkpoint.step_number
-    target = extract_tar(storage.read(key), workdir / "resume" / f"step-{step}")
+    target = _fetch_checkpoint(storage, key=key, step=step, target=workdir / "resume" / f"step-{step}")
+    state = json.loads((target / TRAINER_STATE).read_text())
+    best = state.get("best_step")
+    if state.get("config", {}).get("load_best_at_end") and best is not None and best != step:
+        with session_scope() as session:
+            kept = attempts.checkpoint_at(session, job_pk=job_pk, step=best)
+            best_key = kept.blob_key if kept is not None else None
+        if best_key is not None:  # retention keeps the run's best step (database_reporter.checkpoint_saved)
+            _fetch_checkpoint(storage, key=best_key, step=best, target=checkpoint_dir(workdir / "output", best))
+    return target
+
+
+def _fetch_checkpoint(storage: Storage, *, key: str, step: int, target: Path) -> Path:
+    from worker.training.checkpoint import verify_checkpoint
+
+    extract_tar(storage.read(key), target)
     if not verify_checkpoint(target):
         raise RuntimeError(f"registered checkpoint at step {step} does not match its manifest")
     return target

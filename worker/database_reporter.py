@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from app.services import attempts
 from app.services.artifacts import prune_checkpoints
 from worker.archive import file_chunks, tar_directory
 from worker.training import dpo
+from worker.training.checkpoint import TRAINER_STATE
 
 logger = logging.getLogger("tuneforge.reporter")
 
@@ -79,10 +81,13 @@ class DatabaseReporter:
             self.storage.delete(key)
             raise
         self._last_checkpoint = time.monotonic()
-        # Retention while the job runs: the latest few (a resume needs only the latest) and the best.
+        # Retention while the job runs: the latest few (a resume needs only the latest) and the best, by valid_loss
+        # and by the run's own rule (its tracked metric, early_stopping_threshold): a resumed load_best_at_end run
+        # ends on that one.
+        best_step = json.loads((path / TRAINER_STATE).read_text()).get("best_step")
         with session_scope() as session:
             prune_checkpoints(session, storage=self.storage, job_pk=self.job_pk,
-                              keep=self.settings.checkpoints_kept_after_finish)
+                              keep=self.settings.checkpoints_kept_after_finish, keep_step=best_step)
 
     def control(self) -> Literal["continue", "cancel", "pause", "checkpoint"]:
         # One small read a second at most: cancel still lands within the 10-second promise.

@@ -111,11 +111,13 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
         storage.delete(key)
 
 
-def prune_checkpoints(session: Session, *, storage: Storage, job_pk: int, keep: int) -> list[int]:
-    """Retention for a finished job: keep the latest `keep` checkpoints and the best by valid_loss."""
+def prune_checkpoints(session: Session, *, storage: Storage, job_pk: int, keep: int,
+                      keep_step: int | None = None) -> list[int]:
+    """Retention: keep the latest `keep` checkpoints, the best by valid_loss, and the step `keep_step` (a running
+    job's best by its own rule, which load_best_at_end ends on)."""
     checkpoints = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk)
                                        .order_by(JobCheckpoint.step_number.desc())))
-    kept = {c.pk for c in checkpoints[:keep]}
+    kept = {c.pk for c in checkpoints[:keep]} | {c.pk for c in checkpoints if c.step_number == keep_step}
     scored = [c for c in checkpoints if isinstance(c.metrics.get("valid_loss"), int | float)]
     if scored:
         kept.add(min(scored, key=lambda c: c.metrics["valid_loss"]).pk)

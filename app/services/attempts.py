@@ -218,8 +218,7 @@ def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: in
                         blob_key: str, sha256: str, size: int) -> JobCheckpoint:
     """Record a stored, verified checkpoint; only registered checkpoints are resumed from. A new step is
     progress: the job's count of crashes in a row starts again."""
-    existing = session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk,
-                                                         JobCheckpoint.step_number == step))
+    existing = checkpoint_at(session, job_pk=job_pk, step=step)
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt,
                          **({"crashes": 0} if existing is None else {"lease_owner": FineTuningJob.lease_owner}))
     if existing is not None:  # a resumed attempt saved the same step again: keep the newer bytes
@@ -233,6 +232,11 @@ def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: in
     add_event(session, job=job, message=f"Checkpoint saved at step {step}.", data={"step": step, **metrics})
     session.commit()
     return checkpoint
+
+
+def checkpoint_at(session: Session, *, job_pk: int, step: int) -> JobCheckpoint | None:
+    return session.scalar(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk,
+                                                      JobCheckpoint.step_number == step))
 
 
 def latest_checkpoint(session: Session, *, job_pk: int) -> JobCheckpoint | None:

@@ -23,14 +23,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def long_job(client: httpx.Client, *, n_epochs: int = 12, save_steps: int = 10, **extra: Any) -> dict:
+def long_job(client: httpx.Client, *, n_epochs: int = 12, save_steps: int = 10,
+             hyperparameters_extra: dict[str, Any] | None = None, **extra: Any) -> dict:
     """A job of a few hundred short steps on the tiny model, checkpointing every save_steps."""
     file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(40)))},
                           data={"purpose": "fine-tune"}).json()["id"]
     response = client.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-llama", "training_file": file_id, "seed": 1, **extra,
         "method": {"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": n_epochs, "batch_size": 2, "save_steps": save_steps, "learning_rate": 1e-3}}}})
+            "n_epochs": n_epochs, "batch_size": 2, "save_steps": save_steps, "learning_rate": 1e-3,
+            **(hyperparameters_extra or {})}}}})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -235,6 +237,28 @@ def test_pause_checkpoints_and_resume_continues_to_the_same_end(service: Service
         # Retention: of the 20 checkpoints taken, a finished job keeps the latest 3 (no validation set).
         kept = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 50}).json()["data"]
         assert [c["step_number"] for c in kept] == [200, 190, 180]
+    assert_invariants(service)
+
+
+def test_a_load_best_at_end_job_paused_after_its_best_step_ends_on_that_step(service: Service) -> None:
+    """A resumed attempt starts in a fresh directory with the latest checkpoint: the best one, which the final
+    weights come from, must be kept by retention and fetched too."""
+    with service.client() as client:
+        validation = client.post("/v1/files", files={"file": ("v.jsonl", jsonl(chat_lines(12, offset=100)))},
+                                 data={"purpose": "fine-tune"}).json()["id"]
+        # An improvement must beat the best by 10 nats: the first evaluation (step 2) stays the best.
+        job = long_job(client, n_epochs=6, validation_file=validation, hyperparameters_extra={
+            "eval_steps": 2, "load_best_at_end": True, "early_stopping_threshold": 10.0,
+            "early_stopping_patience": 500})
+        wait_for_step(client, job["id"], 12)
+        client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
+        paused = wait_for_status(client, job["id"], {"paused"} | TERMINAL, timeout=60)
+        assert paused["status"] == "paused", paused
+        assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
+        final = wait_for_status(client, job["id"], TERMINAL)
+        assert final["status"] == "succeeded", final
+        loaded = [e for e in all_events(client, job["id"]) if e["message"].startswith("loaded the best checkpoint")]
+        assert [e["data"]["step"] for e in loaded] == [2]
     assert_invariants(service)
 
 
