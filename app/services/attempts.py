@@ -252,7 +252,7 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.SUCCEEDED,
                          fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, evaluation=evaluation,
                          finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
-                         estimated_finish=None)
+                         estimated_finish=None, requested_action=None)
     for name, kind, file in artifacts:
         session.add(file)
         session.flush()
@@ -278,7 +278,7 @@ def answer_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
 def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message: str, **values: Any) -> None:
     """failed, from the running attempt (fenced); values: more job columns to write with it."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.FAILED, finished_at=now_seconds(),
-                         error={"code": code, "message": message, "param": None},
+                         error={"code": code, "message": message, "param": None}, requested_action=None,
                          lease_owner=None, lease_expires_at=None, estimated_finish=None, **values)
     add_event(session, job=job, level="error", message=message)
     enqueue_job_event(session, job=job)

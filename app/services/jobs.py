@@ -7,10 +7,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,7 @@ from app.models import (
     RegisteredModel,
 )
 from app.models.base import new_id, now_seconds
-from app.models.job import WAITING_STATUSES
+from app.models.job import WAITING_STATUSES, sources_of
 from app.schemas.jobs import (
     MAX_WIRE_MULTIPLIER,
     CheckpointPublic,
@@ -553,16 +553,24 @@ def list_jobs(session: Session, *, project: Project, after: str | None, limit: i
     return page_after(session, query, FineTuningJob, project_pk=project.pk, after=after, limit=limit)
 
 
+def _move(session: Session, job: FineTuningJob, *, sources: Sequence[str], **values: Any) -> bool:
+    """One UPDATE of the job's row that applies only while its status is one of `sources` (TRANSITIONS' rule: a
+    worker finishing, handing off or claiming the job at the same moment cannot be overwritten); the row is read
+    again either way. False when the job had moved on: nothing was written."""
+    result = cast(CursorResult[Any], session.execute(
+        update(FineTuningJob).where(FineTuningJob.pk == job.pk, FineTuningJob.status.in_(sources)).values(**values)
+        .execution_options(synchronize_session=False)))
+    session.refresh(job)
+    return result.rowcount == 1
+
+
 def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
     """Cancel at once; a running attempt sees the status change and stops (the supervisor makes sure)."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.is_terminal:
+    if not _move(session, job, sources=sources_of(JobStatus.CANCELLED), status=JobStatus.CANCELLED,
+                 finished_at=now_seconds(), requested_action=None, lease_owner=None, lease_expires_at=None):
         raise InvalidRequest(f"Job {job_id} has already {job.status} and cannot be cancelled.",
                              param="fine_tuning_job_id", code="job_not_cancellable")
-    job.status = JobStatus.CANCELLED
-    job.finished_at = now_seconds()
-    job.requested_action = None
-    job.lease_owner, job.lease_expires_at = None, None
     add_event(session, job=job, message="Job cancelled by request.")
     enqueue_job_event(session, job=job)
     session.commit()
@@ -570,17 +578,24 @@ def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuning
 
 
 def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
-    """Queued jobs pause at once; a running job checkpoints first, then its attempt marks it paused."""
+    """Queued jobs pause at once; a running job checkpoints first, then its attempt marks it paused. Each is one
+    guarded write: when a worker moves the job between the read and the write (claims it, hands it back), the
+    pause is decided again on the status it left."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.status in WAITING_STATUSES:
-        job.status = JobStatus.PAUSED
-        add_event(session, job=job, message="Job paused before it started.")
-    elif job.status == JobStatus.RUNNING:
-        job.requested_action = "pause"
-        add_event(session, job=job, message="Pause requested: the job will checkpoint and stop.")
-    elif job.status != JobStatus.PAUSED:
-        raise InvalidRequest(f"Job {job_id} has {job.status} and cannot be paused.", param="fine_tuning_job_id",
-                             code="job_not_pausable")
+    while True:
+        if job.status in WAITING_STATUSES:
+            if _move(session, job, sources=WAITING_STATUSES, status=JobStatus.PAUSED):
+                add_event(session, job=job, message="Job paused before it started.")
+                break
+        elif job.status == JobStatus.RUNNING:
+            if _move(session, job, sources=(JobStatus.RUNNING,), requested_action="pause"):
+                add_event(session, job=job, message="Pause requested: the job will checkpoint and stop.")
+                break
+        elif job.status == JobStatus.PAUSED:
+            break
+        else:
+            raise InvalidRequest(f"Job {job_id} has {job.status} and cannot be paused.", param="fine_tuning_job_id",
+                                 code="job_not_pausable")
     session.commit()
     return job
 
@@ -592,22 +607,19 @@ def resume_job(session: Session, *, project: Project, job_id: str, settings: Set
     again, at once for files already read whole."""
     from app.services.quotas import check_job_quota
 
-    found = get_job(session, project=project, job_id=job_id)
-    # Locked from here to the commit: a cancel or a second resume waits, then finds the status this one left.
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == found.pk).with_for_update()
-                         .execution_options(populate_existing=True))
-    assert job is not None
-    if job.status != JobStatus.PAUSED:
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status == JobStatus.PAUSED:
+        check_job_quota(session, project=project, settings=settings)
+    target = JobStatus.VALIDATING_FILES if job.attempt == 0 else JobStatus.QUEUED
+    # Guarded by `paused`: of two resumes at once (or a resume and a cancel), the second finds the status the
+    # first left, on SQLite too, where a SELECT ... FOR UPDATE locks nothing.
+    if job.status != JobStatus.PAUSED or not _move(session, job, sources=(JobStatus.PAUSED,), status=target,
+                                                   requested_action=None, dispatched_at=None):
         raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
                              param="fine_tuning_job_id", code="job_not_paused")
-    check_job_quota(session, project=project, settings=settings)
-    job.requested_action = None
-    job.dispatched_at = None
-    if job.attempt == 0:
-        job.status = JobStatus.VALIDATING_FILES
+    if target == JobStatus.VALIDATING_FILES:
         add_event(session, job=job, message="Job resumed: its files are checked, then it is queued.")
     else:
-        job.status = JobStatus.QUEUED
         add_event(session, job=job, message="Job resumed: queued to continue from its last checkpoint.")
     session.commit()
     return job

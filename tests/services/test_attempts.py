@@ -177,3 +177,81 @@ def test_a_pause_asked_for_while_the_attempt_dies_holds(session: Session) -> Non
             session, job_pk=job.pk, attempt=job.attempt)
         session.refresh(job)
         assert outcome == "paused" and job.status == "paused", end
+
+
+def _worker_moves_it_after_the_read(monkeypatch: pytest.MonkeyPatch, **values: object) -> None:
+    """The API reads the job, then a worker writes `values` to its row before the API writes: the API's copy is
+    stale, as in a request racing a worker's transition."""
+    from sqlalchemy import update
+
+    from app.services import jobs
+
+    real = jobs.get_job
+
+    def read_then_worker_writes(session: Session, **kwargs: object) -> FineTuningJob:
+        found = real(session, **kwargs)  # type: ignore[arg-type]
+        session.execute(update(FineTuningJob).where(FineTuningJob.pk == found.pk).values(**values)
+                        .execution_options(synchronize_session=False))
+        return found
+
+    monkeypatch.setattr(jobs, "get_job", read_then_worker_writes)
+
+
+def _project(session: Session, job: FineTuningJob) -> object:
+    from app.models import Project
+
+    project = session.get(Project, job.project_pk)
+    assert project is not None
+    return project
+
+
+def test_a_cancel_racing_the_jobs_success_is_refused_and_keeps_the_model(session: Session,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.core.errors import InvalidRequest
+    from app.services.jobs import cancel_job
+
+    job = create_job(session)
+    claim(session, job, "w1")
+    _worker_moves_it_after_the_read(monkeypatch, status="succeeded", fine_tuned_model="ft:tiny:race",
+                                    lease_owner=None)
+    with pytest.raises(InvalidRequest) as refused:
+        cancel_job(session, project=_project(session, job), job_id=job.id)  # type: ignore[arg-type]
+    assert refused.value.code == "job_not_cancellable" and "already succeeded" in str(refused.value)
+    session.refresh(job)
+    assert job.status == "succeeded" and job.fine_tuned_model == "ft:tiny:race"
+
+
+def test_a_pause_racing_a_claim_asks_the_running_attempt_to_pause(session: Session,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.services.jobs import pause_job
+
+    job = create_job(session)  # queued when the API reads it; a worker claims it before the API writes
+    _worker_moves_it_after_the_read(monkeypatch, status="running", attempt=1, lease_owner="w1",
+                                    lease_expires_at=time.time() + 10)
+    paused = pause_job(session, project=_project(session, job), job_id=job.id)  # type: ignore[arg-type]
+    assert paused.status == "running" and paused.requested_action == "pause" and paused.lease_owner == "w1"
+    assert attempts.requested_action(session, job_pk=job.pk, attempt=1) == "pause"
+
+
+def test_a_pause_racing_a_hand_off_pauses_the_queued_job(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.services.jobs import pause_job
+
+    job = create_job(session)
+    claim(session, job, "w1")  # running when the API reads it; its worker hands it back before the API writes
+    _worker_moves_it_after_the_read(monkeypatch, status="queued", lease_owner=None, lease_expires_at=None)
+    paused = pause_job(session, project=_project(session, job), job_id=job.id)  # type: ignore[arg-type]
+    assert paused.status == "paused"
+    assert claim(session, job, "w2") is None  # the next claim does not run it
+
+
+def test_a_second_resume_racing_the_first_is_refused(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.core.errors import InvalidRequest
+    from app.services.jobs import resume_job
+
+    job = create_job(session, status="paused")
+    _worker_moves_it_after_the_read(monkeypatch, status="queued")  # the first resume, committed meanwhile
+    with pytest.raises(InvalidRequest) as refused:
+        resume_job(session, project=_project(session, job), job_id=job.id, settings=SETTINGS)  # type: ignore[arg-type]
+    assert refused.value.code == "job_not_paused"
+    events = list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
+    assert not any(m.startswith("Job resumed") for m in events)
