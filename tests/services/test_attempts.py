@@ -255,3 +255,21 @@ def test_a_second_resume_racing_the_first_is_refused(session: Session, monkeypat
     assert refused.value.code == "job_not_paused"
     events = list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
     assert not any(m.startswith("Job resumed") for m in events)
+
+
+def test_a_pause_that_comes_after_the_training_loop_is_not_left_on_the_finished_job(session: Session) -> None:
+    from app.services.jobs import job_public, pause_job
+
+    for end in ("finish", "fail"):
+        job = create_job(session)
+        claim(session, job, "w1")
+        project = _project(session, job)
+        pause_job(session, project=project, job_id=job.id)  # type: ignore[arg-type]
+        if end == "finish":  # the attempt was saving the final adapter: the loop no longer looks
+            attempts.finish_job(session, job_pk=job.pk, attempt=1, fine_tuned_model=f"ft:tiny:{job.id}",
+                                trained_tokens=1, artifacts=[])
+        else:
+            attempts.fail_job(session, job_pk=job.pk, attempt=1, code="training_error", message="boom")
+        session.refresh(job)
+        assert job.requested_action is None
+        assert job_public(session, job, project=project).pause_requested is False  # type: ignore[arg-type]
