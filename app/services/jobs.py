@@ -409,6 +409,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
                              "TUNEFORGE_WANDB_MODE=offline to keep runs on the worker hosts for `wandb sync`). "
                              "Remove integrations to train without W&B.", param="integrations",
                              code="integration_not_configured")
+    _check_model_name_length(base_model=base_model, organization=project.name, suffix=request.suffix)
     resources = resolve_resources(request.resources)
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
     _check_target_modules(registered, config=config)
@@ -648,7 +649,27 @@ def list_checkpoints(session: Session, *, job: FineTuningJob, after: str | None,
 
 
 def fine_tuned_model_name(job: FineTuningJob, *, organization: str) -> str:
-    return f"ft:{job.base_model}:{organization}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[-8:]}"
+    return _model_name(base_model=job.base_model, organization=organization, suffix=job.suffix, job_id=job.id)
+
+
+def _model_name(*, base_model: str, organization: str, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base_model}:{organization}:{suffix or ''}:{job_id.removeprefix('ftjob-')[-8:]}"
+
+
+# The longest fine-tuned model id a job can store (its column).
+MAX_FINE_TUNED_MODEL_ID: int = FineTuningJob.__table__.c.fine_tuned_model.type.length  # type: ignore[attr-defined]
+
+
+def _check_model_name_length(*, base_model: str, organization: str, suffix: str | None) -> None:
+    """400 when the id the job's model would get is longer than MAX_FINE_TUNED_MODEL_ID: otherwise the job trains,
+    then fails storing it."""
+    length = len(_model_name(base_model=base_model, organization=organization, suffix=suffix,
+                             job_id=new_id("ftjob-")))
+    if length > MAX_FINE_TUNED_MODEL_ID:
+        raise InvalidRequest(f"The fine-tuned model's id (ft:<model>:<organization>:<suffix>:<8 characters>) would be "
+                             f"{length} characters, over the limit of {MAX_FINE_TUNED_MODEL_ID}: use a shorter suffix "
+                             "or a base model with a shorter name.", param="suffix" if suffix else "model",
+                             code="invalid_value")
 
 
 def result_files_of(session: Session, jobs: list[FineTuningJob]) -> dict[int, list[str]]:

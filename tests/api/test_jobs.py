@@ -252,3 +252,25 @@ def test_a_model_registered_without_module_names_is_not_checked(client: TestClie
     session.commit()
     response = create(client, method={"type": "supervised", "supervised": {"adapter": {"target_modules": ["qkv"]}}})
     assert response.status_code == 200, response.text
+
+
+def test_a_fine_tuned_model_id_over_its_limit_is_refused_at_creation(client: TestClient, session: Any,
+                                                                     tiny_model_dir: Any) -> None:
+    """Found by an audit: the job trained, then failed writing its model's id (a column of 255 characters)."""
+    from app.core.config import get_settings
+    from app.services import base_models
+
+    long_name = "org/" + "a" * 200  # a legal name; with the organization, a suffix and the id's tail, too long
+    base_models.register(session, settings=get_settings(), name=long_name, source=f"path:{tiny_model_dir}",
+                         check_allowed=False)
+    session.commit()
+    file_id = upload_chat(client)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": long_name, "training_file": file_id,
+                                                         "suffix": "s" * 64})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "suffix" and error["code"] == "invalid_value"
+    assert "would be 288 characters, over the limit of 255" in error["message"]
+    accepted = client.post("/v1/fine_tuning/jobs", json={"model": long_name, "training_file": file_id,
+                                                          "suffix": "s" * 30})
+    assert accepted.status_code == 200, accepted.text  # 254 characters: within the limit
