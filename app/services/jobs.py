@@ -281,11 +281,42 @@ def decide_from_count(config: TrainingConfig, *, names: Sequence[str], n_example
     return config.model_copy(update=update)
 
 
-def resolve_training_config(request: JobCreate, *, n_examples: int) -> TrainingConfig:
-    """The complete TrainingConfig for a request: defaults filled and every "auto" decided."""
+# The adapter settings a continued job trains with whatever it asks: its parent's, saved with the adapter it loads
+# (worker/training/model.py's adapter_differences reads the same ones); DoRA is one of them.
+CONTINUED_ADAPTER_FIELDS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
+
+
+def continued_adapter(given: AdapterConfig | None, *, parent: AdapterConfig, model: str,
+                      method: TrainingMethod) -> AdapterConfig:
+    """The adapter of a job continuing from `model`, whose adapter is `parent`: the parent's settings, with the
+    request's type (lora or qlora: how the base's weights are held) and quantization where it gives them; 400
+    naming the field where the request asks for a setting the adapter it trains does not have."""
+    given_fields = given.model_fields_set if given is not None else set()
+    type_ = given.type if given is not None and "type" in given_fields else parent.type
+    if type_ == "full" or (type_ == "dora") != (parent.type == "dora"):
+        raise InvalidRequest(f"{model} is a {parent.type} adapter, and a job continuing from it trains that "
+                             f"adapter: adapter.type {type_!r} cannot; leave it out, or use "
+                             f"{'dora' if parent.type == 'dora' else 'lora or qlora'}.",
+                             param=wire_param("adapter.type", method=method), code="invalid_value")
+    for name in CONTINUED_ADAPTER_FIELDS:
+        if given is not None and name in given_fields and getattr(given, name) != getattr(parent, name):
+            raise InvalidRequest(f"{model}'s adapter has {name} {getattr(parent, name)!r}, and a job continuing "
+                                 f"from it trains that adapter: leave adapter.{name} out (or give the same).",
+                                 param=wire_param(f"adapter.{name}", method=method), code="invalid_value")
+    quantization = given.quantization if given is not None and "quantization" in given_fields else \
+        parent.quantization if parent.type == "qlora" == type_ else None
+    return AdapterConfig(**{name: getattr(parent, name) for name in CONTINUED_ADAPTER_FIELDS}, type=type_,
+                         quantization=quantization)
+
+
+def resolve_training_config(request: JobCreate, *, n_examples: int,
+                            continued: tuple[str, AdapterConfig] | None = None) -> TrainingConfig:
+    """The complete TrainingConfig for a request: defaults filled and every "auto" decided. `continued`: the
+    fine-tuned model a job continues from, and its adapter."""
     chosen = method_request(request)
     hyper = chosen.hyperparameters
-    adapter = chosen.block.adapter or AdapterConfig()
+    adapter = continued_adapter(chosen.block.adapter, parent=continued[1], model=continued[0], method=chosen.method) \
+        if continued is not None else chosen.block.adapter or AdapterConfig()
 
     n_epochs = auto_n_epochs(n_examples) if hyper.n_epochs == "auto" else hyper.n_epochs
     batch_size: int
@@ -390,7 +421,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
     from app.services import base_models
 
     method: TrainingMethod = request.method.type if request.method is not None else "supervised"
-    base_model = _base_model(session, project=project, model=request.model, settings=settings)
+    base_model, parent_adapter = _base_model(session, project=project, model=request.model, settings=settings)
     training = dataset_file(session, project=project, file_id=request.training_file, param="training_file",
                             settings=settings, method=method)
     files = [training]
@@ -411,7 +442,8 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
                              code="integration_not_configured")
     _check_model_name_length(base_model=base_model, organization=project.name, suffix=request.suffix)
     resources = resolve_resources(request.resources)
-    config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0))
+    config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0),
+                                     continued=(request.model, parent_adapter) if parent_adapter else None)
     _check_target_modules(registered, config=config)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []
@@ -507,9 +539,10 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     return job, True
 
 
-def _base_model(session: Session, *, project: Project, model: str, settings: Settings) -> str:
+def _base_model(session: Session, *, project: Project, model: str, settings: Settings
+                ) -> tuple[str, AdapterConfig | None]:
     """The catalogue model whose weights a job starts from; a fine-tuned model (or one of its checkpoints)
-    continues training from its adapter on its own base."""
+    continues training from its adapter (returned too) on its own base."""
     from app.services import base_models
     from app.services.artifacts import find_fine_tuned_model
 
@@ -519,14 +552,15 @@ def _base_model(session: Session, *, project: Project, model: str, settings: Set
         except NotFound:
             raise InvalidRequest(f"Fine-tuned model {model!r} does not exist in this project.", param="model",
                                  code="model_not_available") from None
-        if TrainingConfig.model_validate(parent.config).adapter.type == "full":
+        adapter = TrainingConfig.model_validate(parent.config).adapter
+        if adapter.type == "full":
             raise InvalidRequest("Continued training from a full fine-tune is not supported; continue from an "
                                  "adapter (lora, qlora, dora) job.", param="model", code="model_not_available")
         if base_models.find(session, settings=settings, name=parent.base_model) is None:
             raise InvalidRequest(f"The base model {parent.base_model!r} of {model!r} is no longer registered.",
                                  param="model", code="model_not_available")
-        return parent.base_model
-    return base_models.ready_for_jobs(session, settings=settings, name=model).name
+        return parent.base_model, adapter
+    return base_models.ready_for_jobs(session, settings=settings, name=model).name, None
 
 
 def _job_for_key(session: Session, *, project: Project, key: str, request_hash: str) -> FineTuningJob | None:

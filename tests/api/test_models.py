@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from app.core.config import CatalogueModel, get_settings
 from app.core.storage import get_storage
 from app.models import FineTuningJob, JobCheckpoint, Project
 from app.services.files import build_result_file
 from app.services.jobs import fine_tuned_model_name
 from tests.factories import create_job
+from tests.services.test_base_models import TRUNCATED_CONFIG, model_copy, tiny_gpt2
 
 
 def succeeded_job(session: Any, project_name: str = "team-a") -> FineTuningJob:
@@ -87,6 +90,51 @@ def test_continued_training_starts_from_a_fine_tuned_model_on_its_base(client: T
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
 
 
+def test_continued_training_trains_the_parents_adapter_and_refuses_other_settings(client: TestClient,
+                                                                                   session: Any) -> None:
+    """Found by an audit: the request's adapter settings were accepted, echoed and estimated, then the worker
+    trained the parent's adapter with a warning; adapter.type "full" failed in the worker."""
+    from app.schemas.training import AdapterConfig, TrainingConfig
+    from tests.api.conftest import upload_chat
+
+    parent = succeeded_job(session)
+    parent.config = TrainingConfig(adapter=AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+                                   ).model_dump(mode="json")
+    session.commit()
+    training_file = upload_chat(client)
+
+    def create(adapter: dict[str, Any] | None) -> Any:
+        return client.post("/v1/fine_tuning/jobs", json={
+            "model": parent.fine_tuned_model, "training_file": training_file,
+            "method": {"type": "supervised", "supervised": {"adapter": adapter} if adapter else {}}})
+
+    inherited = create(None)
+    assert inherited.status_code == 200, inherited.text
+    adapter = inherited.json()["method"]["supervised"]["adapter"]
+    assert (adapter["type"], adapter["r"], adapter["alpha"], adapter["target_modules"]) == \
+        ("lora", 4, 8, ["q_proj", "v_proj"])
+    quantized = create({"type": "qlora", "r": 4})  # the base's weights in 4 bits, the same adapter
+    assert quantized.status_code == 200, quantized.text
+    assert quantized.json()["method"]["supervised"]["adapter"]["type"] == "qlora"
+    assert quantized.json()["method"]["supervised"]["adapter"]["r"] == 4
+    for asked, param, words in (
+            ({"r": 32}, "method.supervised.adapter.r", "adapter has r 4"),
+            ({"target_modules": ["o_proj"]}, "method.supervised.adapter.target_modules", "adapter has target_modules"),
+            ({"type": "full"}, "method.supervised.adapter.type", "adapter.type 'full' cannot"),
+            ({"type": "dora"}, "method.supervised.adapter.type", "adapter.type 'dora' cannot")):
+        refused = create(asked)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == (param, "invalid_value") and words in error["message"], error
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json={"model": parent.fine_tuned_model,
+                                                                  "training_file": training_file})
+    same = client.post("/v1/fine_tuning/jobs/estimate", json={
+        "model": "tiny-llama", "training_file": training_file, "method": {"type": "supervised", "supervised": {
+            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}})
+    assert estimate.status_code == 200 and same.status_code == 200, estimate.text
+    assert estimate.json()["memory"]["trainable_parameters"] == same.json()["memory"]["trainable_parameters"]
+
+
 def test_deleting_a_base_model_says_it_is_a_base_model(client: TestClient) -> None:
     response = client.delete("/v1/models/tiny-llama")
     assert response.status_code == 403
@@ -136,3 +184,38 @@ def test_a_result_file_holding_a_models_weights_is_not_deleted_under_it(client: 
     assert client.delete(f"/v1/files/{metrics}").status_code == 200
     assert client.get(f"/v1/models/{job.fine_tuned_model}").status_code == 200
     assert client.get(f"/v1/files/{adapter}").status_code == 200
+
+
+def test_a_broken_catalogue_folder_leaves_every_other_model_usable(client: TestClient, tiny_model_dir: Path,
+                                                                   tmp_path: Path, monkeypatch: Any) -> None:
+    from tests.api.conftest import upload_chat
+
+    broken = model_copy(tiny_model_dir, tmp_path / "broken", {"config.json": TRUNCATED_CONFIG})
+    monkeypatch.setattr(get_settings(), "model_catalogue", {"broken": CatalogueModel(path=str(broken))})
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
+    assert client.get("/v1/models/tiny-llama").status_code == 200
+    assert client.get("/v1/models/broken").status_code == 404
+    file_id = upload_chat(client)
+    created = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id})
+    assert created.status_code == 200, created.text
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "broken", "training_file": file_id})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == {
+        "message": f"Model 'broken' cannot be used: config.json in {broken} is not valid JSON (Expecting value at line "
+                   "1 column 40): transformers could not load the model (save_pretrained writes the file afresh).",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_available"}
+
+
+def test_a_gpt2_base_model_shows_its_shape_and_gets_a_memory_estimate(client: TestClient, tiny_model_dir: Path,
+                                                                      tmp_path: Path, monkeypatch: Any) -> None:
+    from tests.api.conftest import upload_chat
+
+    folder = tiny_gpt2(tmp_path / "gpt2", tiny_model_dir)
+    monkeypatch.setattr(get_settings(), "model_catalogue", {"tiny-gpt2": CatalogueModel(path=str(folder))})
+    details = client.get("/v1/models/tiny-gpt2").json()["details"]
+    assert (details["hidden_size"], details["layers"], details["context_length"]) == (16, 2, 128)
+    body = {"model": "tiny-gpt2", "training_file": upload_chat(client),
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}}
+    estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body)
+    assert estimate.status_code == 200, estimate.text
+    assert estimate.json()["memory"]["total_gib"] > 0
