@@ -33,9 +33,10 @@ class ModelPublic(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # Extensions: the base model and the job that produced a fine-tuned model; a base model's source, the
-    # commit it is pinned to and what was read from it.
+    # Extensions: the base model (`parent`, vLLM's name for an adapter's base; `root` too, as before) and the job
+    # that produced a fine-tuned model; a base model's source, the commit it is pinned to and what was read from it.
     root: str | None = None
+    parent: str | None = None
     fine_tuning_job: str | None = None
     source: str | None = None
     commit_sha: str | None = None

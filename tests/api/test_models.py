@@ -42,10 +42,11 @@ def succeeded_job(session: Any, project_name: str = "team-a") -> FineTuningJob:
 def test_fine_tuned_models_and_their_checkpoints_are_listed_and_retrievable(client: TestClient, session: Any
                                                                           ) -> None:
     job = succeeded_job(session)
-    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert ids == ["tiny-llama", job.fine_tuned_model]
+    listed = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["tiny-llama", job.fine_tuned_model]
+    assert listed[1]["parent"] == "tiny-llama" and listed[0].get("parent") is None  # vLLM's field for an adapter
     model = client.get(f"/v1/models/{job.fine_tuned_model}").json()
-    assert model["fine_tuning_job"] == job.id and model["root"] == "tiny-llama"
+    assert model["fine_tuning_job"] == job.id and model["root"] == "tiny-llama" and model["parent"] == "tiny-llama"
     assert client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-10").status_code == 200
     assert client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-7").status_code == 404
     artifacts = client.get(f"/v1/fine_tuning/jobs/{job.id}/artifacts").json()["data"]

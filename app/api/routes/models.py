@@ -7,7 +7,7 @@ from app.api.deps import CurrentProject, SessionDep, SettingsDep
 from app.api.openapi import errors
 from app.core.errors import PermissionDenied
 from app.core.storage import get_storage
-from app.models import FineTuningJob, JobArtifact, JobStatus, RegisteredModel
+from app.models import FineTuningJob, JobArtifact, JobStatus, Project, RegisteredModel
 from app.schemas.models import ModelDeleted, ModelDetails, ModelList, ModelPublic
 from app.services import artifacts as artifact_service
 from app.services import base_models
@@ -31,8 +31,7 @@ def list_models(session: SessionDep, project: CurrentProject, settings: Settings
         select(JobArtifact.pk).where(JobArtifact.job_pk == FineTuningJob.pk,
                                      JobArtifact.kind.in_(artifact_service.WEIGHT_KINDS)).exists(),
     ).order_by(FineTuningJob.pk))
-    data += [ModelPublic(id=job.fine_tuned_model or "", created=job.finished_at or job.created_at,
-                         owned_by=project.name, root=job.base_model, fine_tuning_job=job.id) for job in jobs]
+    data += [fine_tuned_model_public(job.fine_tuned_model or "", job=job, project=project) for job in jobs]
     return ModelList(data=data, has_more=False)
 
 
@@ -43,8 +42,12 @@ def read_model(session: SessionDep, project: CurrentProject, settings: SettingsD
     if base is not None and base.status == "ready":
         return base_model_public(base)
     job, _step = artifact_service.find_fine_tuned_model(session, project=project, model_id=model_id)
+    return fine_tuned_model_public(model_id, job=job, project=project)
+
+
+def fine_tuned_model_public(model_id: str, *, job: FineTuningJob, project: Project) -> ModelPublic:
     return ModelPublic(id=model_id, created=job.finished_at or job.created_at, owned_by=project.name,
-                       root=job.base_model, fine_tuning_job=job.id)
+                       root=job.base_model, parent=job.base_model, fine_tuning_job=job.id)
 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted,
