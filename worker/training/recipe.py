@@ -512,6 +512,13 @@ def evaluate_on(run: Run, plan: EpochPlan) -> dict[str, float]:
                     forward_passes=passes, filler=split_for_evaluation(plan[:1], lengths)[0])
 
 
+def patience_spent(config: TrainingConfig, state: TrainState) -> bool:
+    """Whether early stopping ended the run at state's step: also true of the state a checkpoint saved at that step,
+    so a run paused or handed off there ends where it would have (its final evaluation was made before the save)."""
+    patience = config.early_stopping_patience
+    return patience is not None and state.evals_without_improvement >= patience
+
+
 def evaluate_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> tuple[bool, str | None]:
     """Evaluate when this step is due (and on the whole validation set at the last step); tracks the best loss and
     early stopping. Returns (new best, the reason to stop early or None); adds the figures to `metrics`."""
@@ -531,7 +538,7 @@ def evaluate_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> tuple
         else:
             state.evals_without_improvement += 1
         patience = config.early_stopping_patience
-        if patience is not None and state.evals_without_improvement >= patience:
+        if patience_spent(config, state):
             stop_reason = (
                 f"early stopping at step {step}: {tracked} has not improved by more than "
                 f"{config.early_stopping_threshold:g} for {patience} evaluation(s); best "
@@ -661,7 +668,7 @@ def train(
     metrics: dict[str, Any] = {}
     stop_reason: str | None = None
     try:
-        while state.step < run.total_steps and stop_reason is None:
+        while state.step < run.total_steps and stop_reason is None and not patience_spent(config, state):
             epoch = state.epoch
             plan = resumed_plan if resumed_plan is not None else run.plans[epoch]
             resumed_plan = None

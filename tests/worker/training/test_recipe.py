@@ -185,6 +185,26 @@ def test_early_stopping_triggers_when_validation_plateaus(tmp_path: Path, tiny_m
     assert stop and "for 2 evaluation(s)" in stop[0]["message"]
 
 
+def test_a_run_paused_at_its_early_stopping_step_ends_there_when_resumed(tmp_path: Path, tiny_model: Path) -> None:
+    """Found by an audit: the resumed run forgot that it had stopped and trained on to the next plateau."""
+    config = make_config(n_epochs=5, eval_steps=2, learning_rate=1e-6, early_stopping_patience=2,
+                         early_stopping_threshold=0.01)
+    data = {"model_path": tiny_model, "train_file": write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+            "validation_file": write_jsonl(tmp_path / "v.jsonl", code_mapping(4, seed=1))}
+    whole = train(config, output_dir=tmp_path / "whole", reporter=RecordingReporter(), **data)
+    assert whole.steps == 6 < whole.total_steps
+    with pytest.raises(TrainingPaused) as paused:
+        train(config, output_dir=tmp_path / "first", reporter=RecordingReporter(commands={6: "pause"}), **data)
+    second = RecordingReporter()
+    resumed = train(config, output_dir=tmp_path / "second", reporter=second, resume_from=paused.value.checkpoint,
+                    **data)
+    assert resumed.steps == 6 and not second.steps  # no step trained after the stop
+    from safetensors.torch import load_file
+
+    ends = [load_file(r.final_dir / "adapter_model.safetensors") for r in (whole, resumed)]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
 def test_load_best_at_end_uses_the_best_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
     # Too high a learning rate: validation gets worse after the first evaluation.
     result, reporter = run(
