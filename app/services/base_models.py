@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import re
 import struct
@@ -43,10 +44,28 @@ CHECKPOINT_NAMED_TYPES = frozenset({
 })
 # A safetensors header longer than this is no header (an unfetched git-LFS pointer reads as ~2.3e18 bytes).
 MAX_HEADER_BYTES = 100 * 2**20
+# Config keys some types' config.json writes under other names: transformers reads them through each config class's
+# `attribute_map` (GPT2Config's in transformers/models/gpt2/configuration_gpt2.py; GPTBigCode, GPT-J, CodeGen and
+# GPT-SW3 map the same four). Of CHECKPOINT_NAMED_TYPES only gpt2 has one; tests/worker/test_module_names.py checks
+# this table and describe() against the installed transformers.
+_GPT2_KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+              "max_position_embeddings": "n_positions"}
+CONFIG_KEY_ALIASES: dict[str, dict[str, str]] = {
+    model_type: _GPT2_KEYS for model_type in ("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt-sw3")}
+
+logger = logging.getLogger("tuneforge.models")
 
 
 def source_allowed(source: str, settings: Settings) -> bool:
     return any(fnmatch.fnmatchcase(source, glob.strip()) for glob in settings.model_sources.split(",") if glob.strip())
+
+
+def check_name(name: str) -> None:
+    """A model name jobs can give and the admin routes can address; InvalidRequest saying why not."""
+    if NAME.fullmatch(name) is None or name.startswith("ft:") or name.endswith("/pull"):
+        raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft: nor "
+                             "ending with /pull).",
+                             param="name", code="invalid_value")
 
 
 def normalise_source(source: str) -> str:
@@ -69,21 +88,33 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
              license_: str | None) -> dict[str, Any]:
     """What jobs and the estimate need to know of a model, from its config.json, files and safetensors headers
     (`tensors`: each tensor's name and shape; None when there are none to read)."""
-    text = config.get("text_config") or config
+    text = config.get("text_config")
+    if not isinstance(text, dict) or not text:
+        text = config
+    aliases = CONFIG_KEY_ALIASES.get(str(text.get("model_type") or config.get("model_type")), {})
+
+    def count(key: str) -> int | None:  # a config.json is the model author's: a value of another type is unknown
+        value = text.get(aliases.get(key, key), text.get(key))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
     if parameters is None and tensors:
         parameters = sum(math.prod(shape) for _, shape in tensors)
     dtype = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
+    dtype = dtype if isinstance(dtype, str) else None
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures \
+        and isinstance(architectures[0], str) else None
     weights = sum(int(f["size"] or 0) for f in files if hub.wanted(f["name"], allow_pickle=True,
                                                                    trust_remote_code=False)
                   and not f["name"].endswith((".json", ".txt", ".model", ".jinja")))
     if parameters is None and weights and dtype in DTYPE_BYTES:
         parameters = weights // DTYPE_BYTES[dtype]
-    tokenizer_config = json.loads(tokenizer.get("tokenizer_config.json") or "{}")
-    return {"architecture": (config.get("architectures") or [None])[0], "parameters": parameters,
-            "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
-            "vocab_size": text.get("vocab_size"), "context_length": text.get("max_position_embeddings"),
-            "intermediate_size": text.get("intermediate_size"), "attention_heads": text.get("num_attention_heads"),
-            "kv_heads": text.get("num_key_value_heads") or text.get("num_attention_heads"),
+    tokenizer_config = json.loads(tokenizer.get("tokenizer_config.json") or "{}")  # an object: _texts checked it
+    return {"architecture": architecture, "parameters": parameters,
+            "hidden_size": count("hidden_size"), "layers": count("num_hidden_layers"),
+            "vocab_size": count("vocab_size"), "context_length": count("max_position_embeddings"),
+            "intermediate_size": count("intermediate_size"), "attention_heads": count("num_attention_heads"),
+            "kv_heads": count("num_key_value_heads") or count("num_attention_heads"),
             "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
             "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
             "license": license_, "modules": weight_modules(tensors) if tensors and names_modules(config) else None}
@@ -122,18 +153,56 @@ def folder_tensors(folder: Path) -> list[tuple[str, list[int]]] | None:
     return tensors or None
 
 
-def _read_folder(row: RegisteredModel) -> None:
+def _unreadable(where: str, name: str, problem: str, *, param: str) -> InvalidRequest:
+    return InvalidRequest(f"{name} in {where} {problem}: transformers could not load the model (save_pretrained "
+                          "writes the file afresh).", param=param, code="model_not_available")
+
+
+def _texts(where: str, raw: dict[str, bytes], *, param: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """config.json as a JSON object, and the tokenizer files' text, from the model's bytes; InvalidRequest naming
+    the file that is not UTF-8, or whose JSON does not parse or is no object (transformers reads each as one)."""
+    texts = {}
+    for name, data in raw.items():
+        try:
+            texts[name] = data.decode()
+        except UnicodeDecodeError:
+            raise _unreadable(where, name, "is not UTF-8 text", param=param) from None
+    parsed = {}
+    for name in ("config.json", *[n for n in hub.TOKENIZER_FILES if n.endswith(".json") and n in texts]):
+        try:
+            parsed[name] = json.loads(texts[name])
+        except json.JSONDecodeError as exc:
+            raise _unreadable(where, name, f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+                              param=param) from None
+        if not isinstance(parsed[name], dict):
+            raise _unreadable(where, name, "is not a JSON object", param=param)
+    return parsed["config.json"], {n: texts[n] for n in hub.TOKENIZER_FILES if n in texts}
+
+
+def _read_folder(row: RegisteredModel, *, param: str = "source") -> None:
     folder = Path(row.local_path or "")
     if not (folder / "config.json").is_file():
         raise InvalidRequest(f"{folder} has no config.json: a path: model is a folder with a transformers model.",
-                             param="source", code="model_not_available")
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+                             param=param, code="model_not_available")
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    except OSError as exc:
+        raise InvalidRequest(f"{folder} cannot be read ({exc.strerror}): every worker host must be able to read it.",
+                             param=param, code="model_not_available") from None
     if not hub.has_safetensors(names) and not (row.allow_pickle and hub.has_pickle(names)):
-        raise InvalidRequest(_pickle_message(row.name), param="source", code="model_not_available")
+        raise InvalidRequest(_pickle_message(row.name), param=param, code="model_not_available")
+    raw: dict[str, bytes] = {}
+    for name in ("config.json", *hub.TOKENIZER_FILES):
+        try:
+            if name in names:
+                raw[name] = (folder / name).read_bytes()
+        except OSError as exc:
+            raise _unreadable(str(folder), name, f"cannot be read ({exc.strerror})", param=param) from None
+    config, tokenizer = _texts(str(folder), raw, param=param)
+    # Assigned once all is read: a folder that fails keeps no half of what it had.
     row.files = [{"name": n, "size": (folder / n).stat().st_size, "sha256": None, "git_sha1": None} for n in names
                  if hub.wanted(n, allow_pickle=row.allow_pickle, trust_remote_code=row.trust_remote_code)]
-    row.tokenizer = {n: (folder / n).read_text() for n in hub.TOKENIZER_FILES if (folder / n).is_file()}
-    config = json.loads((folder / "config.json").read_text())
+    row.tokenizer = tokenizer
     row.info = describe(config, tokenizer=row.tokenizer, files=row.files, tensors=folder_tensors(folder),
                         parameters=None, license_=None)
 
@@ -143,22 +212,21 @@ def _pickle_message(name: str) -> str:
             "allow_pickle true if you trust it, or use a repository with safetensors weights.")
 
 
-def _read_hub(row: RegisteredModel, settings: Settings) -> None:
+def _read_hub(row: RegisteredModel, settings: Settings, *, param: str) -> None:
     repo = row.hub_repo or ""
-    listing = hub.list_repo(repo, row.revision, settings=settings)
+    listing = hub.list_repo(repo, row.revision, settings=settings, param=param)
     names = [f["name"] for f in listing.files]
     if not hub.has_safetensors(names) and not (row.allow_pickle and hub.has_pickle(names)):
-        raise InvalidRequest(_pickle_message(repo), param="source", code="model_not_available")
+        raise InvalidRequest(_pickle_message(repo), param=param, code="model_not_available")
     if "config.json" not in names:
         raise InvalidRequest(f"The Hub repository {repo!r} has no config.json: not a transformers model.",
-                             param="source", code="model_not_available")
+                             param=param, code="model_not_available")
+    small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
+                            settings=settings, param=param)
+    config, row.tokenizer = _texts(f"the Hub repository {repo!r} at {listing.sha}", small, param=param)
     row.commit_sha = listing.sha
     row.files = [f for f in listing.files
                  if hub.wanted(f["name"], allow_pickle=row.allow_pickle, trust_remote_code=row.trust_remote_code)]
-    small = hub.fetch_files(repo, listing.sha, ["config.json", *[n for n in hub.TOKENIZER_FILES if n in names]],
-                            settings=settings)
-    row.tokenizer = {n: small[n].decode() for n in hub.TOKENIZER_FILES if n in small}
-    config = json.loads(small["config.json"])
     # The headers give the module names, kept for the types whose names they are (the listing gives the parameters).
     tensors = hub.safetensors_tensors(repo, listing.sha, [f["name"] for f in row.files], settings=settings) \
         if names_modules(config) else None
@@ -168,16 +236,14 @@ def _read_hub(row: RegisteredModel, settings: Settings) -> None:
 
 def register(session: Session, *, settings: Settings, name: str, source: str, revision: str | None = None,
              trust_remote_code: bool = False, allow_pickle: bool = False, owned_by: str = "tuneforge",
-             check_allowed: bool = True) -> RegisteredModel:
-    """Register a base model and read it (a hub model: pinned to the commit its revision resolves to)."""
+             check_allowed: bool = True, source_param: str = "source") -> RegisteredModel:
+    """Register a base model and read it (a hub model: pinned to the commit its revision resolves to).
+    `source_param`: the request field that named the source, which refusals of it name ("model" for a job's hub id)."""
     source = normalise_source(source)
-    if NAME.fullmatch(name) is None or name.startswith("ft:") or name.endswith("/pull"):
-        raise InvalidRequest(f"Invalid model name {name!r}: letters, digits and ._/@- (not starting with ft: nor "
-                             "ending with /pull).",
-                             param="name", code="invalid_value")
+    check_name(name)
     if check_allowed and not source_allowed(source, settings):
         raise InvalidRequest(f"Source {source!r} is not allowed here (TUNEFORGE_MODEL_SOURCES is "
-                             f"{settings.model_sources!r}).", param="source", code="model_source_not_allowed")
+                             f"{settings.model_sources!r}).", param=source_param, code="model_source_not_allowed")
     if revision is not None and source.startswith("path:"):
         raise InvalidRequest("revision applies to hf: sources only.", param="revision", code="invalid_value")
     if session.scalar(select(RegisteredModel.pk).where(RegisteredModel.name == name)) is not None:
@@ -187,9 +253,9 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
                           allow_pickle=allow_pickle, status="registered", info={}, files=[], tokenizer={},
                           owned_by=owned_by)
     if row.hub_repo is not None:
-        _read_hub(row, settings)  # registered: the weights are fetched by the first worker host that needs them
+        _read_hub(row, settings, param=source_param)  # registered: a worker host fetches the weights when needed
     else:
-        _read_folder(row)
+        _read_folder(row, param=source_param)
         row.status = "ready"  # every worker host carries the folder: nothing to fetch
     session.add(row)
     session.flush()
@@ -199,7 +265,14 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
 def import_catalogue(session: Session, *, settings: Settings) -> None:
     """Register the JSON catalogue's entries that the table lacks. A folder that cannot be read is kept in
     `error` with the reason (jobs on it fail at once with it) and read again on later lookups."""
-    catalogue = settings.catalogue()
+    catalogue = {}
+    for name, entry in settings.catalogue().items():
+        try:
+            check_name(name)
+        except InvalidRequest as exc:  # no row: one that no job or admin route can name would only clutter
+            _skip_catalogue_entry(exc.message)
+            continue
+        catalogue[name] = entry
     if not catalogue:
         return
     rows = {r.name: r for r in session.scalars(select(RegisteredModel).where(RegisteredModel.name.in_(catalogue)))}
@@ -225,6 +298,16 @@ def import_catalogue(session: Session, *, settings: Settings) -> None:
         except IntegrityError:  # another process imported it first
             nested.rollback()
     session.commit()  # bootstrap rows stand on their own, whatever the caller's request does next
+
+
+# The catalogue entries skipped in this process, each logged once: every model lookup imports the catalogue.
+_skipped_entries: set[str] = set()
+
+
+def _skip_catalogue_entry(reason: str) -> None:
+    if reason not in _skipped_entries:
+        _skipped_entries.add(reason)
+        logger.warning("Model catalogue entry skipped: %s Rename it in the catalogue.", reason)
 
 
 def _catalogue_source(path: str) -> str:
@@ -257,7 +340,7 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
     allowed unregistered models."""
     row = find(session, settings=settings, name=name)
     if row is None and settings.allow_unregistered_models and HUB_ID.fullmatch(name):
-        row = register(session, settings=settings, name=name, source=f"hf:{name}")
+        row = register(session, settings=settings, name=name, source=f"hf:{name}", source_param="model")
     if row is None:
         names = [m.name for m in list_models(session, settings=settings, statuses=USABLE_STATUSES)]
         raise InvalidRequest(f"Model {name!r} is not available for fine-tuning. Available: {names}.",

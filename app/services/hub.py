@@ -65,8 +65,10 @@ def has_pickle(names: list[str]) -> bool:
     return any(fnmatch.fnmatch(n, p) for n in names for p in PICKLE_PATTERNS[:3])
 
 
-def hub_errors(repo: str, revision: str | None) -> Any:
-    """A context manager mapping huggingface_hub's errors to API errors naming what to do."""
+def hub_errors(repo: str, revision: str | None, *, param: str = "model") -> Any:
+    """A context manager mapping huggingface_hub's errors to API errors naming what to do. `param`: the request
+    field that named the repository ("source" for an operator's registration, "model" for a job's hub id; a
+    worker's download answers no request, its message is what counts)."""
     from contextlib import contextmanager
 
     from huggingface_hub.errors import (
@@ -85,11 +87,11 @@ def hub_errors(repo: str, revision: str | None) -> Any:
         except GatedRepoError:
             raise InvalidRequest(
                 f"The Hub repository {repo!r} is gated: accept its terms on the Hub with the account whose token "
-                "the operator set in TUNEFORGE_HF_TOKEN (or set one).", param="model", code="model_gated") from None
+                "the operator set in TUNEFORGE_HF_TOKEN (or set one).", param=param, code="model_gated") from None
         except RepositoryNotFoundError:
             raise InvalidRequest(
                 f"No repository {repo!r} on the Hub, or it is private: check the id, or set TUNEFORGE_HF_TOKEN to a "
-                "token that can read it.", param="model", code="model_not_available") from None
+                "token that can read it.", param=param, code="model_not_available") from None
         except RevisionNotFoundError:
             raise InvalidRequest(f"The Hub repository {repo!r} has no revision {revision!r}.", param="revision",
                                  code="model_not_available") from None
@@ -106,12 +108,13 @@ def hub_errors(repo: str, revision: str | None) -> Any:
     return mapped()
 
 
-def list_repo(repo: str, revision: str | None, *, settings: Settings) -> RepoListing:
-    """The repository's files at revision (default branch when None), pinned to the commit it resolves to."""
+def list_repo(repo: str, revision: str | None, *, settings: Settings, param: str) -> RepoListing:
+    """The repository's files at revision (default branch when None), pinned to the commit it resolves to; a
+    refusal names `param` (hub_errors)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token(settings) or False)
-    with hub_errors(repo, revision):
+    with hub_errors(repo, revision, param=param):
         info = api.model_info(repo, revision=revision, files_metadata=True)
     files = []
     for sibling in info.siblings or []:
@@ -154,12 +157,12 @@ def safetensors_tensors(repo: str, sha: str, names: list[str], *,
     return [(name, list(tensor.shape)) for header in headers for name, tensor in header.tensors.items()]
 
 
-def fetch_files(repo: str, sha: str, names: list[str], *, settings: Settings) -> dict[str, bytes]:
-    """The bytes of some small files of the repository at commit sha."""
+def fetch_files(repo: str, sha: str, names: list[str], *, settings: Settings, param: str) -> dict[str, bytes]:
+    """The bytes of some small files of the repository at commit sha; a refusal names `param` (hub_errors)."""
     from huggingface_hub import hf_hub_download
 
     found: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="tuneforge-hub-") as scratch, hub_errors(repo, sha):
+    with tempfile.TemporaryDirectory(prefix="tuneforge-hub-") as scratch, hub_errors(repo, sha, param=param):
         for name in names:
             path = hf_hub_download(repo, name, revision=sha, cache_dir=scratch, token=token(settings) or False)
             found[name] = Path(path).read_bytes()

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from app.core.config import CatalogueModel, Settings
 from app.core.errors import APIError, Conflict, InvalidRequest
+from app.schemas.training import TrainingConfig
 from app.services import base_models
+from app.services.estimates import peak_memory
 from tests.factories import create_job
 from tests.support.fake_hub import FakeHub, pickle_only, repo_from_dir
 
 MAIN = "a" * 40
 V1 = "b" * 40
 TOKEN = "hf_secret_registry_token"
+# A config.json cut short, as a copy interrupted half way leaves it.
+TRUNCATED_CONFIG = '{"model_type": "llama", "hidden_size": '
 
 
 @pytest.fixture
@@ -30,8 +36,10 @@ def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeH
     renamed = repo_from_dir("test-org/renamed-chat", tiny_model_dir)  # a type transformers renames as it loads
     renamed.files["config.json"] = json.dumps({**json.loads(renamed.files["config.json"]),
                                                "model_type": "mixtral"}).encode()
-    with FakeHub([chat, gated, renamed, pickle_only(repo_from_dir("test-org/pickle-chat", tiny_model_dir))],
-                 token=TOKEN) as fake:
+    truncated = repo_from_dir("test-org/truncated-chat", tiny_model_dir, revisions={"main": MAIN})
+    truncated.files["config.json"] = TRUNCATED_CONFIG.encode()
+    with FakeHub([chat, gated, renamed, truncated,
+                  pickle_only(repo_from_dir("test-org/pickle-chat", tiny_model_dir))], token=TOKEN) as fake:
         fake.patch_env(monkeypatch)
         yield fake
 
@@ -46,6 +54,35 @@ def refusal(session: Session, **kwargs: object) -> APIError:
         base_models.register(session, settings=kwargs.pop("settings", settings()),  # type: ignore[arg-type]
                              **kwargs)  # type: ignore[arg-type]
     return caught.value
+
+
+def model_copy(tiny_model_dir: Path, folder: Path, files: dict[str, str] | None = None) -> Path:
+    """A copy of the tiny model with some files' text replaced."""
+    shutil.copytree(tiny_model_dir, folder)
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def tiny_gpt2(folder: Path, tiny_model_dir: Path) -> Path:
+    """A GPT-2 folder as save_pretrained writes one: config.json says n_embd, n_layer, n_head and n_positions."""
+    from safetensors.numpy import save_file
+
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("config.json", "*.safetensors"))
+    vocab, h = 256, 16
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab, "n_embd": h, "n_layer": 2,
+        "n_head": 4, "n_positions": 128, "n_inner": None, "torch_dtype": "float32", "tie_word_embeddings": True}))
+    tensors = {"transformer.wte.weight": np.zeros((vocab, h), np.float32),
+               "transformer.wpe.weight": np.zeros((128, h), np.float32)}
+    for layer in range(2):
+        tensors |= {f"transformer.h.{layer}.attn.c_attn.weight": np.zeros((h, 3 * h), np.float32),
+                    f"transformer.h.{layer}.attn.c_proj.weight": np.zeros((h, h), np.float32),
+                    f"transformer.h.{layer}.mlp.c_fc.weight": np.zeros((h, 4 * h), np.float32),
+                    f"transformer.h.{layer}.mlp.c_proj.weight": np.zeros((4 * h, h), np.float32),
+                    f"transformer.h.{layer}.ln_1.weight": np.zeros((h,), np.float32)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
 
 
 def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, hub: FakeHub,
@@ -83,15 +120,17 @@ def test_a_hub_model_is_pinned_to_its_revision_and_described(session: Session, h
 
 def test_unknown_repositories_and_revisions_say_what_to_do(session: Session, hub: FakeHub) -> None:
     missing = refusal(session, name="x", source="hf:test-org/nope")
-    assert (missing.status_code, missing.code) == (400, "model_not_available")
-    assert "TUNEFORGE_HF_TOKEN" in missing.message
+    assert (missing.status_code, missing.code, missing.param) == (400, "model_not_available", "source")
+    assert missing.message == ("No repository 'test-org/nope' on the Hub, or it is private: check the id, or set "
+                               "TUNEFORGE_HF_TOKEN to a token that can read it.")
     revision = refusal(session, name="x", source="hf:test-org/tiny-chat", revision="v9")
     assert (revision.code, revision.param) == ("model_not_available", "revision") and "'v9'" in revision.message
 
 
 def test_a_gated_model_needs_the_token_which_no_message_shows(session: Session, hub: FakeHub) -> None:
     gated = refusal(session, name="g", source="hf:test-org/gated-chat")
-    assert gated.code == "model_gated" and "TUNEFORGE_HF_TOKEN" in gated.message
+    assert (gated.status_code, gated.code, gated.param) == (400, "model_gated", "source")
+    assert "TUNEFORGE_HF_TOKEN" in gated.message
     wrong = refusal(session, name="g", source="hf:test-org/gated-chat", settings=settings(hf_token="hf_wrong"))
     assert wrong.code == "model_gated" and "hf_wrong" not in wrong.message
     row = base_models.register(session, settings=settings(hf_token=SecretStr(TOKEN)), name="g",
@@ -143,6 +182,45 @@ def test_an_unregistered_hub_id_is_registered_only_when_the_operator_allows_it(s
     assert (row.name, row.source, row.commit_sha) == ("test-org/tiny-chat", "hf:test-org/tiny-chat", MAIN)
 
 
+def test_a_hub_refusal_names_the_field_that_named_the_repository(session: Session, hub: FakeHub) -> None:
+    """The operator's registration names it in `source`, a job naming a hub id directly in `model`."""
+    allowing = settings(allow_unregistered_models=True)
+    for name, code in (("test-org/nope", "model_not_available"), ("test-org/gated-chat", "model_gated"),
+                       ("test-org/truncated-chat", "model_not_available")):
+        with pytest.raises(InvalidRequest) as caught:
+            base_models.ready_for_jobs(session, settings=allowing, name=name)
+        assert (caught.value.status_code, caught.value.code, caught.value.param) == (400, code, "model"), name
+        assert (refusal(session, name="x", source=f"hf:{name}").param) == "source"
+
+
+def test_a_hub_model_whose_config_does_not_parse_is_refused_naming_the_file(session: Session, hub: FakeHub) -> None:
+    refused = refusal(session, name="t", source="hf:test-org/truncated-chat")
+    assert (refused.status_code, refused.code, refused.param) == (400, "model_not_available", "source")
+    assert refused.message == (f"config.json in the Hub repository 'test-org/truncated-chat' at {MAIN} is not valid "
+                               "JSON (Expecting value at line 1 column 40): transformers could not load the model "
+                               "(save_pretrained writes the file afresh).")
+    assert base_models.find(session, settings=settings(), name="t") is None
+
+
+def test_a_folder_whose_files_do_not_parse_is_refused_naming_the_file(session: Session, tiny_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    cases = {"truncated": ("config.json", TRUNCATED_CONFIG, "is not valid JSON (Expecting value at line 1 column 40)"),
+             "list": ("config.json", "[1, 2]", "is not a JSON object"),
+             "tokenizer": ("tokenizer_config.json", '{"chat_template": ',
+                           "is not valid JSON (Expecting value at line 1 column 19)")}
+    for name, (file, text, problem) in cases.items():
+        folder = model_copy(tiny_model_dir, tmp_path / name, {file: text})
+        refused = refusal(session, name=name, source=f"path:{folder}")
+        assert (refused.status_code, refused.code, refused.param) == (400, "model_not_available", "source")
+        assert refused.message == (f"{file} in {folder} {problem}: transformers could not load the model "
+                                   "(save_pretrained writes the file afresh).")
+    latin1 = model_copy(tiny_model_dir, tmp_path / "latin1")
+    (latin1 / "tokenizer.json").write_bytes(b'{"normalizer": "caf\xe9"}')
+    assert refusal(session, name="latin1", source=f"path:{latin1}").message == (
+        f"tokenizer.json in {latin1} is not UTF-8 text: transformers could not load the model (save_pretrained "
+        "writes the file afresh).")
+
+
 def test_the_catalogue_is_imported_and_a_broken_entry_fails_jobs_fast(session: Session, tiny_model_dir: Path,
                                                                       tmp_path: Path) -> None:
     catalogue = {"tiny-local": CatalogueModel(path=str(tiny_model_dir)),
@@ -157,6 +235,45 @@ def test_the_catalogue_is_imported_and_a_broken_entry_fails_jobs_fast(session: S
     # Once the folder exists, the next lookup reads it again.
     shutil.copytree(tiny_model_dir, tmp_path / "missing")
     assert base_models.ready_for_jobs(session, settings=with_catalogue, name="broken").status == "ready"
+
+
+def test_a_broken_catalogue_entry_is_kept_in_error_and_other_lookups_go_on(
+        session: Session, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base_models, "_skipped_entries", set())  # logged once per process: this test's own process
+    truncated = model_copy(tiny_model_dir, tmp_path / "truncated", {"config.json": TRUNCATED_CONFIG})
+    catalogue = {"tiny-local": CatalogueModel(path=str(tiny_model_dir)),
+                 "truncated": CatalogueModel(path=str(truncated)),
+                 "Tiny Llama v2": CatalogueModel(path=str(tiny_model_dir))}
+    with_catalogue = settings(model_catalogue=catalogue)
+    with caplog.at_level(logging.WARNING, logger="tuneforge.models"):
+        rows = {r.name: r for r in base_models.list_models(session, settings=with_catalogue)}
+    assert (rows["tiny-local"].status, rows["truncated"].status) == ("ready", "error")
+    assert rows["truncated"].error == (f"config.json in {truncated} is not valid JSON (Expecting value at line 1 "
+                                       "column 40): transformers could not load the model (save_pretrained writes "
+                                       "the file afresh).")
+    # A name no job nor admin route could give is not imported: the log says why.
+    assert "Tiny Llama v2" not in rows
+    assert caplog.messages == ["Model catalogue entry skipped: Invalid model name 'Tiny Llama v2': letters, digits "
+                               "and ._/@- (not starting with ft: nor ending with /pull). Rename it in the catalogue."]
+    assert base_models.ready_for_jobs(session, settings=with_catalogue, name="tiny-local").status == "ready"
+    with pytest.raises(InvalidRequest) as caught:
+        base_models.ready_for_jobs(session, settings=with_catalogue, name="truncated")
+    assert caught.value.message == f"Model 'truncated' cannot be used: {rows['truncated'].error}"
+    assert base_models.remove(session, settings=with_catalogue, name="truncated").name == "truncated"
+
+
+def test_a_gpt2_config_is_read_through_its_own_key_names(session: Session, tiny_model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """GPT-2 writes n_embd, n_layer, n_head and n_positions (transformers maps them): the shape is known, so is the
+    memory its jobs need."""
+    folder = tiny_gpt2(tmp_path / "gpt2", tiny_model_dir)
+    row = base_models.register(session, settings=settings(), name="tiny-gpt2", source=f"path:{folder}")
+    info = row.info
+    assert (info["hidden_size"], info["layers"], info["attention_heads"], info["kv_heads"]) == (16, 2, 4, 4)
+    assert (info["context_length"], info["vocab_size"], info["architecture"]) == (128, 256, "GPT2LMHeadModel")
+    assert info["modules"] == ["c_attn", "c_fc", "c_proj", "lm_head", "wpe", "wte"]
+    assert peak_memory(info, TrainingConfig()) is not None
 
 
 def test_a_hub_out_of_reach_is_a_502_not_a_crash(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:

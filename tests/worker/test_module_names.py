@@ -10,7 +10,13 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
-from app.services.base_models import CHECKPOINT_NAMED_TYPES, names_modules, weight_modules
+from app.services.base_models import (
+    CHECKPOINT_NAMED_TYPES,
+    CONFIG_KEY_ALIASES,
+    describe,
+    names_modules,
+    weight_modules,
+)
 
 
 @pytest.mark.parametrize("model_type", sorted(CHECKPOINT_NAMED_TYPES))
@@ -35,3 +41,16 @@ def test_types_transformers_renames_are_not_trusted() -> None:
     for model_type in ("mixtral", "qwen2_moe", "gpt_neox", "llava"):
         assert not names_modules({"model_type": model_type})
     assert get_checkpoint_conversion_mapping("mixtral") and get_checkpoint_conversion_mapping("GPTNeoXForCausalLM")
+
+
+@pytest.mark.parametrize("model_type", sorted(CHECKPOINT_NAMED_TYPES | CONFIG_KEY_ALIASES.keys()))
+def test_the_shape_is_read_from_the_config_json_each_type_writes(model_type: str) -> None:
+    """describe() reads what transformers reads from a saved config.json, under the names the type writes (GPT-2's
+    n_embd, n_layer, ...: its config class's attribute_map, which CONFIG_KEY_ALIASES copies)."""
+    config = AutoConfig.for_model(model_type)
+    if model_type in CONFIG_KEY_ALIASES:
+        assert CONFIG_KEY_ALIASES[model_type].items() <= config.attribute_map.items()
+    info = describe(config.to_dict(), tokenizer={}, files=[], tensors=None, parameters=None, license_=None)
+    read = {"hidden_size": "hidden_size", "layers": "num_hidden_layers", "attention_heads": "num_attention_heads",
+            "context_length": "max_position_embeddings", "vocab_size": "vocab_size"}
+    assert {k: info[k] for k in read} == {k: getattr(config, key, None) for k, key in read.items()}
