@@ -53,6 +53,11 @@ _GPT2_KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_atte
 CONFIG_KEY_ALIASES: dict[str, dict[str, str]] = {
     model_type: _GPT2_KEYS for model_type in ("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt-sw3")}
 
+# Model types whose positions are learned embeddings of a fixed count (transformers' GPT-2 family, GPT-Neo, OPT):
+# a row past max_position_embeddings indexes beyond them, an IndexError in the worker. Rotary and ALiBi models run
+# past their trained length (worse, not broken), so theirs is no limit.
+LEARNED_POSITION_TYPES = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
+
 logger = logging.getLogger("tuneforge.models")
 
 
@@ -91,7 +96,8 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
     text = config.get("text_config")
     if not isinstance(text, dict) or not text:
         text = config
-    aliases = CONFIG_KEY_ALIASES.get(str(text.get("model_type") or config.get("model_type")), {})
+    model_type = str(text.get("model_type") or config.get("model_type"))
+    aliases = CONFIG_KEY_ALIASES.get(model_type, {})
 
     def count(key: str) -> int | None:  # a config.json is the model author's: a value of another type is unknown
         value = text.get(aliases.get(key, key), text.get(key))
@@ -117,7 +123,9 @@ def describe(config: dict[str, Any], *, tokenizer: dict[str, str], files: list[d
             "kv_heads": count("num_key_value_heads") or count("num_attention_heads"),
             "torch_dtype": dtype, "bytes": sum(int(f["size"] or 0) for f in files),
             "has_chat_template": bool(tokenizer_config.get("chat_template")) or "chat_template.jinja" in tokenizer,
-            "license": license_, "modules": weight_modules(tensors) if tensors and names_modules(config) else None}
+            "license": license_, "modules": weight_modules(tensors) if tensors and names_modules(config) else None,
+            # The most positions a row may use (jobs' max_seq_length): known for learned positions only.
+            "position_limit": count("max_position_embeddings") if model_type in LEARNED_POSITION_TYPES else None}
 
 
 def names_modules(config: dict[str, Any]) -> bool:

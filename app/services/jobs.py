@@ -141,6 +141,20 @@ def _check_chat_template(model: RegisteredModel | None, *, files: list[File]) ->
                                  param=param, code="invalid_file")
 
 
+def _fit_positions(model: RegisteredModel | None, *, config: TrainingConfig, given: int | None) -> TrainingConfig:
+    """A model with learned positions (info["position_limit"]) trains rows of at most that many tokens: the default
+    max_seq_length is cut to it, and a larger one asked for is refused (the worker would fail indexing past them)."""
+    limit = (model.info or {}).get("position_limit") if model is not None else None
+    if limit is None or config.max_seq_length <= limit:
+        return config
+    if given is None:
+        return config.model_copy(update={"max_seq_length": limit})
+    assert model is not None
+    raise InvalidRequest(f"max_seq_length {given} is more than the {limit} positions {model.name!r} has (its "
+                         f"position embeddings are learned, one per position): give at most {limit}.",
+                         param=wire_param("max_seq_length", method=config.method), code="invalid_value")
+
+
 def _check_target_modules(model: RegisteredModel | None, *, config: TrainingConfig) -> None:
     """400 when target_modules names a module the base model does not have (a typo PEFT would only report in the
     worker, after the weights were fetched): each name's last part must be one of the model's modules with
@@ -445,6 +459,7 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0),
                                      continued=(request.model, parent_adapter) if parent_adapter else None)
     _check_target_modules(registered, config=config)
+    config = _fit_positions(registered, config=config, given=method_request(request).hyperparameters.max_seq_length)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []
     partial = training.status == "uploaded"

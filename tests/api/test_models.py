@@ -220,3 +220,36 @@ def test_a_gpt2_base_model_shows_its_shape_and_gets_a_memory_estimate(client: Te
     estimate = client.post("/v1/fine_tuning/jobs/estimate", json=body)
     assert estimate.status_code == 200, estimate.text
     assert estimate.json()["memory"]["total_gib"] > 0
+
+
+def test_a_model_with_learned_positions_trains_rows_within_them(client: TestClient, tiny_model_dir: Path,
+                                                                tmp_path: Path, monkeypatch: Any) -> None:
+    """Found by an audit: a GPT-2 with 64 positions took the default max_seq_length of 1,024, and its job failed in
+    the worker with an IndexError on the first longer row."""
+    from tests.api.conftest import upload_chat
+
+    folder = tiny_gpt2(tmp_path / "gpt2", tiny_model_dir)  # 128 learned positions
+    monkeypatch.setattr(get_settings(), "model_catalogue", {"tiny-gpt2": CatalogueModel(path=str(folder))})
+    training_file = upload_chat(client)
+
+    def create(**hyperparameters: Any) -> Any:
+        return client.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": training_file,
+                                                         "method": {"type": "supervised", "supervised": {
+                                                             "hyperparameters": hyperparameters}}})
+
+    default = create()
+    assert default.status_code == 200, default.text
+    assert default.json()["method"]["supervised"]["hyperparameters"]["max_seq_length"] == 128
+    assert create(max_seq_length=100).json()["method"]["supervised"]["hyperparameters"]["max_seq_length"] == 100
+    refused = create(max_seq_length=256)
+    assert refused.status_code == 400 and refused.json()["error"] == {
+        "message": "max_seq_length 256 is more than the 128 positions 'tiny-gpt2' has (its position embeddings are "
+                   "learned, one per position): give at most 128.",
+        "type": "invalid_request_error", "param": "method.supervised.hyperparameters.max_seq_length",
+        "code": "invalid_value"}
+    # A rotary model's context length is no limit: the tiny Llama runs past its own as before.
+    llama = client.get("/v1/models/tiny-llama").json()["details"]["context_length"]
+    longer = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": training_file,
+                                                       "method": {"type": "supervised", "supervised": {
+                                                           "hyperparameters": {"max_seq_length": llama * 2}}}})
+    assert longer.status_code == 200, longer.text
