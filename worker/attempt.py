@@ -57,8 +57,9 @@ def _download(storage: Storage, *, file_id: str, project_pk: int, target: Path) 
     return target
 
 
-def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | None:
-    """The last registered checkpoint, downloaded and verified against its manifest; and, for load_best_at_end,
+def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> tuple[Path | None, int]:
+    """The last registered checkpoint, downloaded and verified against its manifest, and its step ((None, 0) when
+    there is none); and, for load_best_at_end,
     the best one so far where the training writes its checkpoints, which the final weights are read from (an
     attempt starts in a fresh directory)."""
     from worker.training.checkpoint import TRAINER_STATE
@@ -67,7 +68,7 @@ def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | Non
     with session_scope() as session:
         checkpoint = attempts.latest_checkpoint(session, job_pk=job_pk)
         if checkpoint is None:
-            return None
+            return None, 0
         key, step = checkpoint.blob_key, checkpoint.step_number
     target = _fetch_checkpoint(storage, key=key, step=step, target=workdir / "resume" / f"step-{step}")
     state = json.loads((target / TRAINER_STATE).read_text())
@@ -78,7 +79,7 @@ def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> Path | Non
             best_key = kept.blob_key if kept is not None else None
         if best_key is not None:  # retention keeps the run's best step (database_reporter.checkpoint_saved)
             _fetch_checkpoint(storage, key=best_key, step=best, target=checkpoint_dir(workdir / "output", best))
-    return target
+    return target, step
 
 
 def _fetch_checkpoint(storage: Storage, *, key: str, step: int, target: Path) -> Path:
@@ -233,9 +234,12 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
                 assert job_row is not None
                 for level, message, data in token_report(session, job_row, settings=settings):
                     reporter.event(message, level=level, data=data)
-        resume_from = _resume_point(storage, job_pk=job_pk, workdir=workdir)
+        resume_from, resumed_step = _resume_point(storage, job_pk=job_pk, workdir=workdir)
         if resume_from is not None:
             reporter.event(f"Resuming from the checkpoint at {resume_from.name}.")
+        if attempt > 1:
+            with session_scope() as session:
+                attempts.train_again_after(session, job_pk=job_pk, attempt=attempt, step=resumed_step)
         init_adapter = None
         if parent_model is not None and resume_from is None:
             with session_scope() as session:

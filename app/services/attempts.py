@@ -12,13 +12,13 @@ import time
 from collections.abc import Collection
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, text, update
+from sqlalchemy import CursorResult, delete, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.leases import StaleAttempt as StaleAttempt  # raised by the fenced writes below
-from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
+from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus, Project
 from app.models.base import new_id, now_seconds
 from app.models.job import WAITING_STATUSES
 from app.services.jobs import add_event
@@ -232,6 +232,23 @@ def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: in
     add_event(session, job=job, message=f"Checkpoint saved at step {step}.", data={"step": step, **metrics})
     session.commit()
     return checkpoint
+
+
+def train_again_after(session: Session, *, job_pk: int, attempt: int, step: int) -> int:
+    """An attempt that starts from the checkpoint at `step` (0: none) trains the later steps again: the metrics
+    events earlier attempts wrote for them go, so the job has one per step (one loss curve, progress that does not
+    go back), with an event saying what was redone. Fenced; returns how many went."""
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, step=step)
+    gone = _execute(session, delete(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.type == "metrics",
+                                                    JobEvent.data["step"].as_integer() > step)
+                    .execution_options(synchronize_session=False)).rowcount
+    if gone:
+        add_event(session, job=job, message=f"Steps after {step} are trained again from "
+                  + (f"the checkpoint at step {step}" if step else "the start")
+                  + f": the metrics of {gone} step(s) an earlier attempt trained past it were removed.",
+                  data={"step": step, "removed_metrics": gone})
+    session.commit()
+    return gone
 
 
 def checkpoint_at(session: Session, *, job_pk: int, step: int) -> JobCheckpoint | None:
