@@ -108,6 +108,9 @@ class FineTuningJob(KeyedMixin, Base):
     resources: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
+    # The registration of base_model the job trains on (base_models.revision_of: source@commit; None before 0013):
+    # its fine-tuned model is refused on other weights registered under that name later.
+    base_revision: Mapped[str | None] = mapped_column(String(1100), nullable=True)
     # Settings "auto" decided from the first bytes of a training file too large to validate during upload
     # (app/services/jobs.py: settings_from_count); validating_files decides them again from the whole file's count.
     decided_by_partial_count: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)

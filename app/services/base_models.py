@@ -329,6 +329,22 @@ def list_models(session: Session, *, settings: Settings,
     return list(session.scalars(query))
 
 
+def revision_of(row: RegisteredModel) -> str:
+    """Which weights a registration names: its source and the commit it is pinned to. A name registered again for
+    other weights gets another; a fine-tuned model keeps the one it was trained on (FineTuningJob.base_revision)."""
+    return f"{row.source}@{row.commit_sha or ''}"
+
+
+def check_trained_on(job: FineTuningJob, row: RegisteredModel, *, model: str) -> None:
+    """400 model_not_available when `model` (a fine-tuned model of `job`) was trained on other weights than its base's
+    name is registered for now: an adapter fits only the weights it was trained on."""
+    if job.base_revision is not None and job.base_revision != revision_of(row):
+        raise InvalidRequest(f"{model} was trained on {job.base_model!r} as {job.base_revision}; that name now "
+                             f"registers {revision_of(row)}, which its weights do not fit: register "
+                             f"{job.base_revision.rpartition('@')[0]} as {job.base_model!r} again to use it.",
+                             param="model", code="model_not_available")
+
+
 def find(session: Session, *, settings: Settings, name: str) -> RegisteredModel | None:
     if NAME.fullmatch(name) is None:  # never registered (and a NUL byte is no text Postgres can compare)
         return None

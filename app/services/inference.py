@@ -74,9 +74,13 @@ class Target:
     weights_key: str | None = None
     # A full fine-tune's weights replace the base's; an adapter attaches to it.
     full: bool = False
+    # The base's registration (base_models.revision_of): an inference worker holding the name's earlier weights
+    # loads these instead.
+    base_revision: str | None = None
 
     def as_request(self) -> dict[str, Any]:
-        return {"model": self.model, "base": self.base, "weights_key": self.weights_key, "full": self.full}
+        return {"model": self.model, "base": self.base, "weights_key": self.weights_key, "full": self.full,
+                "base_revision": self.base_revision}
 
 
 def resolve_target(session: Session, *, settings: Settings, project: Project, model: str) -> Target:
@@ -86,12 +90,16 @@ def resolve_target(session: Session, *, settings: Settings, project: Project, mo
         if base.status not in USABLE_STATUSES:
             raise InvalidRequest(f"Model {model!r} is {base.status}: {base.error or 'not ready yet'}", param="model",
                                  code="model_not_available")
-        return Target(model=model, base=model)
+        return Target(model=model, base=model, base_revision=base_models.revision_of(base))
     job, step = artifacts.find_fine_tuned_model(session, project=project, model_id=model)
+    base = base_models.find(session, settings=settings, name=job.base_model)
+    if base is not None:  # else the inference worker answers that it is no longer registered
+        base_models.check_trained_on(job, base, model=model)
     adapter_type = TrainingConfig.model_validate(job.config).adapter.type
     name = f"checkpoint-step-{step}" if step is not None else artifacts.weights_artifact(adapter_type)
     key = artifacts.get_artifact(session, job=job, name=name).blob_key
-    return Target(model=model, base=job.base_model, weights_key=key, full=adapter_type == "full")
+    return Target(model=model, base=job.base_model, weights_key=key, full=adapter_type == "full",
+                  base_revision=base_models.revision_of(base) if base is not None else None)
 
 
 def live_servers(session: Session, *, settings: Settings) -> list[InferenceServer]:

@@ -427,6 +427,8 @@ class JobPlan:
     # The settings decided from a count of the training file's first bytes only (a file too large to validate
     # during upload): its validating_files phase decides them again from the whole file's (decide_from_count).
     decided_by_partial_count: tuple[str, ...] = ()
+    # The base model's registration (base_models.revision_of), kept on the job.
+    base_revision: str | None = None
 
 
 def plan_job(session: Session, *, project: Project, request: JobCreate, settings: Settings) -> JobPlan:
@@ -464,7 +466,8 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
         if config.method == "dpo" else []
     partial = training.status == "uploaded"
     return JobPlan(base_model=base_model, files=files, resources=resources, config=config, unmeasured=unmeasured,
-                   decided_by_partial_count=settings_from_count(request) if partial else ())
+                   decided_by_partial_count=settings_from_count(request) if partial else (),
+                   base_revision=base_models.revision_of(registered) if registered is not None else None)
 
 
 def check_prompt_room(session: Session, *, files: list[File], base_model: str, config: TrainingConfig,
@@ -533,7 +536,7 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
         if request.integrations else None,
         idempotency_key=idempotency_key, request_hash=request_hash,
         resources=resources.model_dump(mode="json"), priority=request.priority,
-        decided_by_partial_count=list(plan.decided_by_partial_count) or None,
+        decided_by_partial_count=list(plan.decided_by_partial_count) or None, base_revision=plan.base_revision,
     )
     session.add(job)
     try:
@@ -571,9 +574,11 @@ def _base_model(session: Session, *, project: Project, model: str, settings: Set
         if adapter.type == "full":
             raise InvalidRequest("Continued training from a full fine-tune is not supported; continue from an "
                                  "adapter (lora, qlora, dora) job.", param="model", code="model_not_available")
-        if base_models.find(session, settings=settings, name=parent.base_model) is None:
+        base = base_models.find(session, settings=settings, name=parent.base_model)
+        if base is None:
             raise InvalidRequest(f"The base model {parent.base_model!r} of {model!r} is no longer registered.",
                                  param="model", code="model_not_available")
+        base_models.check_trained_on(parent, base, model=model)
         return parent.base_model, adapter
     return base_models.ready_for_jobs(session, settings=settings, name=model).name, None
 

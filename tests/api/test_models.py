@@ -253,3 +253,36 @@ def test_a_model_with_learned_positions_trains_rows_within_them(client: TestClie
                                                        "method": {"type": "supervised", "supervised": {
                                                            "hyperparameters": {"max_seq_length": llama * 2}}}})
     assert longer.status_code == 200, longer.text
+
+
+def test_a_fine_tuned_model_is_refused_on_other_weights_registered_under_its_bases_name(client: TestClient,
+                                                                                      session: Any) -> None:
+    """Found by an audit: after its base's name was registered again for another model, chat answered 502 with a
+    PEFT size mismatch (or, same shape, the adapter on the wrong weights) and continued training failed in the
+    worker."""
+    from app.services import base_models
+    from tests.api.conftest import upload_chat
+
+    training_file = upload_chat(client)
+    created = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": training_file})
+    tiny = base_models.find(session, settings=get_settings(), name="tiny-llama")
+    assert tiny is not None and tiny.source.startswith("path:")
+    job = session.scalar(select(FineTuningJob).where(FineTuningJob.id == created.json()["id"]))
+    assert job.base_revision == base_models.revision_of(tiny) == f"{tiny.source}@"  # kept at creation
+    parent = succeeded_job(session)
+    parent.base_revision = "hf:test-org/older-chat@" + "a" * 40  # trained on the weights the name had before
+    session.commit()
+    message = (f"{parent.fine_tuned_model} was trained on 'tiny-llama' as hf:test-org/older-chat@{'a' * 40}; that "
+               f"name now registers {tiny.source}@, which its weights do not fit: register hf:test-org/older-chat "
+               "as 'tiny-llama' again to use it.")
+    chat = client.post("/v1/chat/completions", json={"model": parent.fine_tuned_model,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+    continued = client.post("/v1/fine_tuning/jobs", json={"model": parent.fine_tuned_model,
+                                                           "training_file": training_file})
+    for refused in (chat, continued):
+        assert refused.status_code == 400 and refused.json()["error"] == {
+            "message": message, "type": "invalid_request_error", "param": "model", "code": "model_not_available"}
+    parent.base_revision = base_models.revision_of(tiny)  # the weights it was trained on: used as before
+    session.commit()
+    assert client.post("/v1/fine_tuning/jobs", json={"model": parent.fine_tuned_model,
+                                                     "training_file": training_file}).status_code == 200

@@ -59,6 +59,8 @@ class LoadedModel:
     context_length: int | None
     # Adapter names attached to this base, least recently used first.
     adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # The base's registration it was loaded for (app/services/base_models.py: revision_of); None when not told.
+    revision: str | None = None
 
 
 @dataclass
@@ -161,8 +163,13 @@ class Engine:
         logger.info("loaded %s on %s", name, self.device)
         return LoadedModel(name=name, model=model, tokenizer=tokenizer, context_length=context)
 
-    def _model(self, name: str, *, base: str, full_weights: Path | None = None) -> LoadedModel:
+    def _model(self, name: str, *, base: str, revision: str | None, full_weights: Path | None = None) -> LoadedModel:
         loaded = self.models.get(name)
+        if loaded is not None and revision is not None and loaded.revision != revision:
+            with self.lock:  # the base's name was registered again, for other weights: those are loaded instead
+                self.models.pop(name, None)
+            logger.info("unloaded %s: %s is registered for %s now", name, base, revision)
+            loaded = None
         if loaded is None:
             with self.lock:  # room first, so memory never holds one model more than the bound
                 while len(self.models) >= self.settings.inference_max_bases:
@@ -171,6 +178,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             loaded = self._load(name, base=base, full_weights=full_weights)
+            loaded.revision = revision
             with self.lock:
                 self.models[name] = loaded
         with self.lock:
@@ -201,12 +209,13 @@ class Engine:
 
     def prepare(self, request: dict[str, Any]) -> Prepared:
         """Load what the request names (a base, an adapter onto it, or a full fine-tune) and check the prompt."""
-        key, base = request.get("weights_key"), request["base"]
+        key, base, revision = request.get("weights_key"), request["base"], request.get("base_revision")
         if key is not None and request.get("full"):
-            loaded = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key))
+            loaded = self._model(f"ft:{adapter_name(key)}", base=base, revision=revision,
+                                 full_weights=self._weights(key))
             adapter = None
         else:
-            loaded = self._model(base, base=base)
+            loaded = self._model(base, base=base, revision=revision)
             adapter = self._attach(loaded, key) if key is not None else None
         try:
             ids = prompt_ids(loaded.tokenizer, request["prompt"])
@@ -230,7 +239,7 @@ class Engine:
         """An answer report on a stored file: the fine-tuned weights `target` names against their base."""
         from worker.training.answer_report import answer_budget, compare_answers, examples_of, greedy_answers
 
-        key, base = target["weights_key"], target["base"]
+        key, base, revision = target["weights_key"], target["base"], target.get("base_revision")
         with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
             path = Path(tmp) / "examples.jsonl"
             with path.open("wb") as out:
@@ -241,10 +250,11 @@ class Engine:
             raise Refusal("The file has no example with an answer to compare with (a chat whose last message is "
                           "the assistant's, or a prompt-completion example).", param="file_id")
         if target.get("full"):  # a model of its own, beside its base
-            tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, full_weights=self._weights(key)).model
-            base_model = self._model(base, base=base)
+            tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, revision=revision,
+                                      full_weights=self._weights(key)).model
+            base_model = self._model(base, base=base, revision=revision)
         else:  # the adapter, active on its base
-            base_model = self._model(base, base=base)
+            base_model = self._model(base, base=base, revision=revision)
             self._attach(base_model, key)
             tuned_model = base_model.model
         tokenizer = base_model.tokenizer

@@ -203,3 +203,30 @@ def test_a_full_fine_tunes_evaluation_answers_base_with_the_bases_adapters_off(
     _, samples = engine.evaluate({"base": "tiny-llama", "weights_key": "artifacts/full/model", "full": True,
                                   "file_key": "files/one"}, budget=AnswerBudget(max_examples=1, max_new_tokens=5))
     assert samples[0]["base"]["answer"] == plain and samples[0]["tuned"]["answer"] != plain
+
+
+def test_a_base_registered_again_for_other_weights_is_loaded_again(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Found by an audit: a warm worker kept answering with the weights the name was first registered for."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    perturbed_model(tiny_model_dir, seed=3).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    for name in ("chat_template.jinja",):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, other / name)
+    folders = {"tiny-llama": tiny_model_dir}
+    engine = Engine(Settings(data_dir=tmp_path / "data"), storage=LocalStorage(tmp_path / "storage"),
+                    device=torch.device("cpu"), base_folder=lambda name: (folders[name], False))
+    (first,), _ = answer(engine, request(base_revision="path:/models/a@"))
+    loaded = engine.models["tiny-llama"]
+    (again,), _ = answer(engine, request(base_revision="path:/models/a@"))
+    assert engine.models["tiny-llama"] is loaded and again == first  # the same registration: kept warm
+    folders["tiny-llama"] = other  # the operator registers the name again, for other weights
+    (after,), _ = answer(engine, request(base_revision="path:/models/b@"))
+    assert engine.models["tiny-llama"] is not loaded and engine.models["tiny-llama"].revision == "path:/models/b@"
+    (reference,), _ = answer(Engine(Settings(data_dir=tmp_path / "data2"), storage=LocalStorage(tmp_path / "s2"),
+                                    device=torch.device("cpu"), base_folder=lambda name: (other, False)), request())
+    assert after == reference != first
