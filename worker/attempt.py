@@ -29,6 +29,7 @@ from app.models import File, FineTuningJob, JobStatus, Project, RegisteredModel
 from app.schemas.training import TrainingConfig
 from app.services import attempts
 from app.services.artifacts import find_fine_tuned_model, weights_artifact
+from app.services.base_models import revision_of
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.intake import token_report
@@ -203,6 +204,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
         job_pk, project_pk, organization, worker = job.pk, job.project_pk, project.name, job.lease_owner or "?"
         config = TrainingConfig.model_validate(job.config)
         base_model, training_file, validation_file = job.base_model, job.training_file, job.validation_file
+        base_revision = job.base_revision
         integrations = (job.integrations or {}).get("items") or []
         model_name = fine_tuned_model_name(job, organization=organization)
         # Continued training: `model` names a fine-tuned model (or checkpoint) trained on base_model.
@@ -219,6 +221,10 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             registered = session.scalar(select(RegisteredModel).where(RegisteredModel.name == base_model))
             if registered is None:
                 raise ValueError(f"base model {base_model!r} is no longer registered")
+            if base_revision is not None and base_revision != revision_of(registered):
+                # the weights the job was checked against (and its parent trained on) are not the name's any more
+                raise ValueError(f"base model {base_model!r} was registered again after the job was created (it was "
+                                 f"{base_revision}, it is {revision_of(registered)}); create the job again")
             base = ModelRef.of(registered)
         # Normally held already (the job waited queued while its model downloaded, worker/supervisor.py); the
         # hashes are checked again here, and a file that fails is fetched anew.

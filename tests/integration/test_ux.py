@@ -152,6 +152,31 @@ def test_training_process_logs_json_lines_with_job_id_and_attempt(service: Servi
                for line in lines)
 
 
+def test_an_attempt_on_a_base_registered_again_since_the_job_was_created_fails_saying_so(service: Service) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.models import FineTuningJob
+    from tests.factories import create_job, create_project
+
+    with service.client() as client:  # registered from the catalogue on first use
+        assert client.get("/v1/models/tiny-llama").status_code == 200
+    engine = create_engine(service.env["TUNEFORGE_DATABASE_URL"])
+    with Session(engine, expire_on_commit=False) as session:
+        job = create_job(session, project=create_project(session, "registered-again"), status="running", attempt=1,
+                         base_model="tiny-llama", base_revision="path:/models/before@")
+    done = subprocess.run([sys.executable, "-m", "worker.attempt", job.id, "1"], env=service.env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with Session(engine) as session:
+        failed = session.get(FineTuningJob, job.pk)
+        assert failed is not None and failed.status == "failed" and failed.error is not None
+        assert failed.error["code"] == "invalid_training"
+        assert failed.error["message"].startswith("base model 'tiny-llama' was registered again after the job was "
+                                                  "created (it was path:/models/before@, it is path:")
+    engine.dispose()
+
+
 def test_webhooks_reach_a_local_receiver_signed_for_succeeded_and_cancelled_jobs(service: Service,
                                                                                   receiver: Receiver) -> None:
     import openai
