@@ -223,13 +223,24 @@ class Settings(BaseSettings):
         return self.catalogue_file or self.data_dir / "catalogue.json"
 
     def catalogue(self) -> dict[str, CatalogueModel]:
-        """The model catalogue: the catalogue file's entries, overridden by model_catalogue."""
+        """The model catalogue: the catalogue file's entries, overridden by model_catalogue. CatalogueError when the
+        file cannot be read as one."""
         entries: dict[str, CatalogueModel] = {}
         if self.catalogue_path.exists():
-            raw = json.loads(self.catalogue_path.read_text())
-            entries.update({name: CatalogueModel.model_validate(spec) for name, spec in raw.items()})
+            try:
+                raw = json.loads(self.catalogue_path.read_text())
+                if not isinstance(raw, dict):
+                    raise ValueError('not a JSON object ({"name": {"path": "/folder"}, ...})')
+                entries.update({name: CatalogueModel.model_validate(spec) for name, spec in raw.items()})
+            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                raise CatalogueError(f"The model catalogue {self.catalogue_path} cannot be read: "
+                                     f"{' '.join(str(exc).split())}") from exc
         entries.update(self.model_catalogue)
         return entries
+
+
+class CatalogueError(ValueError):
+    """The catalogue file is not one (the operator's to mend; lookups go on with what is registered)."""
 
 
 @lru_cache

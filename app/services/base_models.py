@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
+from app.core.config import CatalogueError, Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.models import FineTuningJob, RegisteredModel
 from app.models.job import UNFINISHED_STATUSES, JobStatus
@@ -274,11 +274,16 @@ def import_catalogue(session: Session, *, settings: Settings) -> None:
     """Register the JSON catalogue's entries that the table lacks. A folder that cannot be read is kept in
     `error` with the reason (jobs on it fail at once with it) and read again on later lookups."""
     catalogue = {}
-    for name, entry in settings.catalogue().items():
+    try:
+        listed = settings.catalogue()
+    except CatalogueError as exc:  # what is registered stays usable; the file's entries wait for it to be mended
+        _skip_catalogue_entry(str(exc))
+        listed = dict(settings.model_catalogue)
+    for name, entry in listed.items():
         try:
             check_name(name)
         except InvalidRequest as exc:  # no row: one that no job or admin route can name would only clutter
-            _skip_catalogue_entry(exc.message)
+            _skip_catalogue_entry(f"{exc.message} Rename it in the catalogue.")
             continue
         catalogue[name] = entry
     if not catalogue:
@@ -315,7 +320,7 @@ _skipped_entries: set[str] = set()
 def _skip_catalogue_entry(reason: str) -> None:
     if reason not in _skipped_entries:
         _skipped_entries.add(reason)
-        logger.warning("Model catalogue entry skipped: %s Rename it in the catalogue.", reason)
+        logger.warning("Model catalogue entries skipped: %s", reason)
 
 
 def _catalogue_source(path: str) -> str:

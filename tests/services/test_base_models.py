@@ -254,13 +254,32 @@ def test_a_broken_catalogue_entry_is_kept_in_error_and_other_lookups_go_on(
                                        "the file afresh).")
     # A name no job nor admin route could give is not imported: the log says why.
     assert "Tiny Llama v2" not in rows
-    assert caplog.messages == ["Model catalogue entry skipped: Invalid model name 'Tiny Llama v2': letters, digits "
+    assert caplog.messages == ["Model catalogue entries skipped: Invalid model name 'Tiny Llama v2': letters, digits "
                                "and ._/@- (not starting with ft: nor ending with /pull). Rename it in the catalogue."]
     assert base_models.ready_for_jobs(session, settings=with_catalogue, name="tiny-local").status == "ready"
     with pytest.raises(InvalidRequest) as caught:
         base_models.ready_for_jobs(session, settings=with_catalogue, name="truncated")
     assert caught.value.message == f"Model 'truncated' cannot be used: {rows['truncated'].error}"
     assert base_models.remove(session, settings=with_catalogue, name="truncated").name == "truncated"
+
+
+def test_a_catalogue_file_that_does_not_parse_leaves_the_registered_models_usable(
+        session: Session, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: a malformed catalogue file made every model lookup answer 500."""
+    monkeypatch.setattr(base_models, "_skipped_entries", set())
+    path = tmp_path / "catalogue.json"
+    path.write_text(json.dumps({"tiny-local": {"path": str(tiny_model_dir)}}))
+    good = Settings(model_catalogue={}, catalogue_file=path)
+    assert base_models.ready_for_jobs(session, settings=good, name="tiny-local").status == "ready"
+    for broken, problem in (('{"tiny-local": {"path": ', "Expecting value"), ("[1, 2]", "not a JSON object"),
+                            ('{"tiny-local": {"folder": "/x"}}', "path")):
+        path.write_text(broken)  # the operator's edit in progress
+        with caplog.at_level(logging.WARNING, logger="tuneforge.models"):
+            assert base_models.ready_for_jobs(session, settings=good, name="tiny-local").status == "ready"
+            assert [m.name for m in base_models.list_models(session, settings=good)] == ["tiny-local"]
+        assert caplog.messages[-1].startswith(f"Model catalogue entries skipped: The model catalogue {path} cannot "
+                                              "be read: ") and problem in caplog.messages[-1], caplog.messages
 
 
 def test_a_gpt2_config_is_read_through_its_own_key_names(session: Session, tiny_model_dir: Path,
