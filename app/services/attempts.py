@@ -266,6 +266,7 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
                weights_step: int | None = None) -> None:
     """succeeded, with its result files (and the answer report's headline, also on the checkpoint of the weights
     it evaluated: the step `weights_step`), in one fenced transaction."""
+    late_pause = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt))) == "pause"
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=JobStatus.SUCCEEDED,
                          fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, evaluation=evaluation,
                          finished_at=now_seconds(), lease_owner=None, lease_expires_at=None,
@@ -279,6 +280,8 @@ def finish_job(session: Session, *, job_pk: int, attempt: int, fine_tuned_model:
                                                                 JobCheckpoint.step_number == weights_step))
         if checkpoint is not None:  # the tuned model's scores, beside its losses (a new dict: JSON is replaced)
             checkpoint.metrics = {**checkpoint.metrics, **answer_metrics(evaluation)}
+    if late_pause:  # asked for while the final weights were saved: nothing was left to pause
+        add_event(session, job=job, message="The pause came after training had ended; the job finished instead.")
     add_event(session, job=job, message="The job has successfully completed.",
               data={"fine_tuned_model": fine_tuned_model, "trained_tokens": trained_tokens})
     enqueue_job_event(session, job=job)

@@ -273,3 +273,5 @@ def test_a_pause_that_comes_after_the_training_loop_is_not_left_on_the_finished_
         session.refresh(job)
         assert job.requested_action is None
         assert job_public(session, job, project=project).pause_requested is False  # type: ignore[arg-type]
+        said = list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
+        assert ("The pause came after training had ended; the job finished instead." in said) == (end == "finish")
