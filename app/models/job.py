@@ -3,10 +3,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Double, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import Double, ForeignKey, Index, Integer, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, BigIntKey, JSONType, KeyedMixin, now_seconds
+from app.models.registered_model import BASE_REVISION_LENGTH
 
 
 class JobStatus(StrEnum):
@@ -110,7 +111,7 @@ class FineTuningJob(KeyedMixin, Base):
 
     # The registration of base_model the job trains on (base_models.revision_of: source@commit; None before 0013):
     # its fine-tuned model is refused on other weights registered under that name later.
-    base_revision: Mapped[str | None] = mapped_column(String(1100), nullable=True)
+    base_revision: Mapped[str | None] = mapped_column(String(BASE_REVISION_LENGTH), nullable=True)
     # Settings "auto" decided from the first bytes of a training file too large to validate during upload
     # (app/services/jobs.py: settings_from_count); validating_files decides them again from the whole file's count.
     decided_by_partial_count: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
@@ -136,6 +137,10 @@ class JobEvent(KeyedMixin, Base):
     type: Mapped[str] = mapped_column(String(16), default="message")
     message: Mapped[str] = mapped_column(String(2000))
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # A metrics event of a step an earlier attempt trained past its checkpoint, which a later attempt trained again
+    # (app/services/attempts.py: train_again_after): kept, so cursors naming it still page and stream, but listed
+    # no more, so a job has one metrics event a step.
+    superseded: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class JobCheckpoint(KeyedMixin, Base):

@@ -7,6 +7,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, JSONType, KeyedMixin, now_seconds
 
+# Column lengths of a registration's source and commit; a job keeps the pair as "source@commit" (base_revision).
+SOURCE_LENGTH, COMMIT_SHA_LENGTH = 1024, 64
+BASE_REVISION_LENGTH = SOURCE_LENGTH + 1 + COMMIT_SHA_LENGTH
+
 # A model's life: registered (read, no worker host holds its weights yet) -> downloading (a host is fetching
 # it; `download` says which and how far) -> ready (a host holds a verified copy), or error (with its message:
 # the Hub refused it, its weights are pickle only, a disk filled up, its files fail their hashes). A local
@@ -33,11 +37,11 @@ class RegisteredModel(KeyedMixin, Base):
     # What jobs say in `model`.
     name: Mapped[str] = mapped_column(String(255), unique=True)
     # "hf:ORG/NAME" or "path:/absolute/folder".
-    source: Mapped[str] = mapped_column(String(1024))
+    source: Mapped[str] = mapped_column(String(SOURCE_LENGTH))
     # The revision asked for (tag, branch or commit); None means the repository's default branch.
     revision: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # The commit the revision resolved to when registered: every worker downloads exactly this.
-    commit_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    commit_sha: Mapped[str | None] = mapped_column(String(COMMIT_SHA_LENGTH), nullable=True)
     trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
     # Pickle weights (.bin/.pt) run code when loaded: fetched only when the operator allowed it.
     allow_pickle: Mapped[bool] = mapped_column(Boolean, default=False)

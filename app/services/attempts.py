@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, select, text, update
+from sqlalchemy import CursorResult, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -236,19 +236,27 @@ def register_checkpoint(session: Session, *, job_pk: int, attempt: int, step: in
 
 def train_again_after(session: Session, *, job_pk: int, attempt: int, step: int) -> int:
     """An attempt that starts from the checkpoint at `step` (0: none) trains the later steps again: the metrics
-    events earlier attempts wrote for them go, so the job has one per step (one loss curve, progress that does not
-    go back), with an event saying what was redone. Fenced; returns how many went."""
+    events earlier attempts wrote for them are marked superseded (listed no more, so the job has one per step and one
+    loss curve; kept, so a client's cursor naming one still pages and streams), and progress goes back to `step`,
+    with an event saying what is redone and how far each attempt had gone (data "reached": attempt -> last step).
+    Fenced; returns how many were superseded."""
     job = _fenced_update(session, job_pk=job_pk, attempt=attempt, step=step)
-    gone = _execute(session, delete(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.type == "metrics",
-                                                    JobEvent.data["step"].as_integer() > step)
-                    .execution_options(synchronize_session=False)).rowcount
-    if gone:
+    redone = session.execute(select(JobEvent.pk, JobEvent.data).where(
+        JobEvent.job_pk == job_pk, JobEvent.type == "metrics", JobEvent.superseded.is_(False),
+        JobEvent.data["step"].as_integer() > step)).all()
+    if redone:
+        _execute(session, update(JobEvent).where(JobEvent.pk.in_([pk for pk, _ in redone])).values(superseded=True)
+                 .execution_options(synchronize_session=False))
+        reached: dict[str, int] = {}
+        for _, data in redone:
+            key = str((data or {}).get("attempt"))
+            reached[key] = max(reached.get(key, 0), int((data or {})["step"]))
         add_event(session, job=job, message=f"Steps after {step} are trained again from "
                   + (f"the checkpoint at step {step}" if step else "the start")
-                  + f": the metrics of {gone} step(s) an earlier attempt trained past it were removed.",
-                  data={"step": step, "removed_metrics": gone})
+                  + f": the metrics of {len(redone)} step(s) an earlier attempt trained past it are superseded.",
+                  data={"step": step, "superseded_metrics": len(redone), "reached": reached})
     session.commit()
-    return gone
+    return len(redone)
 
 
 def checkpoint_at(session: Session, *, job_pk: int, step: int) -> JobCheckpoint | None:

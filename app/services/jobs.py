@@ -691,8 +691,10 @@ def list_all_jobs(session: Session, *, project_pk: int | None, after: str | None
 
 def list_events(session: Session, *, job: FineTuningJob, after: str | None, limit: int
                 ) -> tuple[list[JobEvent], bool]:
-    return page_after(session, select(JobEvent).where(JobEvent.job_pk == job.pk), JobEvent, project_pk=None,
-                      scope=JobEvent.job_pk == job.pk, noun="event of this job", after=after, limit=limit)
+    # Superseded metrics are not listed; a cursor naming one still finds its place (the scope has them).
+    return page_after(session, select(JobEvent).where(JobEvent.job_pk == job.pk, JobEvent.superseded.is_(False)),
+                      JobEvent, project_pk=None, scope=JobEvent.job_pk == job.pk, noun="event of this job",
+                      after=after, limit=limit)
 
 
 def list_checkpoints(session: Session, *, job: FineTuningJob, after: str | None, limit: int

@@ -21,7 +21,8 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('fine_tuning_jobs') as batch:
-        batch.add_column(sa.Column('base_revision', sa.String(length=1100), nullable=True))
+        # source (1024) + "@" + commit_sha (64): app/models/registered_model.py's BASE_REVISION_LENGTH
+        batch.add_column(sa.Column('base_revision', sa.String(length=1089), nullable=True))
 
 
 def downgrade() -> None:

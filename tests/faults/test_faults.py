@@ -119,12 +119,14 @@ def test_killed_training_process_resumes_from_its_checkpoint(service: Service) -
         events = all_events(client, job["id"])
         resumed = [e["data"]["step"] for e in events if e["message"].startswith("resumed from checkpoint at step")]
         assert len(resumed) == 1 and resumed[0] % 10 == 0 and resumed[0] >= (killed_step - 1) // 10 * 10, resumed
-        # The steps the first attempt trained past the checkpoint are trained again: their first metrics went, so
-        # the job has one loss curve, one metrics event a step, each from the attempt whose weights it ended with.
+        # The steps the first attempt trained past the checkpoint are trained again: their first metrics are
+        # superseded (not listed), so the job has one loss curve, one metrics event a step, each from the attempt
+        # whose weights it ended with.
         assert steps == list(range(1, 241))
         redone = [e["data"] for e in events if e["message"].startswith(f"Steps after {resumed[0]} are trained again")]
         if killed_step > resumed[0]:  # at least the steps it had reported when it was killed
-            assert len(redone) == 1 and redone[0]["removed_metrics"] >= killed_step - resumed[0], redone
+            assert len(redone) == 1 and redone[0]["superseded_metrics"] >= killed_step - resumed[0], redone
+            assert redone[0]["reached"]["1"] >= killed_step, redone
         assert all(e["data"]["attempt"] == (1 if e["data"]["step"] <= resumed[0] else 2) for e in events
                    if e["type"] == "metrics")
     assert_invariants(service)
@@ -152,7 +154,7 @@ def test_killed_worker_is_replaced_by_another_worker(service: Service) -> None:
         final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         assert final["attempt"] == 2 and final["progress"]["step"] == 240
-        assert metric_steps(client, job["id"]) == list(range(1, 241))  # one a step: the redone steps' first went
+        assert metric_steps(client, job["id"]) == list(range(1, 241))  # one a step: redone ones superseded
     assert_invariants(service)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -275,3 +276,37 @@ def test_a_pause_that_comes_after_the_training_loop_is_not_left_on_the_finished_
         assert job_public(session, job, project=project).pause_requested is False  # type: ignore[arg-type]
         said = list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
         assert ("The pause came after training had ended; the job finished instead." in said) == (end == "finish")
+
+
+def test_metrics_an_attempt_trains_again_are_superseded_and_cursors_naming_them_still_page(session: Session) -> None:
+    """One metrics event a step after a crash-resume; a client holding a superseded event's id (a stream's
+    Last-Event-ID, a page's `after`) goes on from it."""
+    from app.api.routes.stream import poll_job
+    from app.services.jobs import list_events
+
+    job = create_job(session)
+    claim(session, job, "w1")
+    for step in range(1, 6):
+        attempts.record_event(session, job_pk=job.pk, attempt=1, message=f"Step {step}", type_="metrics",
+                              data={"step": step, "attempt": 1})
+    checkpoint(session, job, 3)
+    crash(session, job)
+    claim(session, job, "w2")
+    held = session.scalar(select(JobEvent.id).where(JobEvent.job_pk == job.pk, JobEvent.type == "metrics")
+                          .order_by(JobEvent.pk.desc()).limit(1))  # the newest a client saw: step 5's
+    assert attempts.train_again_after(session, job_pk=job.pk, attempt=2, step=3) == 2
+    assert attempts.train_again_after(session, job_pk=job.pk, attempt=2, step=3) == 0  # nothing twice
+    session.refresh(job)
+    assert job.step == 3
+    events, _ = list_events(session, job=job, after=None, limit=100)
+    assert sorted(e.data["step"] for e in events if e.type == "metrics") == [1, 2, 3]
+    said = next(e for e in events if e.message.startswith("Steps after 3 are trained again"))
+    assert said.data == {"step": 3, "superseded_metrics": 2, "reached": {"1": 5}}
+    newer, _ = list_events(session, job=job, after=held, limit=100)  # newest first: what came before it
+    assert [e.data["step"] for e in newer if e.type == "metrics"] == [3, 2, 1]
+    attempts.record_event(session, job_pk=job.pk, attempt=2, message="Step 4", type_="metrics",
+                          data={"step": 4, "attempt": 2})
+    _state, streamed = poll_job(lambda: session, job_pk=job.pk, after_pk=0)  # type: ignore[arg-type]
+    sent = [json.loads(text) for _, text in streamed]
+    assert [(e["message"], e["data"]["attempt"]) for e in sent if e["type"] == "metrics"] == [
+        ("Step 1", 1), ("Step 2", 1), ("Step 3", 1), ("Step 4", 2)]

@@ -323,6 +323,11 @@ class Campaign:
                 resumed_at[attempt] = checkpoint  # what a correct resume starts from (0: the beginning)
             elif message.startswith("Checkpoint saved at step"):
                 checkpoint = max(checkpoint, int(data["step"]))
+            elif message.startswith("Steps after ") and "are trained again" in message:
+                # how far earlier attempts went past the checkpoint: their metrics of those steps are not listed
+                for number, step in data["reached"].items():
+                    if number.isdigit():
+                        last_step[int(number)] = max(last_step.get(int(number), 0), int(step))
             elif message.startswith("resumed from checkpoint at step"):
                 if int(data["step"]) != resumed_at.get(attempt):
                     problems.append(f"{job_id}: attempt {attempt} resumed at step {data['step']}, but the last "

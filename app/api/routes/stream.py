@@ -63,7 +63,8 @@ def poll_job(sessions: SessionFactory, *, job_pk: int, after_pk: int) -> tuple[d
             FineTuningJob.id, FineTuningJob.status, FineTuningJob.step, FineTuningJob.total_steps,
             FineTuningJob.estimated_finish, FineTuningJob.finished_at, FineTuningJob.fine_tuned_model,
             FineTuningJob.trained_tokens, FineTuningJob.error).where(FineTuningJob.pk == job_pk)).one()
-        events = session.scalars(select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.pk > after_pk)
+        events = session.scalars(select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.pk > after_pk,
+                                                        JobEvent.superseded.is_(False))
                                  .order_by(JobEvent.pk).limit(BATCH))
         return _job_state(row), [(e.pk, job_service.event_public(e).model_dump_json()) for e in events]
 
