@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, text, update
+from sqlalchemy import CursorResult, case, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -184,11 +184,10 @@ def stop_after_checkpoint(session: Session, *, job_pk: int, attempt: int) -> str
     """After a requested stop saved its checkpoint: "paused" (user pause) or "queued" (worker shutdown)."""
     action = session.scalar(select(FineTuningJob.requested_action).where(_fence(job_pk, attempt)))
     if action == "release":
-        release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED,
-                    message=f"Attempt {attempt} was asked to stop (its worker is shutting down); checkpoint "
-                            "saved, the job is queued to continue on another worker.",
-                    data={"attempt": attempt, "reason": "release"})
-        return "queued"
+        return release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.QUEUED,
+                           message=f"Attempt {attempt} was asked to stop (its worker is shutting down); checkpoint "
+                                   "saved, the job is queued to continue on another worker.",
+                           data={"attempt": attempt, "reason": "release"})
     release_job(session, job_pk=job_pk, attempt=attempt, status=JobStatus.PAUSED,
                 message="Job paused after saving a checkpoint; resume it to continue.")
     return "paused"
@@ -329,12 +328,19 @@ def fail_waiting_job(session: Session, *, job: FineTuningJob, code: str, message
 
 
 def release_job(session: Session, *, job_pk: int, attempt: int, status: str, message: str, level: str = "info",
-                data: dict[str, Any] | None = None, **values: Any) -> None:
-    """Give the job up without finishing it: "paused" (resume later) or "queued" (run elsewhere)."""
-    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=status, lease_owner=None,
+                data: dict[str, Any] | None = None, **values: Any) -> str:
+    """Give the job up without finishing it: "paused" (resume later) or "queued" (run elsewhere); returns which.
+    Queued is decided in the UPDATE itself: a user's pause that lands between the caller's read and this write
+    (pause_job's guarded write, while the job is still running) pauses it instead of being wiped."""
+    target: Any = status if status != JobStatus.QUEUED else \
+        case((FineTuningJob.requested_action == "pause", JobStatus.PAUSED.value), else_=status)
+    job = _fenced_update(session, job_pk=job_pk, attempt=attempt, status=target, lease_owner=None,
                          lease_expires_at=None, requested_action=None, dispatched_at=None, **values)
+    if job.status != status:
+        message = f"{message} A pause was asked for meanwhile: the job is paused instead; resume it to continue."
     add_event(session, job=job, message=message, level=level, data=data)
     session.commit()
+    return job.status
 
 
 def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: str, settings: Settings) -> str:
@@ -350,19 +356,18 @@ def requeue_after_crash(session: Session, *, job_pk: int, attempt: int, reason: 
                          f"checkpoint; giving up. Last failure: {reason}")
         return "failed"
     status = _status_after_loss(session, job_pk=job_pk, attempt=attempt)
-    release_job(session, job_pk=job_pk, attempt=attempt, status=status, crashes=crashes, level="warn",
-                message=f"Attempt {attempt} ended without finishing: {reason}. The job is {_AFTER_LOSS[status]} "
-                        f"(crash {crashes} of {settings.max_attempts} allowed in a row without progress).",
-                data={"attempt": attempt, "crashes": crashes, "max_attempts": settings.max_attempts})
-    return str(status)
+    return release_job(session, job_pk=job_pk, attempt=attempt, status=status, crashes=crashes, level="warn",
+                       message=f"Attempt {attempt} ended without finishing: {reason}. The job is "
+                               f"{_AFTER_LOSS[status]} (crash {crashes} of {settings.max_attempts} allowed in a row "
+                               "without progress).",
+                       data={"attempt": attempt, "crashes": crashes, "max_attempts": settings.max_attempts})
 
 
 def requeue_after_database_loss(session: Session, *, job_pk: int, attempt: int) -> str:
     """An attempt lost its database connection: not the job's fault, no crash counted; "queued" or "paused"."""
     status = _status_after_loss(session, job_pk=job_pk, attempt=attempt)
-    release_job(session, job_pk=job_pk, attempt=attempt, status=status, level="warn",
-                message=f"Attempt {attempt} lost its database connection. The job is {_AFTER_LOSS[status]}.")
-    return str(status)
+    return release_job(session, job_pk=job_pk, attempt=attempt, status=status, level="warn",
+                       message=f"Attempt {attempt} lost its database connection. The job is {_AFTER_LOSS[status]}.")
 
 
 # What happens to a job whose attempt ended without finishing, in its event's words.

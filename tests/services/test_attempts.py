@@ -310,3 +310,35 @@ def test_metrics_an_attempt_trains_again_are_superseded_and_cursors_naming_them_
     sent = [json.loads(text) for _, text in streamed]
     assert [(e["message"], e["data"]["attempt"]) for e in sent if e["type"] == "metrics"] == [
         ("Step 1", 1), ("Step 2", 1), ("Step 3", 1), ("Step 4", 2)]
+
+
+@pytest.mark.parametrize("handing_back", ["crash", "release"])
+def test_a_pause_landing_while_the_attempt_hands_the_job_back_holds(session: Session, monkeypatch: pytest.MonkeyPatch,
+                                                                   handing_back: str) -> None:
+    """Found by a review: the hand-back read "no pause", the user's pause landed, then the hand-back wrote queued and
+    cleared it; the user had been told the pause was requested, and the job ran on."""
+    from app.services.jobs import pause_job
+
+    job = create_job(session)
+    claim(session, job, "w1")
+    project = _project(session, job)
+    if handing_back == "release":
+        assert attempts.request_release(session, job_pk=job.pk, attempt=1)
+    real_execute = attempts._execute
+    landed: list[str] = []
+
+    def pause_before_the_hand_back(session: Session, statement: object) -> object:
+        if not landed and "lease_owner" in str(statement) and "requested_action" in str(statement):
+            landed.append(str(pause_job(session, project=project, job_id=job.id).requested_action))  # type: ignore[arg-type]
+        return real_execute(session, statement)
+
+    monkeypatch.setattr(attempts, "_execute", pause_before_the_hand_back)
+    if handing_back == "crash":
+        outcome = attempts.requeue_after_crash(session, job_pk=job.pk, attempt=1, reason="killed", settings=SETTINGS)
+    else:
+        outcome = attempts.stop_after_checkpoint(session, job_pk=job.pk, attempt=1)
+    session.refresh(job)
+    assert landed == ["pause"] and outcome == "paused" and job.status == "paused" and job.requested_action is None
+    said = session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk).order_by(JobEvent.pk.desc()))
+    assert next(iter(said)).endswith("A pause was asked for meanwhile: the job is paused instead; resume it to "
+                                     "continue.")
