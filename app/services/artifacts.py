@@ -63,11 +63,19 @@ def has_weights(session: Session, *, job: FineTuningJob) -> bool:
 MAX_CHECKPOINT_STEP = 2**31 - 1
 
 
+# A checkpoint's model id: the fine-tuned model's, this, and the step.
+CHECKPOINT_ID_INFIX = ":ckpt-step-"
+
+
+def checkpoint_model_id(model_id: str, step: int) -> str:
+    return f"{model_id}{CHECKPOINT_ID_INFIX}{step}"
+
+
 def split_checkpoint_id(model_id: str) -> tuple[str, int | None]:
     """A fine-tuned model id and the checkpoint step of a ``...:ckpt-step-N`` id (None for the model itself: an id
     whose N is not a step, such as "²" or a number past MAX_CHECKPOINT_STEP, is looked up whole and found by
     nothing)."""
-    head, sep, tail = model_id.rpartition(":ckpt-step-")
+    head, sep, tail = model_id.rpartition(CHECKPOINT_ID_INFIX)
     if sep and tail.isascii() and tail.isdigit() and int(tail) <= MAX_CHECKPOINT_STEP:
         return head, int(tail)
     return model_id, None
@@ -95,7 +103,8 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
                              "with their model; delete that instead.", param="model", code="invalid_value")
     in_use = session.scalar(select(FineTuningJob.id).where(
         FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(UNFINISHED_STATUSES),
-        (FineTuningJob.model == model_id) | FineTuningJob.model.startswith(f"{model_id}:ckpt-step-", autoescape=True),
+        (FineTuningJob.model == model_id)
+        | FineTuningJob.model.startswith(f"{model_id}{CHECKPOINT_ID_INFIX}", autoescape=True),
     ).limit(1))
     if in_use is not None:
         raise Conflict(f"The model '{model_id}' is trained further by fine-tuning job {in_use}, which has not "

@@ -54,6 +54,7 @@ from app.schemas.training import (
     TrainingConfig,
     TrainingMethod,
 )
+from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id
 from app.services.paging import page_after
 from app.services.tokens import (
     countable_in_request,
@@ -712,20 +713,18 @@ def _model_name(*, base_model: str, organization: str, suffix: str | None, job_i
     return f"ft:{base_model}:{organization}:{suffix or ''}:{job_id.removeprefix('ftjob-')[-8:]}"
 
 
-# The longest fine-tuned model id a job can store (its column).
-MAX_FINE_TUNED_MODEL_ID: int = FineTuningJob.__table__.c.fine_tuned_model.type.length  # type: ignore[attr-defined]
-
-
 def _check_model_name_length(*, base_model: str, organization: str, suffix: str | None) -> None:
-    """400 when the id the job's model would get is longer than MAX_FINE_TUNED_MODEL_ID: otherwise the job trains,
-    then fails storing it."""
-    length = len(_model_name(base_model=base_model, organization=organization, suffix=suffix,
-                             job_id=new_id("ftjob-")))
-    if length > MAX_FINE_TUNED_MODEL_ID:
+    """400 when the id the job's model would get is too long for its checkpoints' ids (the model's, then
+    ":ckpt-step-N") to fit a model column (a job's `model` names one to continue from): otherwise the job trains, then
+    fails storing its id, or its checkpoints cannot be named."""
+    column: int = FineTuningJob.__table__.c.model.type.length  # type: ignore[attr-defined]
+    longest = column - len(checkpoint_model_id("", MAX_CHECKPOINT_STEP))
+    length = len(_model_name(base_model=base_model, organization=organization, suffix=suffix, job_id="ftjob-" + "0" * 8))
+    if length > longest:
         raise InvalidRequest(f"The fine-tuned model's id (ft:<model>:<organization>:<suffix>:<8 characters>) would be "
-                             f"{length} characters, over the limit of {MAX_FINE_TUNED_MODEL_ID}: use a shorter suffix "
-                             "or a base model with a shorter name.", param="suffix" if suffix else "model",
-                             code="invalid_value")
+                             f"{length} characters, over the limit of {longest} (its checkpoints' ids add "
+                             "\":ckpt-step-N\"): use a shorter suffix or a base model with a shorter name.",
+                             param="suffix" if suffix else "model", code="invalid_value")
 
 
 def result_files_of(session: Session, jobs: list[FineTuningJob]) -> dict[int, list[str]]:
@@ -793,6 +792,6 @@ def event_public(event: JobEvent) -> JobEventPublic:
 def checkpoint_public(checkpoint: JobCheckpoint, *, job: FineTuningJob, project: Project) -> CheckpointPublic:
     base = job.fine_tuned_model or fine_tuned_model_name(job, organization=project.name)
     return CheckpointPublic(id=checkpoint.id, created_at=checkpoint.created_at,
-                            fine_tuned_model_checkpoint=f"{base}:ckpt-step-{checkpoint.step_number}",
+                            fine_tuned_model_checkpoint=checkpoint_model_id(base, checkpoint.step_number),
                             fine_tuning_job_id=job.id, step_number=checkpoint.step_number,
                             metrics=checkpoint.metrics)

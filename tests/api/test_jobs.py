@@ -270,7 +270,11 @@ def test_a_fine_tuned_model_id_over_its_limit_is_refused_at_creation(client: Tes
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["param"] == "suffix" and error["code"] == "invalid_value"
-    assert "would be 288 characters, over the limit of 255" in error["message"]
+    # 255, a model column's length, less ":ckpt-step-2147483647": its checkpoints' ids fit one too
+    assert "would be 288 characters, over the limit of 234" in error["message"]
+    longest = client.post("/v1/fine_tuning/jobs", json={"model": long_name, "training_file": file_id,
+                                                         "suffix": "s" * 11})
+    assert longest.status_code == 400 and "would be 235 characters" in longest.json()["error"]["message"]
     accepted = client.post("/v1/fine_tuning/jobs", json={"model": long_name, "training_file": file_id,
-                                                          "suffix": "s" * 30})
-    assert accepted.status_code == 200, accepted.text  # 254 characters: within the limit
+                                                          "suffix": "s" * 10})
+    assert accepted.status_code == 200, accepted.text  # 234 characters: within the limit
