@@ -719,7 +719,8 @@ def _check_model_name_length(*, base_model: str, organization: str, suffix: str 
     fails storing its id, or its checkpoints cannot be named."""
     column: int = FineTuningJob.__table__.c.model.type.length  # type: ignore[attr-defined]
     longest = column - len(checkpoint_model_id("", MAX_CHECKPOINT_STEP))
-    length = len(_model_name(base_model=base_model, organization=organization, suffix=suffix, job_id="ftjob-" + "0" * 8))
+    length = len(_model_name(base_model=base_model, organization=organization, suffix=suffix,
+                             job_id="ftjob-" + "0" * 8))
     if length > longest:
         raise InvalidRequest(f"The fine-tuned model's id (ft:<model>:<organization>:<suffix>:<8 characters>) would be "
                              f"{length} characters, over the limit of {longest} (its checkpoints' ids add "
