@@ -53,25 +53,38 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(template_messages(messages), tokenize=False, add_generation_prompt=generation)
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool,
+                tools: list[Any] | None = None) -> list[int]:
+    """A conversation through the model's chat template, with the example's tool definitions where it has some (the
+    template puts them in the prompt, as the API's token statistics count them)."""
+    text = tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                         add_generation_prompt=generation)
     assert isinstance(text, str)
     return _encode(tokenizer, text)
 
 
+def check_tools(tools: Any, where: str) -> list[Any] | None:
+    """An example's tool definitions: a list, or absent; ValueError naming `where` otherwise."""
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f'"{where}" must be a list')
+    return tools
+
+
 def tokenize_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, train_on_inputs: bool
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, train_on_inputs: bool,
+    tools: list[Any] | None = None,
 ) -> Example:
-    """Render a conversation; the loss covers assistant turns (weight != 0), or all with train_on_inputs."""
-    input_ids = _render_chat(tokenizer, messages, generation=False)
+    """Render a conversation (and its tools); the loss covers assistant turns (weight != 0), or all with
+    train_on_inputs."""
+    input_ids = render_chat(tokenizer, messages, generation=False, tools=tools)
     in_loss = [train_on_inputs] * len(input_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         # The answer's tokens are the difference between the conversation up to and including it and
         # the conversation up to it with a generation prompt: works for any prefix-stable template.
-        start = len(_render_chat(tokenizer, messages[:i], generation=True))
-        through = _render_chat(tokenizer, messages[: i + 1], generation=False)
+        start = len(render_chat(tokenizer, messages[:i], generation=True, tools=tools))
+        through = render_chat(tokenizer, messages[: i + 1], generation=False, tools=tools)
         if through != input_ids[: len(through)] or start > len(through):
             raise ValueError("the chat template is not prefix-stable; cannot find the assistant's tokens")
         weight = message.get("weight", 1)
@@ -97,7 +110,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any]) -> li
     if "messages" in prompt:
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template: use /v1/completions with a text prompt")
-        return _render_chat(tokenizer, prompt["messages"], generation=True)
+        return render_chat(tokenizer, prompt["messages"], generation=True)
     return [*_bos(tokenizer), *_encode(tokenizer, prompt["text"])]
 
 
@@ -122,7 +135,8 @@ def tokenize_record(record: Any, tokenizer: PreTrainedTokenizerBase, *, train_on
                 raise ValueError(f"unknown role {message['role']!r}")
             if message.get("weight", 1) not in (0, 1):
                 raise ValueError('"weight" must be 0 or 1')
-        example = tokenize_chat(tokenizer, messages, train_on_inputs=train_on_inputs)
+        example = tokenize_chat(tokenizer, messages, train_on_inputs=train_on_inputs,
+                                tools=check_tools(record.get("tools"), "tools"))
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
             raise ValueError('"prompt" and "completion" must be strings')

@@ -15,9 +15,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.schemas.files import CHAT_ROLES, template_messages
+from app.schemas.files import CHAT_ROLES
 from app.schemas.training import LOGP_CHUNK_TOKENS
-from worker.training.data import IGNORE_INDEX, _encode, _render_chat
+from worker.training.data import IGNORE_INDEX, check_tools, render_chat
 from worker.training.logprobs import Scored, body_outputs, causal_lm, labelled_logps, score_positions, without_ddp
 
 if TYPE_CHECKING:
@@ -40,18 +40,6 @@ class PreferenceExample:
 
 
 # ---------------------------------------------------------------- data
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[Any] | None, *, generation: bool
-) -> list[int]:
-    """data._render_chat, with the record's tool definitions passed to the chat template when it has some."""
-    if not tools:
-        return _render_chat(tokenizer, messages, generation)
-    text = tokenizer.apply_chat_template(template_messages(messages), tools=tools, tokenize=False,
-                                         add_generation_prompt=generation)
-    assert isinstance(text, str)
-    return _encode(tokenizer, text)
-
-
 def _check_messages(messages: Any, where: str, *, answer: bool) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where} must be a non-empty list of messages")
@@ -78,18 +66,16 @@ def tokenize_preference(record: Any, tokenizer: PreTrainedTokenizerBase, *, max_
     if not isinstance(source, dict):
         raise ValueError('"input" must be an object with "messages"')
     messages = _check_messages(source.get("messages"), '"input.messages"', answer=False)
-    tools = source.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError('"input.tools" must be a list')
+    tools = check_tools(source.get("tools"), "input.tools")
     chosen = _check_messages(record.get("preferred_output"), '"preferred_output"', answer=True)
     rejected = _check_messages(record.get("non_preferred_output"), '"non_preferred_output"', answer=True)
     if not tokenizer.chat_template:
         raise ValueError("this model has no chat template; preference (DPO) data needs one")
 
-    prompt = _render(tokenizer, messages, tools, generation=True)
+    prompt = render_chat(tokenizer, messages, generation=True, tools=tools)
     answers = []
     for answer in (chosen, rejected):
-        full = _render(tokenizer, messages + answer, tools, generation=False)
+        full = render_chat(tokenizer, messages + answer, generation=False, tools=tools)
         if full[: len(prompt)] != prompt:
             raise ValueError("the chat template is not prefix-stable; cannot find the answer's tokens")
         answers.append(full[len(prompt) :])

@@ -51,6 +51,30 @@ def test_chat_mask_excludes_assistant_messages_with_weight_zero(tokenizer: Any) 
     assert _labelled_text(tokenizer, example.input_ids, example.labels) == "right answer<|im_end|>\n"
 
 
+def test_a_chat_examples_tools_reach_the_chat_template_as_the_apis_token_count_has_them(tiny_model: Path) -> None:
+    """Found by an audit: supervised examples trained without their tool definitions (DPO's had them), while the
+    upload's token statistics and truncation warnings counted them."""
+    from transformers import AutoTokenizer
+
+    from app.services.tokens import load_token_counter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}" + tokenizer.chat_template
+    tools = [{"type": "function", "function": {"name": "lookup_river", "parameters": {"type": "object"}}}]
+    record = {"messages": [{"role": "user", "content": "which river?"},
+                           {"role": "assistant", "content": "the long one"}], "tools": tools}
+    example = tokenize_record(record, tokenizer, train_on_inputs=False)
+    assert "lookup_river" in tokenizer.decode(example.input_ids)
+    assert _labelled_text(tokenizer, example.input_ids, example.labels) == "the long one<|im_end|>\n"
+    config = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    config["chat_template"] = tokenizer.chat_template
+    counter = load_token_counter({"tokenizer.json": (tiny_model / "tokenizer.json").read_text(),
+                                  "tokenizer_config.json": json.dumps(config)})
+    assert counter is not None and counter.lengths([record]) == [len(example.input_ids)]
+    with pytest.raises(ValueError, match='"tools" must be a list'):
+        tokenize_record({**record, "tools": {"name": "lookup_river"}}, tokenizer, train_on_inputs=False)
+
+
 def test_prompt_completion_mask_covers_the_completion_and_eos(tokenizer: Any) -> None:
     example = tokenize_prompt_completion(tokenizer, "code for river:", " alpha beta", train_on_inputs=False)
     assert _labelled_text(tokenizer, example.input_ids, example.labels) == " alpha beta<|im_end|>"
