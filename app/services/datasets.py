@@ -265,10 +265,16 @@ class DatasetValidator:
             self.empty_assistant_messages += 1
         return True
 
+    def _check_tools(self, line: int, tools: Any, where: str) -> None:
+        """Tool definitions go to the chat template as a list (worker/training/data.py check_tools)."""
+        if tools is not None and type(tools) is not list:
+            self._error(line, "invalid_tools", f"line {line}: '{where}' must be a list of tool definitions")
+
     def _check_chat(self, line: int, example: dict[str, Any]) -> int:
         if not example.keys() <= CHAT_EXAMPLE_KEYS:
             unknown = sorted(set(example) - CHAT_EXAMPLE_KEYS)
             self._error(line, "data_type", f"line {line}: unrecognised key(s) {unknown}")
+        self._check_tools(line, example.get("tools"), "tools")
         return self._check_messages(line, example.get("messages"), need_assistant=True)
 
     def _check_prompt_completion(self, line: int, example: dict[str, Any]) -> int:
@@ -293,6 +299,7 @@ class DatasetValidator:
             self._error(line, "data_type", f"line {line}: 'input' must be an object with 'messages'")
             return 0
         before = self.error_count
+        self._check_tools(line, source.get("tools"), "input.tools")
         length = self._check_messages(line, source.get("messages"), need_assistant=False, of="'input' ")
         for key in PREFERENCE_OUTPUTS:
             output = example.get(key)

@@ -48,6 +48,16 @@ def test_bad_tool_calls_and_weights_are_reported() -> None:
         (1, "invalid_tool_calls"), (2, "invalid_tool_calls"), (3, "invalid_weight")]
 
 
+def test_tool_definitions_that_are_no_list_are_reported() -> None:
+    """Found by an audit: accepted at upload, then the worker refused the file ("tools" must be a list)."""
+    pair = {"input": {"messages": [USER], "tools": {"name": "get_weather"}},
+            "preferred_output": [ASSISTANT], "non_preferred_output": [{"role": "assistant", "content": "Rain."}]}
+    assert [(e["line"], e["code"]) for e in validate([pair])["errors"]] == [(1, "invalid_tools")]
+    assert [(e["line"], e["code"], e["message"]) for e in validate([chat(USER, ASSISTANT, tools="get_weather")]
+                                                                    )["errors"]] == [
+        (1, "invalid_tools", "line 1: 'tools' must be a list of tool definitions")]
+
+
 def test_openai_error_codes_carry_line_numbers() -> None:
     report = validate(["{not json", "[1, 2]", {"messages": "hi"}, chat({"content": "hi"}, ASSISTANT),
                        chat({**USER, "colour": "red"}, ASSISTANT), chat({"role": "wizard", "content": "x"}, ASSISTANT),

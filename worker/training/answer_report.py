@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from app.schemas.files import JSONL_ENCODING
 from app.schemas.training import AnswerBudget, EvaluationConfig
-from worker.training.data import prompt_ids
+from worker.training.data import open_jsonl, prompt_ids
 from worker.training.generation import answer_tokens, end_ids, inference_dtype
 
 # The default answer budget: twice the longest reference plus this, at most AUTO_MAX_NEW_TOKENS.
@@ -35,7 +34,7 @@ def examples_of(path: Path, *, limit: int) -> list[tuple[dict[str, Any], str]]:
     """(prompt, reference) for the first `limit` validation examples that have an answer to compare with (a chat's
     last assistant turn, a completion, or a preference pair's preferred answer)."""
     found: list[tuple[dict[str, Any], str]] = []
-    with path.open(encoding=JSONL_ENCODING) as lines:
+    with open_jsonl(path) as lines:
         for line in lines:
             if len(found) >= limit:
                 break

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_messages
 from app.schemas.training import pack_rows
@@ -37,6 +37,12 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+
+
+def open_jsonl(path: Path) -> TextIO:
+    """A stored JSONL file, read line by line as the upload's validator split it: at "\n" only (a lone "\r" is
+    whitespace inside a JSON line there, where Python's universal newlines would cut the line)."""
+    return open(path, encoding=JSONL_ENCODING, newline="\n")
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -166,7 +172,7 @@ def load_examples(
     """Read and tokenise a JSONL file, truncating to max_seq_length; reports truncated and dropped examples."""
     examples: list[Example] = []
     n_truncated = n_dropped = 0
-    with open(path, encoding=JSONL_ENCODING) as f:
+    with open_jsonl(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

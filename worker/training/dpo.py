@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.schemas.files import JSONL_ENCODING
-from worker.training.data import EpochPlan, batch_to_device
+from worker.training.data import EpochPlan, batch_to_device, open_jsonl
 from worker.training.evaluate import split_for_evaluation
 from worker.training.preference import (
     PreferenceExample,
@@ -46,7 +45,7 @@ def load_pairs(path: Path, tokenizer: Any, *, max_seq_length: int, reporter: Rep
     """Read and tokenise a preference JSONL file; answers longer than max_seq_length allows are cut (reported)."""
     pairs: list[PreferenceExample] = []
     truncated = 0
-    with open(path, encoding=JSONL_ENCODING) as f:
+    with open_jsonl(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

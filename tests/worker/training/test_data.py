@@ -117,6 +117,19 @@ def test_malformed_line_raises_with_its_line_number(tmp_path: Path, tokenizer: A
         load_examples(path, tokenizer, max_seq_length=32, train_on_inputs=False, reporter=RecordingReporter())
 
 
+def test_lines_are_read_as_the_upload_validated_them(tmp_path: Path, tokenizer: Any) -> None:
+    """Found by an audit: a lone carriage return, JSON whitespace inside a line the upload accepted, cut the line in
+    two when the worker read the file (universal newlines), and the job failed. CRLF line ends still read."""
+    from app.services.datasets import validate_chunks
+
+    content = b'{"prompt": "p0",\r"completion": " c0"}\n{"prompt": "p1", "completion": " c1"}\r\n'
+    assert validate_chunks(iter([content])).report()["error_count"] == 0
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    examples = load_examples(path, tokenizer, max_seq_length=32, train_on_inputs=False, reporter=RecordingReporter())
+    assert len(examples) == 2
+
+
 def test_length_grouped_batches_cover_every_example_once_and_pad_less() -> None:
     lengths = [(i * 37) % 50 + 5 for i in range(200)]
     plan = plan_epoch(lengths, batch_size=8, max_seq_length=64, packing=False, seed=0)
