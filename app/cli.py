@@ -256,9 +256,19 @@ def _exit_after_drain(_signum: int, _frame: object) -> None:
 @keys_app.command("create")
 def keys_create(project: str, name: str = "", admin: bool = False) -> None:
     """Create an API key for a project (created if new); the key is printed once."""
+    from pydantic import ValidationError
+
     from app.core.db import session_scope
+    from app.schemas.admin import ApiKeyCreate
     from app.services.projects import create_api_key
 
+    # The rules of POST /v1/admin/keys: a project name the API refuses must not be made here either.
+    try:
+        ApiKeyCreate(project=project, name=name, is_admin=admin)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise typer.BadParameter(first["msg"], param_hint="PROJECT" if first["loc"] == ("project",)
+                                 else "--name") from None
     with session_scope() as session:
         row, key = create_api_key(session, project_name=project, name=name, is_admin=admin)
         key_id = row.id

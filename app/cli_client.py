@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import IO, Annotated, Any
 from urllib.parse import quote
@@ -40,13 +41,18 @@ Url = Annotated[str, typer.Option("--url", envvar="TUNEFORGE_URL", help="The tun
 ApiKey = Annotated[str, typer.Option("--api-key", envvar="TUNEFORGE_API_KEY", show_default=False,
                                      help="API key (keyless local servers accept any).")]
 DEFAULT_URL = "http://127.0.0.1:8000"
+# `jobs watch` after its stream was cut: one try a second, so a restarting API has about a minute to come back
+# before the command gives up (a proxy's idle cut comes back at the first try).
+WATCH_RECONNECT_TRIES = 60
+# A stream waits for events without limit, but a host that never answers the connection must not hang the CLI.
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 class ClientError(Exception):
     """A request the server refused; the message is the server's."""
 
 
-def _client(url: str, api_key: str, *, timeout: float | None = 60.0) -> httpx.Client:
+def _client(url: str, api_key: str, *, timeout: float | httpx.Timeout | None = 60.0) -> httpx.Client:
     headers = {"Authorization": f"Bearer {api_key or 'local'}"}
     return httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
 
@@ -302,12 +308,16 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
                         TextColumn("step {task.completed:.0f}/{task.fields[total_label]}"),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[quality]}"),
                         TextColumn("ETA {task.fields[eta]}"), console=console)
-    with progress, _client(url, api_key, timeout=None) as client:
+    connected = False
+    failed_tries = 0  # since the last answer from the server
+    timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)
+    with progress, _client(url, api_key, timeout=timeout) as client:
         task = progress.add_task(job_id, total=None, status="?", total_label="?", loss="-", eta="-", quality="")
         while state["status"] not in TERMINAL:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with client.stream("GET", f"/fine_tuning/jobs/{job_id}/events/stream", headers=headers) as response:
+                    connected, failed_tries = True, 0
                     if not response.is_success:
                         response.read()
                         _check(response)
@@ -333,8 +343,15 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
             except ClientError as exc:
                 console.print(f"[red]error[/red] {exc}")
                 raise typer.Exit(1) from None
-            except httpx.TransportError:
-                pass  # the server restarted or a proxy closed the stream: resume after last_id
+            except httpx.TransportError as exc:
+                # Never reached: a wrong URL or a server that is down, as `jobs get` says. Reached before: the
+                # server restarted or a proxy cut the stream, so try again (resuming after last_id), for a while.
+                failed_tries += 1
+                if not connected or failed_tries > WATCH_RECONNECT_TRIES:
+                    console.print(f"[red]error[/red] cannot reach {url}: {exc}")
+                    raise typer.Exit(1) from None
+                console.print(f"[yellow]lost the event stream[/yellow] ({exc or type(exc).__name__}); reconnecting "
+                              f"({failed_tries}/{WATCH_RECONNECT_TRIES})")
             if state["status"] not in TERMINAL:
                 time.sleep(1.0)
     final = state["status"]
@@ -373,9 +390,31 @@ def download_artifact(job_id: str, artifact: Annotated[str | None, typer.Option(
     if artifact is None:
         present = {a["name"] for a in listing["data"]}
         artifact = next((name for name in MAIN_ARTIFACTS if name in present), MAIN_ARTIFACTS[0])
-    target = fetch_artifact(job_id, artifact, output or Path(f"{job_id}-{artifact}.tar"), listing=listing["data"],
-                            url=url, api_key=api_key)
+    target = output or Path(_served_filename(job_id, artifact, url=url, api_key=api_key)
+                            or f"{job_id}-{artifact}.tar")
+    target = fetch_artifact(job_id, artifact, target, listing=listing["data"], url=url, api_key=api_key)
     console.print(f"{target}\t{target.stat().st_size} bytes\tsha256 {_sha256(target)} verified")
+
+
+def _served_filename(job_id: str, artifact: str, *, url: str, api_key: str) -> str | None:
+    """The file name the server gives an artifact (metrics are CSV, the config JSON), without any folder part;
+    None when it gives none. Asked before the download, whose resuming needs the name of the partial file."""
+    try:
+        with _client(url, api_key) as client, client.stream(
+                "GET", f"/fine_tuning/jobs/{job_id}/artifacts/{artifact}") as response:  # closed before the body
+            disposition = response.headers.get("content-disposition")
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from None
+    if not disposition:
+        return None
+    # Here, not at the top: it loads FastAPI, most of a second that every other command would wait for.
+    from app.core.security import plain_filename
+
+    header = Message()
+    header["content-disposition"] = disposition
+    # The server's name is a label: the last path part, no control characters, never "." or "..".
+    return plain_filename(header.get_filename(), default="") or None
 
 
 def fetch_artifact(job_id: str, artifact: str, target: Path, *, listing: list[dict[str, Any]], url: str,

@@ -1,6 +1,7 @@
 """Submit a demo fine-tuning job to a running tuneforge and follow it to the end.
 
     python scripts/demo_job.py [--url http://127.0.0.1:8000] [--key KEY]
+    python scripts/demo_job.py --write-dataset train.jsonl   # only write the demo dataset (the README's uploads)
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import httpx
 
@@ -26,7 +28,13 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--key", default=os.environ.get("TUNEFORGE_API_KEY", "local"))
     parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--write-dataset", type=Path, metavar="PATH",
+                        help="Write the demo dataset (JSONL) to PATH and exit; no server needed.")
     args = parser.parse_args()
+    if args.write_dataset:
+        args.write_dataset.write_bytes(demo_dataset())
+        print(f"demo dataset written to {args.write_dataset}")
+        return
     started = time.monotonic()
     with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=60) as client:
         upload = client.post("/v1/files", files={"file": ("demo.jsonl", demo_dataset())},
