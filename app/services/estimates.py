@@ -225,17 +225,22 @@ def plan_memory(session: Session, *, plan: Any, settings: Settings) -> MemoryEst
 
 def estimate_job(session: Session, *, project: Any, request: Any, settings: Settings) -> dict[str, Any]:
     """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
+    from app.core.errors import InvalidRequest
     from app.core.storage import get_storage
     from app.services.jobs import plan_job
-    from app.services.tokens import countable_in_request, record_token_stats
+    from app.services.tokens import TemplateRefusal, countable_in_request, record_token_stats
 
     plan = plan_job(session, project=project, request=request, settings=settings)
     training = plan.files[0]
     if plan.config.packing and countable_in_request(training, settings):
         # the rows packing makes at this max_seq_length, counted once (kept in the file's report), as a DPO job's
         # prompt room is
-        record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model, settings=settings,
-                           max_seq_length=plan.config.max_seq_length)
+        try:
+            record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model,
+                               settings=settings, max_seq_length=plan.config.max_seq_length)
+        except TemplateRefusal as exc:
+            raise InvalidRequest(exc.describe(param="training_file", model=plan.base_model), param="training_file",
+                                 code="invalid_file") from None
     report = training.report or {}
     stats = (report.get("tokens") or {}).get(plan.base_model)
     tokens = stats["total_tokens"] if stats else None

@@ -18,7 +18,7 @@ from app.models.registered_model import USABLE_STATUSES
 from app.services.artifacts import WEIGHT_KINDS
 from app.services.datasets import DatasetValidator, status_details
 from app.services.paging import page_after
-from app.services.tokens import record_token_stats
+from app.services.tokens import TemplateRefusal, record_token_stats
 
 UPLOAD_PURPOSES = ("fine-tune",)
 
@@ -112,7 +112,10 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
     if row.blob_key != key:
         storage.delete(key)  # the twin's blob holds the same bytes
     if model is not None and row.status == "processed":
-        record_token_stats(session, storage=storage, file=row, model=model, settings=settings)
+        try:
+            record_token_stats(session, storage=storage, file=row, model=model, settings=settings)
+        except TemplateRefusal:  # the file is stored and fine; a job on that model says which example, and why
+            session.rollback()
     return row
 
 

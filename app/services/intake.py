@@ -21,6 +21,7 @@ from app.services.datasets import status_details, validate_chunks
 from app.services.jobs import add_event, decide_from_count, too_few_examples
 from app.services.tokens import (
     DEFAULT_MAX_SEQ_LENGTH,
+    TemplateRefusal,
     prompt_room_problem,
     record_token_stats,
     truncation_warning,
@@ -91,8 +92,13 @@ def token_report(session: Session, job: FineTuningJob, *, settings: Settings) ->
             if file_id else None
         if file is None:
             continue
-        stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model,
-                                   settings=settings, max_seq_length=max_seq_length)
+        try:
+            stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model,
+                                       settings=settings, max_seq_length=max_seq_length)
+        except TemplateRefusal as exc:  # training stops at that example, saying so (worker/training/data.py)
+            events.append(("warn", exc.describe(param=param, model=job.base_model), {"file": file.id,
+                                                                                     "line": exc.line}))
+            continue
         if stats is None:
             events.append(("info", f"No token statistics for {file.id}: model {job.base_model!r} has no "
                                    "tokenizer.json.", {"file": file.id}))
@@ -155,7 +161,11 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
         shortfall = too_few_examples(row, settings=settings) if param == "training_file" else None
         if shortfall:
             return _fail(session, job, param=param, code="too_few_examples", message=shortfall)
-        problem = _prompt_room(session, job, file=row, param=param, settings=settings)
+        try:
+            problem = _prompt_room(session, job, file=row, param=param, settings=settings)
+        except TemplateRefusal as exc:
+            return _fail(session, job, param=param, code="invalid_file",
+                         message=exc.describe(param=param, model=job.base_model))
         if problem:
             return _fail(session, job, param=param, code="prompt_too_long", message=problem)
     job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()

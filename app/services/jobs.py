@@ -57,6 +57,7 @@ from app.schemas.training import (
 from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id
 from app.services.paging import page_after
 from app.services.tokens import (
+    TemplateRefusal,
     countable_in_request,
     known_token_stats,
     prompt_room_problem,
@@ -481,8 +482,12 @@ def check_prompt_room(session: Session, *, files: list[File], base_model: str, c
     for param, file in zip(("training_file", "validation_file"), files, strict=False):
         stats = known_token_stats(file, model=base_model, max_seq_length=config.max_seq_length)
         if stats is None and countable_in_request(file, settings):
-            stats = record_token_stats(session, storage=get_storage(), file=file, model=base_model,
-                                       settings=settings, max_seq_length=config.max_seq_length)
+            try:
+                stats = record_token_stats(session, storage=get_storage(), file=file, model=base_model,
+                                           settings=settings, max_seq_length=config.max_seq_length)
+            except TemplateRefusal as exc:
+                raise InvalidRequest(exc.describe(param=param, model=base_model), param=param,
+                                     code="invalid_file") from None
             if stats is None:  # the model has no tokenizer.json: nothing to count with, here or in a worker
                 continue
         if stats is None:

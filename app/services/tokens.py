@@ -108,7 +108,27 @@ def _compile_template(source: str) -> Any | None:
         return None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = _raise_exception  # as transformers renders it: the template refuses a chat
     return env.from_string(source)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+class TemplateRefusal(ValueError):
+    """The model's chat template refuses an example of the file (its raise_exception: a system message it does not
+    take, roles that do not alternate); training would fail on it the same way."""
+
+    def __init__(self, *, file_id: str, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.file_id, self.line, self.reason = file_id, line, reason
+
+    def describe(self, *, param: str, model: str) -> str:
+        return (f"{param} {self.file_id} line {self.line}: the chat template of {model!r} refuses the example "
+                f"({self.reason}); change the example or use another model.")
 
 
 def load_token_counter(files: dict[str, str]) -> TokenCounter | None:
@@ -170,9 +190,22 @@ def token_statistics(*, storage: Storage, file: File, counter: TokenCounter, max
     capped = array("I")  # each example's tokens as the worker keeps them (truncated to max_seq_length), for packing
 
     def count(batch: list[tuple[int, dict[str, Any]]]) -> None:
+        from jinja2.exceptions import TemplateError
+
         examples = [example for _line, example in batch]
-        prompt_lengths = counter.prompt_lengths(examples) if preference else [0] * len(examples)
-        for (line, _example), length, prompt in zip(batch, counter.lengths(examples), prompt_lengths, strict=True):
+        try:
+            prompt_lengths = counter.prompt_lengths(examples) if preference else [0] * len(examples)
+            lengths = counter.lengths(examples)
+        except TemplateError:  # which example: one at a time (a rare path)
+            for line, example in batch:
+                try:
+                    counter.lengths([example])
+                    if preference:
+                        counter.prompt_lengths([example])
+                except TemplateError as exc:
+                    raise TemplateRefusal(file_id=file.id, line=line, reason=str(exc)) from None
+            raise
+        for (line, _example), length, prompt in zip(batch, lengths, prompt_lengths, strict=True):
             stats.add(length)
             if length > max_seq_length:
                 over.add(line)

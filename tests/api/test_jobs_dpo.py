@@ -4,6 +4,7 @@ combination refused naming its parameter; files of the other method refused; the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,3 +274,31 @@ def test_fsdp_is_refused_for_dpo_naming_the_resource(client: TestClient) -> None
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert "not available for DPO" in error["message"] and error["param"] == "resources.distributed", error
+
+
+def test_a_chat_template_that_refuses_the_pairs_is_a_400_naming_the_line(client: TestClient, tiny_model_dir: Path,
+                                                                          tmp_path: Path, monkeypatch: Any) -> None:
+    """Found by an audit: a template's raise_exception (Gemma's, Mistral's "no system role") was undefined where the
+    API counts tokens, and DPO job creation, its estimate and uploads with ?model= answered 500."""
+    import shutil
+
+    from app.core.config import CatalogueModel
+    from worker.training.tiny_model import CHAT_TEMPLATE
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_model_dir, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHAT_TEMPLATE)
+    monkeypatch.setattr(get_settings(), "model_catalogue", {"tiny-strict": CatalogueModel(path=str(strict))})
+    pairs = upload_pairs(client)  # their prompts start with a system message
+    body = {"model": "tiny-strict", "training_file": pairs, "method": {"type": "dpo"}}
+    message = (f"training_file {pairs} line 1: the chat template of 'tiny-strict' refuses the example (System role "
+               "not supported); change the example or use another model.")
+    for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        refused = client.post(path, json=body)
+        assert refused.status_code == 400 and refused.json()["error"] == {
+            "message": message, "type": "invalid_request_error", "param": "training_file", "code": "invalid_file"}
+    counted = client.post("/v1/files", params={"model": "tiny-strict"},
+                          files={"file": ("p.jsonl", jsonl(preference_lines(4)))}, data={"purpose": "fine-tune"})
+    assert counted.status_code == 200 and counted.json()["status"] == "processed", counted.text

@@ -63,8 +63,13 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
                 tools: list[Any] | None = None) -> list[int]:
     """A conversation through the model's chat template, with the example's tool definitions where it has some (the
     template puts them in the prompt, as the API's token statistics count them)."""
-    text = tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                             add_generation_prompt=generation)
+    except TemplateError as exc:  # the template's raise_exception: a role it does not take, turns out of order
+        raise ValueError(f"the model's chat template refuses this conversation: {exc}") from exc
     assert isinstance(text, str)
     return _encode(tokenizer, text)
 
