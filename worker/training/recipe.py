@@ -102,10 +102,12 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    # dpo: the best evaluation's valid_loss, which decides between evaluations of an equal preference accuracy
+    best_tie_loss: float | None = None
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
-        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})  # older ones lack a field
 
 
 @dataclass
@@ -532,8 +534,15 @@ def evaluate_step(run: Run, state: TrainState, metrics: dict[str, Any]) -> tuple
         state.valid_loss = valid["loss"]
         # Lower is better: the loss (supervised), or the share of pairs ranked wrong (dpo).
         score = 1.0 - valid["preference_accuracy"] if run.preference else valid["loss"]
-        if state.best_valid_loss is None or state.best_valid_loss - score > config.early_stopping_threshold:
+        threshold = config.early_stopping_threshold
+        better = state.best_valid_loss is None or state.best_valid_loss - score > threshold
+        # A preference accuracy saturates (every pair ranked right) while the loss still falls: at an equal accuracy,
+        # the lower valid_loss is the better step.
+        if run.preference and not better and score == state.best_valid_loss and state.best_tie_loss is not None:
+            better = state.best_tie_loss - valid["loss"] > threshold
+        if better:
             state.best_valid_loss, state.best_step, state.evals_without_improvement = score, step, 0
+            state.best_tie_loss = valid["loss"] if run.preference else None
             new_best = True
         else:
             state.evals_without_improvement += 1
@@ -608,7 +617,8 @@ def save_final(run: Run, state: TrainState) -> Path:
             ckpt.load_weights(run.model, best_dir, full=run.full)
         run.reporter.event(
             f"loaded the best checkpoint (step {state.best_step}, {tracked_metric(run)} {describe_best(run, state)}) "
-            "as the final weights", data={"step": state.best_step, "valid_loss": state.best_valid_loss})
+            "as the final weights",
+            data={"step": state.best_step, tracked_metric(run): float(describe_best(run, state))})
     final_dir = run.output_dir / "final"
     weights = distributed.full_state_dict(run.model, group=procs, strategy=config.distributed) if run.sharded else None
     if procs.is_main:

@@ -205,3 +205,17 @@ def test_a_model_that_cannot_pack_pairs_runs_its_two_rows_a_pair_within_the_forw
     several = [(n, tokens) for n, tokens in passes if n > 1]
     assert several and all(tokens <= budget for _, tokens in several), passes
     assert reporter.steps[-1]["full_valid_loss"] > 0
+
+
+def test_load_best_at_end_breaks_a_preference_accuracy_tie_by_the_lower_loss(tmp_path: Path, tiny_model: Path) -> None:
+    """Found by an audit: once every validation pair was ranked right, the first such evaluation stayed the best
+    while valid_loss went on falling, and the event said valid_loss 0.0 (the score it tracks)."""
+    config = dpo_config(n_epochs=3, n_evals=4, load_best_at_end=True, preference={"beta": 0.5, "rpo_alpha": 1.0})
+    _result, reporter = run_dpo(tmp_path, tiny_model, config)
+    evaluated = [s for s in reporter.steps if "valid_preference_accuracy" in s]
+    top = max(s["valid_preference_accuracy"] for s in evaluated)
+    tied = [s for s in evaluated if s["valid_preference_accuracy"] == top]
+    assert len(tied) >= 2, evaluated  # the case: the accuracy saturates
+    best = min(tied, key=lambda s: s["valid_loss"])
+    (loaded,) = [e for e in reporter.events if e["message"].startswith("loaded the best checkpoint")]
+    assert loaded["data"] == {"step": best["step"], "valid_preference_accuracy": round(top, 4)}
