@@ -14,8 +14,10 @@ from app.schemas.training import AnswerBudget
 class EvaluationCreate(AnswerBudget):
     """max_examples and max_new_tokens as a job's `evaluation` block."""
 
-    file_id: str = Field(min_length=1, description="A fine-tune file of this project (chat or prompt-completion "
-                                                   "examples whose last answer is the reference).")
+    file_id: str = Field(min_length=1, description="A fine-tune file of this project: chat examples (the last "
+                                                   "assistant turn is the reference), prompt-completion examples "
+                                                   "(the completion) or preference pairs (the preferred answer); "
+                                                   "not text examples, which have no answer to compare with.")
     model: str | None = Field(default=None, description="The job's fine-tuned model (default) or one of its "
                                                         "checkpoints (ft:...:ckpt-step-N).")
 

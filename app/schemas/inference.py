@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.schemas.common import REQUEST_MODEL
 from app.schemas.files import template_role
@@ -17,6 +26,10 @@ from app.schemas.files import template_role
 # The most choices (n) and stop sequences one request may ask for (OpenAI allows 4 stop sequences).
 MAX_CHOICES = 8
 MAX_STOP_SEQUENCES = 4
+# Temperatures below this answer greedily, as 0 does: dividing the logits by a tinier one can overflow them to inf
+# (sampling then fails on inf/nan), and sampling at it differs from greedy only between tokens whose logits are
+# within about 1e-4 of each other (vLLM's _SAMPLING_EPS is the same).
+GREEDY_TEMPERATURE = 1e-5
 
 
 class TextPart(BaseModel):
@@ -53,7 +66,8 @@ class _Sampling(BaseModel):
                                                  "(ft:...:ckpt-step-N) of this project.")
     max_tokens: StrictInt | None = Field(default=None, ge=1, description="Tokens to generate at most (capped by the "
                                                                    "server's TUNEFORGE_INFERENCE_MAX_NEW_TOKENS).")
-    temperature: StrictFloat = Field(default=1.0, ge=0, le=2, description="0 is greedy.")
+    temperature: StrictFloat = Field(default=1.0, ge=0, le=2, description=f"0 is greedy, as is any temperature "
+                                                                          f"below {GREEDY_TEMPERATURE:g}.")
     top_p: StrictFloat = Field(default=1.0, gt=0, le=1)
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP_SEQUENCES} sequences; the "
@@ -61,7 +75,7 @@ class _Sampling(BaseModel):
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same parameters, same "
                                                                             "model and device: the same answer.")
     stream: StrictBool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
     # Sent by many clients with their neutral values; only those are accepted.
     frequency_penalty: StrictFloat | None = Field(default=None, description="Only 0 (not implemented).")
     presence_penalty: StrictFloat | None = Field(default=None, description="Only 0 (not implemented).")
@@ -78,6 +92,14 @@ class _Sampling(BaseModel):
         if len(stops) > MAX_STOP_SEQUENCES or any(s == "" for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences")
         return stops
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # OpenAI refuses it too: accepted without a stream, include_usage would promise a usage chunk never sent.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("is only allowed when stream is true")
+        return value
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod

@@ -6,22 +6,44 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import InvalidRequest, NotFound
-from app.models import AnswerEvaluation, FineTuningJob, Project
+from app.core.errors import APIError, InvalidRequest, NotFound
+from app.models import AnswerEvaluation, File, FineTuningJob, Project
 from app.models.base import new_id, now_seconds
 from app.schemas.evaluations import EvaluationCreate, EvaluationPublic
+from app.schemas.training import TrainingMethod
 from app.services import inference
 from app.services.artifacts import split_checkpoint_id
-from app.services.jobs import dataset_file
+from app.services.jobs import FORMAT_NAMES, METHOD_FORMATS, dataset_file
 from app.services.paging import page_after
 
 ACTIVE = ("queued", "running")
 # An evaluation not yet handed to an inference worker (server unset) after this long was lost with its API request.
 HANDOFF_SECONDS = 60
+# The formats whose examples carry a reference answer (worker/training/answer_report.py: examples_of): a chat's last
+# assistant turn, a completion, a preference pair's preferred answer. Text examples have nothing to compare with.
+ANSWERED_FORMATS = ("chat", "prompt_completion", "preference")
+# The `code` of each 400 POST .../evaluations can get: the request's shape, then the model's and the file's checks.
+REQUEST_ERROR_CODES = ("invalid_json", "missing_required_parameter", "unknown_parameter", "invalid_value",
+                       "model_not_available", "invalid_file", "invalid_file_purpose")
+
+
+def evaluation_file(session: Session, *, project: Project, file_id: str, settings: Settings) -> File:
+    """The project's file `file_id`, checked as a job's file of the method its format trains (a preference file as
+    DPO's), and refused where its report says it has no answers to compare with."""
+    report = session.scalar(select(File.report).where(File.id == file_id, File.project_pk == project.pk)) or {}
+    method: TrainingMethod = "dpo" if report.get("format") in METHOD_FORMATS["dpo"] else "supervised"
+    file = dataset_file(session, project=project, file_id=file_id, param="file_id", settings=settings, method=method)
+    fmt = (file.report or {}).get("format")
+    if fmt is not None and fmt not in ANSWERED_FORMATS:
+        raise InvalidRequest(f"File {file_id} holds {FORMAT_NAMES.get(fmt, fmt)} examples, which have no answer to "
+                             "compare with: an evaluation needs chat examples whose last message is the "
+                             "assistant's, prompt/completion examples or preference pairs.", param="file_id",
+                             code="invalid_file")
+    return file
 
 
 def create_evaluation(session: Session, *, project: Project, job: FineTuningJob, request: EvaluationCreate,
@@ -34,7 +56,7 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
                               f": use {job.fine_tuned_model} or one of its checkpoints"), param="model",
                              code="invalid_value")
     target = inference.resolve_target(session, settings=settings, project=project, model=model)
-    file = dataset_file(session, project=project, file_id=request.file_id, param="file_id", settings=settings)
+    file = evaluation_file(session, project=project, file_id=request.file_id, settings=settings)
     urls = inference.servers_for(session, settings=settings, target=target)
     row = AnswerEvaluation(id=new_id("ftevaluation-"), job_pk=job.pk, project_pk=project.pk, model=model,
                            file_id=file.id, max_examples=request.max_examples, max_new_tokens=request.max_new_tokens,
@@ -42,6 +64,7 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
                            result_files=[])
     session.add(row)
     session.commit()  # the inference worker reads the row from its own session
+    busy: APIError | None = None
     for url, token in urls:
         try:
             sent = httpx.post(url + inference.EVALUATIONS_PATH, json={"id": row.id}, timeout=10,
@@ -52,12 +75,15 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
             row.server = sent.json()["server"]
             session.commit()
             return row
-    row.status, row.finished_at = "failed", now_seconds()
-    row.error = {"code": "inference_unavailable", "message": "No inference worker took the evaluation.",
-                 "param": None}
+        if sent.status_code == 429:  # its queue is full: as chat's, a 429 inference_busy if every one is
+            busy = inference.error_from(sent)  # the one rule for an inference process's refusals
+    # The client gets an error, so no evaluation exists: the row goes (a worker that never took it never reads it).
+    session.execute(delete(AnswerEvaluation).where(AnswerEvaluation.id == row.id))
     session.commit()
-    raise inference.InferenceUnavailable("No inference worker could take the evaluation; they may be busy or "
-                                         "restarting. Retry shortly.")
+    if busy is not None:
+        raise busy
+    raise inference.InferenceUnavailable("No inference worker could take the evaluation; they may be restarting. "
+                                         "Retry shortly.")
 
 
 def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: Settings) -> None:

@@ -136,7 +136,7 @@ def remove_server(session: Session, *, name: str) -> None:
     session.execute(delete(InferenceServer).where(InferenceServer.name == name))
 
 
-def _error_from(response: httpx.Response) -> APIError:
+def error_from(response: httpx.Response) -> APIError:
     """An inference process's refusal (its body carries our envelope), as the error the client gets."""
     try:
         error = response.json()["error"]
@@ -178,7 +178,7 @@ def generate(urls: list[tuple[str, str]], request: dict[str, Any], *, settings: 
             continue  # died since its last heartbeat: try the next one
         if response.status_code != 200:
             response.read()
-            error = _error_from(response)
+            error = error_from(response)
             response.close()
             client.close()
             if response.status_code == 429:

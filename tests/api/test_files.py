@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -103,3 +104,29 @@ def test_an_empty_model_query_parameter_is_a_400_not_a_500(client: TestClient) -
                            data={"purpose": "fine-tune"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "model" and response.json()["error"]["code"] == "model_not_available"
+
+
+def test_a_file_an_unfinished_evaluation_reads_cannot_be_deleted(client: TestClient, session: Any) -> None:
+    """Found by an audit: the delete succeeded and the evaluation then failed, naming the storage path."""
+    from app.models import AnswerEvaluation
+    from tests.api.test_models import succeeded_job
+
+    job = succeeded_job(session)
+    file_id = upload_chat(client)
+    evaluation = AnswerEvaluation(id="ftevaluation-reading", job_pk=job.pk, project_pk=job.project_pk,
+                                  model=job.fine_tuned_model, file_id=file_id, max_examples=4, target={},
+                                  status="queued", result_files=[])
+    session.add(evaluation)
+    session.commit()
+    for status in ("queued", "running"):
+        evaluation.status = status
+        session.commit()
+        refused = client.delete(f"/v1/files/{file_id}")
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "file_in_use" and error["param"] == "file_id"
+        assert error["message"] == (f"File {file_id} is used by evaluation ftevaluation-reading, which has not "
+                                    "finished; wait for it before deleting the file.")
+    evaluation.status = "succeeded"
+    session.commit()
+    assert client.delete(f"/v1/files/{file_id}").status_code == 200

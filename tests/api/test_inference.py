@@ -18,6 +18,7 @@ from app.core.config import get_settings
 from app.core.storage import get_storage
 from app.models import InferenceServer
 from app.services import inference
+from tests.api.conftest import upload, upload_pairs
 from tests.api.test_models import succeeded_job
 from tests.support.adapters import store_adapter
 
@@ -258,3 +259,58 @@ def test_a_request_whose_caller_gave_up_while_waiting_never_generates(inference_
     while generations.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
     assert generations.in_flight == 0 and not started.is_set()  # its place was given back; nothing was generated
+
+
+def test_stream_options_without_streaming_are_refused(client: TestClient) -> None:
+    """Found by an audit: accepted and ignored, where OpenAI answers 400."""
+    response = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT,
+                                                         "stream_options": {"include_usage": True}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "stream_options" and error["code"] == "invalid_value"
+    assert error["message"] == "Invalid value for 'stream_options': is only allowed when stream is true"
+    completion = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "a", "stream": False,
+                                                      "stream_options": {"include_usage": False}})
+    assert completion.status_code == 400 and completion.json()["error"]["param"] == "stream_options"
+
+
+def test_an_evaluation_takes_a_preference_file_with_the_preferred_answers_as_references(
+        client: TestClient, session: Any, inference_server: ThreadServer) -> None:
+    """Found by an audit: a preference file, even a DPO job's own validation file, was refused as not supervised."""
+    job = succeeded_job(session)
+    response = client.post(f"/v1/fine_tuning/jobs/{job.id}/evaluations", json={"file_id": upload_pairs(client)})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "queued"
+
+
+def test_an_evaluation_on_text_examples_is_refused_when_asked_for(client: TestClient, session: Any) -> None:
+    """Found by an audit: accepted, then failed in the inference worker, which had nothing to compare with."""
+    job = succeeded_job(session)
+    text = upload(client, b'{"text": "the colour of the sky"}\n' * 12).json()
+    response = client.post(f"/v1/fine_tuning/jobs/{job.id}/evaluations", json={"file_id": text["id"]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "file_id" and error["code"] == "invalid_file"
+    assert error["message"] == (f"File {text['id']} holds text examples, which have no answer to compare with: an "
+                                "evaluation needs chat examples whose last message is the assistant's, "
+                                "prompt/completion examples or preference pairs.")
+
+
+def test_an_evaluation_while_every_inference_worker_is_busy_answers_429_and_leaves_nothing(
+        client: TestClient, session: Any, inference_server: ThreadServer) -> None:
+    """Found by an audit: it answered 503 and left a failed evaluation the client never received."""
+    from app.models import AnswerEvaluation
+
+    job = succeeded_job(session)
+    file_id = upload(client, b'{"prompt": "a", "completion": "b"}\n' * 12).json()["id"]
+    generations = inference_server.generations
+    with generations.turn:  # the only slot (max_queue=0) is held by a request waiting for its turn
+        held = generations.submit({"base": "tiny-llama", "weights_key": None})
+        assert held is not None
+        busy = client.post(f"/v1/fine_tuning/jobs/{job.id}/evaluations", json={"file_id": file_id})
+        held[1].set()
+    assert busy.status_code == 429, busy.text
+    assert busy.json()["error"]["code"] == "inference_busy" and int(busy.headers["retry-after"]) >= 1
+    assert busy.json()["error"]["message"] == "The inference worker's queue is full; retry shortly."
+    assert session.query(AnswerEvaluation).count() == 0
+    assert client.get(f"/v1/fine_tuning/jobs/{job.id}/evaluations").json()["data"] == []

@@ -78,6 +78,15 @@ class Prepared:
     seed: int
 
 
+def rendered(tokenizer: Any, prompt: dict[str, Any], *, param: str, where: str = "") -> list[int]:
+    """The prompt's ids; one this model cannot render is the caller's to change (a Refusal naming `param`), not a
+    server fault the SDK would retry: no chat template, or one that refuses the conversation (prompt_ids says so)."""
+    try:
+        return prompt_ids(tokenizer, prompt)
+    except ValueError as exc:
+        raise Refusal(f"{where}{exc}", param=param) from exc
+
+
 def base_only(loaded: LoadedModel) -> AbstractContextManager[Any]:
     """The base's own weights: a base with adapters attached runs with them switched off."""
     return loaded.model.disable_adapter() if loaded.adapters else nullcontext()
@@ -217,10 +226,8 @@ class Engine:
         else:
             loaded = self._model(base, base=base, revision=revision)
             adapter = self._attach(loaded, key) if key is not None else None
-        try:
-            ids = prompt_ids(loaded.tokenizer, request["prompt"])
-        except ValueError as exc:
-            raise Refusal(str(exc), param="messages" if "messages" in request["prompt"] else "prompt") from exc
+        ids = rendered(loaded.tokenizer, request["prompt"],
+                       param="messages" if "messages" in request["prompt"] else "prompt")
         max_tokens = int(request["max_tokens"])
         if loaded.context_length is not None:
             room = loaded.context_length - len(ids)
@@ -248,7 +255,7 @@ class Engine:
             examples = examples_of(path, limit=budget.max_examples)
         if not examples:
             raise Refusal("The file has no example with an answer to compare with (a chat whose last message is "
-                          "the assistant's, or a prompt-completion example).", param="file_id")
+                          "the assistant's, a prompt-completion example, or a preference pair).", param="file_id")
         if target.get("full"):  # a model of its own, beside its base
             tuned_model = self._model(f"ft:{adapter_name(key)}", base=base, revision=revision,
                                       full_weights=self._weights(key)).model
@@ -258,7 +265,7 @@ class Engine:
             self._attach(base_model, key)
             tuned_model = base_model.model
         tokenizer = base_model.tokenizer
-        prompts = [prompt_ids(tokenizer, p) for p, _ in examples]
+        prompts = [rendered(tokenizer, p, param="file_id", where="In the file, ") for p, _ in examples]
         tokens = answer_budget(tokenizer, examples, budget)
         tuned = greedy_answers(tuned_model, tokenizer, prompts, tokens)
         with base_only(base_model):  # the base's own answers, whatever adapters it carries

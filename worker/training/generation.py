@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from app.schemas.inference import GREEDY_TEMPERATURE
+
 
 def answer_tokens(model: Any, tokenizer: Any, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float,
                   stop: list[str], generator: torch.Generator, ends: set[int],
@@ -78,8 +80,9 @@ def end_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def _sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then nucleus (top_p) sampling."""
-    if temperature == 0:
+    """Greedy at temperature 0 (and below GREEDY_TEMPERATURE, which would overflow the logits); otherwise
+    temperature, then nucleus (top_p) sampling."""
+    if temperature < GREEDY_TEMPERATURE:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:

@@ -24,7 +24,9 @@ def project_job(session: SessionDep, project: CurrentProject, fine_tuning_job_id
 ProjectJob = Annotated[FineTuningJob, Depends(project_job)]
 
 
-@router.post("/{fine_tuning_job_id}/evaluations", response_model=EvaluationPublic)
+@router.post("/{fine_tuning_job_id}/evaluations", response_model=EvaluationPublic,
+             responses=errors(error_codes={400: evaluations.REQUEST_ERROR_CODES, 429: ("inference_busy",),
+                                           503: ("inference_unavailable",)}))
 def create_evaluation(session: SessionDep, project: CurrentProject, settings: SettingsDep, job: ProjectJob,
                       body: EvaluationCreate) -> EvaluationPublic:
     """Have the fine-tuned model (or a checkpoint) and its base answer a file's examples; poll it until succeeded."""

@@ -230,3 +230,65 @@ def test_a_base_registered_again_for_other_weights_is_loaded_again(tmp_path: Pat
     (reference,), _ = answer(Engine(Settings(data_dir=tmp_path / "data2"), storage=LocalStorage(tmp_path / "s2"),
                                     device=torch.device("cpu"), base_folder=lambda name: (other, False)), request())
     assert after == reference != first
+
+
+# Gemma's, Mistral's and Llama 2's templates raise on a system turn, through transformers' raise_exception.
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{% endif %}")
+
+
+@pytest.fixture
+def no_system_engine(tmp_path: Path, tiny_model_dir: Path) -> tuple[Engine, LocalStorage]:
+    """The tiny model with a chat template that refuses system messages."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-system"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = NO_SYSTEM + tokenizer.chat_template
+    tokenizer.save_pretrained(folder)
+    storage = LocalStorage(tmp_path / "storage")
+    return Engine(Settings(data_dir=tmp_path / "data"), storage=storage, device=torch.device("cpu"),
+                  base_folder=lambda name: (folder, False)), storage
+
+
+def test_a_conversation_the_chat_template_refuses_is_the_callers_error(
+        no_system_engine: tuple[Engine, LocalStorage]) -> None:
+    """Found by an audit: jinja2's TemplateError became a 502 inference_failed, which the SDK retried (prompt_ids
+    now says the template refuses the conversation, in a ValueError)."""
+    engine, _ = no_system_engine
+    system = {"messages": [{"role": "system", "content": "be brief"}, *CHAT["messages"]]}
+    with pytest.raises(Refusal) as refused:
+        engine.prepare(request(prompt=system))
+    assert (refused.value.status, refused.value.code, refused.value.param) == (400, "invalid_value", "messages")
+    assert refused.value.message == "the model's chat template refuses this conversation: System role not supported"
+    (text,), _ = answer(engine, request())  # without the system turn it answers
+    assert text
+
+
+def test_an_evaluation_whose_conversations_the_chat_template_refuses_says_so(
+        no_system_engine: tuple[Engine, LocalStorage], tmp_path: Path, tiny_model_dir: Path) -> None:
+    from app.schemas.training import AnswerBudget
+    from tests.support.data import jsonl
+
+    engine, storage = no_system_engine
+    adapter = store_adapter(tiny_model_dir, storage, tmp_path, seed=1)
+    storage.write("files/system", [jsonl([{"messages": [{"role": "system", "content": "be brief"},
+                                                        *CHAT["messages"], {"role": "assistant", "content": "hi"}]}])])
+    with pytest.raises(Refusal) as refused:
+        engine.evaluate({"base": "tiny-llama", "weights_key": adapter, "full": False, "file_key": "files/system"},
+                        budget=AnswerBudget(max_examples=1, max_new_tokens=2))
+    assert refused.value.param == "file_id"
+    assert refused.value.message == ("In the file, the model's chat template refuses this conversation: System role "
+                                     "not supported")
+
+
+def test_a_temperature_too_small_to_divide_by_answers_greedily(setup: tuple[Engine, LocalStorage]) -> None:
+    """Found by an audit: temperature 1e-40 overflowed the logits to inf, and sampling failed on inf/nan."""
+    engine, _ = setup
+    (greedy,), _ = answer(engine, request(temperature=0.0))
+    for tiny in (1e-40, 1e-6):
+        (text,), _ = answer(engine, request(temperature=tiny, seed=5))
+        assert text == greedy
