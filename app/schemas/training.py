@@ -178,7 +178,9 @@ class AdapterConfig(BaseModel):
                 if not name or not all(c.isalnum() or c in "._-" for c in name):
                     raise ValueError(f"target_modules entry {name!r} is not a module name")
         if self.type == "qlora" and self.quantization is None:
-            self.quantization = QuantizationConfig()
+            # filled in, not given: model_fields_set keeps saying what the request gave (a continued job keeps its
+            # parent's quantization unless it gives one: app/services/jobs.py continued_adapter)
+            self.__dict__["quantization"] = QuantizationConfig()
         if self.type != "qlora" and self.quantization is not None:
             raise ValueError("quantization applies only to adapter type \"qlora\"; remove it or use qlora")
         return self

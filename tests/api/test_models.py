@@ -118,6 +118,14 @@ def test_continued_training_trains_the_parents_adapter_and_refuses_other_setting
     assert quantized.status_code == 200, quantized.text
     assert quantized.json()["method"]["supervised"]["adapter"]["type"] == "qlora"
     assert quantized.json()["method"]["supervised"]["adapter"]["r"] == 4
+    fp4 = {"bits": 4, "quant_type": "fp4", "double_quant": False, "compute_dtype": "auto"}
+    parent.config = TrainingConfig(adapter=AdapterConfig(type="qlora", r=4, alpha=8, quantization=fp4,
+                                                         target_modules=["q_proj", "v_proj"])).model_dump(mode="json")
+    session.commit()
+    restated = create({"type": "qlora"})  # the type said again: the parent's quantization stays
+    assert restated.json()["method"]["supervised"]["adapter"]["quantization"] == fp4, restated.text
+    other = create({"type": "qlora", "quantization": {"quant_type": "nf4"}})  # given: the job's own
+    assert other.json()["method"]["supervised"]["adapter"]["quantization"]["quant_type"] == "nf4", other.text
     for asked, param, words in (
             ({"r": 32}, "method.supervised.adapter.r", "adapter has r 4"),
             ({"target_modules": ["o_proj"]}, "method.supervised.adapter.target_modules", "adapter has target_modules"),
