@@ -29,7 +29,7 @@ from app.models import File, FineTuningJob, JobStatus, Project, RegisteredModel
 from app.schemas.training import TrainingConfig
 from app.services import attempts
 from app.services.artifacts import find_fine_tuned_model, weights_artifact
-from app.services.base_models import revision_of
+from app.services.base_models import registered_again, revision_of
 from app.services.dispatch import dispatch_job
 from app.services.files import build_result_file
 from app.services.intake import token_report
@@ -221,7 +221,7 @@ def _run(job_id: str, attempt: int, *, settings: Settings, followers: _Followers
             registered = session.scalar(select(RegisteredModel).where(RegisteredModel.name == base_model))
             if registered is None:
                 raise ValueError(f"base model {base_model!r} is no longer registered")
-            if base_revision is not None and base_revision != revision_of(registered):
+            if registered_again(base_revision, registered):
                 # the weights the job was checked against (and its parent trained on) are not the name's any more
                 raise ValueError(f"base model {base_model!r} was registered again after the job was created (it was "
                                  f"{base_revision}, it is {revision_of(registered)}); create the job again")

@@ -81,10 +81,11 @@ class DatabaseReporter:
             self.storage.delete(key)
             raise
         self._last_checkpoint = time.monotonic()
-        # Retention while the job runs: the latest few (a resume needs only the latest) and the best, by valid_loss
-        # and by the run's own rule (its tracked metric, early_stopping_threshold): a resumed load_best_at_end run
-        # ends on that one.
-        best_step = json.loads((path / TRAINER_STATE).read_text()).get("best_step")
+        # Retention while the job runs: the latest few (a resume needs only the latest) and the best by valid_loss,
+        # and for load_best_at_end the best by the run's own rule (its tracked metric, early_stopping_threshold),
+        # which a resumed run ends on.
+        state = json.loads((path / TRAINER_STATE).read_text())
+        best_step = state.get("best_step") if state["config"].get("load_best_at_end") else None
         with session_scope() as session:
             prune_checkpoints(session, storage=self.storage, job_pk=self.job_pk,
                               keep=self.settings.checkpoints_kept_after_finish, keep_step=best_step)

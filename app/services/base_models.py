@@ -340,10 +340,17 @@ def revision_of(row: RegisteredModel) -> str:
     return f"{row.source}@{row.commit_sha or ''}"
 
 
+def registered_again(base_revision: str | None, row: RegisteredModel) -> bool:
+    """Whether a job's base name registers other weights now than its base_revision, kept when it was created (jobs
+    from before base_revision: not known, so not)."""
+    return base_revision is not None and base_revision != revision_of(row)
+
+
 def check_trained_on(job: FineTuningJob, row: RegisteredModel, *, model: str) -> None:
     """400 model_not_available when `model` (a fine-tuned model of `job`) was trained on other weights than its base's
     name is registered for now: an adapter fits only the weights it was trained on."""
-    if job.base_revision is not None and job.base_revision != revision_of(row):
+    if registered_again(job.base_revision, row):
+        assert job.base_revision is not None
         raise InvalidRequest(f"{model} was trained on {job.base_model!r} as {job.base_revision}; that name now "
                              f"registers {revision_of(row)}, which its weights do not fit: register "
                              f"{job.base_revision.rpartition('@')[0]} as {job.base_model!r} again to use it.",

@@ -608,6 +608,12 @@ def save_final(run: Run, state: TrainState) -> Path:
     """The final adapter (or model), with its tokenizer and config, ready to serve; the best checkpoint's weights
     first when load_best_at_end."""
     procs, config = run.procs, run.config
+    if config.load_best_at_end and state.best_step is not None \
+            and not (checkpoint_dir(run.output_dir, state.best_step) / ckpt.TRAINER_STATE).is_file():
+        # A run resumed across an upgrade, whose best checkpoint the earlier retention pruned: nothing to load
+        run.reporter.event(f"the best checkpoint (step {state.best_step}) is no longer stored; the final weights are "
+                           f"the last step's ({state.step})", level="warn", data={"best_step": state.best_step})
+        state.best_step = None
     if config.load_best_at_end and state.best_step is not None:
         best_dir = checkpoint_dir(run.output_dir, state.best_step)
         if run.sharded:  # every process loads its shard of the best weights

@@ -205,6 +205,27 @@ def test_a_run_paused_at_its_early_stopping_step_ends_there_when_resumed(tmp_pat
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
+def test_a_resumed_load_best_at_end_run_whose_best_checkpoint_is_gone_ends_on_its_last_step(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """A job resumed across the upgrade whose best checkpoint the earlier retention pruned (the worker now keeps and
+    fetches it: tests/faults): it finishes, saying so, where it failed on the missing folder."""
+    import shutil
+
+    config = make_config(n_epochs=3, eval_steps=2, learning_rate=0.05, load_best_at_end=True,
+                         early_stopping_threshold=10.0)  # the first evaluation stays the best
+    data = {"model_path": tiny_model, "train_file": write_jsonl(tmp_path / "t.jsonl", code_mapping(16)),
+            "validation_file": write_jsonl(tmp_path / "v.jsonl", code_mapping(4, seed=1))}
+    with pytest.raises(TrainingPaused) as paused:
+        train(config, output_dir=tmp_path / "first", reporter=RecordingReporter(commands={7: "pause"}), **data)
+    resume = tmp_path / "second" / "resume" / "step-7"  # a new attempt's folder: the latest checkpoint alone
+    shutil.copytree(paused.value.checkpoint, resume)
+    reporter = RecordingReporter()
+    result = train(config, output_dir=tmp_path / "second" / "output", reporter=reporter, resume_from=resume, **data)
+    assert result.weights_step == result.steps == result.total_steps
+    assert any(e["message"] == f"the best checkpoint (step 2) is no longer stored; the final weights are the last "
+               f"step's ({result.steps})" for e in reporter.events)
+
+
 def test_load_best_at_end_uses_the_best_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
     # Too high a learning rate: validation gets worse after the first evaluation.
     result, reporter = run(
