@@ -44,19 +44,30 @@ CHECKPOINT_NAMED_TYPES = frozenset({
 })
 # A safetensors header longer than this is no header (an unfetched git-LFS pointer reads as ~2.3e18 bytes).
 MAX_HEADER_BYTES = 100 * 2**20
-# Config keys some types' config.json writes under other names: transformers reads them through each config class's
-# `attribute_map` (GPT2Config's in transformers/models/gpt2/configuration_gpt2.py; GPTBigCode, GPT-J, CodeGen and
-# GPT-SW3 map the same four). Of CHECKPOINT_NAMED_TYPES only gpt2 has one; tests/worker/test_module_names.py checks
-# this table and describe() against the installed transformers.
+# Config keys some decoder-only types' config.json writes under other names: transformers reads them through each
+# config class's `attribute_map` (GPT2Config's in transformers/models/gpt2/configuration_gpt2.py, ...), which this
+# table copies for the keys describe() reads; tests/worker/test_module_names.py holds it to the installed
+# transformers, for every causal-LM type there with such names (encoder-decoder types' are left out: their aliases
+# name the encoder).
 _GPT2_KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
               "max_position_embeddings": "n_positions"}
 CONFIG_KEY_ALIASES: dict[str, dict[str, str]] = {
-    model_type: _GPT2_KEYS for model_type in ("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt-sw3")}
+    **{model_type: _GPT2_KEYS for model_type in ("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt-sw3", "openai-gpt",
+                                                 "ctrl")},
+    "bloom": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"},
+    "dbrx": {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+             "max_position_embeddings": "max_seq_len"},
+    "gpt_neo": {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"},
+    "mpt": {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"},
+    "rwkv": {"max_position_embeddings": "context_length"},
+    "xglm": {"hidden_size": "d_model", "num_hidden_layers": "num_layers", "num_attention_heads": "attention_heads"},
+}
 
-# Model types whose positions are learned embeddings of a fixed count (transformers' GPT-2 family, GPT-Neo, OPT):
-# a row past max_position_embeddings indexes beyond them, an IndexError in the worker. Rotary and ALiBi models run
-# past their trained length (worse, not broken), so theirs is no limit.
-LEARNED_POSITION_TYPES = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
+# Model types whose positions come from a fixed table of max_position_embeddings rows (learned: the GPT-2 family,
+# GPT-Neo, OPT, BioGPT, OpenAI GPT; CTRL's sinusoids are precomputed so): a row past it indexes beyond the table, an
+# IndexError in the worker. Rotary and ALiBi models run past their trained length (worse, not broken): no limit.
+LEARNED_POSITION_TYPES = frozenset({"gpt2", "gpt_bigcode", "gpt-sw3", "gpt_neo", "opt", "biogpt", "openai-gpt",
+                                    "ctrl"})
 
 logger = logging.getLogger("tuneforge.models")
 

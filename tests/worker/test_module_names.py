@@ -43,6 +43,31 @@ def test_types_transformers_renames_are_not_trusted() -> None:
     assert get_checkpoint_conversion_mapping("mixtral") and get_checkpoint_conversion_mapping("GPTNeoXForCausalLM")
 
 
+# What describe() reads, by the config attribute transformers resolves.
+READ_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size",
+             "intermediate_size", "num_key_value_heads")
+# Causal-LM types whose attribute_map renames a read key but that the table leaves out: encoder-decoder models (their
+# aliases name the encoder) and MoE models whose intermediate_size names the experts' (the dense MLP's is its own).
+NOT_ALIASED = {"bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus",
+               "plbart", "prophetnet", "trocr", "whisper", "xlm", "xlnet", "bailing_hybrid", "kimi_linear",
+               "deepseek_v4", "inkling2_loop_text", "inkling2_text", "longcat_flash"}
+
+
+def test_every_causal_lm_type_that_renames_a_read_key_is_in_the_alias_table() -> None:
+    """Found by a review: the table held GPT-2's family only, so GPT-Neo's, Bloom's, MPT's ... shape was unknown (and
+    their memory estimate); a newer transformers with another such type fails here."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    renamed = {}
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_type not in CONFIG_MAPPING:
+            continue
+        mapped = {k: v for k, v in (CONFIG_MAPPING[model_type].attribute_map or {}).items() if k in READ_KEYS}
+        if mapped and model_type not in NOT_ALIASED:
+            renamed[model_type] = mapped
+    assert renamed == CONFIG_KEY_ALIASES
+
+
 @pytest.mark.parametrize("model_type", sorted(CHECKPOINT_NAMED_TYPES | CONFIG_KEY_ALIASES.keys()))
 def test_the_shape_is_read_from_the_config_json_each_type_writes(model_type: str) -> None:
     """describe() reads what transformers reads from a saved config.json, under the names the type writes (GPT-2's
