@@ -136,8 +136,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         param = _param_from_loc(tuple(first.get("loc", ())))
         kind = first.get("type", "")
-        if kind == "json_invalid":
-            message, code = "The request body is not valid JSON.", "invalid_json"
+        if kind == "json_invalid":  # its location is the character offset, which names no parameter
+            message, code, param = "The request body is not valid JSON.", "invalid_json", None
         elif kind == "missing" and param is None:
             message, code = "The request needs a JSON object body.", "missing_required_parameter"
         elif kind == "missing":
