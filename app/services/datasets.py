@@ -94,6 +94,10 @@ class DatasetValidator:
         self.errors: list[dict[str, Any]] = []
         self.duplicates = 0
         self.empty_assistant_messages = 0
+        # Chat examples whose every assistant message has weight 0: without train_on_inputs, nothing in the loss
+        # (the trainer drops them), so they do not count toward a job's minimum (jobs.too_few_examples).
+        self.examples_without_trained_answer = 0
+        self._untrained = False  # the example being checked is one
         self.characters = LengthStats()
         self.bytes_read = 0
         self.lines = 0
@@ -186,6 +190,7 @@ class DatasetValidator:
                         f"line {line_number} is a {fmt} example but the file started with {self._format} examples")
             return
         before = self.error_count
+        self._untrained = False
         if fmt == "chat":
             length = self._check_chat(line_number, example)
         elif fmt == "prompt_completion":
@@ -197,6 +202,7 @@ class DatasetValidator:
         if self.error_count != before:
             return
         self.examples += 1
+        self.examples_without_trained_answer += self._untrained
         self.characters.add(length)
         # Python's bytes hash is a keyed 64-bit SipHash: collisions are negligible at these counts and it
         # is several times cheaper than sha256.
@@ -211,7 +217,7 @@ class DatasetValidator:
         if type(messages) is not list or not messages:
             self._error(line, "missing_messages_list", f"line {line}: 'messages' must be a non-empty list")
             return 0
-        length, has_assistant, roles = 0, False, CHAT_ROLES
+        length, has_assistant, trained, roles = 0, False, False, CHAT_ROLES
         for index, message in enumerate(messages):
             if type(message) is not dict:
                 self._error(line, "data_type", f"line {line}, {of}message {index}: each message must be an object")
@@ -221,17 +227,21 @@ class DatasetValidator:
             if len(message) == 2 and type(content) is str and type(role := message.get("role")) is str \
                     and role in roles:
                 if role == "assistant":
-                    has_assistant = True
+                    has_assistant = trained = True
                     if not content.strip():
                         self.empty_assistant_messages += 1
                 length += len(content)
                 continue
-            has_assistant = self._check_message(line, index, message, of=of) or has_assistant
+            if self._check_message(line, index, message, of=of):
+                has_assistant = True
+                trained = trained or message.get("weight", 1) != 0
             if type(content) is str:
                 length += len(content)
         if need_assistant and not has_assistant:
             self._error(line, "example_missing_assistant_message",
                         f"line {line}: the example has no assistant message to learn from")
+        elif need_assistant and not trained:
+            self._untrained = True
         return length
 
     def _check_message(self, line: int, index: int, message: dict[str, Any], *, of: str = "") -> bool:
@@ -333,6 +343,7 @@ class DatasetValidator:
             "duplicates_exact": self.examples <= DUPLICATE_TRACKING_LIMIT,
             "duplicate_tracking_limit": DUPLICATE_TRACKING_LIMIT,
             "empty_assistant_messages": self.empty_assistant_messages,
+            "examples_without_trained_answer": self.examples_without_trained_answer,
             "characters": self.characters.summary(),
             "partial": partial,
             "validated_bytes": self.bytes_read,

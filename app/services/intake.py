@@ -158,7 +158,8 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
                          message=f"{param} {file_id} failed validation: {row.status_details}")
         if param == "training_file":
             examples = (row.report or {}).get("examples", 0)
-        shortfall = too_few_examples(row, settings=settings) if param == "training_file" else None
+        shortfall = too_few_examples(row, settings=settings, train_on_inputs=bool(job.config.get("train_on_inputs"))) \
+            if param == "training_file" else None
         if shortfall:
             return _fail(session, job, param=param, code="too_few_examples", message=shortfall)
         try:

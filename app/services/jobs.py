@@ -186,12 +186,18 @@ def _wrong_format(file_id: str, *, found: str, method: TrainingMethod) -> str:
             "trains a job with method.type \"dpo\").")
 
 
-def too_few_examples(file: File, *, settings: Settings) -> str | None:
+def too_few_examples(file: File, *, settings: Settings, train_on_inputs: bool = True) -> str | None:
     """Why a training file cannot train a job for want of examples (the rule job creation and the
-    validating_files phase both apply), or None."""
-    examples = (file.report or {}).get("examples", 0)
-    if examples < settings.min_training_examples:
-        return f"File {file.id} has {examples} example(s); training needs at least {settings.min_training_examples}."
+    validating_files phase both apply), or None. Without train_on_inputs, a chat example whose every assistant
+    message has weight 0 has nothing to learn (the trainer drops it) and does not count."""
+    report = file.report or {}
+    examples = report.get("examples", 0)
+    untrained = 0 if train_on_inputs else report.get("examples_without_trained_answer", 0)
+    if examples - untrained < settings.min_training_examples:
+        reason = (f", {untrained} of them with no assistant message of weight 1 (nothing to learn without "
+                  "train_on_inputs)") if untrained else ""
+        return (f"File {file.id} has {examples} example(s){reason}; training needs at least "
+                f"{settings.min_training_examples}.")
     return None
 
 
@@ -463,6 +469,10 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0),
                                      continued=(request.model, parent_adapter) if parent_adapter else None)
     _check_target_modules(registered, config=config)
+    shortfall = too_few_examples(training, settings=settings, train_on_inputs=config.train_on_inputs) \
+        if training.status != "uploaded" else None  # a file read whole later: validating_files applies it
+    if shortfall:
+        raise InvalidRequest(shortfall, param="training_file", code="too_few_examples")
     config = _fit_positions(registered, config=config, given=method_request(request).hyperparameters.max_seq_length)
     unmeasured = check_prompt_room(session, files=files, base_model=base_model, config=config, settings=settings) \
         if config.method == "dpo" else []

@@ -97,6 +97,31 @@ def test_file_with_too_few_examples_or_wrong_purpose_is_refused(client: TestClie
     assert "purpose 'fine-tune-results'" in error["message"]
 
 
+def test_examples_with_every_answer_weighted_zero_do_not_count_without_train_on_inputs(client: TestClient) -> None:
+    """Found by an audit: the file was accepted and the job queued, then the worker, dropping the examples that had
+    nothing in the loss, failed it for having no trainable examples."""
+    from tests.api.conftest import upload
+    from tests.support.data import chat_lines, jsonl
+
+    rows = chat_lines(12)
+    for row in rows[:5]:  # 7 trainable: fewer than the 10 a job needs
+        for message in row["messages"]:  # type: ignore[union-attr]
+            if message["role"] == "assistant":  # type: ignore[index]
+                message["weight"] = 0  # type: ignore[index]
+    file = upload(client, jsonl(rows)).json()
+    report = client.get(f"/v1/files/{file['id']}/validation_report").json()["report"]
+    assert (report["examples"], report["examples_without_trained_answer"]) == (12, 5)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file["id"]})
+    assert refused.status_code == 400 and refused.json()["error"] == {
+        "message": f"File {file['id']} has 12 example(s), 5 of them with no assistant message of weight 1 (nothing "
+                   "to learn without train_on_inputs); training needs at least 10.",
+        "type": "invalid_request_error", "param": "training_file", "code": "too_few_examples"}
+    inputs = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": file["id"],
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"train_on_inputs": True}}}})
+    assert inputs.status_code == 200, inputs.text  # the prompts are in the loss: every example teaches
+
+
 def test_unknown_job_is_404(client: TestClient) -> None:
     for path in ["/v1/fine_tuning/jobs/ftjob-nope", "/v1/fine_tuning/jobs/ftjob-nope/events",
                  "/v1/fine_tuning/jobs/ftjob-nope/checkpoints", "/v1/fine_tuning/jobs/ftjob-nope/artifacts"]:
