@@ -73,6 +73,8 @@ BASE_LEARNING_RATE: dict[str, dict[str, float]] = {
     "supervised": {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5},
     "dpo": {"lora": 5e-6, "dora": 5e-6, "qlora": 5e-6, "full": 5e-7},
 }
+# A DPO job's adapter dropout when it gives none (resolve_training_config says why).
+DPO_ADAPTER_DROPOUT = 0.0
 # OpenAI's heuristic for n_epochs "auto": see at least this many examples, at most that many.
 MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES, MAX_AUTO_EPOCHS = 100, 25_000, 25
 # With a validation file and neither n_evals nor eval_steps given, a job evaluates up to this many times over its
@@ -304,8 +306,9 @@ def decide_from_count(config: TrainingConfig, *, names: Sequence[str], n_example
 
 
 # The adapter settings a continued job trains with whatever it asks: its parent's, saved with the adapter it loads
-# (worker/training/model.py's adapter_differences reads the same ones); DoRA is one of them.
-CONTINUED_ADAPTER_FIELDS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
+# (worker/training/model.py's adapter_differences reads the same ones); DoRA is one of them. Its dropout is how it
+# trains from here: the job's own where it gives one (the worker sets it on the loaded adapter), else the parent's.
+CONTINUED_ADAPTER_FIELDS = ("r", "alpha", "target_modules", "use_rslora")
 
 
 def continued_adapter(given: AdapterConfig | None, *, parent: AdapterConfig, model: str,
@@ -327,8 +330,9 @@ def continued_adapter(given: AdapterConfig | None, *, parent: AdapterConfig, mod
                                  param=wire_param(f"adapter.{name}", method=method), code="invalid_value")
     quantization = given.quantization if given is not None and "quantization" in given_fields else \
         parent.quantization if parent.type == "qlora" == type_ else None
+    dropout = given.dropout if given is not None and "dropout" in given_fields else parent.dropout
     return AdapterConfig(**{name: getattr(parent, name) for name in CONTINUED_ADAPTER_FIELDS}, type=type_,
-                         quantization=quantization)
+                         quantization=quantization, dropout=dropout)
 
 
 def resolve_training_config(request: JobCreate, *, n_examples: int,
@@ -339,6 +343,11 @@ def resolve_training_config(request: JobCreate, *, n_examples: int,
     hyper = chosen.hyperparameters
     adapter = continued_adapter(chosen.block.adapter, parent=continued[1], model=continued[0], method=chosen.method) \
         if continued is not None else chosen.block.adapter or AdapterConfig()
+    if chosen.method == "dpo" and adapter.type != "full" and \
+            "dropout" not in (chosen.block.adapter.model_fields_set if chosen.block.adapter else set()):
+        # A preference loss compares the policy's log-probabilities with the reference's, scored without dropout:
+        # with it, the two differ before any update (TRL's DPOTrainer disables dropout by default too).
+        adapter = adapter.model_copy(update={"dropout": DPO_ADAPTER_DROPOUT})
 
     n_epochs = auto_n_epochs(n_examples) if hyper.n_epochs == "auto" else hyper.n_epochs
     batch_size: int

@@ -302,3 +302,21 @@ def test_a_chat_template_that_refuses_the_pairs_is_a_400_naming_the_line(client:
     counted = client.post("/v1/files", params={"model": "tiny-strict"},
                           files={"file": ("p.jsonl", jsonl(preference_lines(4)))}, data={"purpose": "fine-tune"})
     assert counted.status_code == 200 and counted.json()["status"] == "processed", counted.text
+
+
+def test_a_dpo_jobs_adapter_dropout_is_zero_unless_it_gives_one(client: TestClient) -> None:
+    """The policy's log-probabilities are compared with the reference's, scored without dropout (TRL's default too);
+    a supervised job keeps its 0.05."""
+    pairs, chat = upload_pairs(client), upload_chat(client)
+
+    def dropout(method: str, training_file: str, adapter: dict[str, Any] | None = None) -> Any:
+        block = {"adapter": adapter} if adapter else {}
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": training_file,
+                                                        "method": {"type": method, method: block}})
+        assert job.status_code == 200, job.text
+        return job.json()["method"][method]["adapter"]["dropout"]
+
+    assert dropout("dpo", pairs) == 0.0
+    assert dropout("dpo", pairs, {"type": "lora", "dropout": 0.1}) == 0.1
+    assert dropout("dpo", pairs, {"r": 8}) == 0.0
+    assert dropout("supervised", chat) == 0.05

@@ -114,6 +114,7 @@ def test_continued_training_trains_the_parents_adapter_and_refuses_other_setting
     adapter = inherited.json()["method"]["supervised"]["adapter"]
     assert (adapter["type"], adapter["r"], adapter["alpha"], adapter["target_modules"]) == \
         ("lora", 4, 8, ["q_proj", "v_proj"])
+    assert create({"dropout": 0.2}).json()["method"]["supervised"]["adapter"]["dropout"] == 0.2  # how it trains on
     quantized = create({"type": "qlora", "r": 4})  # the base's weights in 4 bits, the same adapter
     assert quantized.status_code == 200, quantized.text
     assert quantized.json()["method"]["supervised"]["adapter"]["type"] == "qlora"

@@ -125,7 +125,7 @@ def load_model(
     """Load the local base model and make only the intended parameters trainable.
 
     With `init_adapter` (continued training) that PEFT adapter is loaded trainable onto the base instead
-    of a fresh one; its own LoraConfig is used.
+    of a fresh one; its own LoraConfig is used, with the job's dropout (how it trains from here).
     """
     import torch
     from transformers import BitsAndBytesConfig
@@ -186,9 +186,11 @@ def load_model(
         # The frozen embeddings produce no grad; checkpointed blocks need an input that requires one.
         model.enable_input_require_grads()
     if init_adapter is not None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        saved = PeftConfig.from_pretrained(str(init_adapter))
+        saved.lora_dropout = adapter.dropout  # type: ignore[attr-defined]  # a LoraConfig
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True, config=saved)
     else:
         peft_model = get_peft_model(model, lora_config(adapter))
     if dtype != torch.float32:
@@ -248,7 +250,6 @@ def adapter_differences(adapter: AdapterConfig, saved: dict[str, Any], *, all_li
     pairs = {
         "r": (wanted.r, saved.get("r")),
         "alpha": (wanted.lora_alpha, saved.get("lora_alpha")),
-        "dropout": (wanted.lora_dropout, saved.get("lora_dropout")),
         "use_rslora": (wanted.use_rslora, saved.get("use_rslora", False)),
         "use_dora": (wanted.use_dora, saved.get("use_dora", False)),
     }

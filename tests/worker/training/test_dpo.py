@@ -3,6 +3,7 @@ or the starting weights of a full fine-tune or an SFT adapter) and kept in check
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,24 @@ def test_dpo_after_sft_uses_the_sft_model_as_its_reference(tmp_path: Path, tiny_
     expected = logps_of(sft_model, tokenizer, pairs(8, seed=1)[:4])
     assert saved["train"][:4] == pytest.approx(expected, abs=1e-4)
     assert not torch.allclose(expected, logps_of(base, tokenizer, pairs(8, seed=1)[:4]), atol=1e-2)
+
+
+def test_dpo_after_sft_starts_where_the_policy_is_its_reference(tmp_path: Path, tiny_model: Path) -> None:
+    """Found by an audit: the SFT adapter's dropout (0.05) stayed on in DPO, so at step 1, the policy being the
+    reference, the loss was 0.6938 with a margin of -0.0013 instead of ln 2 and 0. A job's dropout is set on the
+    adapter it continues (a DPO job's is 0 unless it gives one)."""
+    import math
+
+    sft_records = [{"messages": [*r["input"]["messages"], *r["preferred_output"]]} for r in pairs(16, seed=4)]
+    sft = train(make_config(adapter={"dropout": 0.05}), model_path=tiny_model,
+                train_file=write_jsonl(tmp_path / "sft.jsonl", sft_records), validation_file=None,
+                output_dir=tmp_path / "sft", reporter=RecordingReporter())
+    assert json.loads((sft.final_dir / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    _result, reporter = run_dpo(tmp_path / "dpo", tiny_model, dpo_config(adapter={"dropout": 0.0}), n=8, valid=0,
+                                init_adapter=sft.final_dir)
+    first = reporter.steps[0]
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["train_rewards_margin"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_simpo_needs_no_reference_and_learns(tmp_path: Path, tiny_model: Path) -> None:
