@@ -14,6 +14,7 @@ from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 logger = logging.getLogger("tuneforge.api")
@@ -160,6 +161,15 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(envelope(message, type_="invalid_request_error", param=None, code=None),
                             status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # The client closed the connection mid-body (an upload cancelled): no server fault, and whatever the request
+        # had begun to store was rolled back where it was being written; the answer reaches no one.
+        logger.info("client disconnected during %s %s", request.method, request.url.path)
+        return JSONResponse(envelope("The client disconnected before the request body was complete.",
+                                     type_="invalid_request_error", param=None, code="client_disconnected"),
+                            status_code=400)
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:

@@ -372,15 +372,17 @@ def start_server(database_url: str) -> Iterator[Any]:
     processes: list[subprocess.Popen[bytes]] = []
     projects: list[int] = []
 
-    def start(limit_mb: int) -> tuple[str, str, psutil.Process]:
+    def start(limit_mb: int, log: Path | None = None) -> tuple[str, str, psutil.Process]:
         with get_sessionmaker()() as db:
             row, key = create_api_key(db, project_name=f"stream-{os.getpid()}-{time.time_ns()}")
             projects.append(row.project_pk)
             db.commit()
         port = _free_port()
         env = {**os.environ, "TUNEFORGE_MAX_UPLOAD_BYTES": str(limit_mb * 1024 * 1024)}
+        output = log.open("wb") if log is not None else None
         processes.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                                           "--port", str(port), "--log-level", "warning"], env=env))
+                                           "--port", str(port), "--log-level", "warning"], env=env,
+                                          stdout=output, stderr=output))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -443,6 +445,33 @@ def test_streaming_upload_of_300_mb_keeps_server_memory_flat(start_server: Any) 
         head = client.get(f"/v1/files/{body['id']}/content", headers={"Range": "bytes=0-99"})
         assert head.status_code == 206 and head.content.startswith(b'{"messages"')
         assert client.delete(f"/v1/files/{body['id']}").status_code == 200
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_no_traceback(start_server: Any,
+                                                                             tmp_path: Path) -> None:
+    """Found by an audit: a cancelled upload logged "unhandled error" and uvicorn's "Exception in ASGI application",
+    two tracebacks for no fault of the server's."""
+    import itertools
+
+    log = tmp_path / "server.log"
+    url, key, _process = start_server(64, log=log)
+    before = leftovers()
+    host, port = url.removeprefix("http://").split(":")
+    part = b"".join(itertools.islice(_body(8), 3))  # the fields and two MiB of the file, of eight
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={STREAM_BOUNDARY}\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n").encode() + f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        time.sleep(1.0)  # the server is reading the file: then the client goes
+    deadline = time.monotonic() + 20
+    while leftovers() != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers() == before  # the staged chunks went with the request
+    time.sleep(1.0)
+    text = log.read_text()
+    assert "Traceback" not in text and "unhandled error" not in text, text
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert client.get("/v1/files").json()["data"] == []
 
 
 def test_streaming_upload_over_the_limit_is_refused_mid_stream_and_leaves_nothing(start_server: Any) -> None:
