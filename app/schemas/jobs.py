@@ -307,6 +307,14 @@ class ArtifactList(ListPage[ArtifactPublic]):
     pass
 
 
+class JobArtifactsDeleted(BaseModel):
+    """A finished job's outputs deleted; its record stays."""
+
+    id: str
+    object: Literal["fine_tuning.job.artifacts"] = "fine_tuning.job.artifacts"
+    deleted: bool = True
+
+
 class MemoryEstimatePublic(BaseModel):
     """Predicted peak accelerator memory of one training process (GiB), by component."""
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import Storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
-from app.models.job import UNFINISHED_STATUSES
+from app.models.job import TERMINAL_STATUSES, UNFINISHED_STATUSES
 
 # Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
 WEIGHT_KINDS = ("adapter", "model")
@@ -101,6 +101,23 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
     if step is not None:
         raise InvalidRequest(f"The model '{model_id}' is a checkpoint of '{job.fine_tuned_model}': checkpoints go "
                              "with their model; delete that instead.", param="model", code="invalid_value")
+    _check_not_trained_further(session, project=project, model_id=model_id, param="model")
+    _delete_outputs(session, storage=storage, job=job)
+
+
+def delete_job_outputs(session: Session, *, storage: Storage, project: Project, job: FineTuningJob) -> None:
+    """Remove a finished job's stored outputs (weights, result files, checkpoints): a cancelled or failed job's
+    checkpoints name no model, so this is the only way to free them; a succeeded job's go as its model's would."""
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(f"Job {job.id} is {job.status}: its outputs can be deleted once it has finished; cancel it "
+                       "first.", param="fine_tuning_job_id", code="job_not_finished")
+    if job.fine_tuned_model is not None:
+        _check_not_trained_further(session, project=project, model_id=job.fine_tuned_model,
+                                   param="fine_tuning_job_id")
+    _delete_outputs(session, storage=storage, job=job)
+
+
+def _check_not_trained_further(session: Session, *, project: Project, model_id: str, param: str) -> None:
     in_use = session.scalar(select(FineTuningJob.id).where(
         FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(UNFINISHED_STATUSES),
         (FineTuningJob.model == model_id)
@@ -108,8 +125,11 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
     ).limit(1))
     if in_use is not None:
         raise Conflict(f"The model '{model_id}' is trained further by fine-tuning job {in_use}, which has not "
-                       "finished; cancel the job or wait for it before deleting the model.", param="model",
+                       "finished; cancel the job or wait for it before deleting the model.", param=param,
                        code="model_in_use")
+
+
+def _delete_outputs(session: Session, *, storage: Storage, job: FineTuningJob) -> None:
     keys = [a.blob_key for a in list_artifacts(session, job=job)]
     file_pks = list(session.scalars(select(JobArtifact.file_pk).where(JobArtifact.job_pk == job.pk)))
     session.execute(delete(JobArtifact).where(JobArtifact.job_pk == job.pk))

@@ -295,3 +295,39 @@ def test_a_fine_tuned_model_is_refused_on_other_weights_registered_under_its_bas
     session.commit()
     assert client.post("/v1/fine_tuning/jobs", json={"model": parent.fine_tuned_model,
                                                      "training_file": training_file}).status_code == 200
+
+
+def test_a_finished_jobs_outputs_can_be_deleted_a_cancelled_ones_checkpoints_too(client: TestClient,
+                                                                               session: Any) -> None:
+    """Found by an audit: a cancelled or failed job's checkpoints are listed and downloadable but name no model,
+    so no route could free them."""
+    from tests.api.conftest import upload_chat
+
+    project = session.scalar(select(Project).where(Project.name == "team-a"))
+    cancelled = create_job(session, project=project, status="cancelled")
+    storage = get_storage()
+    for step in (20, 40):
+        stored = storage.write(f"checkpoints/{cancelled.id}/step-{step}", iter([b"ckpt"]))
+        session.add(JobCheckpoint(id=f"ftckpt_{cancelled.id}{step}", job_pk=cancelled.pk, step_number=step, attempt=1,
+                                  metrics={"step": step}, blob_key=stored.key, sha256=stored.sha256,
+                                  bytes=stored.bytes))
+    running = create_job(session, project=project, status="running")
+    session.commit()
+    path = f"/v1/fine_tuning/jobs/{cancelled.id}/artifacts"
+    assert [a["name"] for a in client.get(path).json()["data"]] == ["checkpoint-step-20", "checkpoint-step-40"]
+    deleted = client.delete(path)
+    assert deleted.status_code == 200 and deleted.json() == {"id": cancelled.id, "object": "fine_tuning.job.artifacts",
+                                                             "deleted": True}
+    assert client.get(path).json()["data"] == [] and client.get(f"{path[:-9]}checkpoints").json()["data"] == []
+    assert storage.size(f"checkpoints/{cancelled.id}/step-20") is None
+    refused = client.delete(f"/v1/fine_tuning/jobs/{running.id}/artifacts")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_finished"
+    parent = succeeded_job(session)
+    child = client.post("/v1/fine_tuning/jobs", json={"model": parent.fine_tuned_model,
+                                                      "training_file": upload_chat(client)}).json()
+    in_use = client.delete(f"/v1/fine_tuning/jobs/{parent.id}/artifacts")
+    assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "model_in_use"
+    assert client.post(f"/v1/fine_tuning/jobs/{child['id']}/cancel").status_code == 200
+    assert client.delete(f"/v1/fine_tuning/jobs/{parent.id}/artifacts").status_code == 200
+    assert client.get(f"/v1/models/{parent.fine_tuned_model}").status_code == 404  # its weights went
+    assert client.get(f"/v1/fine_tuning/jobs/{parent.id}").json()["status"] == "succeeded"  # the record stays

@@ -8,10 +8,12 @@ from fastapi.responses import Response
 from app.api.deps import CurrentProject, SessionDep, SettingsDep, check_limit
 from app.api.openapi import binary_responses, errors
 from app.api.streaming import stream_blob
+from app.core.storage import get_storage
 from app.schemas.jobs import (
     ArtifactList,
     ArtifactPublic,
     CheckpointList,
+    JobArtifactsDeleted,
     JobCreate,
     JobEstimate,
     JobEventList,
@@ -125,6 +127,17 @@ def list_job_artifacts(session: SessionDep, project: CurrentProject, fine_tuning
     data = [ArtifactPublic(name=a.name, kind=a.kind, bytes=a.bytes, sha256=a.sha256, created_at=a.created_at,
                            file_id=a.file_id) for a in artifact_service.list_artifacts(session, job=job)]
     return ArtifactList(data=data, has_more=False)
+
+
+@router.delete("/{fine_tuning_job_id}/artifacts", response_model=JobArtifactsDeleted,
+               responses=errors(404, error_codes={409: ("job_not_finished", "model_in_use")}))
+def delete_job_artifacts(session: SessionDep, project: CurrentProject,
+                         fine_tuning_job_id: str) -> JobArtifactsDeleted:
+    """Extension: delete a finished job's stored outputs (weights, result files, checkpoints); for a cancelled or
+    failed job the only way to free its checkpoints (409 while it runs, or while a job trains on from its model)."""
+    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    artifact_service.delete_job_outputs(session, storage=get_storage(), project=project, job=job)
+    return JobArtifactsDeleted(id=job.id)
 
 
 @router.get("/{fine_tuning_job_id}/artifacts/{name}", responses=BLOB)
