@@ -14,6 +14,7 @@ import random
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -59,7 +60,8 @@ class TokenCounter:
     def _chat(self, messages: list[dict[str, Any]], tools: Any = None, *, generation: bool = False
               ) -> tuple[list[str], int]:
         if self.template is not None:
-            return [self.template.render(messages=template_messages(messages), tools=tools, bos_token=self.bos_token,
+            return [self.template.render(messages=template_messages(messages), tools=tools or None,
+                                         bos_token=self.bos_token,
                                          eos_token=self.eos_token, add_generation_prompt=generation)], 0
         texts = [m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("tool_calls"))
                  for m in messages]
@@ -101,21 +103,44 @@ def _special(config: dict[str, Any], name: str) -> str:
 
 
 def _compile_template(source: str) -> Any | None:
-    """The chat template as the trainer renders it; None without jinja2 (the API does not need it)."""
+    """The chat template as the trainer renders it (transformers' environment: its tojson, loop controls, the
+    {% generation %} tag, raise_exception and strftime_now); None without jinja2 (the API does not need it)."""
     try:
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         return None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = _raise_exception  # as transformers renders it: the template refuses a chat
+
+    class GenerationTag(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: transformers tracks where the assistant's tokens are; the text is
+        the body's."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise_exception  # the template refuses a chat
+    env.globals["strftime_now"] = lambda format_: datetime.now().strftime(format_)
     return env.from_string(source)
 
 
-def _raise_exception(message: str) -> None:
-    from jinja2.exceptions import TemplateError
+class TemplateRaised(Exception):
+    """A chat template's raise_exception: the template refuses the chat (only that is the example's fault; any other
+    error of the renderer is not)."""
 
-    raise TemplateError(message)
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRaised(message)
 
 
 class TemplateRefusal(ValueError):
@@ -190,19 +215,17 @@ def token_statistics(*, storage: Storage, file: File, counter: TokenCounter, max
     capped = array("I")  # each example's tokens as the worker keeps them (truncated to max_seq_length), for packing
 
     def count(batch: list[tuple[int, dict[str, Any]]]) -> None:
-        from jinja2.exceptions import TemplateError
-
         examples = [example for _line, example in batch]
         try:
             prompt_lengths = counter.prompt_lengths(examples) if preference else [0] * len(examples)
             lengths = counter.lengths(examples)
-        except TemplateError:  # which example: one at a time (a rare path)
+        except TemplateRaised:  # which example: one at a time (a rare path)
             for line, example in batch:
                 try:
                     counter.lengths([example])
                     if preference:
                         counter.prompt_lengths([example])
-                except TemplateError as exc:
+                except TemplateRaised as exc:
                     raise TemplateRefusal(file_id=file.id, line=line, reason=str(exc)) from None
             raise
         for (line, _example), length, prompt in zip(batch, lengths, prompt_lengths, strict=True):

@@ -320,3 +320,23 @@ def test_a_dpo_jobs_adapter_dropout_is_zero_unless_it_gives_one(client: TestClie
     assert dropout("dpo", pairs, {"type": "lora", "dropout": 0.1}) == 0.1
     assert dropout("dpo", pairs, {"r": 8}) == 0.0
     assert dropout("supervised", chat) == 0.05
+
+
+def test_templates_using_transformers_helpers_are_counted_not_refused(client: TestClient, tiny_model_dir: Path,
+                                                                      tmp_path: Path, monkeypatch: Any) -> None:
+    """Found by a review: strftime_now (Mistral-Small's, SmolLM3's), the {% generation %} tag and loop controls were
+    missing where the API renders a template, and their errors were taken for the example's."""
+    import shutil
+
+    from app.core.config import CatalogueModel
+    from worker.training.tiny_model import CHAT_TEMPLATE
+
+    dated = tmp_path / "dated"
+    shutil.copytree(tiny_model_dir, dated)
+    (dated / "chat_template.jinja").write_text(
+        "{% set today = strftime_now('%Y-%m-%d') %}{% for m in messages %}{% if m['role'] == 'tool' %}{% continue %}"
+        "{% endif %}{% endfor %}{% generation %}{% endgeneration %}" + CHAT_TEMPLATE)
+    monkeypatch.setattr(get_settings(), "model_catalogue", {"tiny-dated": CatalogueModel(path=str(dated))})
+    created = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-dated", "training_file": upload_pairs(client),
+                                                        "method": {"type": "dpo"}})
+    assert created.status_code == 200, created.text
