@@ -62,3 +62,11 @@ class FileValidationReport(BaseModel):
     object: Literal["file.validation_report"] = "file.validation_report"
     status: str
     report: dict[str, Any] | None
+
+
+def tools_problem(tools: Any) -> str | None:
+    """Why an example's tool definitions cannot go to a chat template, or None: transformers takes a list of objects
+    (JSON schemas, {"type": "function", "function": {...}}); the upload's validator and the trainer both ask this."""
+    if tools is None or (type(tools) is list and all(type(tool) is dict for tool in tools)):
+        return None
+    return "must be a list of tool definitions (objects)"

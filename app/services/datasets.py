@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from app.schemas.files import CHAT_ROLES
+from app.schemas.files import CHAT_ROLES, tools_problem
 
 MAX_REPORTED_ERRORS = 100
 # Percentiles come from a uniform sample of this many values: exact below it, within ~1% above.
@@ -276,9 +276,9 @@ class DatasetValidator:
         return True
 
     def _check_tools(self, line: int, tools: Any, where: str) -> None:
-        """Tool definitions go to the chat template as a list (worker/training/data.py check_tools)."""
-        if tools is not None and type(tools) is not list:
-            self._error(line, "invalid_tools", f"line {line}: '{where}' must be a list of tool definitions")
+        problem = tools_problem(tools)
+        if problem:
+            self._error(line, "invalid_tools", f"line {line}: '{where}' {problem}")
 
     def _check_chat(self, line: int, example: dict[str, Any]) -> int:
         if not example.keys() <= CHAT_EXAMPLE_KEYS:

@@ -53,9 +53,10 @@ def test_tool_definitions_that_are_no_list_are_reported() -> None:
     pair = {"input": {"messages": [USER], "tools": {"name": "get_weather"}},
             "preferred_output": [ASSISTANT], "non_preferred_output": [{"role": "assistant", "content": "Rain."}]}
     assert [(e["line"], e["code"]) for e in validate([pair])["errors"]] == [(1, "invalid_tools")]
-    assert [(e["line"], e["code"], e["message"]) for e in validate([chat(USER, ASSISTANT, tools="get_weather")]
-                                                                    )["errors"]] == [
-        (1, "invalid_tools", "line 1: 'tools' must be a list of tool definitions")]
+    for tools in ("get_weather", ["get_weather"]):  # transformers takes objects only (its "JSON schema" error)
+        assert [(e["line"], e["code"], e["message"]) for e in validate([chat(USER, ASSISTANT, tools=tools)]
+                                                                        )["errors"]] == [
+            (1, "invalid_tools", "line 1: 'tools' must be a list of tool definitions (objects)")]
 
 
 def test_openai_error_codes_carry_line_numbers() -> None:

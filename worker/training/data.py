@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_messages
+from app.schemas.files import CHAT_ROLES, JSONL_ENCODING, template_messages, tools_problem
 from app.schemas.training import pack_rows
 
 if TYPE_CHECKING:
@@ -75,9 +75,10 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
 
 
 def check_tools(tools: Any, where: str) -> list[Any] | None:
-    """An example's tool definitions: a list, or absent; ValueError naming `where` otherwise."""
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError(f'"{where}" must be a list')
+    """An example's tool definitions (app/schemas/files.py tools_problem); ValueError naming `where` otherwise."""
+    problem = tools_problem(tools)
+    if problem:
+        raise ValueError(f'"{where}" {problem}')
     return tools
 
 

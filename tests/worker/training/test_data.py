@@ -71,8 +71,9 @@ def test_a_chat_examples_tools_reach_the_chat_template_as_the_apis_token_count_h
     counter = load_token_counter({"tokenizer.json": (tiny_model / "tokenizer.json").read_text(),
                                   "tokenizer_config.json": json.dumps(config)})
     assert counter is not None and counter.lengths([record]) == [len(example.input_ids)]
-    with pytest.raises(ValueError, match='"tools" must be a list'):
-        tokenize_record({**record, "tools": {"name": "lookup_river"}}, tokenizer, train_on_inputs=False)
+    for tools in ({"name": "lookup_river"}, ["lookup_river"]):
+        with pytest.raises(ValueError, match='"tools" must be a list of tool definitions'):
+            tokenize_record({**record, "tools": tools}, tokenizer, train_on_inputs=False)
 
 
 def test_prompt_completion_mask_covers_the_completion_and_eos(tokenizer: Any) -> None:
