@@ -29,6 +29,9 @@ MAX_LINE_BYTES = 32 * 1024 * 1024
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call",
                           "refusal"})
 CHAT_EXAMPLE_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "functions"})
+# Raised when the validator checks more or counts more: a report of an older one is not reused for the same bytes
+# uploaded again (app/services/files.py), which are validated afresh. 2: invalid_tools, examples_without_trained_answer.
+VALIDATOR_VERSION = 2
 FORMATS = ("chat", "prompt_completion", "text", "preference")
 PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
 _decode_json = json.JSONDecoder().decode
@@ -332,6 +335,7 @@ class DatasetValidator:
     def report(self, *, partial: bool = False) -> dict[str, Any]:
         """The report stored on File.report; `partial` marks a report of the file's first bytes only."""
         return {
+            "validator": VALIDATOR_VERSION,
             "format": self._format,
             "examples": self.examples,
             "error_count": self.error_count,

@@ -16,7 +16,7 @@ from app.models.base import new_id
 from app.models.job import UNFINISHED_STATUSES
 from app.models.registered_model import USABLE_STATUSES
 from app.services.artifacts import WEIGHT_KINDS
-from app.services.datasets import DatasetValidator, status_details
+from app.services.datasets import VALIDATOR_VERSION, DatasetValidator, status_details
 from app.services.evaluations import ACTIVE as ACTIVE_EVALUATION_STATUSES
 from app.services.paging import page_after
 from app.services.tokens import TemplateRefusal, record_token_stats
@@ -102,7 +102,8 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
         twin = _same_content(session, project=project, sha256=stored.sha256, size=stored.bytes)
         if twin is not None:
             row.blob_key = twin.blob_key
-            if twin.status != "uploaded":  # same bytes, same verdict: reuse the complete report
+            if twin.status != "uploaded" and (twin.report or {}).get("validator") == VALIDATOR_VERSION:
+                # same bytes, same verdict: reuse the complete report (one of an older validator: this upload's)
                 row.status, row.status_details, row.report = twin.status, twin.status_details, twin.report
         session.add(row)
         session.commit()

@@ -163,6 +163,24 @@ def test_identical_uploads_share_one_blob_until_the_last_is_deleted(client: Test
     assert get_storage().size(key) is None
 
 
+def test_the_same_bytes_validated_by_an_older_validator_are_validated_again(client: TestClient, session: Any) -> None:
+    """Found by a review: a new upload of bytes uploaded before a release reused the earlier report, so the checks the
+    release added (here invalid_tools) never ran on them."""
+    rows = chat_lines(12)
+    rows[3]["tools"] = ["get_weather"]
+    content = jsonl(rows)
+    first = upload(client, content).json()
+    assert first["status"] == "error"
+    earlier = session.scalar(select(File).where(File.id == first["id"]))
+    report = {k: v for k, v in earlier.report.items() if k != "validator"}  # as the release before wrote it
+    earlier.status, earlier.status_details = "processed", None
+    earlier.report = {**report, "error_count": 0, "errors": [], "errors_by_code": {}, "examples": 12}
+    session.commit()
+    again = upload(client, content).json()
+    assert again["status"] == "error" and "invalid_tools" in str(
+        client.get(f"/v1/files/{again['id']}/validation_report").json()["report"]["errors_by_code"])
+
+
 def big_chat_file(n: int, *, bad_line: int | None = None) -> bytes:
     rows: list[Any] = [{"messages": [{"role": "user", "content": f"question {i} " + "word " * 40},
                                      {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)]
