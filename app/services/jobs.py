@@ -118,12 +118,6 @@ def dataset_file(session: Session, *, project: Project, file_id: str, param: str
     found = (row.report or {}).get("format")
     if found is not None and found not in METHOD_FORMATS[method]:
         raise InvalidRequest(_wrong_format(file_id, found=found, method=method), param=param, code="invalid_file")
-    # A file too large to validate during upload ("uploaded") is counted in full by the worker's
-    # validating_files phase, which fails the job then if it is short; its report covers a prefix only.
-    shortfall = too_few_examples(row, settings=settings) if param == "training_file" and row.status != "uploaded" \
-        else None
-    if shortfall:
-        raise InvalidRequest(shortfall, param=param, code="too_few_examples")
     return row
 
 
@@ -188,7 +182,7 @@ def _wrong_format(file_id: str, *, found: str, method: TrainingMethod) -> str:
             "trains a job with method.type \"dpo\").")
 
 
-def too_few_examples(file: File, *, settings: Settings, train_on_inputs: bool = True) -> str | None:
+def too_few_examples(file: File, *, settings: Settings, train_on_inputs: bool) -> str | None:
     """Why a training file cannot train a job for want of examples (the rule job creation and the
     validating_files phase both apply), or None. Without train_on_inputs, a chat example whose every assistant
     message has weight 0 has nothing to learn (the trainer drops it) and does not count."""
@@ -478,8 +472,10 @@ def plan_job(session: Session, *, project: Project, request: JobCreate, settings
     config = resolve_training_config(request, n_examples=(training.report or {}).get("examples", 0),
                                      continued=(request.model, parent_adapter) if parent_adapter else None)
     _check_target_modules(registered, config=config)
+    # A file too large to validate during upload ("uploaded") is counted in full by the worker's validating_files
+    # phase, which fails the job then if it is short; its report covers a prefix only.
     shortfall = too_few_examples(training, settings=settings, train_on_inputs=config.train_on_inputs) \
-        if training.status != "uploaded" else None  # a file read whole later: validating_files applies it
+        if training.status != "uploaded" else None
     if shortfall:
         raise InvalidRequest(shortfall, param="training_file", code="too_few_examples")
     config = _fit_positions(registered, config=config, given=method_request(request).hyperparameters.max_seq_length)
