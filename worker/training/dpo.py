@@ -84,12 +84,26 @@ def collate(indexes: list[int], pairs: list[PreferenceExample], *, pad_id: int) 
 
 
 # ---------------------------------------------------------------- the reference
+def disable_model_dropout(model: Any) -> None:
+    """The model's own dropout off (its nn.Dropout layers and attention dropout; the adapters' follows the job's
+    adapter.dropout, 0 unless it gives one): the policy is compared with a reference scored in eval mode, and with
+    dropout the two differ before any update (TRL's DPOTrainer does the same by default)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def setup_reference(run: Run, *, resume_from: Path | None, continued: bool) -> None:
     """The reference log-probabilities: a resumed run's from its checkpoint, a new run's computed now."""
     import torch
 
     preference = run.config.preference
     assert preference is not None
+    disable_model_dropout(run.model)
     if preference.loss_type == "simpo":
         return  # reference-free
     saved = Path(resume_from) / REFERENCE_FILE if resume_from is not None else None

@@ -238,3 +238,17 @@ def test_load_best_at_end_breaks_a_preference_accuracy_tie_by_the_lower_loss(tmp
     best = min(tied, key=lambda s: s["valid_loss"])
     (loaded,) = [e for e in reporter.events if e["message"].startswith("loaded the best checkpoint")]
     assert loaded["data"] == {"step": best["step"], "valid_preference_accuracy": round(top, 4)}
+
+
+def test_a_models_own_dropout_is_off_in_dpo(tmp_path: Path, tiny_model: Path) -> None:
+    """Found by a review: with the model's own dropout on (attention's here; GPT-2's residual dropout), the policy
+    differed from its reference, scored in eval mode, before any update."""
+    import math
+    import shutil
+
+    dropping = tmp_path / "model"
+    shutil.copytree(tiny_model, dropping)
+    config = json.loads((dropping / "config.json").read_text())
+    (dropping / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    _result, reporter = run_dpo(tmp_path / "dpo", dropping, dpo_config(adapter={"dropout": 0.0}), n=8, valid=0)
+    assert reporter.steps[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
