@@ -41,18 +41,19 @@ def examples_of(path: Path, *, limit: int) -> list[tuple[dict[str, Any], str]]:
             record = json.loads(line) if line.strip() else None
             if not isinstance(record, dict):
                 continue
+            # The prompt as training rendered it: the earlier turns whole (tool calls too) and the example's tools.
             messages = record.get("messages")
             if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
-                prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:-1]]
-                found.append(({"messages": prompt}, str(messages[-1].get("content") or "")))
+                found.append(({"messages": messages[:-1], "tools": record.get("tools")},
+                              str(messages[-1].get("content") or "")))
             elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
                 found.append(({"text": record["prompt"]}, record["completion"]))
             elif isinstance(record.get("input"), dict) and isinstance(record.get("preferred_output"), list):
                 # A preference pair: the preferred answer is the reference.
                 source, preferred = record["input"].get("messages"), record["preferred_output"]
                 if isinstance(source, list) and source and preferred and isinstance(preferred[-1], dict):
-                    prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in source]
-                    found.append(({"messages": prompt}, str(preferred[-1].get("content") or "")))
+                    found.append(({"messages": source, "tools": record["input"].get("tools")},
+                                  str(preferred[-1].get("content") or "")))
     return found
 
 

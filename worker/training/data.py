@@ -117,12 +117,13 @@ def tokenize_prompt_completion(
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any]) -> list[int]:
-    """What a model continues, rendered as in training: {"messages": [...]} with the generation prompt the chat
-    template adds, or {"text": "..."} after the beginning-of-text token (as prompt-completion examples)."""
+    """What a model continues, rendered as in training: {"messages": [...], "tools"?: [...]} with the generation
+    prompt the chat template adds, or {"text": "..."} after the beginning-of-text token (as prompt-completion
+    examples)."""
     if "messages" in prompt:
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template: use /v1/completions with a text prompt")
-        return render_chat(tokenizer, prompt["messages"], generation=True)
+        return render_chat(tokenizer, prompt["messages"], generation=True, tools=prompt.get("tools"))
     return [*_bos(tokenizer), *_encode(tokenizer, prompt["text"])]
 
 

@@ -41,9 +41,33 @@ def test_examples_are_prompts_before_the_last_answer_and_prompt_completions(tmp_
     path.write_bytes(jsonl(rows))
     found = examples_of(path, limit=4)
     assert found[0] == ({"messages": [{"role": "system", "content": "You map codes to colours."},
-                                      {"role": "user", "content": "code 0"}]}, "red")
+                                      {"role": "user", "content": "code 0"}], "tools": None}, "red")
     assert found[2] == ({"text": "2 + 2 ="}, " 4")
     assert len(found) == 4 and found[3][0]["messages"][1]["content"] == "code 10"  # the answerless one is skipped
+
+
+def test_an_examples_prompt_is_rendered_as_training_rendered_it_tools_and_tool_calls_too(tmp_path: Path,
+                                                                                        tiny_model: Path) -> None:
+    """Found by a review: the answer report's prompts dropped the example's tools and the earlier turns' tool calls,
+    which training renders."""
+    from transformers import AutoTokenizer
+
+    from worker.training.data import prompt_ids, tokenize_record
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}" + tokenizer.chat_template
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    record = {"messages": [{"role": "user", "content": "which river?"}, {"role": "assistant", "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "the long one"},
+                           {"role": "assistant", "content": "the long one"}],
+              "tools": [{"type": "function", "function": {"name": "lookup"}}]}
+    path = tmp_path / "valid.jsonl"
+    path.write_bytes(jsonl([record]))
+    ((prompt, reference),) = examples_of(path, limit=1)
+    trained = tokenize_record(record, tokenizer, train_on_inputs=False)
+    ids = prompt_ids(tokenizer, prompt)
+    assert reference == "the long one" and trained.input_ids[: len(ids)] == ids  # the prompt training saw
+    assert "lookup" in tokenizer.decode(ids) and '"c1"' in tokenizer.decode(ids)
 
 
 def test_a_preference_pairs_preferred_answer_is_its_reference(tmp_path: Path) -> None:
@@ -51,9 +75,9 @@ def test_a_preference_pairs_preferred_answer_is_its_reference(tmp_path: Path) ->
     path.write_bytes(jsonl(preference_lines(2, offset=4)))
     assert examples_of(path, limit=5) == [
         ({"messages": [{"role": "system", "content": "You map codes to colours."},
-                       {"role": "user", "content": "code 4"}]}, "blue"),
+                       {"role": "user", "content": "code 4"}], "tools": None}, "blue"),
         ({"messages": [{"role": "system", "content": "You map codes to colours."},
-                       {"role": "user", "content": "code 5"}]}, "green")]
+                       {"role": "user", "content": "code 5"}], "tools": None}, "green")]
 
 
 def test_the_report_records_each_models_own_greedy_answers(tmp_path: Path, tiny_model_dir: Path) -> None:
