@@ -23,6 +23,7 @@ The memory model, per process (c = bytes per value at the compute precision):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -225,7 +226,6 @@ def plan_memory(session: Session, *, plan: Any, settings: Settings) -> MemoryEst
 
 def estimate_job(session: Session, *, project: Any, request: Any, settings: Settings) -> dict[str, Any]:
     """The estimate of a job request (the same checks as creating it): data, steps, memory, workers."""
-    from app.core.errors import InvalidRequest
     from app.core.storage import get_storage
     from app.services.jobs import plan_job
     from app.services.tokens import TemplateRefusal, countable_in_request, record_token_stats
@@ -235,12 +235,9 @@ def estimate_job(session: Session, *, project: Any, request: Any, settings: Sett
     if plan.config.packing and countable_in_request(training, settings):
         # the rows packing makes at this max_seq_length, counted once (kept in the file's report), as a DPO job's
         # prompt room is
-        try:
+        with contextlib.suppress(TemplateRefusal):  # uncounted, as creating the job does not count it either
             record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model,
                                settings=settings, max_seq_length=plan.config.max_seq_length)
-        except TemplateRefusal as exc:
-            raise InvalidRequest(exc.describe(param="training_file", model=plan.base_model), param="training_file",
-                                 code="invalid_file") from None
     report = training.report or {}
     stats = (report.get("tokens") or {}).get(plan.base_model)
     tokens = stats["total_tokens"] if stats else None
