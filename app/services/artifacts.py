@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import Storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
@@ -95,17 +96,20 @@ def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) 
     return job, step
 
 
-def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Project, model_id: str) -> None:
+def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Project, model_id: str,
+                            settings: Settings) -> None:
     """Remove a fine-tuned model's weights, result files and checkpoints; the job's record stays."""
     job, step = find_fine_tuned_model(session, project=project, model_id=model_id)
     if step is not None:
         raise InvalidRequest(f"The model '{model_id}' is a checkpoint of '{job.fine_tuned_model}': checkpoints go "
                              "with their model; delete that instead.", param="model", code="invalid_value")
     _check_not_trained_further(session, project=project, model_id=model_id, param="model")
+    _check_not_evaluated(session, project=project, job=job, settings=settings, param="model")
     _delete_outputs(session, storage=storage, job=job)
 
 
-def delete_job_outputs(session: Session, *, storage: Storage, project: Project, job: FineTuningJob) -> None:
+def delete_job_outputs(session: Session, *, storage: Storage, project: Project, job: FineTuningJob,
+                       settings: Settings) -> None:
     """Remove a finished job's stored outputs (weights, result files, checkpoints): a cancelled or failed job's
     checkpoints name no model, so this is the only way to free them; a succeeded job's go as its model's would."""
     if job.status not in TERMINAL_STATUSES:
@@ -114,7 +118,19 @@ def delete_job_outputs(session: Session, *, storage: Storage, project: Project, 
     if job.fine_tuned_model is not None:
         _check_not_trained_further(session, project=project, model_id=job.fine_tuned_model,
                                    param="fine_tuning_job_id")
+    _check_not_evaluated(session, project=project, job=job, settings=settings, param="fine_tuning_job_id")
     _delete_outputs(session, storage=storage, job=job)
+
+
+def _check_not_evaluated(session: Session, *, project: Project, job: FineTuningJob, settings: Settings,
+                         param: str) -> None:
+    """409 while an evaluation of the job's weights has not finished: its inference worker reads them later."""
+    from app.services.evaluations import unfinished_evaluation  # it imports this module
+
+    evaluating = unfinished_evaluation(session, settings=settings, project_pk=project.pk, job_pk=job.pk)
+    if evaluating is not None:
+        raise Conflict(f"Evaluation {evaluating} of job {job.id}'s weights has not finished; wait for it before "
+                       "deleting them.", param=param, code="model_in_use")
 
 
 def _check_not_trained_further(session: Session, *, project: Project, model_id: str, param: str) -> None:

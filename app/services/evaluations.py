@@ -101,6 +101,21 @@ def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: S
     session.commit()
 
 
+def unfinished_evaluation(session: Session, *, settings: Settings, project_pk: int, file_id: str | None = None,
+                          job_pk: int | None = None) -> str | None:
+    """The id of an evaluation still to finish that reads the file `file_id` or the weights of the job `job_pk`
+    (one whose inference worker is gone fails first, saying so: it would never finish), or None."""
+    query = select(AnswerEvaluation).where(AnswerEvaluation.project_pk == project_pk,
+                                           AnswerEvaluation.status.in_(ACTIVE))
+    if file_id is not None:
+        query = query.where(AnswerEvaluation.file_id == file_id)
+    if job_pk is not None:
+        query = query.where(AnswerEvaluation.job_pk == job_pk)
+    rows = list(session.scalars(query))
+    _mark_orphans(session, rows, settings=settings)
+    return next((row.id for row in rows if row.status in ACTIVE), None)
+
+
 def get_evaluation(session: Session, *, job: FineTuningJob, evaluation_id: str, settings: Settings
                    ) -> AnswerEvaluation:
     row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id,

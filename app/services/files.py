@@ -11,13 +11,13 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
 from app.core.storage import Storage, TooLarge
-from app.models import AnswerEvaluation, File, FineTuningJob, JobArtifact, Project
+from app.models import File, FineTuningJob, JobArtifact, Project
 from app.models.base import new_id
 from app.models.job import UNFINISHED_STATUSES
 from app.models.registered_model import USABLE_STATUSES
 from app.services.artifacts import WEIGHT_KINDS
 from app.services.datasets import VALIDATOR_VERSION, DatasetValidator, status_details
-from app.services.evaluations import ACTIVE as ACTIVE_EVALUATION_STATUSES
+from app.services.evaluations import unfinished_evaluation
 from app.services.paging import page_after
 from app.services.tokens import TemplateRefusal, record_token_stats
 
@@ -151,7 +151,8 @@ def list_files(session: Session, *, project: Project, after: str | None, limit: 
                       descending=order != "asc", param="after")
 
 
-def delete_file(session: Session, *, storage: Storage, project: Project, file_id: str) -> None:
+def delete_file(session: Session, *, storage: Storage, project: Project, file_id: str,
+                settings: Settings) -> None:
     """Delete a file's row, and its bytes unless another file with the same content shares them."""
     row = get_file(session, project=project, file_id=file_id)
     in_use = session.scalar(
@@ -165,12 +166,7 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
                        "cancel the job or wait for it before deleting the file.", param="file_id",
                        code="file_in_use")
     # An evaluation reads the file's bytes when its inference worker gets to it, as a job does.
-    evaluating = session.scalar(
-        select(AnswerEvaluation.id).where(
-            AnswerEvaluation.project_pk == project.pk,
-            AnswerEvaluation.status.in_(ACTIVE_EVALUATION_STATUSES),
-            AnswerEvaluation.file_id == file_id,
-        ).limit(1))
+    evaluating = unfinished_evaluation(session, settings=settings, project_pk=project.pk, file_id=file_id)
     if evaluating is not None:
         raise Conflict(f"File {file_id} is used by evaluation {evaluating}, which has not finished; wait for it "
                        "before deleting the file.", param="file_id", code="file_in_use")

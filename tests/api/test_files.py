@@ -127,6 +127,10 @@ def test_a_file_an_unfinished_evaluation_reads_cannot_be_deleted(client: TestCli
         assert error["code"] == "file_in_use" and error["param"] == "file_id"
         assert error["message"] == (f"File {file_id} is used by evaluation ftevaluation-reading, which has not "
                                     "finished; wait for it before deleting the file.")
-    evaluation.status = "succeeded"
+    refused = client.delete(f"/v1/models/{job.fine_tuned_model}")  # nor the weights it reads
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_in_use", refused.text
+    evaluation.server = "vm:1/inference"  # its inference worker is gone (no heartbeat): it would never finish
     session.commit()
     assert client.delete(f"/v1/files/{file_id}").status_code == 200
+    session.refresh(evaluation)
+    assert evaluation.status == "failed" and evaluation.error["code"] == "inference_failed"

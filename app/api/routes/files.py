@@ -97,7 +97,7 @@ def read_file_content(request: Request, session: SessionDep, project: CurrentPro
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=errors(409))
-def delete_file(session: SessionDep, project: CurrentProject, file_id: str) -> FileDeleted:
+def delete_file(session: SessionDep, project: CurrentProject, settings: SettingsDep, file_id: str) -> FileDeleted:
     """Delete a file, unless a job or an evaluation that has not finished still needs it."""
-    file_service.delete_file(session, storage=get_storage(), project=project, file_id=file_id)
+    file_service.delete_file(session, storage=get_storage(), project=project, file_id=file_id, settings=settings)
     return FileDeleted(id=file_id)

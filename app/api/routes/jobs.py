@@ -131,12 +131,12 @@ def list_job_artifacts(session: SessionDep, project: CurrentProject, fine_tuning
 
 @router.delete("/{fine_tuning_job_id}/artifacts", response_model=JobArtifactsDeleted,
                responses=errors(404, error_codes={409: ("job_not_finished", "model_in_use")}))
-def delete_job_artifacts(session: SessionDep, project: CurrentProject,
+def delete_job_artifacts(session: SessionDep, project: CurrentProject, settings: SettingsDep,
                          fine_tuning_job_id: str) -> JobArtifactsDeleted:
     """Extension: delete a finished job's stored outputs (weights, result files, checkpoints); for a cancelled or
     failed job the only way to free its checkpoints (409 while it runs, or while a job trains on from its model)."""
     job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
-    artifact_service.delete_job_outputs(session, storage=get_storage(), project=project, job=job)
+    artifact_service.delete_job_outputs(session, storage=get_storage(), project=project, job=job, settings=settings)
     return JobArtifactsDeleted(id=job.id)
 
 

@@ -59,5 +59,6 @@ def delete_model(session: SessionDep, project: CurrentProject, settings: Setting
         raise PermissionDenied(f"'{model_id}' is a base model: only fine-tuned models can be deleted here (base "
                                f"models are managed by the operator: DELETE /v1/admin/models/{model_id}).",
                                param="model")
-    artifact_service.delete_fine_tuned_model(session, storage=get_storage(), project=project, model_id=model_id)
+    artifact_service.delete_fine_tuned_model(session, storage=get_storage(), project=project, model_id=model_id,
+                                             settings=settings)
     return ModelDeleted(id=model_id)
