@@ -58,6 +58,7 @@ CONFIG_KEY_ALIASES: dict[str, dict[str, str]] = {
     "dbrx": {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
              "max_position_embeddings": "max_seq_len"},
     "gpt_neo": {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"},
+    **{model_type: {"max_position_embeddings": "model_max_length"} for model_type in ("bailing_hybrid", "kimi_linear")},
     "mpt": {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"},
     "rwkv": {"max_position_embeddings": "context_length"},
     "xglm": {"hidden_size": "d_model", "num_hidden_layers": "num_layers", "num_attention_heads": "attention_heads"},

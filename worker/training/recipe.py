@@ -564,10 +564,14 @@ def tracked_metric(run: Run) -> str:
     return "valid_preference_accuracy" if run.preference else "valid_loss"
 
 
-def describe_best(run: Run, state: TrainState) -> str:
+def best_value(run: Run, state: TrainState) -> float:
     """The best evaluation's figure as its metric reads (state keeps lower-is-better scores)."""
     assert state.best_valid_loss is not None
-    return f"{1.0 - state.best_valid_loss:.4f}" if run.preference else f"{state.best_valid_loss:.4f}"
+    return 1.0 - state.best_valid_loss if run.preference else state.best_valid_loss
+
+
+def describe_best(run: Run, state: TrainState) -> str:
+    return f"{best_value(run, state):.4f}"
 
 
 def validation_metrics(run: Run, valid: dict[str, float], *, prefix: str) -> dict[str, float]:
@@ -624,7 +628,7 @@ def save_final(run: Run, state: TrainState) -> Path:
         run.reporter.event(
             f"loaded the best checkpoint (step {state.best_step}, {tracked_metric(run)} {describe_best(run, state)}) "
             "as the final weights",
-            data={"step": state.best_step, tracked_metric(run): float(describe_best(run, state))})
+            data={"step": state.best_step, tracked_metric(run): best_value(run, state)})
     final_dir = run.output_dir / "final"
     weights = distributed.full_state_dict(run.model, group=procs, strategy=config.distributed) if run.sharded else None
     if procs.is_main:
