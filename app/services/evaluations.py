@@ -77,7 +77,8 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
             return row
         if sent.status_code == 429:  # its queue is full: as chat's, a 429 inference_busy if every one is
             busy = inference.error_from(sent)  # the one rule for an inference process's refusals
-    # The client gets an error, so no evaluation exists: the row goes (a worker that never took it never reads it).
+    # The client gets an error, so no evaluation exists: the row goes. A worker that took it yet answered too late
+    # finds no row to start (or, rarely, none to finish: its result bytes are then left unreferenced).
     session.execute(delete(AnswerEvaluation).where(AnswerEvaluation.id == row.id))
     session.commit()
     if busy is not None:
