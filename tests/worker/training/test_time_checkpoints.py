@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,13 +51,16 @@ def test_a_saved_checkpoint_restarts_the_interval(monkeypatch: pytest.MonkeyPatc
     stored = SimpleNamespace(sha256="0" * 64, bytes=0)
     reporter.storage = SimpleNamespace(write=lambda key, chunks: stored)  # type: ignore[assignment]
     reporter.scratch = tmp_path
-    pruned: list[int] = []  # retention runs after each registration; no database here
+    pruned: list[tuple[int, int | None]] = []  # retention runs after each registration; no database here
     monkeypatch.setattr(reporter_module, "session_scope", contextlib.nullcontext)
-    monkeypatch.setattr(reporter_module, "prune_checkpoints", lambda session, **kwargs: pruned.append(kwargs["keep"]))
+    monkeypatch.setattr(reporter_module, "prune_checkpoints",
+                        lambda session, **kwargs: pruned.append((kwargs["keep"], kwargs["keep_step"])))
+    # what a checkpoint's trainer state says: retention keeps the run's best step for load_best_at_end
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"best_step": 2, "config": {"load_best_at_end": True}}))
     clock.now += 700
     assert reporter.control() == "checkpoint"
     reporter.checkpoint_saved(step=5, path=tmp_path, metrics={"step": 5})
-    assert pruned == [3]
+    assert pruned == [(3, 2)]
     clock.now += 10
     assert reporter.control() == "continue"
     clock.now += 600
