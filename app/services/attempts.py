@@ -383,18 +383,28 @@ def _status_after_loss(session: Session, *, job_pk: int, attempt: int) -> JobSta
 
 
 def reap_expired_leases(session: Session, *, settings: Settings) -> list[str]:
-    """Requeue running jobs whose lease expired; return the ids that need dispatching."""
+    """Hand back running jobs whose lease expired (queued, or paused where a pause was asked for); return the ids
+    that need dispatching. Each hand-back is one UPDATE guarded by the expired lease, which also decides queued or
+    paused: a pause or a lease renewal landing after the read is neither wiped nor overridden (on SQLite a read
+    takes no lock)."""
     now = time.time()
-    expired = list(session.scalars(select(FineTuningJob).where(
+    expired = list(session.execute(select(FineTuningJob.pk, FineTuningJob.attempt, FineTuningJob.lease_owner).where(
         FineTuningJob.status == JobStatus.RUNNING, FineTuningJob.lease_expires_at < now
     ).with_for_update(skip_locked=True)))
-    for job in expired:
-        status = JobStatus.PAUSED if job.requested_action == "pause" else JobStatus.QUEUED
-        message = (f"Attempt {job.attempt} on {job.lease_owner} stopped renewing its lease; the job is "
-                   f"{_AFTER_LOSS[status]}.")
-        job.status, job.lease_owner, job.lease_expires_at, job.dispatched_at = status, None, None, None
-        job.requested_action = None
-        add_event(session, job=job, level="warn", message=message)
+    for job_pk, attempt, owner in expired:
+        result = _execute(session, update(FineTuningJob).where(_fence(job_pk, attempt),
+                                                               FineTuningJob.lease_expires_at < now).values(
+            status=case((FineTuningJob.requested_action == "pause", JobStatus.PAUSED.value),
+                        else_=JobStatus.QUEUED.value),
+            lease_owner=None, lease_expires_at=None, dispatched_at=None, requested_action=None))
+        if result.rowcount != 1:
+            continue  # renewed, finished or handed back meanwhile
+        job = session.get(FineTuningJob, job_pk)
+        assert job is not None
+        session.refresh(job)
+        add_event(session, job=job, level="warn",
+                  message=f"Attempt {attempt} on {owner} stopped renewing its lease; the job is "
+                          f"{_AFTER_LOSS[JobStatus(job.status)]}.")
     session.commit()
     # Jobs accepted while the broker was down (or whose message was lost) are sent again.
     stale = now - max(settings.lease_seconds, 60.0)

@@ -342,3 +342,39 @@ def test_a_pause_landing_while_the_attempt_hands_the_job_back_holds(session: Ses
     said = session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk).order_by(JobEvent.pk.desc()))
     assert next(iter(said)).endswith("A pause was asked for meanwhile: the job is paused instead; resume it to "
                                      "continue.")
+
+
+@pytest.mark.parametrize("landing", ["pause", "renewal"])
+def test_a_pause_or_renewal_landing_while_the_reaper_hands_the_job_back_holds(session: Session, landing: str) -> None:
+    """Found by a review: the reaper read the expired job, then wrote queued over it. On SQLite, where a read takes no
+    lock, a pause landing between them was wiped (the job ran on), and a lease renewed between them was taken from
+    its running attempt. The write lands here, in the reaper's transaction, just before the reaper's own UPDATE."""
+    from sqlalchemy import event
+
+    job = create_job(session)
+    claim(session, job, "w1")
+    job.lease_expires_at = time.time() - 1
+    session.commit()
+    change = ("requested_action = 'pause'" if landing == "pause"
+              else f"lease_expires_at = {time.time() + 60}")
+    landed: list[str] = []
+
+    def land_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
+            landed.append(statement)
+            cursor.execute(f"UPDATE fine_tuning_jobs SET {change} WHERE pk = {job.pk}")
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", land_before_the_write)
+    try:
+        attempts.reap_expired_leases(session, settings=SETTINGS)
+    finally:
+        event.remove(engine, "before_cursor_execute", land_before_the_write)
+    session.refresh(job)
+    assert landed
+    if landing == "pause":
+        assert job.status == "paused" and job.requested_action is None and job.lease_owner is None
+        said = session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk).order_by(JobEvent.pk.desc()))
+        assert "paused, as requested" in next(iter(said))
+    else:
+        assert job.status == "running" and job.lease_owner == "w1" and job.attempt == 1
