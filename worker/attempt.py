@@ -60,10 +60,9 @@ def _download(storage: Storage, *, file_id: str, project_pk: int, target: Path) 
 
 def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> tuple[Path | None, int]:
     """The last registered checkpoint, downloaded and verified against its manifest, and its step ((None, 0) when
-    there is none); and, for load_best_at_end,
-    the best one so far where the training writes its checkpoints, which the final weights are read from (an
-    attempt starts in a fresh directory)."""
-    from worker.training.checkpoint import TRAINER_STATE
+    there is none); and, for load_best_at_end, the best one so far where the training writes its checkpoints, which
+    the final weights are read from (an attempt starts in a fresh directory)."""
+    from worker.training.checkpoint import best_step_to_keep
     from worker.training.recipe import checkpoint_dir
 
     with session_scope() as session:
@@ -72,9 +71,8 @@ def _resume_point(storage: Storage, *, job_pk: int, workdir: Path) -> tuple[Path
             return None, 0
         key, step = checkpoint.blob_key, checkpoint.step_number
     target = _fetch_checkpoint(storage, key=key, step=step, target=workdir / "resume" / f"step-{step}")
-    state = json.loads((target / TRAINER_STATE).read_text())
-    best = state.get("best_step")
-    if state.get("config", {}).get("load_best_at_end") and best is not None and best != step:
+    best = best_step_to_keep(target)
+    if best is not None and best != step:
         with session_scope() as session:
             kept = attempts.checkpoint_at(session, job_pk=job_pk, step=best)
             best_key = kept.blob_key if kept is not None else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from app.services import attempts
 from app.services.artifacts import prune_checkpoints
 from worker.archive import file_chunks, tar_directory
 from worker.training import dpo
-from worker.training.checkpoint import TRAINER_STATE
+from worker.training.checkpoint import best_step_to_keep
 
 logger = logging.getLogger("tuneforge.reporter")
 
@@ -84,11 +83,9 @@ class DatabaseReporter:
         # Retention while the job runs: the latest few (a resume needs only the latest) and the best by valid_loss,
         # and for load_best_at_end the best by the run's own rule (its tracked metric, early_stopping_threshold),
         # which a resumed run ends on.
-        state = json.loads((path / TRAINER_STATE).read_text())
-        best_step = state.get("best_step") if state["config"].get("load_best_at_end") else None
         with session_scope() as session:
             prune_checkpoints(session, storage=self.storage, job_pk=self.job_pk,
-                              keep=self.settings.checkpoints_kept_after_finish, keep_step=best_step)
+                              keep=self.settings.checkpoints_kept_after_finish, keep_step=best_step_to_keep(path))
 
     def control(self) -> Literal["continue", "cancel", "pause", "checkpoint"]:
         # One small read a second at most: cancel still lands within the 10-second promise.

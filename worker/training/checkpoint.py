@@ -193,6 +193,15 @@ def verify_checkpoint(path: Path) -> bool:
     return True
 
 
+def best_step_to_keep(path: Path) -> int | None:
+    """The step a load_best_at_end run would end on, from a checkpoint's trainer state (its tracked metric and
+    early_stopping_threshold decided it); None for other runs, or before any evaluation. Retention keeps that step's
+    checkpoint and a resumed attempt fetches it (worker/database_reporter.py, worker/attempt.py)."""
+    state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    best = state.get("best_step")
+    return best if state.get("config", {}).get("load_best_at_end") and best is not None else None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a verified checkpoint's trainer state, optimizer, scheduler and RNG states (not weights)."""
     import torch
