@@ -41,9 +41,10 @@ Url = Annotated[str, typer.Option("--url", envvar="TUNEFORGE_URL", help="The tun
 ApiKey = Annotated[str, typer.Option("--api-key", envvar="TUNEFORGE_API_KEY", show_default=False,
                                      help="API key (keyless local servers accept any).")]
 DEFAULT_URL = "http://127.0.0.1:8000"
-# `jobs watch` after its stream was cut: one try a second, so a restarting API has about a minute to come back
-# before the command gives up (a proxy's idle cut comes back at the first try).
-WATCH_RECONNECT_TRIES = 60
+# `jobs watch` after its stream was cut: one try a second, for this long without an answer, so a restarting API has
+# about a minute to come back before the command gives up (a proxy's idle cut comes back at the first try). Timed,
+# not counted: against a host that accepts no connections each try waits CONNECT_TIMEOUT_SECONDS.
+WATCH_RECONNECT_SECONDS = 60.0
 # A stream waits for events without limit, but a host that never answers the connection must not hang the CLI.
 CONNECT_TIMEOUT_SECONDS = 10.0
 
@@ -309,7 +310,8 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[quality]}"),
                         TextColumn("ETA {task.fields[eta]}"), console=console)
     connected = False
-    failed_tries = 0  # since the last answer from the server
+    lost_at: float | None = None  # when the stream was lost (time.monotonic), since the last answer from the server
+    failed_tries = 0
     timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_SECONDS)
     with progress, _client(url, api_key, timeout=timeout) as client:
         task = progress.add_task(job_id, total=None, status="?", total_label="?", loss="-", eta="-", quality="")
@@ -317,7 +319,7 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with client.stream("GET", f"/fine_tuning/jobs/{job_id}/events/stream", headers=headers) as response:
-                    connected, failed_tries = True, 0
+                    connected, lost_at, failed_tries = True, None, 0
                     if not response.is_success:
                         response.read()
                         _check(response)
@@ -346,12 +348,14 @@ def watch_job(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = "") -> None
             except httpx.TransportError as exc:
                 # Never reached: a wrong URL or a server that is down, as `jobs get` says. Reached before: the
                 # server restarted or a proxy cut the stream, so try again (resuming after last_id), for a while.
+                now = time.monotonic()
+                lost_at = now if lost_at is None else lost_at
                 failed_tries += 1
-                if not connected or failed_tries > WATCH_RECONNECT_TRIES:
+                if not connected or now - lost_at >= WATCH_RECONNECT_SECONDS:
                     console.print(f"[red]error[/red] cannot reach {url}: {exc}")
                     raise typer.Exit(1) from None
                 console.print(f"[yellow]lost the event stream[/yellow] ({exc or type(exc).__name__}); reconnecting "
-                              f"({failed_tries}/{WATCH_RECONNECT_TRIES})")
+                              f"(try {failed_tries}, {now - lost_at:.0f} s of {WATCH_RECONNECT_SECONDS:.0f})")
             if state["status"] not in TERMINAL:
                 time.sleep(1.0)
     final = state["status"]

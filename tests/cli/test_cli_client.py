@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -96,22 +97,35 @@ def test_watch_resumes_a_cut_stream_after_the_last_event_it_saw(monkeypatch: pyt
     assert "lost the event stream" in result.output and "ftjob-1 succeeded ft:m" in result.output
 
 
-def test_watch_gives_up_when_a_server_it_reached_stays_away(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("connect_seconds", [0.0, cli_client.CONNECT_TIMEOUT_SECONDS])
+def test_watch_gives_up_when_a_server_it_reached_stays_away(monkeypatch: pytest.MonkeyPatch,
+                                                            connect_seconds: float) -> None:
+    """About a minute after the stream was lost, whether the host refuses connections at once or lets each one time
+    out (which took about 11 minutes when the tries were counted)."""
     asked: list[str] = []
+    clock = [1000.0]
 
     def handler(request: httpx.Request) -> httpx.Response:
         asked.append(request.url.path)
         if len(asked) == 1:
             return httpx.Response(200, stream=_CutStream(b'event: status\ndata: {"status": "running"}\n\n'))
-        if len(asked) > 2 * cli_client.WATCH_RECONNECT_TRIES:
+        if len(asked) > 200:
             raise AssertionError("jobs watch keeps retrying a server that went away")
+        clock[0] += connect_seconds
         raise httpx.ConnectError("connection refused")
 
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
     _serve(monkeypatch, handler)
+    monkeypatch.setattr(cli_client.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(cli_client.time, "sleep", sleep)
     result = CliRunner().invoke(cli, ["jobs", "watch", "ftjob-1", "--url", "http://tuneforge.test"])
     assert result.exit_code == 1
-    assert len(asked) == 1 + cli_client.WATCH_RECONNECT_TRIES
-    assert f"reconnecting ({cli_client.WATCH_RECONNECT_TRIES}/{cli_client.WATCH_RECONNECT_TRIES})" in result.output
+    waited = clock[0] - 1000.0  # from the cut to giving up
+    assert cli_client.WATCH_RECONNECT_SECONDS <= waited < cli_client.WATCH_RECONNECT_SECONDS + 1.0 + connect_seconds
+    assert len(asked) - 1 == math.ceil(cli_client.WATCH_RECONNECT_SECONDS / (1.0 + connect_seconds))
+    assert "reconnecting (try" in result.output
     assert "cannot reach http://tuneforge.test: connection refused" in result.output
 
 
