@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keys = [store_adapter(model_dir, storage, root, seed=s, r=16, targets=linear) for s in range(1, adapters + 1)]
         settings = Settings(data_dir=root / "data", inference_max_adapters=adapters, inference_max_bases=1)
         engine = Engine(settings, storage=storage, device=torch.device("cpu"),
-                        base_folder=lambda name: (model_dir, False))
+                        base_folder=lambda name: (model_dir, False, None))
         request = {"model": "m", "base": "m", "weights_key": None, "full": False, "prompt": CHAT,
                    "max_tokens": tokens, "temperature": 0.0, "top_p": 1.0, "n": 1, "stop": [], "seed": 0}
 

@@ -40,7 +40,7 @@ def inference_server(session: Any, tiny_model_dir: Path) -> Iterator[ThreadServe
     from worker.inference.server import Generations, build_app
 
     engine = Engine(get_settings(), storage=get_storage(), device=torch.device("cpu"),
-                    base_folder=lambda name: (tiny_model_dir, False))
+                    base_folder=lambda name: (tiny_model_dir, False, None))
     generations = Generations(engine, max_queue=0)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

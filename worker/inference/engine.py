@@ -59,7 +59,7 @@ class LoadedModel:
     context_length: int | None
     # Adapter names attached to this base, least recently used first.
     adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    # The base's registration it was loaded for (app/services/base_models.py: revision_of); None when not told.
+    # The base's registration whose files were loaded (app/services/base_models.py: revision_of); None when not known.
     revision: str | None = None
 
 
@@ -99,11 +99,11 @@ def adapter_name(weights_key: str) -> str:
 
 class Engine:
     def __init__(self, settings: Settings, *, storage: Storage, device: torch.device | None = None,
-                 base_folder: Callable[[str], tuple[Path, bool]] | None = None) -> None:
+                 base_folder: Callable[[str], tuple[Path, bool, str | None]] | None = None) -> None:
         self.settings = settings
         self.storage = storage
-        # Where a base model's files are on this host, and whether it may run its own code: the registry's
-        # row, fetched into the model cache when needed (a test gives its own folders).
+        # Where a base model's files are on this host, whether it may run its own code, and which registration they
+        # are (revision_of): the registry's row, fetched into the model cache when needed (a test gives its own).
         self.base_folder = base_folder or self._registered_folder
         self.device = device or pick_device()
         self.dtype = inference_dtype(self.device)
@@ -124,15 +124,15 @@ class Engine:
 
     # --- loading -------------------------------------------------------------------------------------------
 
-    def _registered_folder(self, name: str) -> tuple[Path, bool]:
+    def _registered_folder(self, name: str) -> tuple[Path, bool, str | None]:
         with session_scope() as session:
             row = base_models.find(session, settings=self.settings, name=name)
             if row is None:
                 raise Refusal(f"The base model {name!r} is no longer registered.", status=404, code="not_found",
                               param="model")
-            ref = ModelRef.of(row)
+            ref, revision = ModelRef.of(row), base_models.revision_of(row)
         try:
-            return local_model(ref, settings=self.settings, progress=logger.info), ref.trust_remote_code
+            return local_model(ref, settings=self.settings, progress=logger.info), ref.trust_remote_code, revision
         except ModelUnavailable as exc:
             raise Refusal(str(exc), code="model_not_available", param="model") from exc
 
@@ -160,7 +160,7 @@ class Engine:
     def _load(self, name: str, *, base: str, full_weights: Path | None = None) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder, trust_remote_code = self.base_folder(base)
+        folder, trust_remote_code, revision = self.base_folder(base)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, use_safetensors=True,
                                                      local_files_only=True, trust_remote_code=trust_remote_code)
         if full_weights is not None:
@@ -170,7 +170,7 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
         context = getattr(model.config, "max_position_embeddings", None)
         logger.info("loaded %s on %s", name, self.device)
-        return LoadedModel(name=name, model=model, tokenizer=tokenizer, context_length=context)
+        return LoadedModel(name=name, model=model, tokenizer=tokenizer, context_length=context, revision=revision)
 
     def _model(self, name: str, *, base: str, revision: str | None, full_weights: Path | None = None) -> LoadedModel:
         loaded = self.models.get(name)
@@ -187,9 +187,14 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             loaded = self._load(name, base=base, full_weights=full_weights)
-            loaded.revision = revision
+            loaded.revision = loaded.revision or revision
             with self.lock:
                 self.models[name] = loaded
+        if revision is not None and loaded.revision != revision:
+            # The name was registered again between the API's check and this load: the files here are the new
+            # registration's, which the request was not checked against (an adapter fits only its own base).
+            raise Refusal(f"The base model {base!r} was registered again, for other weights, while this request was "
+                          "on its way; send it again.", code="model_not_available", param="model")
         with self.lock:
             self.models.move_to_end(name)
         return loaded

@@ -38,7 +38,7 @@ def setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Engine, LocalStorage]:
     storage = LocalStorage(tmp_path / "storage")
     settings = Settings(data_dir=tmp_path / "data", inference_max_adapters=2)
     engine = Engine(settings, storage=storage, device=torch.device("cpu"),
-                    base_folder=lambda name: (tiny_model_dir, False))
+                    base_folder=lambda name: (tiny_model_dir, False, None))
     return engine, storage
 
 
@@ -101,7 +101,7 @@ def test_adapters_beyond_the_bound_are_evicted_least_recently_used_first(setup: 
 def test_bases_beyond_the_bound_are_unloaded(tmp_path: Path, tiny_model_dir: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", inference_max_bases=1)
     engine = Engine(settings, storage=LocalStorage(tmp_path / "s"), device=torch.device("cpu"),
-                    base_folder=lambda name: (tiny_model_dir, False))
+                    base_folder=lambda name: (tiny_model_dir, False, None))
     answer(engine, request(base="one", model="one"))
     answer(engine, request(base="two", model="two"))
     assert engine.loaded_bases() == ["two"]
@@ -217,18 +217,28 @@ def test_a_base_registered_again_for_other_weights_is_loaded_again(tmp_path: Pat
     for name in ("chat_template.jinja",):
         if (tiny_model_dir / name).is_file():
             shutil.copy(tiny_model_dir / name, other / name)
-    folders = {"tiny-llama": tiny_model_dir}
+    registered = {"tiny-llama": (tiny_model_dir, "path:/models/a@")}
     engine = Engine(Settings(data_dir=tmp_path / "data"), storage=LocalStorage(tmp_path / "storage"),
-                    device=torch.device("cpu"), base_folder=lambda name: (folders[name], False))
+                    device=torch.device("cpu"), base_folder=lambda name: (registered[name][0], False,
+                                                                          registered[name][1]))
     (first,), _ = answer(engine, request(base_revision="path:/models/a@"))
     loaded = engine.models["tiny-llama"]
     (again,), _ = answer(engine, request(base_revision="path:/models/a@"))
     assert engine.models["tiny-llama"] is loaded and again == first  # the same registration: kept warm
-    folders["tiny-llama"] = other  # the operator registers the name again, for other weights
+    registered["tiny-llama"] = (other, "path:/models/b@")  # the operator registers the name again, for other weights
     (after,), _ = answer(engine, request(base_revision="path:/models/b@"))
     assert engine.models["tiny-llama"] is not loaded and engine.models["tiny-llama"].revision == "path:/models/b@"
-    (reference,), _ = answer(Engine(Settings(data_dir=tmp_path / "data2"), storage=LocalStorage(tmp_path / "s2"),
-                                    device=torch.device("cpu"), base_folder=lambda name: (other, False)), request())
+    # A request the API checked against the earlier registration, reaching an engine that loads the name only now
+    # (the review's race): the files it finds are the new registration's, so it refuses rather than run on them.
+    late = Engine(Settings(data_dir=tmp_path / "data3"), storage=LocalStorage(tmp_path / "s3"),
+                  device=torch.device("cpu"), base_folder=engine.base_folder)
+    with pytest.raises(Refusal) as refused:
+        late.prepare(request(base_revision="path:/models/a@"))
+    assert refused.value.code == "model_not_available" and refused.value.param == "model"
+    assert late.models["tiny-llama"].revision == "path:/models/b@"  # what it loaded stays, tagged as what it is
+    fresh = Engine(Settings(data_dir=tmp_path / "data2"), storage=LocalStorage(tmp_path / "s2"),
+                   device=torch.device("cpu"), base_folder=lambda name: (other, False, None))
+    (reference,), _ = answer(fresh, request())
     assert after == reference != first
 
 
@@ -251,7 +261,7 @@ def no_system_engine(tmp_path: Path, tiny_model_dir: Path) -> tuple[Engine, Loca
     tokenizer.save_pretrained(folder)
     storage = LocalStorage(tmp_path / "storage")
     return Engine(Settings(data_dir=tmp_path / "data"), storage=storage, device=torch.device("cpu"),
-                  base_folder=lambda name: (folder, False)), storage
+                  base_folder=lambda name: (folder, False, None)), storage
 
 
 def test_a_conversation_the_chat_template_refuses_is_the_callers_error(
