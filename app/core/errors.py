@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import re
@@ -107,6 +109,30 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+async def _nul_param(request: Request) -> str | None:
+    """Which parameter holds a NUL character: a query parameter's name, or the path to a value of the JSON body
+    (dotted, as validation errors name one); None when none is found."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            return name
+    with contextlib.suppress(Exception):  # the body is read already (cached); one that is not JSON names nothing
+        return _path_to_nul(json.loads(await request.body()), ())
+    return None
+
+
+def _path_to_nul(value: Any, path: tuple[str, ...]) -> str | None:
+    if isinstance(value, str):
+        return (".".join(path) or None) if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if "\x00" in str(key):
+            return ".".join((*path, str(key)))
+        found = _path_to_nul(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
+
+
 def allowed_methods(request: Request) -> list[str]:
     """The methods served at the request's path by its most specific matching templates (Starlette's own 405
     names only the first route's; `/jobs/estimate` also matches `/jobs/{id}`, but the literal one is meant)."""
@@ -176,8 +202,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # Postgres refuses NUL characters in text and JSON values: the client's input, not a server fault.
         if any(marker in str(exc.orig) for marker in ("NUL (0x00)", "\\u0000")):
             return JSONResponse(envelope("Text values cannot contain NUL (\\u0000) characters.",
-                                         type_="invalid_request_error", param=None, code="invalid_value"),
-                                status_code=400)
+                                         type_="invalid_request_error", param=await _nul_param(request),
+                                         code="invalid_value"), status_code=400)
         return await _unexpected(request, exc)
 
     @app.exception_handler(OperationalError)
