@@ -21,7 +21,7 @@ from app.core.leases import StaleAttempt as StaleAttempt  # raised by the fenced
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobEvent, JobStatus, Project
 from app.models.base import new_id, now_seconds
 from app.models.job import WAITING_STATUSES
-from app.services.jobs import add_event
+from app.services.jobs import add_event, move_job
 from app.services.webhooks import enqueue_job_event
 from app.services.workers import WorkerSpec, needs_of, worker_fits
 
@@ -315,13 +315,10 @@ def fail_job(session: Session, *, job_pk: int, attempt: int, code: str, message:
 def fail_waiting_job(session: Session, *, job: FineTuningJob, code: str, message: str) -> bool:
     """failed, for a queued job that no attempt runs (its model cannot be had); the caller commits. False when
     the job left the queue meanwhile."""
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
-                         .execution_options(populate_existing=True)) or job
-    if job.status != JobStatus.QUEUED:
-        return False
-    job.status, job.finished_at, job.estimated_finish = JobStatus.FAILED, now_seconds(), None
-    job.error = {"code": code, "message": message, "param": "model"}
-    job.dispatched_at = job.dispatch_queue = None
+    if not move_job(session, job, sources=(JobStatus.QUEUED,), status=JobStatus.FAILED, finished_at=now_seconds(),
+                    estimated_finish=None, error={"code": code, "message": message, "param": "model"},
+                    dispatched_at=None, dispatch_queue=None):
+        return False  # one guarded UPDATE: a cancel or pause that landed meanwhile stands
     add_event(session, job=job, level="error", message=message)
     enqueue_job_event(session, job=job)
     return True

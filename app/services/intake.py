@@ -18,7 +18,7 @@ from app.models.base import now_seconds
 from app.models.registered_model import USABLE_STATUSES
 from app.schemas.training import TrainingConfig
 from app.services.datasets import status_details, validate_chunks
-from app.services.jobs import add_event, decide_from_count, too_few_examples
+from app.services.jobs import add_event, decide_from_count, move_job, too_few_examples
 from app.services.tokens import (
     DEFAULT_MAX_SEQ_LENGTH,
     TemplateRefusal,
@@ -43,33 +43,30 @@ def validate_stored_file(session: Session, *, storage: Storage, file: File) -> N
 
 
 def _fail(session: Session, job: FineTuningJob, *, param: str, code: str, message: str) -> bool:
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
-                         .execution_options(populate_existing=True)) or job
-    if job.status != JobStatus.VALIDATING_FILES:
-        return False
-    job.status = JobStatus.FAILED
-    job.finished_at = now_seconds()
-    job.error = {"code": code, "param": param, "message": message}
-    add_event(session, job=job, level="error", message=message)
-    enqueue_job_event(session, job=job)
+    """validating_files -> failed, in one guarded UPDATE: a cancel or pause that landed meanwhile stands (on SQLite a
+    read takes no lock). Returns False either way (the job is not queued)."""
+    if move_job(session, job, sources=(JobStatus.VALIDATING_FILES,), status=JobStatus.FAILED,
+                finished_at=now_seconds(), error={"code": code, "param": param, "message": message}):
+        add_event(session, job=job, level="error", message=message)
+        enqueue_job_event(session, job=job)
     session.commit()
     return False
 
 
-def _decide_from_whole_count(session: Session, job: FineTuningJob, *, examples: int) -> None:
-    """The settings creation decided from the first bytes of the training file, decided again from all `examples`,
-    with an event naming what changed."""
+def _decided_from_whole_count(job: FineTuningJob, *, examples: int) -> tuple[dict[str, Any], TokenEvent | None]:
+    """The job's config with the settings creation decided from the first bytes of the training file decided again
+    from all `examples`, and the event naming what changed (None when nothing did)."""
     before = TrainingConfig.model_validate(job.config)
     after = decide_from_count(before, names=job.decided_by_partial_count or (), n_examples=examples)
     changed = {name: (getattr(before, name), getattr(after, name)) for name in job.decided_by_partial_count or ()
                if getattr(before, name) != getattr(after, name)}
-    if changed:
-        job.config = after.model_dump(mode="json")
-        add_event(session, job=job, data={"examples": examples, "changed": {k: list(v) for k, v in changed.items()}},
-                  message=f"training_file holds {examples} examples in all: "
-                  + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
-                  + " (decided at creation from the part of the file validated during upload).")
-    job.decided_by_partial_count = None
+    if not changed:
+        return job.config, None
+    return after.model_dump(mode="json"), (
+        "info", f"training_file holds {examples} examples in all: "
+        + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+        + " (decided at creation from the part of the file validated during upload).",
+        {"examples": examples, "changed": {k: list(v) for k, v in changed.items()}})
 
 
 # (level, message, data) of one event to record.
@@ -169,14 +166,16 @@ def validate_job_files(session: Session, *, job_id: str, settings: Settings) -> 
                          message=exc.describe(param=param, model=job.base_model))
         if problem:
             return _fail(session, job, param=param, code="prompt_too_long", message=problem)
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.pk == job.pk).with_for_update()
-                         .execution_options(populate_existing=True))
-    if job is None or job.status != JobStatus.VALIDATING_FILES:
+    config, decided = _decided_from_whole_count(job, examples=examples) if job.decided_by_partial_count else \
+        (job.config, None)
+    # One guarded UPDATE: a cancel or pause that landed while the files were read stands (on SQLite a read takes no
+    # lock, and the job would have been queued over it and trained).
+    if not move_job(session, job, sources=(JobStatus.VALIDATING_FILES,), status=JobStatus.QUEUED, config=config,
+                    decided_by_partial_count=None):
         session.commit()
         return False
-    if job.decided_by_partial_count:
-        _decide_from_whole_count(session, job, examples=examples)
-    job.status = JobStatus.QUEUED
+    if decided is not None:
+        add_event(session, job=job, level=decided[0], message=decided[1], data=decided[2])
     add_event(session, job=job, message="Files validated; job queued.")
     session.commit()
     return True

@@ -629,7 +629,7 @@ def list_jobs(session: Session, *, project: Project, after: str | None, limit: i
     return page_after(session, query, FineTuningJob, project_pk=project.pk, after=after, limit=limit)
 
 
-def _move(session: Session, job: FineTuningJob, *, sources: Sequence[str], **values: Any) -> bool:
+def move_job(session: Session, job: FineTuningJob, *, sources: Sequence[str], **values: Any) -> bool:
     """One UPDATE of the job's row that applies only while its status is one of `sources` (TRANSITIONS' rule: a
     worker finishing, handing off or claiming the job at the same moment cannot be overwritten); the row is read
     again either way. False when the job had moved on: nothing was written."""
@@ -643,7 +643,7 @@ def _move(session: Session, job: FineTuningJob, *, sources: Sequence[str], **val
 def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:
     """Cancel at once; a running attempt sees the status change and stops (the supervisor makes sure)."""
     job = get_job(session, project=project, job_id=job_id)
-    if not _move(session, job, sources=sources_of(JobStatus.CANCELLED), status=JobStatus.CANCELLED,
+    if not move_job(session, job, sources=sources_of(JobStatus.CANCELLED), status=JobStatus.CANCELLED,
                  finished_at=now_seconds(), requested_action=None, lease_owner=None, lease_expires_at=None):
         raise InvalidRequest(f"Job {job_id} has already {job.status} and cannot be cancelled.",
                              param="fine_tuning_job_id", code="job_not_cancellable")
@@ -660,11 +660,11 @@ def pause_job(session: Session, *, project: Project, job_id: str) -> FineTuningJ
     job = get_job(session, project=project, job_id=job_id)
     while True:
         if job.status in WAITING_STATUSES:
-            if _move(session, job, sources=WAITING_STATUSES, status=JobStatus.PAUSED):
+            if move_job(session, job, sources=WAITING_STATUSES, status=JobStatus.PAUSED):
                 add_event(session, job=job, message="Job paused before it started.")
                 break
         elif job.status == JobStatus.RUNNING:
-            if _move(session, job, sources=(JobStatus.RUNNING,), requested_action="pause"):
+            if move_job(session, job, sources=(JobStatus.RUNNING,), requested_action="pause"):
                 add_event(session, job=job, message="Pause requested: the job will checkpoint and stop.")
                 break
         elif job.status == JobStatus.PAUSED:
@@ -689,7 +689,7 @@ def resume_job(session: Session, *, project: Project, job_id: str, settings: Set
     target = JobStatus.VALIDATING_FILES if job.attempt == 0 else JobStatus.QUEUED
     # Guarded by `paused`: of two resumes at once (or a resume and a cancel), the second finds the status the
     # first left, on SQLite too, where a SELECT ... FOR UPDATE locks nothing.
-    if job.status != JobStatus.PAUSED or not _move(session, job, sources=(JobStatus.PAUSED,), status=target,
+    if job.status != JobStatus.PAUSED or not move_job(session, job, sources=(JobStatus.PAUSED,), status=target,
                                                    requested_action=None, dispatched_at=None):
         raise InvalidRequest(f"Job {job_id} is {job.status}, not paused; only paused jobs resume.",
                              param="fine_tuning_job_id", code="job_not_paused")

@@ -535,3 +535,34 @@ def test_a_job_paused_before_its_files_were_read_whole_resumes_into_validating_f
     assert validate_job_files(session, job_id=job["id"], settings=settings) is False
     failed = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert failed["status"] == "failed" and failed["error"]["param"] == "training_file"
+
+
+@pytest.mark.parametrize("bad_line", [None, 5_500])
+def test_a_cancel_landing_while_the_files_are_read_stands(client: TestClient, session: Any,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          bad_line: int | None) -> None:
+    """Found by an audit: the intake read the job, then wrote queued (or failed) over it through the ORM. On SQLite,
+    where a read takes no lock, a cancel landing between them was overwritten: the user's cancel answered 200, then
+    the job was queued and trained. The cancel lands here, in the intake's transaction, just before its own UPDATE."""
+    from sqlalchemy import event
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "intake_sync_validation_bytes", 1)
+    job = create_job(client, upload(client, big_chat_file(6_000, bad_line=bad_line)).json()["id"]).json()  # > 1 MiB
+    assert job["status"] == "validating_files"
+    landed: list[str] = []
+
+    def cancel_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
+            landed.append(statement)
+            cursor.execute(f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE id = '{job['id']}'")
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", cancel_before_the_write)
+    try:
+        assert validate_job_files(session, job_id=job["id"], settings=settings) is False
+    finally:
+        event.remove(engine, "before_cursor_execute", cancel_before_the_write)
+    assert landed
+    after = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert after["status"] == "cancelled" and after["error"] is None

@@ -378,3 +378,28 @@ def test_a_pause_or_renewal_landing_while_the_reaper_hands_the_job_back_holds(se
         assert "paused, as requested" in next(iter(said))
     else:
         assert job.status == "running" and job.lease_owner == "w1" and job.attempt == 1
+
+
+def test_a_cancel_landing_before_a_waiting_job_is_failed_stands(session: Session) -> None:
+    """Found by an audit: failing a queued job whose model cannot be had read it, then wrote failed over it; on SQLite
+    a cancel landing between them was overwritten (and a second webhook sent)."""
+    from sqlalchemy import event
+
+    job = create_job(session)
+    landed: list[str] = []
+
+    def cancel_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
+            landed.append(statement)
+            cursor.execute(f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE pk = {job.pk}")
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", cancel_before_the_write)
+    try:
+        failed = attempts.fail_waiting_job(session, job=job, code="model_not_available", message="gone")
+        session.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", cancel_before_the_write)
+    session.refresh(job)
+    assert landed and failed is False and job.status == "cancelled" and job.error is None
+    assert "gone" not in list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
