@@ -277,8 +277,12 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
     else:
         _read_folder(row, param=source_param)
         row.status = "ready"  # every worker host carries the folder: nothing to fetch
-    session.add(row)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent registration of the name (its Hub reads take seconds) won
+            session.add(row)
+    except IntegrityError:
+        raise Conflict(f"A model named {name!r} is already registered; remove it first to register it again.",
+                       param="name", code="model_exists") from None
     return row
 
 
@@ -388,7 +392,10 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
     allowed unregistered models."""
     row = find(session, settings=settings, name=name)
     if row is None and settings.allow_unregistered_models and HUB_ID.fullmatch(name):
-        row = register(session, settings=settings, name=name, source=f"hf:{name}", source_param="model")
+        try:
+            row = register(session, settings=settings, name=name, source=f"hf:{name}", source_param="model")
+        except Conflict:  # another job's request registered it meanwhile
+            row = find(session, settings=settings, name=name)
     if row is None:
         names = [m.name for m in list_models(session, settings=settings, statuses=USABLE_STATUSES)]
         raise InvalidRequest(f"Model {name!r} is not available for fine-tuning. Available: {names}.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.security import generate_api_key, hash_api_key, keys_match
@@ -12,12 +13,17 @@ from app.services.paging import page_after
 
 
 def get_or_create_project(session: Session, *, name: str) -> Project:
-    """The project called name, created on first use."""
+    """The project called name, created on first use (by whichever of two concurrent first requests inserts it:
+    the other reads it back instead of failing on the unique name)."""
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
-        project = Project(id=new_id("proj_"), name=name)
-        session.add(project)
-        session.flush()
+        try:
+            with session.begin_nested():
+                project = Project(id=new_id("proj_"), name=name)
+                session.add(project)
+        except IntegrityError:
+            project = session.scalar(select(Project).where(Project.name == name))
+            assert project is not None
     return project
 
 

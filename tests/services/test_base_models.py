@@ -323,3 +323,42 @@ def test_module_names_are_kept_for_trusted_types_only_with_a_tied_output_layer(t
     assert renamed["modules"] is None and renamed["parameters"] == tied["parameters"]
     (tmp_path / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
     assert base_models.folder_tensors(tmp_path) is None
+
+
+def test_a_registration_racing_another_of_the_same_name_answers_409_not_500(
+        session: Session, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: the name was checked, then the folder or Hub read (seconds), then the row inserted; a
+    registration of the same name committed meanwhile made the insert's unique-name error a 500."""
+    from app.models import RegisteredModel
+
+    real_read = base_models._read_folder
+
+    def read_while_another_registers(row: RegisteredModel, **kwargs: object) -> None:
+        real_read(row, **kwargs)  # type: ignore[arg-type]
+        with session.begin_nested():
+            session.add(RegisteredModel(name=row.name, source=row.source, status="ready", info={}, files=[],
+                                        tokenizer={}, owned_by="someone", trust_remote_code=False, allow_pickle=False))
+
+    monkeypatch.setattr(base_models, "_read_folder", read_while_another_registers)
+    refused = refusal(session, name="racing", source=f"path:{tiny_model_dir}")
+    assert isinstance(refused, Conflict) and refused.code == "model_exists" and refused.param == "name"
+    assert base_models.find(session, settings=settings(), name="racing").owned_by == "someone"  # type: ignore[union-attr]
+
+
+def test_a_job_naming_a_hub_model_another_job_registers_meanwhile_uses_that_registration(
+        session: Session, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.models import RegisteredModel
+
+    real_read = base_models._read_hub
+
+    def read_while_another_registers(row: RegisteredModel, *args: object, **kwargs: object) -> None:
+        real_read(row, *args, **kwargs)  # type: ignore[arg-type]
+        with session.begin_nested():
+            session.add(RegisteredModel(name=row.name, source=row.source, status="registered", info=row.info,
+                                        files=row.files, tokenizer=row.tokenizer, commit_sha=row.commit_sha,
+                                        owned_by="first", trust_remote_code=False, allow_pickle=False))
+
+    monkeypatch.setattr(base_models, "_read_hub", read_while_another_registers)
+    row = base_models.ready_for_jobs(session, settings=settings(allow_unregistered_models=True),
+                                     name="test-org/tiny-chat")
+    assert row.owned_by == "first" and row.commit_sha == MAIN
