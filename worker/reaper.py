@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from app.core.config import Settings
 from app.core.db import session_scope
@@ -34,25 +36,34 @@ def reap_once(*, settings: Settings) -> list[str]:
 
 
 def start_reaper(*, settings: Settings) -> threading.Thread:
+    """The reaper's thread, and beside it the webhook sender's: a receiver that answers slowly delays deliveries,
+    never the requeueing of jobs whose lease expired."""
     configure_logging(settings.log_format)  # worker_ready: Celery's handlers exist; JSON them if asked
-    stop = threading.Event()
 
+    def reap() -> None:
+        sent = reap_once(settings=settings)
+        if sent:
+            logger.info("reaper re-dispatched %s", sent)
+        with session_scope() as session:
+            sweep(session, settings=settings)  # this host's leftovers of ended attempts
+
+    _every(settings.reaper_interval_seconds, lambda: send_due_webhooks(settings=settings), name="tuneforge-webhooks")
+    # The first pass at start: jobs left queued by a stopped worker (or by a whole `tuneforge serve`) continue at once
+    # rather than one interval later.
+    return _every(settings.reaper_interval_seconds, reap, name="tuneforge-reaper")
+
+
+def _every(seconds: float, work: Callable[[], object], *, name: str) -> threading.Thread:
+    """Run `work` now and then every `seconds` in a daemon thread; a failed pass (database or broker down) is logged
+    and tried again next round."""
     def loop() -> None:
-        # The first pass at start: jobs left queued by a stopped worker (or by a whole `tuneforge serve`)
-        # continue at once rather than one interval later.
         while True:
             try:
-                sent = reap_once(settings=settings)
-                if sent:
-                    logger.info("reaper re-dispatched %s", sent)
-                send_due_webhooks(settings=settings)
-                with session_scope() as session:
-                    sweep(session, settings=settings)  # this host's leftovers of ended attempts
-            except Exception:  # database or broker down: try again next round
-                logger.exception("reaper pass failed")
-            if stop.wait(settings.reaper_interval_seconds):
-                return
+                work()
+            except Exception:
+                logger.exception("%s pass failed", name)
+            time.sleep(seconds)
 
-    thread = threading.Thread(target=loop, name="tuneforge-reaper", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread

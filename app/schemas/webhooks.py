@@ -25,9 +25,36 @@ class WebhookCreate(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if HTTP_URL.match(value) is None:
-            raise ValueError("url must be an http:// or https:// URL")
+        problem = webhook_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+
+# A host name's label (after IDNA encoding), as DNS allows one.
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def webhook_url_problem(value: str) -> str | None:
+    """Why `value` is no URL a delivery can be sent to, parsed as the sender (httpx) parses it; None when it is one.
+    A URL the sender cannot parse would fail every delivery to it."""
+    import httpx
+
+    if HTTP_URL.match(value) is None:
+        return "url must be an http:// or https:// URL"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "url must not contain spaces or control characters"
+    try:
+        url = httpx.URL(value)
+        host = url.raw_host.decode("ascii")
+        port = url.port
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+        return f"url is not a valid URL: {exc}"
+    if port is not None and not 0 < port < 65536:
+        return f"url's port {port} is out of range (1-65535)"
+    if ":" not in host and not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        return f"url's host {url.host!r} is not a valid host name"
+    return None
 
 
 class WebhookPublic(BaseModel):

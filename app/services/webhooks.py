@@ -129,18 +129,27 @@ def backoff_seconds(attempts: int, *, settings: Settings) -> float:
 
 
 def _post(send: _Send, *, client: httpx.Client) -> tuple[int | None, str | None]:
+    """One try: the receiver's status code and, unless it is a 2xx, what went wrong. The reply's body is never read:
+    a receiver cannot hold the sender by trickling it or fill its memory with it, and a URL naming a service inside
+    the network (which the sender can reach and the user cannot) shows the user only a status code (and where a
+    redirect points). Any
+    failure, whatever raises it, is this delivery's: the other deliveries are sent."""
     body = json.dumps(send.payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {"content-type": "application/json", "user-agent": "tuneforge-webhooks",
                "webhook-id": send.event_id, "webhook-timestamp": str(timestamp),
                "webhook-signature": sign(secret=send.secret, event_id=send.event_id, timestamp=timestamp, body=body)}
     try:
-        response = client.post(send.url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
+        with client.stream("POST", send.url, content=body, headers=headers) as response:
+            status, reason, location = response.status_code, response.reason_phrase, response.headers.get("location")
+    except Exception as exc:  # noqa: BLE001 - a connection error, a timeout, a URL the client cannot use, ...
         return None, f"{type(exc).__name__}: {exc}"[:500]
-    if response.is_success:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"
+    if 200 <= status < 300:
+        return status, None
+    error = f"HTTP {status} {reason}".rstrip()
+    if 300 <= status < 400 and location is not None:
+        error += f": redirects are not followed (to {location[:200]})"
+    return status, error
 
 
 def send_due_deliveries(session: Session, *, settings: Settings, now: float | None = None) -> int:

@@ -24,6 +24,8 @@ class Receiver:
     url: str
     status: int = 200
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    body: bytes = b"ok"
+    trickle_seconds: float = 0.0  # send the body a byte at a time for this long
 
 
 @contextmanager
@@ -37,7 +39,17 @@ def serve_receiver() -> Iterator[Receiver]:
             state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
             self.send_response(state.status)
             self.end_headers()
-            self.wfile.write(b"ok")
+            if not state.trickle_seconds:
+                self.wfile.write(state.body)
+                return
+            end = time.monotonic() + state.trickle_seconds
+            while time.monotonic() < end:
+                try:
+                    self.wfile.write(b".")
+                    self.wfile.flush()
+                except OSError:  # the sender closed the connection: what it should do
+                    return
+                time.sleep(0.2)
 
         def log_message(self, *_args: Any) -> None:
             pass
@@ -146,3 +158,55 @@ def test_unreachable_receiver_records_the_connection_error(client: TestClient, s
     delivery = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
     assert delivery["attempts"] == 1 and delivery["last_status_code"] is None
     assert delivery["last_error"].startswith("ConnectError")
+
+
+@pytest.mark.parametrize("url", ["http://a\u0000b", "http://x\nInjected: 1", "http://[::1", "http://a..b/",
+                                 "http://exa mple.com/", "http://example.com:99999/", "ftp://example.com/"])
+def test_a_url_the_sender_cannot_use_is_refused(client: TestClient, url: str) -> None:
+    """Found by an audit: only the scheme was checked, and the sender's InvalidURL ended the whole sending pass."""
+    response = client.post("/v1/webhooks", json={"url": url})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "url"
+
+
+def test_a_delivery_that_cannot_be_sent_fails_alone(client: TestClient, session: Any, receiver: Receiver) -> None:
+    """An endpoint registered before its URL was checked (or one the client refuses for any reason): its delivery
+    records the error and the next one in the pass is sent."""
+    from sqlalchemy import update
+
+    from app.models import WebhookEndpoint
+
+    bad = client.post("/v1/webhooks", json={"url": receiver.url + "/bad"}).json()
+    good = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == bad["id"]).values(url="http://x\nInjected: 1/"))
+    session.commit()
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    assert send_due_deliveries(session, settings=settings()) == 2
+    failed = client.get(f"/v1/webhooks/{bad['id']}/deliveries").json()["data"][0]
+    sent = client.get(f"/v1/webhooks/{good['id']}/deliveries").json()["data"][0]
+    assert (failed["status"], failed["attempts"]) == ("pending", 1) and failed["last_error"].startswith("InvalidURL")
+    assert sent["status"] == "succeeded" and len(receiver.received) == 1
+
+
+def test_a_receivers_reply_body_is_neither_read_nor_shown(client: TestClient, session: Any,
+                                                         receiver: Receiver) -> None:
+    """Found by an audit: the whole reply was read (a 300 MB one took the worker to 2.2 GB), a reply trickled a byte
+    at a time held the sender (and the lease reaper beside it) for as long as it lasted, and the first 200 characters
+    of any reply were shown to the user: from a URL inside the network, a service's answer the user cannot reach."""
+    receiver.status, receiver.body = 401, b"Missing or wrong inference token."
+    endpoint = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    assert send_due_deliveries(session, settings=settings()) == 1
+    delivery = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert (delivery["last_status_code"], delivery["last_error"]) == (401, "HTTP 401 Unauthorized")
+
+    receiver.status, receiver.trickle_seconds = 200, 30.0
+    other = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{other.id}/cancel")
+    started = time.monotonic()
+    assert send_due_deliveries(session, settings=settings(), now=time.time() + 3600) == 2
+    assert time.monotonic() - started < 15  # not the 30 s the reply lasts
+    deliveries = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
+    assert [d["status"] for d in deliveries] == ["succeeded", "succeeded"]  # the 401's retry, and the new one
