@@ -56,6 +56,7 @@ from app.schemas.training import (
 )
 from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id
 from app.services.paging import page_after
+from app.services.quotas import check_job_quota
 from app.services.tokens import (
     TemplateRefusal,
     countable_in_request,
@@ -546,7 +547,8 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     # file too large to validate during upload (or, for a DPO job, to measure in a request) sends the job through
     # validating_files (app/services/intake.py).
     validated = all(f.status == "processed" for f in files) and not plan.unmeasured
-
+    # The binding quota check, after the planning (which may commit) and committed with the insert below.
+    check_job_quota(session, project=project, settings=settings)
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
         training_file=request.training_file, validation_file=request.validation_file,
@@ -681,8 +683,6 @@ def resume_job(session: Session, *, project: Project, job_id: str, settings: Set
     active-job quota (429 when it is full: a paused job holds none). One that never ran goes back through
     validating_files instead: it may have been paused there, and the intake's checks (app/services/intake.py) run
     again, at once for files already read whole."""
-    from app.services.quotas import check_job_quota
-
     job = get_job(session, project=project, job_id=job_id)
     if job.status == JobStatus.PAUSED:
         check_job_quota(session, project=project, settings=settings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -16,14 +16,19 @@ QUOTA_JOB_STATUSES = ACTIVE_STATUSES
 QUOTA_RETRY_AFTER_SECONDS = 60
 
 
-def check_job_quota(session: Session, *, project: Project, settings: Settings,
-                    idempotency_key: str | None = None) -> None:
-    """Raise 429 quota_exceeded when the project already has its maximum of active jobs."""
+def check_job_quota(session: Session, *, project: Project, settings: Settings, idempotency_key: str | None = None,
+                    lock: bool = True) -> None:
+    """Raise 429 quota_exceeded when the project already has its maximum of active jobs.
+
+    With `lock`, the binding check, made just before the write that adds an active job and committed with it: the
+    project's row is written first, which locks it on Postgres and takes SQLite's write lock (where a SELECT ... FOR
+    UPDATE locks nothing), so of concurrent creates or resumes each counts the others' jobs. Without, a refusal
+    before a request does its work (a job's planning reads files and may commit): fast, and not binding."""
     if idempotency_key is not None and session.scalar(select(FineTuningJob.pk).where(
             FineTuningJob.project_pk == project.pk, FineTuningJob.idempotency_key == idempotency_key)):
         return  # a replay returns the existing job and creates nothing
-    # Lock the project row until the job's insert commits, so concurrent creates cannot both slip in.
-    session.execute(select(Project.pk).where(Project.pk == project.pk).with_for_update())
+    if lock:
+        session.execute(update(Project).where(Project.pk == project.pk).values(name=Project.name))
     active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
         FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(QUOTA_JOB_STATUSES))) or 0
     if active >= settings.max_active_jobs_per_project:

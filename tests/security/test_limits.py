@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from tests.api.conftest import upload, upload_chat
 from tests.security.conftest import ProjectAObjects
@@ -157,3 +158,31 @@ def test_resuming_a_paused_job_counts_against_the_quota(client: TestClient,
     assert client.post(f"/v1/fine_tuning/jobs/{other.json()['id']}/cancel").status_code == 200
     # it never ran: back through validating_files, whose checks run again
     assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "validating_files"
+
+
+def test_a_job_created_while_another_is_planned_counts_against_its_quota(
+        client: TestClient, override_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: the quota was counted before the job was planned, and the planning can commit (token
+    statistics, the model catalogue), which released the project's lock; on SQLite it never locked. Two creates at
+    once both counted the other's job out and went over the quota. The other create lands here during the planning."""
+    from app.models import Project
+    from app.services import jobs
+    from tests.factories import create_job
+
+    override_settings(max_active_jobs_per_project=1)
+    body = job_body(client)
+    real_check = jobs.check_fits_some_worker
+    landed: list[str] = []
+
+    def another_create_meanwhile(session: Any, **kwargs: Any) -> Any:
+        if not landed:  # the other request's job, committed (the test's database session is the request's)
+            landed.append(create_job(session, project=session.scalar(select(Project).where(
+                Project.name == "team-a"))).id)
+        return real_check(session, **kwargs)
+
+    monkeypatch.setattr(jobs, "check_fits_some_worker", another_create_meanwhile)
+    refused = client.post("/v1/fine_tuning/jobs", json=body)
+    assert len(landed) == 1
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded", refused.text
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert len([j for j in listed if j["status"] in ("queued", "validating_files", "running")]) == 1

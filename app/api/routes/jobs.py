@@ -40,7 +40,7 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
     """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
-    check_job_quota(session, project=project, settings=settings, idempotency_key=idempotency_key)
+    check_job_quota(session, project=project, settings=settings, idempotency_key=idempotency_key, lock=False)
     job, created = job_service.create_job(session, project=project, request=body, settings=settings,
                                           idempotency_key=idempotency_key)
     if created:
