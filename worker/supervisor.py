@@ -27,7 +27,7 @@ from app.services.intake import validate_job_files
 from app.services.jobs import add_event
 from app.services.workers import needs_of, worker_fits
 from worker import model_cache, registration
-from worker.exits import EXIT_DATABASE, EXIT_OK
+from worker.exits import EXIT_DATABASE, EXIT_OK, EXIT_STALE
 from worker.model_cache import ModelRef
 from worker.workdirs import remove_attempt_dir
 from worker.zygote import zygote
@@ -291,6 +291,10 @@ def _run_attempt(job_id: str, *, job_pk: int, attempt: int, processes: int, sett
     remove_attempt_dir(settings, job_id=job_id, attempt=attempt)  # what a killed attempt left behind
     if code == EXIT_OK:
         return "finished"
+    if code == EXIT_STALE:  # an outcome, not a crash: its writes were refused, the job is no longer this attempt's
+        logger.info("job %s attempt %s stopped: it no longer owns the job (cancelled, or handed to another attempt)",
+                    job_id, attempt)
+        return "stopped"
     if code == EXIT_DATABASE:
         try:
             with session_scope() as session:
