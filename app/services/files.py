@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -155,6 +155,11 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
                 settings: Settings) -> None:
     """Delete a file's row, and its bytes unless another file with the same content shares them."""
     row = get_file(session, project=project, file_id=file_id)
+    # Written before the checks below (Postgres locks the row, SQLite takes its write lock), as a job's or an
+    # evaluation's insert writes it first too (jobs.hold_file): one created meanwhile is either counted below or
+    # finds the file gone.
+    session.execute(update(File).where(File.pk == row.pk).values(bytes=File.bytes)
+                    .execution_options(synchronize_session=False))
     in_use = session.scalar(
         select(FineTuningJob.id).where(
             FineTuningJob.project_pk == project.pk,

@@ -102,6 +102,19 @@ def add_event(session: Session, *, job: FineTuningJob, message: str, level: str 
     return event
 
 
+def hold_file(session: Session, *, project: Project, file_id: str, param: str) -> None:
+    """Write the file's row just before inserting a job or evaluation that reads it, in that insert's transaction:
+    Postgres locks the row and SQLite takes its write lock. delete_file writes the row first too, then looks for
+    unfinished work on it, so of the two either the insert commits first and the delete sees it (409 file_in_use),
+    or the delete commits first and this finds the file gone: 400 invalid_file, never a job on a deleted file."""
+    result = cast(CursorResult[Any], session.execute(
+        update(File).where(File.project_pk == project.pk, File.id == file_id).values(bytes=File.bytes)
+        .execution_options(synchronize_session=False)))
+    if result.rowcount != 1:
+        raise InvalidRequest(f"Invalid file: {file_id} was deleted while this request was handled.", param=param,
+                             code="invalid_file")
+
+
 def dataset_file(session: Session, *, project: Project, file_id: str, param: str, settings: Settings,
                  method: TrainingMethod = "supervised") -> File:
     """The project's file `file_id`, usable as `param` of a job of `method` (or of an answer report: supervised
@@ -547,7 +560,10 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     # file too large to validate during upload (or, for a DPO job, to measure in a request) sends the job through
     # validating_files (app/services/intake.py).
     validated = all(f.status == "processed" for f in files) and not plan.unmeasured
-    # The binding quota check, after the planning (which may commit) and committed with the insert below.
+    # The binding checks, after the planning (which may commit) and committed with the insert below.
+    for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
+        if file_id is not None:
+            hold_file(session, project=project, file_id=file_id, param=param)
     check_job_quota(session, project=project, settings=settings)
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,

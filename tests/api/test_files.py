@@ -134,3 +134,28 @@ def test_a_file_an_unfinished_evaluation_reads_cannot_be_deleted(client: TestCli
     assert client.delete(f"/v1/files/{file_id}").status_code == 200
     session.refresh(evaluation)
     assert evaluation.status == "failed" and evaluation.error["code"] == "inference_failed"
+
+
+def test_a_file_deleted_while_a_job_on_it_is_created_is_not_trained_on(client: TestClient, session: Any,
+                                                                       monkeypatch: Any) -> None:
+    """Found by an audit: creating a job read the file, then planned it (for a DPO file, tokenising it) before the
+    insert, while a delete of the file found no job using it: the job was created on a deleted file, and failed
+    later. The delete lands here during the planning."""
+    from app.services import jobs
+
+    file_id = upload_chat(client)
+    real_check = jobs.check_fits_some_worker
+    deleted: list[int] = []
+
+    def delete_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not deleted:
+            deleted.append(client.delete(f"/v1/files/{file_id}").status_code)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "check_fits_some_worker", delete_meanwhile)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id})
+    assert deleted == [200]
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_file", "training_file")
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
