@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -96,6 +96,31 @@ def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) 
     return job, step
 
 
+def hold_fine_tuned_model(session: Session, *, project: Project, model_id: str, param: str) -> None:
+    """Write the job row behind a fine-tuned model just before inserting a job (continued training) or an evaluation
+    that reads its weights, in that insert's transaction: Postgres locks the row and SQLite takes its write lock.
+    Deleting the weights writes the row first too (_hold_job), then looks for unfinished work on them, so either the
+    insert commits first and the delete sees it (409 model_in_use), or the delete commits first and this finds the
+    weights gone: 400 model_not_available."""
+    base_id, _step = split_checkpoint_id(model_id)
+    session.execute(update(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
+                                                FineTuningJob.fine_tuned_model == base_id)
+                    .values(fine_tuned_model=FineTuningJob.fine_tuned_model)
+                    .execution_options(synchronize_session=False))
+    try:
+        find_fine_tuned_model(session, project=project, model_id=model_id)
+    except NotFound:
+        raise InvalidRequest(f"The model '{model_id}' was deleted while this request was handled.", param=param,
+                             code="model_not_available") from None
+
+
+def _hold_job(session: Session, job: FineTuningJob) -> None:
+    """The row write that deleting a job's weights makes before its checks (hold_fine_tuned_model)."""
+    session.execute(update(FineTuningJob).where(FineTuningJob.pk == job.pk)
+                    .values(fine_tuned_model=FineTuningJob.fine_tuned_model)
+                    .execution_options(synchronize_session=False))
+
+
 def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Project, model_id: str,
                             settings: Settings) -> None:
     """Remove a fine-tuned model's weights, result files and checkpoints; the job's record stays."""
@@ -103,6 +128,7 @@ def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Proj
     if step is not None:
         raise InvalidRequest(f"The model '{model_id}' is a checkpoint of '{job.fine_tuned_model}': checkpoints go "
                              "with their model; delete that instead.", param="model", code="invalid_value")
+    _hold_job(session, job)
     _check_not_trained_further(session, project=project, model_id=model_id, param="model")
     _check_not_evaluated(session, project=project, job=job, settings=settings, param="model")
     _delete_outputs(session, storage=storage, job=job)
@@ -115,6 +141,7 @@ def delete_job_outputs(session: Session, *, storage: Storage, project: Project, 
     if job.status not in TERMINAL_STATUSES:
         raise Conflict(f"Job {job.id} is {job.status}: its outputs can be deleted once it has finished; cancel it "
                        "first.", param="fine_tuning_job_id", code="job_not_finished")
+    _hold_job(session, job)
     if job.fine_tuned_model is not None:
         _check_not_trained_further(session, project=project, model_id=job.fine_tuned_model,
                                    param="fine_tuning_job_id")

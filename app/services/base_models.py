@@ -18,9 +18,9 @@ import struct
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -407,16 +407,30 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
 
 
 def remove(session: Session, *, settings: Settings, name: str) -> RegisteredModel:
-    """Unregister a model, unless a job that has not finished uses it."""
+    """Unregister a model, unless a job that has not finished uses it. The row goes first, then the jobs are looked
+    for (the caller commits only if none is found), as a job's insert writes the row first too (hold)."""
     row = get(session, settings=settings, name=name)
+    session.delete(row)
+    session.flush()
     in_use = session.scalar(select(FineTuningJob.id).where(FineTuningJob.base_model == name,
                                                            FineTuningJob.status.in_(UNFINISHED_STATUSES)).limit(1))
     if in_use is not None:
+        session.rollback()
         raise Conflict(f"Model {name!r} is used by fine-tuning job {in_use}, which has not finished.",
                        param="name", code="model_in_use")
-    session.delete(row)
-    session.flush()
     return row
+
+
+def hold(session: Session, *, name: str) -> None:
+    """Write the base model's row just before inserting a job on it, in that insert's transaction (Postgres locks the
+    row, SQLite takes its write lock): unregistering it (remove) waits for the insert and then sees the job, or it
+    committed first and this refuses the job, 400 model_not_available."""
+    result = cast(CursorResult[Any], session.execute(
+        update(RegisteredModel).where(RegisteredModel.name == name).values(name=RegisteredModel.name)
+        .execution_options(synchronize_session=False)))
+    if result.rowcount != 1:
+        raise InvalidRequest(f"Model {name!r} was unregistered while this request was handled.", param="model",
+                             code="model_not_available")
 
 
 def _pinned(session: Session, *, name: str, commit_sha: str | None) -> RegisteredModel | None:

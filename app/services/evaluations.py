@@ -16,7 +16,7 @@ from app.models.base import new_id, now_seconds
 from app.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from app.schemas.training import TrainingMethod
 from app.services import inference
-from app.services.artifacts import split_checkpoint_id
+from app.services.artifacts import hold_fine_tuned_model, split_checkpoint_id
 from app.services.jobs import FORMAT_NAMES, METHOD_FORMATS, dataset_file, hold_file
 from app.services.paging import page_after
 
@@ -59,6 +59,7 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
     file = evaluation_file(session, project=project, file_id=request.file_id, settings=settings)
     urls = inference.servers_for(session, settings=settings, target=target)
     hold_file(session, project=project, file_id=file.id, param="file_id")
+    hold_fine_tuned_model(session, project=project, model_id=model, param="model")
     row = AnswerEvaluation(id=new_id("ftevaluation-"), job_pk=job.pk, project_pk=project.pk, model=model,
                            file_id=file.id, max_examples=request.max_examples, max_new_tokens=request.max_new_tokens,
                            target={**target.as_request(), "file_key": file.blob_key}, status="queued",

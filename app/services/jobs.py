@@ -54,7 +54,7 @@ from app.schemas.training import (
     TrainingConfig,
     TrainingMethod,
 )
-from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id
+from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id, hold_fine_tuned_model
 from app.services.paging import page_after
 from app.services.quotas import check_job_quota
 from app.services.tokens import (
@@ -560,10 +560,17 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     # file too large to validate during upload (or, for a DPO job, to measure in a request) sends the job through
     # validating_files (app/services/intake.py).
     validated = all(f.status == "processed" for f in files) and not plan.unmeasured
-    # The binding checks, after the planning (which may commit) and committed with the insert below.
+    # The binding checks, after the planning (which may commit) and committed with the insert below: what the job
+    # reads is still there (and stays, as deleting it waits for this insert and then sees the job), and the quota.
     for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
         if file_id is not None:
             hold_file(session, project=project, file_id=file_id, param=param)
+    if request.model.startswith("ft:"):
+        hold_fine_tuned_model(session, project=project, model_id=request.model, param="model")
+    else:
+        from app.services import base_models
+
+        base_models.hold(session, name=base_model)
     check_job_quota(session, project=project, settings=settings)
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,

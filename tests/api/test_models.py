@@ -331,3 +331,58 @@ def test_a_finished_jobs_outputs_can_be_deleted_a_cancelled_ones_checkpoints_too
     assert client.delete(f"/v1/fine_tuning/jobs/{parent.id}/artifacts").status_code == 200
     assert client.get(f"/v1/models/{parent.fine_tuned_model}").status_code == 404  # its weights went
     assert client.get(f"/v1/fine_tuning/jobs/{parent.id}").json()["status"] == "succeeded"  # the record stays
+
+
+def _during_planning(monkeypatch: Any, action: Any) -> list[Any]:
+    """Run `action` once while a job request is planned, before its insert: another request landing meanwhile."""
+    from app.services import jobs
+
+    real_check = jobs.check_fits_some_worker
+    done: list[Any] = []
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not done:
+            done.append(action())
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "check_fits_some_worker", meanwhile)
+    return done
+
+
+def test_a_model_deleted_while_a_job_continuing_from_it_is_created_is_not_trained_on(
+        client: TestClient, session: Any, monkeypatch: Any) -> None:
+    """Found by an audit: the deletion found no job training on from the model, the job was then inserted on it,
+    and failed when claimed (no adapter to continue from)."""
+    from tests.api.conftest import upload_chat
+
+    parent = succeeded_job(session)
+    training_file = upload_chat(client)
+    done = _during_planning(monkeypatch, lambda: client.delete(f"/v1/models/{parent.fine_tuned_model}").status_code)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": parent.fine_tuned_model,
+                                                        "training_file": training_file})
+    assert done == [200]
+    assert refused.status_code == 400, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("model_not_available", "model")
+    assert all(j["model"] != parent.fine_tuned_model for j in client.get("/v1/fine_tuning/jobs").json()["data"])
+
+
+def test_a_base_model_unregistered_while_a_job_on_it_is_created_is_not_trained_on(
+        client: TestClient, session: Any, monkeypatch: Any, tiny_model_dir: Path) -> None:
+    from app.services import base_models
+    from tests.api.conftest import upload_chat
+
+    base_models.register(session, settings=get_settings(), name="racing-base", source=f"path:{tiny_model_dir}",
+                         check_allowed=False)
+    session.commit()
+    training_file = upload_chat(client)
+
+    def unregister() -> str:
+        removed = base_models.remove(session, settings=get_settings(), name="racing-base").name
+        session.commit()
+        return removed
+
+    done = _during_planning(monkeypatch, unregister)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "racing-base", "training_file": training_file})
+    assert done == ["racing-base"]
+    assert refused.status_code == 400, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("model_not_available", "model")
