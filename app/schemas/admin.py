@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool, field_validator
 
 from app.schemas.common import REQUEST_MODEL, ListPage
 
@@ -16,6 +17,19 @@ class ApiKeyCreate(BaseModel):
     project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     name: str = Field(default="", max_length=128)
     is_admin: StrictBool = False
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # A label shown in listings and the CLI's tables: control characters and bidirectional overrides would let
+        # one key's name pass for another's there.
+        if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in value):
+            raise ValueError("name must not contain control characters or bidirectional text controls")
+        return value
+
+
+# Unicode's explicit bidirectional formatting characters (marks, embeddings, overrides, isolates).
+BIDI_CONTROLS = frozenset("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class ApiKeyPublic(BaseModel):

@@ -53,7 +53,7 @@ def sign(*, secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 def create_endpoint(session: Session, *, project: Project, url: str, event_types: Sequence[str] | None
                     ) -> WebhookEndpoint:
     endpoint = WebhookEndpoint(id=new_id("wh_"), project_pk=project.pk, url=url, secret=new_secret(),
-                               event_types=list(event_types or EVENT_TYPES))
+                               event_types=list(dict.fromkeys(event_types or EVENT_TYPES)))
     session.add(endpoint)
     session.commit()
     return endpoint

@@ -79,3 +79,5 @@ def test_the_dpo_method_its_extensions_and_the_job_errors_are_documented(client:
         assert refusal["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
         for code in ("invalid_file", "prompt_too_long"):
             assert code in refusal["description"], (path, code)
+    for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"):  # both take a slot
+        assert "quota_exceeded" in document["paths"][path]["post"]["responses"]["429"]["description"], path

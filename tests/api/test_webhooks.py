@@ -210,3 +210,10 @@ def test_a_receivers_reply_body_is_neither_read_nor_shown(client: TestClient, se
     assert time.monotonic() - started < 15  # not the 30 s the reply lasts
     deliveries = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
     assert [d["status"] for d in deliveries] == ["succeeded", "succeeded"]  # the 401's retry, and the new one
+
+
+def test_an_event_type_named_twice_is_kept_once(client: TestClient) -> None:
+    created = client.post("/v1/webhooks", json={"url": "https://example.com/hook", "event_types": [
+        "fine_tuning.job.failed", "fine_tuning.job.failed", "fine_tuning.job.succeeded"]})
+    assert created.status_code == 200, created.text
+    assert created.json()["event_types"] == ["fine_tuning.job.failed", "fine_tuning.job.succeeded"]

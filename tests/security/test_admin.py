@@ -76,6 +76,15 @@ def test_admin_key_creation_validates_the_project_name(admin_client: TestClient)
         assert response.status_code == 400 and response.json()["error"]["param"] == "project", bad
 
 
+def test_a_key_name_is_printable_text(admin_client: TestClient) -> None:
+    """Found by an audit: a NUL or a right-to-left override was stored, and shown in listings and the CLI's table."""
+    for bad in ("ci\x00bot", "ci\nbot", "laptop\u202egpj.exe"):
+        response = admin_client.post("/v1/admin/keys", json={"project": "team-n", "name": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "name", bad
+    made = admin_client.post("/v1/admin/keys", json={"project": "team-n", "name": "Équipe données ✓"})
+    assert made.status_code == 200 and made.json()["name"] == "Équipe données ✓", made.text
+
+
 def test_keys_are_stored_only_as_hashes(session: Any) -> None:
     from sqlalchemy import select
 

@@ -36,7 +36,8 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 
 @router.post("", response_model=JobPublic,
-             responses=errors(409, error_codes={400: (*job_service.REQUEST_ERROR_CODES, "insufficient_memory")}))
+             responses=errors(409, error_codes={400: (*job_service.REQUEST_ERROR_CODES, "insufficient_memory"),
+                                                429: ("quota_exceeded",)}))
 def create_job(session: SessionDep, project: CurrentProject, settings: SettingsDep, body: JobCreate,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:
     """Create a fine-tuning job; the same Idempotency-Key and body return the same job."""
