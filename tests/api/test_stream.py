@@ -113,3 +113,29 @@ def test_another_projects_job_is_not_found(client: TestClient, other_client: Tes
     response = other_client.get(f"/v1/fine_tuning/jobs/{job.id}/events/stream")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert client.get("/v1/fine_tuning/jobs/ftjob-nope/events/stream").status_code == 404
+
+
+def test_a_stream_ends_once_its_api_key_is_revoked(client: TestClient, session: Any,
+                                                   poll_in_test_session: list[Any],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: a revoked key's open stream kept sending frames, while its new requests got 401."""
+    from app.models import ApiKey
+    from app.services.projects import revoke_api_key
+
+    monkeypatch.setattr(stream, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(stream, "KEY_CHECK_SECONDS", 0.0, raising=False)
+    job = create_job(session, project=create_project(session, "team-a"), status="running", step=0, total_steps=4)
+    key = session.query(ApiKey).one()  # the client's
+
+    def revoke() -> None:
+        revoke_api_key(session, key_id=key.id)
+        session.commit()
+
+    def finish() -> None:  # ends a stream that did not end at the revocation (with a frame the test then sees)
+        job.status = "succeeded"
+        session.commit()
+
+    poll_in_test_session.extend([lambda: None, lambda: None, revoke, *[lambda: None] * 20, finish])
+    frames = parse_frames(client.get(f"/v1/fine_tuning/jobs/{job.id}/events/stream").text)
+    assert [f["data"]["status"] for f in frames] == ["running"]  # then it ended, the job still running
+    assert client.get(f"/v1/fine_tuning/jobs/{job.id}").status_code == 401

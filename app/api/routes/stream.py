@@ -18,11 +18,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.deps import CurrentProject, SessionDep
+from app.api.deps import CallerDep, SessionDep
 from app.api.streaming import in_stream_thread
 from app.core.db import get_sessionmaker
 from app.core.errors import InvalidRequest
-from app.models import FineTuningJob, JobEvent
+from app.models import ApiKey, FineTuningJob, JobEvent
 from app.models.job import TERMINAL_STATUSES
 from app.services import jobs as job_service
 
@@ -37,6 +37,8 @@ POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 # Events per poll; a long backlog (a resumed dashboard) drains without waiting between batches.
 BATCH = 500
+# How often an open stream checks that its API key was not revoked meanwhile (it then ends; reconnecting gets 401).
+KEY_CHECK_SECONDS = 5.0
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
@@ -69,15 +71,27 @@ def poll_job(sessions: SessionFactory, *, job_pk: int, after_pk: int) -> tuple[d
         return _job_state(row), [(e.pk, job_service.event_public(e).model_dump_json()) for e in events]
 
 
+def key_revoked(sessions: SessionFactory, *, key_pk: int) -> bool:
+    """Whether the API key was revoked (or deleted)."""
+    with sessions() as session:
+        return session.scalar(select(ApiKey.pk).where(ApiKey.pk == key_pk, ApiKey.revoked_at.is_(None))) is None
+
+
 def _frame(event: str, data: str, *, id_: str | None = None) -> str:
     return (f"id: {id_}\n" if id_ else "") + f"event: {event}\ndata: {data}\n\n"
 
 
-async def job_frames(sessions: SessionFactory, *, job_pk: int, after_pk: int) -> AsyncIterator[str]:
-    """`event` frames for each job event, a `status` frame on every change; ends once terminal."""
+async def job_frames(sessions: SessionFactory, *, job_pk: int, after_pk: int,
+                     key_pk: int | None = None) -> AsyncIterator[str]:
+    """`event` frames for each job event, a `status` frame on every change; ends once terminal, or once the API key
+    `key_pk` that opened it is revoked ("stops working at once", as for every other request)."""
     last_state: dict[str, Any] | None = None
-    last_sent = time.monotonic()
+    last_sent = last_key_check = time.monotonic()
     while True:
+        if key_pk is not None and time.monotonic() - last_key_check >= KEY_CHECK_SECONDS:
+            if await in_stream_thread(key_revoked, sessions, key_pk=key_pk):
+                return
+            last_key_check = time.monotonic()
         state, events = await in_stream_thread(poll_job, sessions, job_pk=job_pk, after_pk=after_pk)
         changed = state != last_state
         for pk, payload in events:
@@ -100,11 +114,12 @@ async def job_frames(sessions: SessionFactory, *, job_pk: int, after_pk: int) ->
 
 
 @router.get("/{fine_tuning_job_id}/events/stream", responses=EVENT_STREAM)
-def stream_job_events(session: SessionDep, project: CurrentProject, sessions: PollSessions,
+def stream_job_events(session: SessionDep, caller: CallerDep, sessions: PollSessions,
                       fine_tuning_job_id: str,
                       last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
-    """Server-Sent Events: the job's events oldest first and its status changes, until it is terminal."""
-    job = job_service.get_job(session, project=project, job_id=fine_tuning_job_id)
+    """Server-Sent Events: the job's events oldest first and its status changes, until it is terminal (or its API
+    key is revoked)."""
+    job = job_service.get_job(session, project=caller.project, job_id=fine_tuning_job_id)
     after_pk = 0
     if last_event_id:
         found = session.scalar(select(JobEvent.pk).where(JobEvent.id == last_event_id.strip(),
@@ -113,8 +128,9 @@ def stream_job_events(session: SessionDep, project: CurrentProject, sessions: Po
             raise InvalidRequest(f"Invalid Last-Event-ID: no event with id {last_event_id!r} in this job.",
                                  param="Last-Event-ID", code="invalid_value")
         after_pk = found
-    job_pk = job.pk
+    job_pk, key_pk = job.pk, caller.api_key.pk if caller.api_key is not None else None
     # End the request session's transaction now: the stream may stay open for hours.
     session.commit()
-    return StreamingResponse(job_frames(sessions, job_pk=job_pk, after_pk=after_pk), media_type="text/event-stream",
+    return StreamingResponse(job_frames(sessions, job_pk=job_pk, after_pk=after_pk, key_pk=key_pk),
+                             media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
