@@ -414,13 +414,20 @@ async function newJobPage(mine) {
 }
 
 // --- routing -------------------------------------------------------------------------------------------
+// A job id from the address, which goes into API paths: only the shape job ids have (never "../webhooks").
+function jobIdOf(text) {
+  const id = decodeURIComponent(text);
+  if (!/^ftjob-[A-Za-z0-9]+$/.test(id)) throw new Error(`No such job: ${id}`);
+  return id;
+}
+
 async function route() {
   stopCurrent();
   stopCurrent = () => {};
   const mine = ++routeId;
   const hash = location.hash || "#/";
   try {
-    if (hash.startsWith("#/jobs/")) await jobPage(decodeURIComponent(hash.slice(7)), mine);
+    if (hash.startsWith("#/jobs/")) await jobPage(jobIdOf(hash.slice(7)), mine);
     else if (hash === "#/new") await newJobPage(mine);
     else await jobsPage(mine);
   } catch (error) {

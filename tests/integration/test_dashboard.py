@@ -32,6 +32,11 @@ def test_dashboard_page_and_assets_are_served_without_a_build_step(service: Serv
         assert client.get("/dashboard/style.css").headers["content-type"].startswith("text/css")
         assert client.get("/dashboard/..%2Fcli.py").status_code == 404
         assert client.get("/dashboard/index.js").status_code == 404
+        # The page holds the user's API key: its own script only, this service only, in no other site's frame.
+        for served in (page, script):
+            policy = served.headers["content-security-policy"]
+            assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert served.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.fixture
@@ -141,3 +146,7 @@ def drive_a_job_through_the_dashboard(service: Service, browser: Any, tmp_path: 
     row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs tr[data-job='{job_id}']"))[0]
     assert "succeeded" in row.text and "6/6" in row.text
     browser.save_screenshot(str(ARTIFACTS / "dashboard-jobs.png"))
+
+    # An address whose job id would lead the page's requests elsewhere in the API is no job's (found by an audit).
+    browser.get(f"{service.base_url}/dashboard/#/jobs/..%2F..%2Fwebhooks")
+    wait.until(lambda d: "No such job" in d.execute_script("return document.body.innerText"))
