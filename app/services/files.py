@@ -99,13 +99,16 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
         row = File(id=file_id, project_pk=project.pk, filename=filename[:255], purpose=purpose,
                    bytes=stored.bytes, sha256=stored.sha256, blob_key=key, status=status,
                    status_details=details, report=report)
-        twin = _same_content(session, project=project, sha256=stored.sha256, size=stored.bytes)
+        # The row first, on its own bytes: on SQLite the insert takes the write lock, so a delete of the twin found
+        # next cannot commit between finding it and this commit (on Postgres the twin's row lock does that).
+        session.add(row)
+        session.flush()
+        twin = _same_content(session, project=project, sha256=stored.sha256, size=stored.bytes, other_than=row.pk)
         if twin is not None:
             row.blob_key = twin.blob_key
             if twin.status != "uploaded" and (twin.report or {}).get("validator") == VALIDATOR_VERSION:
                 # same bytes, same verdict: reuse the complete report (one of an older validator: this upload's)
                 row.status, row.status_details, row.report = twin.status, twin.status_details, twin.report
-        session.add(row)
         session.commit()
     except BaseException:
         session.rollback()
@@ -121,11 +124,13 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
     return row
 
 
-def _same_content(session: Session, *, project: Project, sha256: str, size: int) -> File | None:
-    """An earlier upload with the same bytes, locked so that deleting it waits for this one's commit."""
+def _same_content(session: Session, *, project: Project, sha256: str, size: int,
+                  other_than: int) -> File | None:
+    """An earlier upload with the same bytes (not the row `other_than`), locked so that deleting it waits for this
+    one's commit."""
     return session.scalar(
         select(File).where(File.project_pk == project.pk, File.sha256 == sha256, File.bytes == size,
-                           File.purpose.in_(UPLOAD_PURPOSES))
+                           File.purpose.in_(UPLOAD_PURPOSES), File.pk != other_than)
         .order_by(File.pk).limit(1).with_for_update())
 
 

@@ -566,3 +566,32 @@ def test_a_cancel_landing_while_the_files_are_read_stands(client: TestClient, se
     assert landed
     after = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert after["status"] == "cancelled" and after["error"] is None
+
+
+def test_an_upload_whose_twin_is_deleted_meanwhile_keeps_its_own_bytes(client: TestClient, session: Any) -> None:
+    """Found by an audit: an upload found an earlier file with the same bytes, and on SQLite (where that read locks
+    nothing) a delete of that file committed, and removed the shared bytes, before the upload's row, pointing at
+    them, was written: the new file had no content. The delete lands here just before the upload's insert."""
+    from sqlalchemy import event
+
+    from app.core.storage import get_storage
+
+    content = jsonl(chat_lines(12))
+    first = upload(client, content).json()
+    twin_key = session.scalar(select(File.blob_key).where(File.id == first["id"]))
+    landed: list[str] = []
+
+    def delete_the_twin(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not landed and statement.lstrip().upper().startswith("INSERT INTO FILES"):
+            landed.append(statement)
+            cursor.execute(f"DELETE FROM files WHERE id = '{first['id']}'")
+            get_storage().delete(twin_key)
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", delete_the_twin)
+    try:
+        second = upload(client, content).json()
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_the_twin)
+    assert landed and second["status"] == "processed"
+    assert client.get(f"/v1/files/{second['id']}/content").content == content
