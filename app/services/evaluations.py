@@ -3,10 +3,10 @@ they compare, which inference worker runs them, and their state as the API shows
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -97,11 +97,24 @@ def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: S
         return
     live = {s.name for s in inference.live_servers(session, settings=settings)}
     for row in active:
-        if row.server not in live:
-            row.status, row.finished_at = "failed", now_seconds()
-            row.error = {"code": "inference_failed", "message": "The inference worker running this evaluation "
-                         "stopped before it finished; ask for it again.", "param": None}
+        if row.server not in live:  # guarded: a worker that finished or started it meanwhile is not overwritten
+            _move(session, row, sources=ACTIVE, server=row.server, status="failed", finished_at=now_seconds(),
+                  error={"code": "inference_failed", "message": "The inference worker running this evaluation "
+                         "stopped before it finished; ask for it again.", "param": None})
     session.commit()
+
+
+def _move(session: Session, row: AnswerEvaluation, *, sources: tuple[str, ...], server: Any = ...,
+          **values: Any) -> bool:
+    """One UPDATE of the evaluation's row that applies only while its status is one of `sources` (and, if given,
+    its server is still `server`); the row is read again either way. False when it had moved on."""
+    where = [AnswerEvaluation.pk == row.pk, AnswerEvaluation.status.in_(sources)]
+    if server is not ...:
+        where.append(AnswerEvaluation.server.is_(None) if server is None else AnswerEvaluation.server == server)
+    result = cast(CursorResult[Any], session.execute(update(AnswerEvaluation).where(*where).values(**values)
+                                                     .execution_options(synchronize_session=False)))
+    session.refresh(row)
+    return result.rowcount == 1
 
 
 def unfinished_evaluation(session: Session, *, settings: Settings, project_pk: int, file_id: str | None = None,
@@ -150,10 +163,10 @@ def evaluation_public(row: AnswerEvaluation, *, job: FineTuningJob) -> Evaluatio
 
 def start(session: Session, *, evaluation_id: str) -> AnswerEvaluation | None:
     """queued -> running, for the worker that runs it; None if it is not queued any more."""
-    row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id).with_for_update())
-    if row is None or row.status != "queued":
+    row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
+    if row is None or not _move(session, row, sources=("queued",), status="running"):
+        session.commit()
         return None
-    row.status = "running"
     session.commit()
     return row
 
@@ -164,13 +177,14 @@ def finish(session: Session, *, evaluation_id: str, report: dict[str, Any] | Non
     row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
     if row is None or row.status not in ACTIVE:
         return
+    outcome: dict[str, Any] = {"status": "succeeded", "report": report, "result_files": [f.id for f in files]} \
+        if error is None else {"status": "failed", "error": {"code": "evaluation_failed", "message": error,
+                                                             "param": None}}
+    # Guarded: an evaluation marked failed meanwhile (its worker's heartbeat went stale) stays so, without files.
+    if not _move(session, row, sources=ACTIVE, finished_at=now_seconds(), **outcome):
+        session.rollback()
+        return
     for file in files:
         session.add(file)
-    session.flush()
-    row.finished_at = now_seconds()
-    if error is None:
-        row.status, row.report, row.result_files = "succeeded", report, [f.id for f in files]
-    else:
-        row.status, row.error = "failed", {"code": "evaluation_failed", "message": error, "param": None}
     session.commit()
 

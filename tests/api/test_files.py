@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import upload, upload_chat
@@ -159,3 +160,41 @@ def test_a_file_deleted_while_a_job_on_it_is_created_is_not_trained_on(client: T
     error = refused.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_file", "training_file")
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("landing", ["finished", "started"])
+def test_an_evaluation_its_worker_finished_meanwhile_is_not_marked_orphaned(client: TestClient, session: Any,
+                                                                            landing: str) -> None:
+    """Found by an audit: an evaluation whose worker's heartbeat looked stale was read, then written failed over
+    whatever its worker wrote between (finished, or started by another worker)."""
+    from sqlalchemy import event
+
+    from app.core.config import get_settings
+    from app.models import AnswerEvaluation
+    from app.services.evaluations import unfinished_evaluation
+    from tests.api.test_models import succeeded_job
+
+    job = succeeded_job(session)
+    file_id = upload_chat(client)
+    evaluation = AnswerEvaluation(id="ftevaluation-racing", job_pk=job.pk, project_pk=job.project_pk,
+                                  model=job.fine_tuned_model, file_id=file_id, max_examples=4, target={},
+                                  status="running", result_files=[], server="vm:1/inference")  # no heartbeat
+    session.add(evaluation)
+    session.commit()
+    change = "status = 'succeeded'" if landing == "finished" else "server = 'vm:2/inference'"
+    landed: list[str] = []
+
+    def worker_writes_first(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not landed and statement.lstrip().upper().startswith("UPDATE ANSWER_EVALUATIONS"):
+            landed.append(statement)
+            cursor.execute(f"UPDATE answer_evaluations SET {change} WHERE id = 'ftevaluation-racing'")
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", worker_writes_first)
+    try:
+        unfinished_evaluation(session, settings=get_settings(), project_pk=job.project_pk, file_id=file_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", worker_writes_first)
+    session.refresh(evaluation)
+    assert landed and evaluation.error is None
+    assert evaluation.status == ("succeeded" if landing == "finished" else "running")
