@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,16 +109,23 @@ class _Send:
     attempts: int
 
 
-def _claim_due(session: Session, *, now: float) -> list[_Send]:
-    rows = session.execute(
+def _claim_due(session: Session, *, now: float, sent: Collection[int]) -> _Send | None:
+    """The next due delivery (not one of `sent`, this pass's), claimed for CLAIM_SECONDS: one at a time, right
+    before it is sent, so a claim never lapses while the deliveries before it in the pass wait on slow receivers."""
+    found = session.execute(
         select(WebhookDelivery, WebhookEndpoint)
         .join(WebhookEndpoint, WebhookDelivery.endpoint_pk == WebhookEndpoint.pk)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at).limit(BATCH)
-        .with_for_update(of=WebhookDelivery, skip_locked=True)).all()
-    claimed = [_Send(d.pk, e.url, e.secret, d.event_id, d.payload, d.attempts) for d, e in rows]
-    for delivery, _endpoint in rows:
-        delivery.next_attempt_at = now + CLAIM_SECONDS
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
+               WebhookDelivery.pk.not_in(sent))
+        .order_by(WebhookDelivery.next_attempt_at).limit(1)
+        .with_for_update(of=WebhookDelivery, skip_locked=True)).first()
+    if found is None:
+        session.commit()
+        return None
+    delivery, endpoint = found
+    delivery.next_attempt_at = now + CLAIM_SECONDS
+    claimed = _Send(delivery.pk, endpoint.url, endpoint.secret, delivery.event_id, delivery.payload,
+                    delivery.attempts)
     session.commit()
     return claimed
 
@@ -154,12 +161,14 @@ def _post(send: _Send, *, client: httpx.Client) -> tuple[int | None, str | None]
 
 def send_due_deliveries(session: Session, *, settings: Settings, now: float | None = None) -> int:
     """Send the deliveries that are due (claimed first, so reapers on other hosts skip them); returns sent."""
-    claimed = _claim_due(session, now=time.time() if now is None else now)
-    if not claimed:
-        return 0
+    sent: list[int] = []
     # Redirects are not followed: a signed event goes only to the URL the user registered.
     with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
-        for send in claimed:
+        while len(sent) < BATCH:
+            send = _claim_due(session, now=time.time() if now is None else now, sent=sent)
+            if send is None:
+                break
+            sent.append(send.pk)
             status_code, error = _post(send, client=client)
             attempts = send.attempts + 1
             values: dict[str, Any] = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
@@ -172,7 +181,7 @@ def send_due_deliveries(session: Session, *, settings: Settings, now: float | No
                 values.update(next_attempt_at=time.time() + backoff_seconds(attempts, settings=settings))
             session.execute(update(WebhookDelivery).where(WebhookDelivery.pk == send.pk).values(**values))
             session.commit()
-    return len(claimed)
+    return len(sent)
 
 
 def send_due_webhooks(*, settings: Settings) -> int:

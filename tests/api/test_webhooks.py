@@ -217,3 +217,30 @@ def test_an_event_type_named_twice_is_kept_once(client: TestClient) -> None:
         "fine_tuning.job.failed", "fine_tuning.job.failed", "fine_tuning.job.succeeded"]})
     assert created.status_code == 200, created.text
     assert created.json()["event_types"] == ["fine_tuning.job.failed", "fine_tuning.job.succeeded"]
+
+
+def test_each_delivery_is_claimed_just_before_it_is_sent(client: TestClient, session: Any, receiver: Receiver,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass claimed all its deliveries at once, for 60 s: behind slow receivers the later claims lapsed, and another
+    worker's sender took those deliveries too (sent twice). Now each is claimed as its turn comes."""
+    from sqlalchemy import select
+
+    from app.models import WebhookDelivery
+    from app.services import webhooks
+
+    for path in ("/a", "/b"):
+        client.post("/v1/webhooks", json={"url": receiver.url + path})
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    real_post = webhooks._post
+    claimed_while_sending: list[int] = []
+
+    def post(send: Any, *, client: Any) -> Any:
+        claims = session.scalars(select(WebhookDelivery.next_attempt_at).where(WebhookDelivery.status == "pending"))
+        claimed_while_sending.append(sum(1 for at in claims if at > time.time() + 30))
+        return real_post(send, client=client)
+
+    monkeypatch.setattr(webhooks, "_post", post)
+    assert send_due_deliveries(session, settings=settings()) == 2
+    assert claimed_while_sending == [1, 1]  # only the one being sent (the first is done when the second goes)
+    assert len(receiver.received) == 2
