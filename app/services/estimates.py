@@ -237,7 +237,7 @@ def estimate_job(session: Session, *, project: Any, request: Any, settings: Sett
         # prompt room is
         with contextlib.suppress(TemplateRefusal):  # uncounted, as creating the job does not count it either
             record_token_stats(session, storage=get_storage(), file=training, model=plan.base_model,
-                               settings=settings, max_seq_length=plan.config.max_seq_length)
+                               settings=settings, max_seq_length=plan.config.max_seq_length, param="training_file")
     report = training.report or {}
     stats = (report.get("tokens") or {}).get(plan.base_model)
     tokens = stats["total_tokens"] if stats else None

@@ -118,8 +118,10 @@ def create_file(session: Session, *, storage: Storage, project: Project, chunks:
         storage.delete(key)  # the twin's blob holds the same bytes
     if model is not None and row.status == "processed":
         try:
-            record_token_stats(session, storage=storage, file=row, model=model, settings=settings)
+            record_token_stats(session, storage=storage, file=row, model=model, settings=settings, param="file")
         except TemplateRefusal:  # the file is stored and fine; a job on that model says which example, and why
+            session.rollback()
+        except InvalidRequest:  # deleted already, by a request that had its id: the upload itself went through
             session.rollback()
     return row
 

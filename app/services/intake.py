@@ -91,7 +91,7 @@ def token_report(session: Session, job: FineTuningJob, *, settings: Settings) ->
             continue
         try:
             stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model,
-                                       settings=settings, max_seq_length=max_seq_length)
+                                       settings=settings, max_seq_length=max_seq_length, param=param)
         except TemplateRefusal as exc:  # training stops at that example, saying so (worker/training/data.py)
             events.append(("warn", exc.describe(param=param, model=job.base_model), {"file": file.id,
                                                                                      "line": exc.line}))
@@ -125,7 +125,7 @@ def _prompt_room(session: Session, job: FineTuningJob, *, file: File, param: str
         return None
     max_seq_length = int(job.config.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
     stats = record_token_stats(session, storage=get_storage(), file=file, model=job.base_model, settings=settings,
-                               max_seq_length=max_seq_length)
+                               max_seq_length=max_seq_length, param=param)
     if stats is None:
         return None
     return prompt_room_problem(stats, file_id=file.id, param=param, max_seq_length=max_seq_length)

@@ -513,7 +513,7 @@ def check_prompt_room(session: Session, *, files: list[File], base_model: str, c
         if stats is None and countable_in_request(file, settings):
             try:
                 stats = record_token_stats(session, storage=get_storage(), file=file, model=base_model,
-                                           settings=settings, max_seq_length=config.max_seq_length)
+                                           settings=settings, max_seq_length=config.max_seq_length, param=param)
             except TemplateRefusal as exc:
                 raise InvalidRequest(exc.describe(param=param, model=base_model), param=param,
                                      code="invalid_file") from None

@@ -18,8 +18,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.core.config import Settings
+from app.core.errors import InvalidRequest
 from app.core.storage import Storage
 from app.models import File
 from app.schemas.files import template_messages
@@ -278,9 +280,12 @@ def countable_in_request(file: File, settings: Settings) -> bool:
 
 
 def record_token_stats(session: Session, *, storage: Storage, file: File, model: str, settings: Settings,
-                       max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> dict[str, Any] | None:
+                       max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, param: str = "file_id") -> dict[str, Any] | None:
     """Token statistics of `file` for `model` (stored in its report under tokens[model]), computed once per
-    model and max_seq_length; None when the model has no tokenizer.json."""
+    model and max_seq_length; None when the model has no tokenizer.json. 400 invalid_file naming `param` when the
+    file is deleted while it is read."""
+    gone = InvalidRequest(f"Invalid file: {file.id} was deleted while this request was handled.", param=param,
+                          code="invalid_file")
     known = known_token_stats(file, model=model, max_seq_length=max_seq_length)
     if known is not None:
         return known
@@ -289,7 +294,10 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
     counter = load_token_counter(base_models.get(session, settings=settings, name=model).tokenizer)
     if counter is None:
         return None
-    fresh = token_statistics(storage=storage, file=file, counter=counter, max_seq_length=max_seq_length)
+    try:
+        fresh = token_statistics(storage=storage, file=file, counter=counter, max_seq_length=max_seq_length)
+    except FileNotFoundError:
+        raise gone from None
     report = dict(file.report or {})
     by_model = dict(report.get("tokens") or {})
     earlier = by_model.get(model) or {}
@@ -299,7 +307,11 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
     by_model[model] = fresh
     report["tokens"] = by_model
     file.report = report  # a new dict, so the JSON column is saved
-    session.commit()
+    try:
+        session.commit()
+    except StaleDataError:  # the row went meanwhile
+        session.rollback()
+        raise gone from None
     return fresh
 
 

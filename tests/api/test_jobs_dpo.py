@@ -340,3 +340,25 @@ def test_templates_using_transformers_helpers_are_counted_not_refused(client: Te
     created = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-dated", "training_file": upload_pairs(client),
                                                         "method": {"type": "dpo"}})
     assert created.status_code == 200, created.text
+
+
+def test_a_preference_file_deleted_while_a_dpo_job_measures_it_is_refused_not_a_500(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: creating a DPO job tokenises its file in the request; a delete landing meanwhile made the
+    read of its bytes, or the write of its token statistics, a 500."""
+    from app.services import tokens
+
+    training = upload_pairs(client)
+    real_statistics = tokens.token_statistics
+    deleted: list[int] = []
+
+    def delete_meanwhile(**kwargs: Any) -> Any:
+        if not deleted:
+            deleted.append(client.delete(f"/v1/files/{training}").status_code)
+        return real_statistics(**kwargs)
+
+    monkeypatch.setattr(tokens, "token_statistics", delete_meanwhile)
+    refused = dpo(client, training_file=training)
+    assert deleted == [200]
+    assert refused.status_code == 400, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("invalid_file", "training_file")
