@@ -126,8 +126,9 @@ class Settings(BaseSettings):
     # lines carry job_id and attempt), for log shippers; "text" is for people reading a terminal.
     log_format: Literal["text", "json"] = "text"
     # Webhooks: a failed delivery is retried after webhook_retry_seconds, doubling each time (at most
-    # an hour apart), until webhook_max_attempts; each POST waits at most webhook_timeout_seconds
-    # (deliveries are sent from the workers' reaper loop, so a slow receiver delays only that loop).
+    # an hour apart), until webhook_max_attempts; each step of a POST waits at most webhook_timeout_seconds,
+    # and a try three times that in all (deliveries are sent from a thread of each worker's own, beside the
+    # reaper's, so a slow receiver delays only other deliveries).
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_retry_seconds: float = Field(default=30.0, ge=0)
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -12,6 +12,7 @@ from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import Storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
 from app.models.job import TERMINAL_STATUSES, UNFINISHED_STATUSES
+from app.services.rows import hold_rows
 
 # Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
 WEIGHT_KINDS = ("adapter", "model")
@@ -103,10 +104,8 @@ def hold_fine_tuned_model(session: Session, *, project: Project, model_id: str, 
     insert commits first and the delete sees it (409 model_in_use), or the delete commits first and this finds the
     weights gone: 400 model_not_available."""
     base_id, _step = split_checkpoint_id(model_id)
-    session.execute(update(FineTuningJob).where(FineTuningJob.project_pk == project.pk,
-                                                FineTuningJob.fine_tuned_model == base_id)
-                    .values(fine_tuned_model=FineTuningJob.fine_tuned_model)
-                    .execution_options(synchronize_session=False))
+    hold_rows(session, FineTuningJob.fine_tuned_model, FineTuningJob.project_pk == project.pk,
+              FineTuningJob.fine_tuned_model == base_id)
     try:
         find_fine_tuned_model(session, project=project, model_id=model_id)
     except NotFound:
@@ -115,10 +114,8 @@ def hold_fine_tuned_model(session: Session, *, project: Project, model_id: str, 
 
 
 def _hold_job(session: Session, job: FineTuningJob) -> None:
-    """The row write that deleting a job's weights makes before its checks (hold_fine_tuned_model)."""
-    session.execute(update(FineTuningJob).where(FineTuningJob.pk == job.pk)
-                    .values(fine_tuned_model=FineTuningJob.fine_tuned_model)
-                    .execution_options(synchronize_session=False))
+    """The hold that deleting a job's weights makes before its checks (hold_fine_tuned_model)."""
+    hold_rows(session, FineTuningJob.fine_tuned_model, FineTuningJob.pk == job.pk)
 
 
 def delete_fine_tuned_model(session: Session, *, storage: Storage, project: Project, model_id: str,

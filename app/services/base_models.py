@@ -18,9 +18,9 @@ import struct
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from app.models import FineTuningJob, RegisteredModel
 from app.models.job import UNFINISHED_STATUSES, JobStatus
 from app.models.registered_model import DOWNLOAD_STALE_SECONDS, MODEL_STATUSES, USABLE_STATUSES
 from app.services import hub
+from app.services.rows import hold_rows
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -266,9 +267,10 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
                              f"{settings.model_sources!r}).", param=source_param, code="model_source_not_allowed")
     if revision is not None and source.startswith("path:"):
         raise InvalidRequest("revision applies to hf: sources only.", param="revision", code="invalid_value")
+    taken = Conflict(f"A model named {name!r} is already registered; remove it first to register it again.",
+                     param="name", code="model_exists")
     if session.scalar(select(RegisteredModel.pk).where(RegisteredModel.name == name)) is not None:
-        raise Conflict(f"A model named {name!r} is already registered; remove it first to register it again.",
-                       param="name", code="model_exists")
+        raise taken
     row = RegisteredModel(name=name, source=source, revision=revision, trust_remote_code=trust_remote_code,
                           allow_pickle=allow_pickle, status="registered", info={}, files=[], tokenizer={},
                           owned_by=owned_by)
@@ -281,8 +283,7 @@ def register(session: Session, *, settings: Settings, name: str, source: str, re
         with session.begin_nested():  # a concurrent registration of the name (its Hub reads take seconds) won
             session.add(row)
     except IntegrityError:
-        raise Conflict(f"A model named {name!r} is already registered; remove it first to register it again.",
-                       param="name", code="model_exists") from None
+        raise taken from None
     return row
 
 
@@ -395,6 +396,7 @@ def ready_for_jobs(session: Session, *, settings: Settings, name: str) -> Regist
         try:
             row = register(session, settings=settings, name=name, source=f"hf:{name}", source_param="model")
         except Conflict:  # another job's request registered it meanwhile
+            session.commit()  # ends what the refused insert left open (on SQLite, its write lock)
             row = find(session, settings=settings, name=name)
     if row is None:
         names = [m.name for m in list_models(session, settings=settings, statuses=USABLE_STATUSES)]
@@ -421,16 +423,18 @@ def remove(session: Session, *, settings: Settings, name: str) -> RegisteredMode
     return row
 
 
-def hold(session: Session, *, name: str) -> None:
-    """Write the base model's row just before inserting a job on it, in that insert's transaction (Postgres locks the
-    row, SQLite takes its write lock): unregistering it (remove) waits for the insert and then sees the job, or it
-    committed first and this refuses the job, 400 model_not_available."""
-    result = cast(CursorResult[Any], session.execute(
-        update(RegisteredModel).where(RegisteredModel.name == name).values(name=RegisteredModel.name)
-        .execution_options(synchronize_session=False)))
-    if result.rowcount != 1:
-        raise InvalidRequest(f"Model {name!r} was unregistered while this request was handled.", param="model",
-                             code="model_not_available")
+def hold(session: Session, *, name: str, revision: str | None) -> None:
+    """Hold the base model's row just before inserting a job on it, in that insert's transaction
+    (app/services/rows.py), still registered for the weights `revision` (revision_of) the job was planned on and
+    usable: unregistering it (remove) waits for the insert and then sees the job, or it (or a registration again,
+    or a failed download) came first and this refuses the job, 400 model_not_available."""
+    conditions = [RegisteredModel.name == name, RegisteredModel.status.in_(USABLE_STATUSES)]
+    if revision is not None:
+        source, _, commit = revision.rpartition("@")
+        conditions += [RegisteredModel.source == source, func.coalesce(RegisteredModel.commit_sha, "") == commit]
+    if not hold_rows(session, RegisteredModel.owned_by, *conditions):
+        raise InvalidRequest(f"Model {name!r} was unregistered, registered again or failed while this request was "
+                             "handled; send it again.", param="model", code="model_not_available")
 
 
 def _pinned(session: Session, *, name: str, commit_sha: str | None) -> RegisteredModel | None:

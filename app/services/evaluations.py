@@ -3,10 +3,10 @@ they compare, which inference worker runs them, and their state as the API shows
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import httpx
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -17,8 +17,9 @@ from app.schemas.evaluations import EvaluationCreate, EvaluationPublic
 from app.schemas.training import TrainingMethod
 from app.services import inference
 from app.services.artifacts import hold_fine_tuned_model, split_checkpoint_id
-from app.services.jobs import FORMAT_NAMES, METHOD_FORMATS, dataset_file, hold_file
+from app.services.jobs import FORMAT_NAMES, METHOD_FORMATS, dataset_file, hold_files
 from app.services.paging import page_after
+from app.services.rows import move_row
 
 ACTIVE = ("queued", "running")
 # An evaluation not yet handed to an inference worker (server unset) after this long was lost with its API request.
@@ -58,7 +59,7 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
     target = inference.resolve_target(session, settings=settings, project=project, model=model)
     file = evaluation_file(session, project=project, file_id=request.file_id, settings=settings)
     urls = inference.servers_for(session, settings=settings, target=target)
-    hold_file(session, project=project, file_id=file.id, param="file_id")
+    hold_files(session, project=project, files=[("file_id", file)])
     hold_fine_tuned_model(session, project=project, model_id=model, param="model")
     row = AnswerEvaluation(id=new_id("ftevaluation-"), job_pk=job.pk, project_pk=project.pk, model=model,
                            file_id=file.id, max_examples=request.max_examples, max_new_tokens=request.max_new_tokens,
@@ -89,8 +90,9 @@ def create_evaluation(session: Session, *, project: Project, job: FineTuningJob,
                                          "Retry shortly.")
 
 
-def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: Settings) -> None:
-    """Evaluations whose inference worker is gone (no live heartbeat) fail, saying so, instead of waiting forever."""
+def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: Settings, commit: bool = True) -> None:
+    """Evaluations whose inference worker is gone (no live heartbeat) fail, saying so, instead of waiting forever
+    (committed, or with `commit` False left to the caller's transaction)."""
     handed_off_by = now_seconds() - HANDOFF_SECONDS
     active = [r for r in rows if r.status in ACTIVE and (r.server is not None or r.created_at < handed_off_by)]
     if not active:
@@ -98,29 +100,23 @@ def _mark_orphans(session: Session, rows: list[AnswerEvaluation], *, settings: S
     live = {s.name for s in inference.live_servers(session, settings=settings)}
     for row in active:
         if row.server not in live:  # guarded: a worker that finished or started it meanwhile is not overwritten
-            _move(session, row, sources=ACTIVE, server=row.server, status="failed", finished_at=now_seconds(),
-                  error={"code": "inference_failed", "message": "The inference worker running this evaluation "
-                         "stopped before it finished; ask for it again.", "param": None})
-    session.commit()
-
-
-def _move(session: Session, row: AnswerEvaluation, *, sources: tuple[str, ...], server: Any = ...,
-          **values: Any) -> bool:
-    """One UPDATE of the evaluation's row that applies only while its status is one of `sources` (and, if given,
-    its server is still `server`); the row is read again either way. False when it had moved on."""
-    where = [AnswerEvaluation.pk == row.pk, AnswerEvaluation.status.in_(sources)]
-    if server is not ...:
-        where.append(AnswerEvaluation.server.is_(None) if server is None else AnswerEvaluation.server == server)
-    result = cast(CursorResult[Any], session.execute(update(AnswerEvaluation).where(*where).values(**values)
-                                                     .execution_options(synchronize_session=False)))
-    session.refresh(row)
-    return result.rowcount == 1
+            same_server = AnswerEvaluation.server.is_(None) if row.server is None else \
+                AnswerEvaluation.server == row.server
+            move_row(session, row, AnswerEvaluation.status.in_(ACTIVE), same_server, status="failed",
+                     finished_at=now_seconds(),
+                     error={"code": "inference_failed", "message": "The inference worker running this evaluation "
+                            "stopped before it finished; ask for it again.", "param": None})
+    if commit:
+        session.commit()
+    else:
+        session.flush()
 
 
 def unfinished_evaluation(session: Session, *, settings: Settings, project_pk: int, file_id: str | None = None,
                           job_pk: int | None = None) -> str | None:
     """The id of an evaluation still to finish that reads the file `file_id` or the weights of the job `job_pk`
-    (one whose inference worker is gone fails first, saying so: it would never finish), or None."""
+    (one whose inference worker is gone fails first, saying so: it would never finish), or None. The caller commits:
+    a deletion asks, and its hold on the row (app/services/rows.py) must last until its own commit."""
     query = select(AnswerEvaluation).where(AnswerEvaluation.project_pk == project_pk,
                                            AnswerEvaluation.status.in_(ACTIVE))
     if file_id is not None:
@@ -128,7 +124,7 @@ def unfinished_evaluation(session: Session, *, settings: Settings, project_pk: i
     if job_pk is not None:
         query = query.where(AnswerEvaluation.job_pk == job_pk)
     rows = list(session.scalars(query))
-    _mark_orphans(session, rows, settings=settings)
+    _mark_orphans(session, rows, settings=settings, commit=False)
     return next((row.id for row in rows if row.status in ACTIVE), None)
 
 
@@ -164,7 +160,7 @@ def evaluation_public(row: AnswerEvaluation, *, job: FineTuningJob) -> Evaluatio
 def start(session: Session, *, evaluation_id: str) -> AnswerEvaluation | None:
     """queued -> running, for the worker that runs it; None if it is not queued any more."""
     row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
-    if row is None or not _move(session, row, sources=("queued",), status="running"):
+    if row is None or not move_row(session, row, AnswerEvaluation.status == "queued", status="running"):
         session.commit()
         return None
     session.commit()
@@ -172,19 +168,21 @@ def start(session: Session, *, evaluation_id: str) -> AnswerEvaluation | None:
 
 
 def finish(session: Session, *, evaluation_id: str, report: dict[str, Any] | None, files: list[Any],
-           error: str | None = None) -> None:
-    """succeeded with the report and its result files (File rows), or failed with the error."""
+           error: str | None = None) -> bool:
+    """succeeded with the report and its result files (File rows), or failed with the error; False when the
+    evaluation had ended (or gone) meanwhile, and nothing was recorded."""
     row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
     if row is None or row.status not in ACTIVE:
-        return
+        return False
     outcome: dict[str, Any] = {"status": "succeeded", "report": report, "result_files": [f.id for f in files]} \
         if error is None else {"status": "failed", "error": {"code": "evaluation_failed", "message": error,
                                                              "param": None}}
     # Guarded: an evaluation marked failed meanwhile (its worker's heartbeat went stale) stays so, without files.
-    if not _move(session, row, sources=ACTIVE, finished_at=now_seconds(), **outcome):
+    if not move_row(session, row, AnswerEvaluation.status.in_(ACTIVE), finished_at=now_seconds(), **outcome):
         session.rollback()
-        return
+        return False
     for file in files:
         session.add(file)
     session.commit()
+    return True
 

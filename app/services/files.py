@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -19,6 +19,7 @@ from app.services.artifacts import WEIGHT_KINDS
 from app.services.datasets import VALIDATOR_VERSION, DatasetValidator, status_details
 from app.services.evaluations import unfinished_evaluation
 from app.services.paging import page_after
+from app.services.rows import hold_rows
 from app.services.tokens import TemplateRefusal, record_token_stats
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -162,11 +163,12 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
                 settings: Settings) -> None:
     """Delete a file's row, and its bytes unless another file with the same content shares them."""
     row = get_file(session, project=project, file_id=file_id)
-    # Written before the checks below (Postgres locks the row, SQLite takes its write lock), as a job's or an
-    # evaluation's insert writes it first too (jobs.hold_file): one created meanwhile is either counted below or
-    # finds the file gone.
-    session.execute(update(File).where(File.pk == row.pk).values(bytes=File.bytes)
-                    .execution_options(synchronize_session=False))
+    # Every file on this blob is locked first, in primary-key order (an upload adopting the blob locks the same rows,
+    # and commits first, then is counted below), and this one held (app/services/rows.py; on SQLite the write lock)
+    # before the checks, as a job's or an evaluation's insert holds it first too (jobs.hold_files): one created
+    # meanwhile is either seen below or finds the file gone.
+    session.scalars(select(File.pk).where(File.blob_key == row.blob_key).order_by(File.pk).with_for_update()).all()
+    hold_rows(session, File.bytes, File.pk == row.pk)
     in_use = session.scalar(
         select(FineTuningJob.id).where(
             FineTuningJob.project_pk == project.pk,
@@ -189,9 +191,6 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
         raise Conflict(f"File {file_id} holds the weights of the fine-tuned model {holds!r}; delete the model "
                        f"(DELETE /v1/models/{holds}), which removes its files and checkpoints.", param="file_id",
                        code="file_in_use")
-    # Lock every file on this blob: an upload that is adopting it (it locks the same rows) commits first,
-    # and is then counted below.
-    session.scalars(select(File.pk).where(File.blob_key == row.blob_key).order_by(File.pk).with_for_update()).all()
     session.delete(row)
     session.flush()
     shared = session.scalar(select(func.count()).select_from(File).where(File.blob_key == row.blob_key))

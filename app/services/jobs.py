@@ -7,10 +7,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -57,9 +57,11 @@ from app.schemas.training import (
 from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id, hold_fine_tuned_model
 from app.services.paging import page_after
 from app.services.quotas import check_job_quota
+from app.services.rows import hold_rows, move_row
 from app.services.tokens import (
     TemplateRefusal,
     countable_in_request,
+    file_deleted_meanwhile,
     known_token_stats,
     prompt_room_problem,
     record_token_stats,
@@ -102,17 +104,14 @@ def add_event(session: Session, *, job: FineTuningJob, message: str, level: str 
     return event
 
 
-def hold_file(session: Session, *, project: Project, file_id: str, param: str) -> None:
-    """Write the file's row just before inserting a job or evaluation that reads it, in that insert's transaction:
-    Postgres locks the row and SQLite takes its write lock. delete_file writes the row first too, then looks for
-    unfinished work on it, so of the two either the insert commits first and the delete sees it (409 file_in_use),
-    or the delete commits first and this finds the file gone: 400 invalid_file, never a job on a deleted file."""
-    result = cast(CursorResult[Any], session.execute(
-        update(File).where(File.project_pk == project.pk, File.id == file_id).values(bytes=File.bytes)
-        .execution_options(synchronize_session=False)))
-    if result.rowcount != 1:
-        raise InvalidRequest(f"Invalid file: {file_id} was deleted while this request was handled.", param=param,
-                             code="invalid_file")
+def hold_files(session: Session, *, project: Project, files: Sequence[tuple[str, File]]) -> None:
+    """Hold the rows of the files (param, row) a job or evaluation reads, just before inserting it, in that insert's
+    transaction (app/services/rows.py). delete_file holds the row too before it looks for unfinished work on the
+    file, so either the insert commits first and the delete sees it (409 file_in_use), or the delete commits first
+    and this finds the file gone: 400 invalid_file, never a job on a deleted file."""
+    for param, file in sorted(files, key=lambda pair: pair[1].pk):
+        if not hold_rows(session, File.bytes, File.project_pk == project.pk, File.pk == file.pk):
+            raise file_deleted_meanwhile(file.id, param=param)
 
 
 def dataset_file(session: Session, *, project: Project, file_id: str, param: str, settings: Settings,
@@ -562,16 +561,13 @@ def create_job(session: Session, *, project: Project, request: JobCreate, settin
     validated = all(f.status == "processed" for f in files) and not plan.unmeasured
     # The binding checks, after the planning (which may commit) and committed with the insert below: what the job
     # reads is still there (and stays, as deleting it waits for this insert and then sees the job), and the quota.
-    for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
-        if file_id is not None:
-            hold_file(session, project=project, file_id=file_id, param=param)
+    hold_files(session, project=project, files=list(zip(("training_file", "validation_file"), files, strict=False)))
     if request.model.startswith("ft:"):
         hold_fine_tuned_model(session, project=project, model_id=request.model, param="model")
-    else:
-        from app.services import base_models
+    from app.services import base_models
 
-        base_models.hold(session, name=base_model)
-    check_job_quota(session, project=project, settings=settings)
+    base_models.hold(session, name=base_model, revision=plan.base_revision)
+    check_job_quota(session, project=project, settings=settings, idempotency_key=idempotency_key)
     job = FineTuningJob(
         id=new_id("ftjob-"), project_pk=project.pk, model=request.model, base_model=base_model,
         training_file=request.training_file, validation_file=request.validation_file,
@@ -658,11 +654,7 @@ def move_job(session: Session, job: FineTuningJob, *, sources: Sequence[str], **
     """One UPDATE of the job's row that applies only while its status is one of `sources` (TRANSITIONS' rule: a
     worker finishing, handing off or claiming the job at the same moment cannot be overwritten); the row is read
     again either way. False when the job had moved on: nothing was written."""
-    result = cast(CursorResult[Any], session.execute(
-        update(FineTuningJob).where(FineTuningJob.pk == job.pk, FineTuningJob.status.in_(sources)).values(**values)
-        .execution_options(synchronize_session=False)))
-    session.refresh(job)
-    return result.rowcount == 1
+    return move_row(session, job, FineTuningJob.status.in_(sources), **values)
 
 
 def cancel_job(session: Session, *, project: Project, job_id: str) -> FineTuningJob:

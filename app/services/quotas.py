@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import RateLimited
 from app.models import FineTuningJob, Project
 from app.models.job import ACTIVE_STATUSES
+from app.services.rows import hold_rows
 
 # Jobs that hold (or wait for) a worker; paused jobs hold only a checkpoint and do not count.
 QUOTA_JOB_STATUSES = ACTIVE_STATUSES
@@ -21,14 +22,15 @@ def check_job_quota(session: Session, *, project: Project, settings: Settings, i
     """Raise 429 quota_exceeded when the project already has its maximum of active jobs.
 
     With `lock`, the binding check, made just before the write that adds an active job and committed with it: the
-    project's row is written first, which locks it on Postgres and takes SQLite's write lock (where a SELECT ... FOR
-    UPDATE locks nothing), so of concurrent creates or resumes each counts the others' jobs. Without, a refusal
-    before a request does its work (a job's planning reads files and may commit): fast, and not binding."""
+    project's row is held first (app/services/rows.py; SELECT ... FOR UPDATE locks nothing on SQLite), so of
+    concurrent creates or resumes each counts the others' jobs, and a create with the Idempotency-Key of one that
+    committed meanwhile finds that job. Without, a refusal before a request does its work (a job's planning reads
+    files and may commit): fast, and not binding."""
+    if lock:
+        hold_rows(session, Project.name, Project.pk == project.pk)
     if idempotency_key is not None and session.scalar(select(FineTuningJob.pk).where(
             FineTuningJob.project_pk == project.pk, FineTuningJob.idempotency_key == idempotency_key)):
         return  # a replay returns the existing job and creates nothing
-    if lock:
-        session.execute(update(Project).where(Project.pk == project.pk).values(name=Project.name))
     active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
         FineTuningJob.project_pk == project.pk, FineTuningJob.status.in_(QUOTA_JOB_STATUSES))) or 0
     if active >= settings.max_active_jobs_per_project:

@@ -279,13 +279,18 @@ def countable_in_request(file: File, settings: Settings) -> bool:
     return file.status == "processed" and file.bytes <= settings.intake_sync_validation_bytes
 
 
+def file_deleted_meanwhile(file_id: str, *, param: str) -> InvalidRequest:
+    """The refusal of a request whose file was deleted by another request while this one used it."""
+    return InvalidRequest(f"Invalid file: {file_id} was deleted while this request was handled.", param=param,
+                          code="invalid_file")
+
+
 def record_token_stats(session: Session, *, storage: Storage, file: File, model: str, settings: Settings,
                        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, param: str = "file_id") -> dict[str, Any] | None:
     """Token statistics of `file` for `model` (stored in its report under tokens[model]), computed once per
     model and max_seq_length; None when the model has no tokenizer.json. 400 invalid_file naming `param` when the
     file is deleted while it is read."""
-    gone = InvalidRequest(f"Invalid file: {file.id} was deleted while this request was handled.", param=param,
-                          code="invalid_file")
+    gone = file_deleted_meanwhile(file.id, param=param)
     known = known_token_stats(file, model=model, max_seq_length=max_seq_length)
     if known is not None:
         return known

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,17 @@ from app.core.db import session_scope
 from app.core.errors import NotFound
 from app.models import FineTuningJob, Project, WebhookDelivery, WebhookEndpoint
 from app.models.base import new_id, now_seconds
+from app.services.rows import move_row
 
 logger = logging.getLogger("tuneforge.webhooks")
 
 EVENT_TYPES = ("fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled")
-# A sender owns a claimed delivery this long; a sender that dies mid-post is retried after it.
+# A sender owns a claimed delivery this long (or four tries' deadline, if longer); a sender that dies mid-post is
+# retried after it.
 CLAIM_SECONDS = 60.0
+# One try is given up after this many times TUNEFORGE_WEBHOOK_TIMEOUT_SECONDS in all: httpx's timeout bounds each read,
+# and a receiver answering a byte at a time would otherwise hold the sender for as long as it liked.
+TRY_DEADLINE_TIMEOUTS = 3
 # Deliveries one reaper pass sends at most (each waits up to the timeout): keeps the pass short.
 BATCH = 20
 MAX_BACKOFF_SECONDS = 3600.0
@@ -109,25 +115,46 @@ class _Send:
     attempts: int
 
 
-def _claim_due(session: Session, *, now: float, sent: Collection[int]) -> _Send | None:
-    """The next due delivery (not one of `sent`, this pass's), claimed for CLAIM_SECONDS: one at a time, right
-    before it is sent, so a claim never lapses while the deliveries before it in the pass wait on slow receivers."""
-    found = session.execute(
-        select(WebhookDelivery, WebhookEndpoint)
-        .join(WebhookEndpoint, WebhookDelivery.endpoint_pk == WebhookEndpoint.pk)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
-               WebhookDelivery.pk.not_in(sent))
-        .order_by(WebhookDelivery.next_attempt_at).limit(1)
-        .with_for_update(of=WebhookDelivery, skip_locked=True)).first()
-    if found is None:
+def _claim_due(session: Session, *, now: float, sent: Collection[int], claim_seconds: float) -> _Send | None:
+    """The next due delivery (not one of `sent`, this pass's), claimed for `claim_seconds`: one at a time, right
+    before it is sent, so a claim never lapses while the deliveries before it in the pass wait on slow receivers.
+    The claim is an UPDATE guarded by the due time it read: of two senders (SKIP LOCKED locks nothing on SQLite),
+    the second finds it claimed and takes the next."""
+    while True:
+        found = session.execute(
+            select(WebhookDelivery, WebhookEndpoint)
+            .join(WebhookEndpoint, WebhookDelivery.endpoint_pk == WebhookEndpoint.pk)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
+                   WebhookDelivery.pk.not_in(sent))
+            .order_by(WebhookDelivery.next_attempt_at).limit(1)
+            .with_for_update(of=WebhookDelivery, skip_locked=True)).first()
+        if found is None:
+            session.commit()
+            return None
+        delivery, endpoint = found
+        claimed = _Send(delivery.pk, endpoint.url, endpoint.secret, delivery.event_id, delivery.payload,
+                        delivery.attempts)
+        won = move_row(session, delivery, WebhookDelivery.status == "pending",
+                       WebhookDelivery.next_attempt_at == delivery.next_attempt_at,
+                       next_attempt_at=now + claim_seconds)
         session.commit()
-        return None
-    delivery, endpoint = found
-    delivery.next_attempt_at = now + CLAIM_SECONDS
-    claimed = _Send(delivery.pk, endpoint.url, endpoint.secret, delivery.event_id, delivery.payload,
-                    delivery.attempts)
-    session.commit()
-    return claimed
+        if won:
+            return claimed
+
+
+def _send(send: _Send, *, timeout: float) -> tuple[int | None, str | None]:
+    """One try (_post) within TRY_DEADLINE_TIMEOUTS x `timeout` in all: past it the try is given up and its
+    connection closed, which ends the stuck read within one more `timeout`."""
+    deadline = TRY_DEADLINE_TIMEOUTS * timeout
+    outcome: list[tuple[int | None, str | None]] = []
+    # Redirects are not followed: a signed event goes only to the URL the user registered.
+    client = httpx.Client(timeout=timeout, follow_redirects=False)
+    trying = threading.Thread(target=lambda: outcome.append(_post(send, client=client)), daemon=True,
+                              name="tuneforge-webhook-try")
+    trying.start()
+    trying.join(deadline)
+    client.close()
+    return outcome[0] if outcome else (None, f"Timeout: no complete answer within {deadline:g} s")
 
 
 def backoff_seconds(attempts: int, *, settings: Settings) -> float:
@@ -162,25 +189,25 @@ def _post(send: _Send, *, client: httpx.Client) -> tuple[int | None, str | None]
 def send_due_deliveries(session: Session, *, settings: Settings, now: float | None = None) -> int:
     """Send the deliveries that are due (claimed first, so reapers on other hosts skip them); returns sent."""
     sent: list[int] = []
-    # Redirects are not followed: a signed event goes only to the URL the user registered.
-    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
-        while len(sent) < BATCH:
-            send = _claim_due(session, now=time.time() if now is None else now, sent=sent)
-            if send is None:
-                break
-            sent.append(send.pk)
-            status_code, error = _post(send, client=client)
-            attempts = send.attempts + 1
-            values: dict[str, Any] = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
-            if error is None:
-                values.update(status="succeeded", delivered_at=now_seconds())
-            elif attempts >= settings.webhook_max_attempts:
-                values.update(status="failed")
-                logger.warning("webhook delivery to %s failed %s times; giving up: %s", send.url, attempts, error)
-            else:
-                values.update(next_attempt_at=time.time() + backoff_seconds(attempts, settings=settings))
-            session.execute(update(WebhookDelivery).where(WebhookDelivery.pk == send.pk).values(**values))
-            session.commit()
+    timeout = settings.webhook_timeout_seconds
+    claim_seconds = max(CLAIM_SECONDS, 4 * TRY_DEADLINE_TIMEOUTS * timeout)
+    while len(sent) < BATCH:
+        send = _claim_due(session, now=time.time() if now is None else now, sent=sent, claim_seconds=claim_seconds)
+        if send is None:
+            break
+        sent.append(send.pk)
+        status_code, error = _send(send, timeout=timeout)
+        attempts = send.attempts + 1
+        values: dict[str, Any] = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
+        if error is None:
+            values.update(status="succeeded", delivered_at=now_seconds())
+        elif attempts >= settings.webhook_max_attempts:
+            values.update(status="failed")
+            logger.warning("webhook delivery to %s failed %s times; giving up: %s", send.url, attempts, error)
+        else:
+            values.update(next_attempt_at=time.time() + backoff_seconds(attempts, settings=settings))
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.pk == send.pk).values(**values))
+        session.commit()
     return len(sent)
 
 

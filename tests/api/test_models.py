@@ -386,3 +386,33 @@ def test_a_base_model_unregistered_while_a_job_on_it_is_created_is_not_trained_o
     assert done == ["racing-base"]
     assert refused.status_code == 400, refused.text
     assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("model_not_available", "model")
+
+
+def test_a_base_model_registered_again_while_a_job_on_it_is_created_is_not_trained_on(
+        client: TestClient, session: Any, monkeypatch: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by a review: the hold matched the name only, so a base registered again for other weights between the
+    job's planning and its insert passed, and the job kept the revision it was planned on."""
+    import shutil
+
+    from app.services import base_models
+    from tests.api.conftest import upload_chat
+
+    other = tmp_path / "other-weights"
+    shutil.copytree(tiny_model_dir, other)
+    base_models.register(session, settings=get_settings(), name="racing-base", source=f"path:{tiny_model_dir}",
+                         check_allowed=False)
+    session.commit()
+    training_file = upload_chat(client)
+
+    def register_again() -> str:
+        base_models.remove(session, settings=get_settings(), name="racing-base")
+        base_models.register(session, settings=get_settings(), name="racing-base", source=f"path:{other}",
+                             check_allowed=False)
+        session.commit()
+        return "again"
+
+    done = _during_planning(monkeypatch, register_again)
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "racing-base", "training_file": training_file})
+    assert done == ["again"]
+    assert refused.status_code == 400, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("model_not_available", "model")

@@ -123,7 +123,7 @@ def test_a_stream_ends_once_its_api_key_is_revoked(client: TestClient, session: 
     from app.services.projects import revoke_api_key
 
     monkeypatch.setattr(stream, "POLL_SECONDS", 0.01)
-    monkeypatch.setattr(stream, "KEY_CHECK_SECONDS", 0.0, raising=False)
+    monkeypatch.setattr(stream, "KEY_CHECK_SECONDS", 0.0)
     job = create_job(session, project=create_project(session, "team-a"), status="running", step=0, total_steps=4)
     key = session.query(ApiKey).one()  # the client's
 

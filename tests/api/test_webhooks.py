@@ -26,6 +26,7 @@ class Receiver:
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     body: bytes = b"ok"
     trickle_seconds: float = 0.0  # send the body a byte at a time for this long
+    header_trickle_seconds: float = 0.0  # send a header a byte at a time for this long, before any body
 
 
 @contextmanager
@@ -37,6 +38,17 @@ def serve_receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             body = self.rfile.read(int(self.headers["content-length"]))
             state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            if state.header_trickle_seconds:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                end = time.monotonic() + state.header_trickle_seconds
+                while time.monotonic() < end:
+                    try:
+                        self.wfile.write(b"a")
+                        self.wfile.flush()
+                    except OSError:  # the sender gave up and closed the connection: what it should do
+                        return
+                    time.sleep(0.5)
+                return
             self.send_response(state.status)
             self.end_headers()
             if not state.trickle_seconds:
@@ -244,3 +256,19 @@ def test_each_delivery_is_claimed_just_before_it_is_sent(client: TestClient, ses
     assert send_due_deliveries(session, settings=settings()) == 2
     assert claimed_while_sending == [1, 1]  # only the one being sent (the first is done when the second goes)
     assert len(receiver.received) == 2
+
+
+def test_a_receiver_answering_a_byte_at_a_time_is_given_up_on(client: TestClient, session: Any,
+                                                              receiver: Receiver) -> None:
+    """Found by a review: httpx's timeout bounds each read, so headers sent a byte every half second held the sender
+    (and the deliveries behind it) for as long as the receiver liked. A try now ends after three timeouts in all."""
+    receiver.header_trickle_seconds = 40.0
+    endpoint = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+    job = create_job(session, project=create_project(session, "team-a"), status="queued")
+    client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    started = time.monotonic()
+    assert send_due_deliveries(session, settings=settings(webhook_timeout_seconds=1)) == 1
+    assert time.monotonic() - started < 20  # not the 40 s the answer would take
+    delivery = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"][0]
+    assert (delivery["status"], delivery["attempts"], delivery["last_status_code"]) == ("pending", 1, None)
+    assert delivery["last_error"] == "Timeout: no complete answer within 3 s"

@@ -186,3 +186,31 @@ def test_a_job_created_while_another_is_planned_counts_against_its_quota(
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded", refused.text
     listed = client.get("/v1/fine_tuning/jobs").json()["data"]
     assert len([j for j in listed if j["status"] in ("queued", "validating_files", "running")]) == 1
+
+
+def test_a_retry_with_the_key_of_a_create_that_committed_meanwhile_gets_that_job_not_429(
+        client: TestClient, override_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: two requests with the same Idempotency-Key at one job under the quota; the first committed
+    while the second was planned, and the second's binding quota check counted that job and answered 429 instead
+    of returning it."""
+    from app.models import Project
+    from app.schemas.jobs import JobCreate
+    from app.services import jobs
+    from tests.factories import create_job
+
+    override_settings(max_active_jobs_per_project=1)
+    body = job_body(client)
+    real_check = jobs.check_fits_some_worker
+    landed: list[str] = []
+
+    def the_first_commits_meanwhile(session: Any, **kwargs: Any) -> Any:
+        if not landed:
+            landed.append(create_job(session, project=session.scalar(select(Project).where(Project.name == "team-a")),
+                                     idempotency_key="once",
+                                     request_hash=jobs._request_hash(JobCreate.model_validate(body))).id)
+        return real_check(session, **kwargs)
+
+    monkeypatch.setattr(jobs, "check_fits_some_worker", the_first_commits_meanwhile)
+    again = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "once"})
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == landed[0]

@@ -93,7 +93,10 @@ class Generations:
                     files.append(build_result_file(project_pk=project_pk, filename=f"{evaluation_id}-{name}",
                                                    blob_key=stored.key, size=stored.bytes, sha256=stored.sha256))
                 with session_scope() as session:
-                    evaluations.finish(session, evaluation_id=evaluation_id, report=report, files=files)
+                    recorded = evaluations.finish(session, evaluation_id=evaluation_id, report=report, files=files)
+                if not recorded:  # it was marked failed meanwhile: nothing names the bytes written above
+                    for file in files:
+                        self.engine.storage.delete(file.blob_key)
         except Exception as exc:
             logger.exception("evaluation %s failed on %s", evaluation_id, server)
             message = exc.message if isinstance(exc, Refusal) else f"{type(exc).__name__}: {exc}"
