@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.conftest import upload, upload_chat
 from tests.support.data import chat_lines, jsonl
+from tests.support.races import landing_before
 
 
 def test_upload_valid_chat_file_is_processed_with_report(client: TestClient) -> None:
@@ -167,8 +168,6 @@ def test_an_evaluation_its_worker_finished_meanwhile_is_not_marked_orphaned(clie
                                                                             landing: str) -> None:
     """Found by an audit: an evaluation whose worker's heartbeat looked stale was read, then written failed over
     whatever its worker wrote between (finished, or started by another worker)."""
-    from sqlalchemy import event
-
     from app.core.config import get_settings
     from app.models import AnswerEvaluation
     from app.services.evaluations import unfinished_evaluation
@@ -182,19 +181,9 @@ def test_an_evaluation_its_worker_finished_meanwhile_is_not_marked_orphaned(clie
     session.add(evaluation)
     session.commit()
     change = "status = 'succeeded'" if landing == "finished" else "server = 'vm:2/inference'"
-    landed: list[str] = []
-
-    def worker_writes_first(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if not landed and statement.lstrip().upper().startswith("UPDATE ANSWER_EVALUATIONS"):
-            landed.append(statement)
-            cursor.execute(f"UPDATE answer_evaluations SET {change} WHERE id = 'ftevaluation-racing'")
-
-    engine = session.get_bind()
-    event.listen(engine, "before_cursor_execute", worker_writes_first)
-    try:
+    with landing_before(session, "UPDATE answer_evaluations",
+                        f"UPDATE answer_evaluations SET {change} WHERE id = 'ftevaluation-racing'") as landed:
         unfinished_evaluation(session, settings=get_settings(), project_pk=job.project_pk, file_id=file_id)
-    finally:
-        event.remove(engine, "before_cursor_execute", worker_writes_first)
     session.refresh(evaluation)
     assert landed and evaluation.error is None
     assert evaluation.status == ("succeeded" if landing == "finished" else "running")

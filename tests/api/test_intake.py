@@ -26,6 +26,7 @@ from app.models import Blob, BlobChunk, File
 from app.services.intake import validate_job_files
 from tests.api.conftest import upload, upload_chat
 from tests.support.data import chat_lines, jsonl, preference_lines
+from tests.support.races import landing_before
 
 BOUNDARY = "tuneforge-test-boundary"
 
@@ -544,25 +545,13 @@ def test_a_cancel_landing_while_the_files_are_read_stands(client: TestClient, se
     """Found by an audit: the intake read the job, then wrote queued (or failed) over it through the ORM. On SQLite,
     where a read takes no lock, a cancel landing between them was overwritten: the user's cancel answered 200, then
     the job was queued and trained. The cancel lands here, in the intake's transaction, just before its own UPDATE."""
-    from sqlalchemy import event
-
     settings = get_settings()
     monkeypatch.setattr(settings, "intake_sync_validation_bytes", 1)
     job = create_job(client, upload(client, big_chat_file(6_000, bad_line=bad_line)).json()["id"]).json()  # > 1 MiB
     assert job["status"] == "validating_files"
-    landed: list[str] = []
-
-    def cancel_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
-            landed.append(statement)
-            cursor.execute(f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE id = '{job['id']}'")
-
-    engine = session.get_bind()
-    event.listen(engine, "before_cursor_execute", cancel_before_the_write)
-    try:
+    with landing_before(session, "UPDATE fine_tuning_jobs",
+                        f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE id = '{job['id']}'") as landed:
         assert validate_job_files(session, job_id=job["id"], settings=settings) is False
-    finally:
-        event.remove(engine, "before_cursor_execute", cancel_before_the_write)
     assert landed
     after = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert after["status"] == "cancelled" and after["error"] is None
@@ -572,26 +561,16 @@ def test_an_upload_whose_twin_is_deleted_meanwhile_keeps_its_own_bytes(client: T
     """Found by an audit: an upload found an earlier file with the same bytes, and on SQLite (where that read locks
     nothing) a delete of that file committed, and removed the shared bytes, before the upload's row, pointing at
     them, was written: the new file had no content. The delete lands here just before the upload's insert."""
-    from sqlalchemy import event
-
     from app.core.storage import get_storage
 
     content = jsonl(chat_lines(12))
     first = upload(client, content).json()
     twin_key = session.scalar(select(File.blob_key).where(File.id == first["id"]))
-    landed: list[str] = []
+    def delete_the_twin(cursor: Any) -> None:
+        cursor.execute(f"DELETE FROM files WHERE id = '{first['id']}'")
+        get_storage().delete(twin_key)
 
-    def delete_the_twin(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if not landed and statement.lstrip().upper().startswith("INSERT INTO FILES"):
-            landed.append(statement)
-            cursor.execute(f"DELETE FROM files WHERE id = '{first['id']}'")
-            get_storage().delete(twin_key)
-
-    engine = session.get_bind()
-    event.listen(engine, "before_cursor_execute", delete_the_twin)
-    try:
+    with landing_before(session, "INSERT INTO files", delete_the_twin) as landed:
         second = upload(client, content).json()
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_the_twin)
     assert landed and second["status"] == "processed"
     assert client.get(f"/v1/files/{second['id']}/content").content == content

@@ -12,6 +12,7 @@ from app.models import FineTuningJob, JobEvent
 from app.services import attempts
 from app.services.workers import WorkerSpec
 from tests.factories import create_job
+from tests.support.races import landing_before
 
 SETTINGS = Settings(lease_seconds=10, heartbeat_seconds=1, max_attempts=2)
 
@@ -349,27 +350,15 @@ def test_a_pause_or_renewal_landing_while_the_reaper_hands_the_job_back_holds(se
     """Found by a review: the reaper read the expired job, then wrote queued over it. On SQLite, where a read takes no
     lock, a pause landing between them was wiped (the job ran on), and a lease renewed between them was taken from
     its running attempt. The write lands here, in the reaper's transaction, just before the reaper's own UPDATE."""
-    from sqlalchemy import event
-
     job = create_job(session)
     claim(session, job, "w1")
     job.lease_expires_at = time.time() - 1
     session.commit()
     change = ("requested_action = 'pause'" if landing == "pause"
               else f"lease_expires_at = {time.time() + 60}")
-    landed: list[str] = []
-
-    def land_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
-            landed.append(statement)
-            cursor.execute(f"UPDATE fine_tuning_jobs SET {change} WHERE pk = {job.pk}")
-
-    engine = session.get_bind()
-    event.listen(engine, "before_cursor_execute", land_before_the_write)
-    try:
+    with landing_before(session, "UPDATE fine_tuning_jobs",
+                        f"UPDATE fine_tuning_jobs SET {change} WHERE pk = {job.pk}") as landed:
         attempts.reap_expired_leases(session, settings=SETTINGS)
-    finally:
-        event.remove(engine, "before_cursor_execute", land_before_the_write)
     session.refresh(job)
     assert landed
     if landing == "pause":
@@ -383,23 +372,11 @@ def test_a_pause_or_renewal_landing_while_the_reaper_hands_the_job_back_holds(se
 def test_a_cancel_landing_before_a_waiting_job_is_failed_stands(session: Session) -> None:
     """Found by an audit: failing a queued job whose model cannot be had read it, then wrote failed over it; on SQLite
     a cancel landing between them was overwritten (and a second webhook sent)."""
-    from sqlalchemy import event
-
     job = create_job(session)
-    landed: list[str] = []
-
-    def cancel_before_the_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        if not landed and statement.lstrip().upper().startswith("UPDATE FINE_TUNING_JOBS"):
-            landed.append(statement)
-            cursor.execute(f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE pk = {job.pk}")
-
-    engine = session.get_bind()
-    event.listen(engine, "before_cursor_execute", cancel_before_the_write)
-    try:
+    with landing_before(session, "UPDATE fine_tuning_jobs",
+                        f"UPDATE fine_tuning_jobs SET status = 'cancelled' WHERE pk = {job.pk}") as landed:
         failed = attempts.fail_waiting_job(session, job=job, code="model_not_available", message="gone")
         session.commit()
-    finally:
-        event.remove(engine, "before_cursor_execute", cancel_before_the_write)
     session.refresh(job)
     assert landed and failed is False and job.status == "cancelled" and job.error is None
     assert "gone" not in list(session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)))
