@@ -98,11 +98,11 @@ def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) 
 
 
 def hold_fine_tuned_model(session: Session, *, project: Project, model_id: str, param: str) -> None:
-    """Write the job row behind a fine-tuned model just before inserting a job (continued training) or an evaluation
-    that reads its weights, in that insert's transaction: Postgres locks the row and SQLite takes its write lock.
-    Deleting the weights writes the row first too (_hold_job), then looks for unfinished work on them, so either the
-    insert commits first and the delete sees it (409 model_in_use), or the delete commits first and this finds the
-    weights gone: 400 model_not_available."""
+    """Hold the job row behind a fine-tuned model just before inserting a job (continued training) or an evaluation
+    that reads its weights, in that insert's transaction (app/services/rows.py). Deleting the weights holds the row
+    first too (_hold_job), then looks for unfinished work on them, so either the insert commits first and the delete
+    sees it (409 model_in_use), or the delete commits first and this finds the weights gone: 400
+    model_not_available."""
     base_id, _step = split_checkpoint_id(model_id)
     hold_rows(session, FineTuningJob.fine_tuned_model, FineTuningJob.project_pk == project.pk,
               FineTuningJob.fine_tuned_model == base_id)

@@ -160,11 +160,9 @@ def evaluation_public(row: AnswerEvaluation, *, job: FineTuningJob) -> Evaluatio
 def start(session: Session, *, evaluation_id: str) -> AnswerEvaluation | None:
     """queued -> running, for the worker that runs it; None if it is not queued any more."""
     row = session.scalar(select(AnswerEvaluation).where(AnswerEvaluation.id == evaluation_id))
-    if row is None or not move_row(session, row, AnswerEvaluation.status == "queued", status="running"):
-        session.commit()
-        return None
+    started = row is not None and move_row(session, row, AnswerEvaluation.status == "queued", status="running")
     session.commit()
-    return row
+    return row if started else None
 
 
 def finish(session: Session, *, evaluation_id: str, report: dict[str, Any] | None, files: list[Any],

@@ -53,7 +53,11 @@ def _fail(session: Session, job: FineTuningJob, *, param: str, code: str, messag
     return False
 
 
-def _decided_from_whole_count(job: FineTuningJob, *, examples: int) -> tuple[dict[str, Any], TokenEvent | None]:
+# (level, message, data) of one event to record.
+EventToRecord = tuple[Literal["info", "warn"], str, dict[str, Any]]
+
+
+def _decided_from_whole_count(job: FineTuningJob, *, examples: int) -> tuple[dict[str, Any], EventToRecord | None]:
     """The job's config with the settings creation decided from the first bytes of the training file decided again
     from all `examples`, and the event naming what changed (None when nothing did)."""
     before = TrainingConfig.model_validate(job.config)
@@ -69,11 +73,7 @@ def _decided_from_whole_count(job: FineTuningJob, *, examples: int) -> tuple[dic
         {"examples": examples, "changed": {k: list(v) for k, v in changed.items()}})
 
 
-# (level, message, data) of one event to record.
-TokenEvent = tuple[Literal["info", "warn"], str, dict[str, Any]]
-
-
-def token_report(session: Session, job: FineTuningJob, *, settings: Settings) -> list[TokenEvent]:
+def token_report(session: Session, job: FineTuningJob, *, settings: Settings) -> list[EventToRecord]:
     """Token statistics of the job's files for its model, as (level, message, data) events to record: one line per
     file, and a warning naming the first lines of the examples (a DPO job's pairs) that max_seq_length will
     truncate. Needs the model's tokenizer files."""
@@ -83,7 +83,7 @@ def token_report(session: Session, job: FineTuningJob, *, settings: Settings) ->
     if model is None or model.status not in USABLE_STATUSES:
         return []
     max_seq_length = int(job.config.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
-    events: list[TokenEvent] = []
+    events: list[EventToRecord] = []
     for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
         file = session.scalar(select(File).where(File.id == file_id, File.project_pk == job.project_pk)) \
             if file_id else None

@@ -290,7 +290,6 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
     """Token statistics of `file` for `model` (stored in its report under tokens[model]), computed once per
     model and max_seq_length; None when the model has no tokenizer.json. 400 invalid_file naming `param` when the
     file is deleted while it is read."""
-    gone = file_deleted_meanwhile(file.id, param=param)
     known = known_token_stats(file, model=model, max_seq_length=max_seq_length)
     if known is not None:
         return known
@@ -302,7 +301,7 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
     try:
         fresh = token_statistics(storage=storage, file=file, counter=counter, max_seq_length=max_seq_length)
     except FileNotFoundError:
-        raise gone from None
+        raise file_deleted_meanwhile(file.id, param=param) from None
     report = dict(file.report or {})
     by_model = dict(report.get("tokens") or {})
     earlier = by_model.get(model) or {}
@@ -316,7 +315,7 @@ def record_token_stats(session: Session, *, storage: Storage, file: File, model:
         session.commit()
     except StaleDataError:  # the row went meanwhile
         session.rollback()
-        raise gone from None
+        raise file_deleted_meanwhile(file.id, param=param) from None
     return fresh
 
 

@@ -166,8 +166,7 @@ def _post(send: _Send, *, client: httpx.Client) -> tuple[int | None, str | None]
     """One try: the receiver's status code and, unless it is a 2xx, what went wrong. The reply's body is never read:
     a receiver cannot hold the sender by trickling it or fill its memory with it, and a URL naming a service inside
     the network (which the sender can reach and the user cannot) shows the user only a status code (and where a
-    redirect points). Any
-    failure, whatever raises it, is this delivery's: the other deliveries are sent."""
+    redirect points). Any failure, whatever raises it, is this delivery's: the other deliveries are sent."""
     body = json.dumps(send.payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {"content-type": "application/json", "user-agent": "tuneforge-webhooks",
