@@ -8,11 +8,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import hold_rows
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import Storage
 from app.models import File, FineTuningJob, JobArtifact, JobCheckpoint, JobStatus, Project
 from app.models.job import TERMINAL_STATUSES, UNFINISHED_STATUSES
-from app.services.rows import hold_rows
 
 # Kinds whose presence means the fine-tuned model exists (deleting the model removes them).
 WEIGHT_KINDS = ("adapter", "model")
@@ -99,7 +99,7 @@ def find_fine_tuned_model(session: Session, *, project: Project, model_id: str) 
 
 def hold_fine_tuned_model(session: Session, *, project: Project, model_id: str, param: str) -> None:
     """Hold the job row behind a fine-tuned model just before inserting a job (continued training) or an evaluation
-    that reads its weights, in that insert's transaction (app/services/rows.py). Deleting the weights holds the row
+    that reads its weights, in that insert's transaction (app/core/db.py). Deleting the weights holds the row
     first too (_hold_job), then looks for unfinished work on them, so either the insert commits first and the delete
     sees it (409 model_in_use), or the delete commits first and this finds the weights gone: 400
     model_not_available."""

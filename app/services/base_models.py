@@ -25,12 +25,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import CatalogueError, Settings
+from app.core.db import hold_rows
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.models import FineTuningJob, RegisteredModel
 from app.models.job import UNFINISHED_STATUSES, JobStatus
 from app.models.registered_model import DOWNLOAD_STALE_SECONDS, MODEL_STATUSES, USABLE_STATUSES
 from app.services import hub
-from app.services.rows import hold_rows
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@-]{0,254}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -425,7 +425,7 @@ def remove(session: Session, *, settings: Settings, name: str) -> RegisteredMode
 
 def hold(session: Session, *, name: str, revision: str | None) -> None:
     """Hold the base model's row just before inserting a job on it, in that insert's transaction
-    (app/services/rows.py), still registered for the weights `revision` (revision_of) the job was planned on and
+    (app/core/db.py), still registered for the weights `revision` (revision_of) the job was planned on and
     usable: unregistering it (remove) waits for the insert and then sees the job, or it (or a registration again,
     or a failed download) came first and this refuses the job, 400 model_not_available."""
     conditions = [RegisteredModel.name == name, RegisteredModel.status.in_(USABLE_STATUSES)]

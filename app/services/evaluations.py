@@ -10,6 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import move_row
 from app.core.errors import APIError, InvalidRequest, NotFound
 from app.models import AnswerEvaluation, File, FineTuningJob, Project
 from app.models.base import new_id, now_seconds
@@ -19,7 +20,6 @@ from app.services import inference
 from app.services.artifacts import hold_fine_tuned_model, split_checkpoint_id
 from app.services.jobs import FORMAT_NAMES, METHOD_FORMATS, dataset_file, hold_files
 from app.services.paging import page_after
-from app.services.rows import move_row
 
 ACTIVE = ("queued", "running")
 # An evaluation not yet handed to an inference worker (server unset) after this long was lost with its API request.
@@ -116,7 +116,7 @@ def unfinished_evaluation(session: Session, *, settings: Settings, project_pk: i
                           job_pk: int | None = None) -> str | None:
     """The id of an evaluation still to finish that reads the file `file_id` or the weights of the job `job_pk`
     (one whose inference worker is gone fails first, saying so: it would never finish), or None. The caller commits:
-    a deletion asks, and its hold on the row (app/services/rows.py) must last until its own commit."""
+    a deletion asks, and its hold on the row (app/core/db.py) must last until its own commit."""
     query = select(AnswerEvaluation).where(AnswerEvaluation.project_pk == project_pk,
                                            AnswerEvaluation.status.in_(ACTIVE))
     if file_id is not None:

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import hold_rows
 from app.core.errors import Conflict, InvalidRequest, NotFound, TooLargeError
 from app.core.storage import Storage, TooLarge
 from app.models import File, FineTuningJob, JobArtifact, Project
@@ -19,7 +20,6 @@ from app.services.artifacts import WEIGHT_KINDS
 from app.services.datasets import VALIDATOR_VERSION, DatasetValidator, status_details
 from app.services.evaluations import unfinished_evaluation
 from app.services.paging import page_after
-from app.services.rows import hold_rows
 from app.services.tokens import TemplateRefusal, record_token_stats
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -164,7 +164,7 @@ def delete_file(session: Session, *, storage: Storage, project: Project, file_id
     """Delete a file's row, and its bytes unless another file with the same content shares them."""
     row = get_file(session, project=project, file_id=file_id)
     # Every file on this blob is locked first, in primary-key order (an upload adopting the blob locks the same rows,
-    # and commits first, then is counted below), and this one held (app/services/rows.py; on SQLite the write lock)
+    # and commits first, then is counted below), and this one held (app/core/db.py; on SQLite the write lock)
     # before the checks, as a job's or an evaluation's insert holds it first too (jobs.hold_files): one created
     # meanwhile is either seen below or finds the file gone.
     session.scalars(select(File.pk).where(File.blob_key == row.blob_key).order_by(File.pk).with_for_update()).all()

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import hold_rows, move_row
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.storage import get_storage
 from app.models import (
@@ -57,7 +58,6 @@ from app.schemas.training import (
 from app.services.artifacts import MAX_CHECKPOINT_STEP, checkpoint_model_id, hold_fine_tuned_model
 from app.services.paging import page_after
 from app.services.quotas import check_job_quota
-from app.services.rows import hold_rows, move_row
 from app.services.tokens import (
     TemplateRefusal,
     countable_in_request,
@@ -106,7 +106,7 @@ def add_event(session: Session, *, job: FineTuningJob, message: str, level: str 
 
 def hold_files(session: Session, *, project: Project, files: Sequence[tuple[str, File]]) -> None:
     """Hold the rows of the files (param, row) a job or evaluation reads, just before inserting it, in that insert's
-    transaction (app/services/rows.py). delete_file holds the row too before it looks for unfinished work on the
+    transaction (app/core/db.py). delete_file holds the row too before it looks for unfinished work on the
     file, so either the insert commits first and the delete sees it (409 file_in_use), or the delete commits first
     and this finds the file gone: 400 invalid_file, never a job on a deleted file."""
     for param, file in sorted(files, key=lambda pair: pair[1].pk):

@@ -6,10 +6,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import hold_rows
 from app.core.errors import RateLimited
 from app.models import FineTuningJob, Project
 from app.models.job import ACTIVE_STATUSES
-from app.services.rows import hold_rows
 
 # Jobs that hold (or wait for) a worker; paused jobs hold only a checkpoint and do not count.
 QUOTA_JOB_STATUSES = ACTIVE_STATUSES
@@ -22,7 +22,7 @@ def check_job_quota(session: Session, *, project: Project, settings: Settings, i
     """Raise 429 quota_exceeded when the project already has its maximum of active jobs.
 
     With `lock`, the binding check, made just before the write that adds an active job and committed with it: the
-    project's row is held first (app/services/rows.py; SELECT ... FOR UPDATE locks nothing on SQLite), so of
+    project's row is held first (app/core/db.py; SELECT ... FOR UPDATE locks nothing on SQLite), so of
     concurrent creates or resumes each counts the others' jobs, and a create with the Idempotency-Key of one that
     committed meanwhile finds that job. Without, a refusal before a request does its work (a job's planning reads
     files and may commit): fast, and not binding."""

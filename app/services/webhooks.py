@@ -25,11 +25,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import session_scope
+from app.core.db import move_row, session_scope
 from app.core.errors import NotFound
 from app.models import FineTuningJob, Project, WebhookDelivery, WebhookEndpoint
 from app.models.base import new_id, now_seconds
-from app.services.rows import move_row
 
 logger = logging.getLogger("tuneforge.webhooks")
 

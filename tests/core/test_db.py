@@ -1,6 +1,6 @@
 """The checks that must hold against concurrent requests take the database's write lock on SQLite (the embedded
 mode), where a SELECT takes no lock and SELECT ... FOR UPDATE locks nothing: each holds its rows with a write
-(app/services/rows.py). Found by a review: the race tests land the other request's write before the check, so a
+(app/core/db.py). Found by a review: the race tests land the other request's write before the check, so a
 check that only read would pass them; here another connection must find the database locked."""
 
 from __future__ import annotations
