@@ -161,7 +161,9 @@ def load_model(
         from worker.training.attention import use_block_attention
 
         use_block_attention(model)
+    from worker.training.swiglu import use_fused_swiglu
 
+    use_fused_swiglu(model)  # fewer fresh [positions, intermediate] buffers: bit-identical, faster on a CPU
     from worker.training.checkpointing import enable_checkpointing
 
     if adapter.type == "full":
