@@ -423,8 +423,12 @@ def train_step(run: Run, state: TrainState, plan: EpochPlan) -> dict[str, Any]:
         mb = micro_batches[k] if real else run.collate(filler, run.train_examples, packing=config.packing)
         # A step's forward passes differ in shape, so glibc's freed chunks from one rarely fit the next and the
         # heap grows pass after pass (qwen2-152k QLoRA in bf16: 1,192 -> 1,335 MB at the starts of a step's four
-        # passes). Handed back before a pass once it grew (docs/benchmarks.md, issue 18, stop 30).
-        release_freed_memory(min_growth_mb=PASS_RELEASE_GROWTH_MB)
+        # passes). Handed back before a pass once it grew (docs/benchmarks.md, issue 18, stop 30), with gradient
+        # checkpointing only: without it a pass's activations live until its backward, the heap grew only about 60 MB
+        # over a step's passes, and faulting the handed-back pages in again cost bf16 LoRA 5-10% of its speed
+        # (stop 45). Each step still ends with a release.
+        if config.gradient_checkpointing:
+            release_freed_memory(min_growth_mb=PASS_RELEASE_GROWTH_MB)
         with distributed.accumulate(run.wrapped, group=procs, strategy=config.distributed, sync=k == n_passes - 1):
             loss_sum, stats = step_loss(run, mb)
             # DDP and FSDP average gradients over processes; scaling by their count makes that a sum.

@@ -409,17 +409,23 @@ def record_releases_and_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 RELEASE_RECORDS = [{"prompt": "p", "completion": " alpha" * (1 + i)} for i in range(16)]
 
 
-def test_a_release_of_freed_heap_is_offered_before_every_forward_pass(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_release_of_freed_heap_is_offered_before_every_checkpointed_forward_pass_and_after_every_step(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, checkpointing: bool
 ) -> None:
-    # glibc's heap grows forward pass after forward pass within a step unless released between them
-    # (docs/benchmarks.md, issue 18): the order of releases and forward passes is what this checks (when a release
-    # acts is test_host's).
+    # With gradient checkpointing glibc's heap grows forward pass after forward pass within a step unless released
+    # between them; without, the passes are released only at the step's end (the faults a release costs outweighed
+    # the heap's growth; docs/benchmarks.md, issue 18, stops 30 and 45). The order of releases and forward passes is
+    # what this checks (when a release acts is test_host's).
     order = record_releases_and_passes(monkeypatch)
-    result, _ = run(tmp_path, tiny_model, RELEASE_RECORDS)
+    result, _ = run(tmp_path, tiny_model, RELEASE_RECORDS, gradient_checkpointing=checkpointing)
     passes = [i for i, what in enumerate(order) if what == "forward"]
     assert len(passes) > 2 * result.steps
-    assert all(order[i - 1] == "release" for i in passes), order
+    released = [order[i - 1] == "release" for i in passes]
+    if checkpointing:
+        assert all(released), order
+    else:  # the first pass of each step after the first follows the step before's release, no other pass does
+        assert sum(released[1:]) == result.steps - 1, order
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
