@@ -28,8 +28,9 @@ def cap_cpu_kernel_caches() -> None:
         os.environ.setdefault(name, value)
 
 
-# train_step releases freed heap before a forward pass (and, with gradient checkpointing, before its backward) once
-# resident memory grew this much since the last release.
+# With gradient checkpointing train_step releases freed heap before a forward pass and before its backward once
+# resident memory grew this much since the last release (without checkpointing it releases after each step only:
+# docs/benchmarks.md, issue 18, stop 45).
 # Releasing before every pass cut qwen2-152k's QLoRA peak in bf16 from 1,440 to 1,275 MB and LoRA's from 1,579 to
 # about 1,500; 128 MB keeps nearly all of that (1,265 / 1,498) while the release and the page faults after it no
 # longer slow the small passes of bf16 DPO (3.55-3.60 pairs/s, 3.60-3.66 without; 3.40-3.73 releasing every pass).

@@ -163,7 +163,7 @@ def load_model(
         use_block_attention(model)
     from worker.training.swiglu import use_fused_swiglu
 
-    use_fused_swiglu(model)  # fewer fresh [positions, intermediate] buffers: bit-identical, faster on a CPU
+    use_fused_swiglu(model)  # fewer fresh [positions, intermediate] buffers, bit-identical (measured on a CPU)
     from worker.training.checkpointing import enable_checkpointing
 
     if adapter.type == "full":

@@ -688,6 +688,7 @@ def train(
     csv_writer.writerows(state.log_history)
     wandb_run = _start_wandb(wandb, config, reporter) if wandb and procs.is_main else None  # None if it failed
 
+    release_freed_memory()  # what loading the model (and a preference run's reference pass) left freed
     run.model.train()
     metrics: dict[str, Any] = {}
     stop_reason: str | None = None

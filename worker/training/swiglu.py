@@ -7,7 +7,13 @@ thousands of page faults (glibc hands large freed chunks back), which cost more 
 in bf16 one such product took about 5 ms inside a step against 1 ms on a warm buffer (docs/benchmarks.md, issue 18,
 stop 45). Here the forward makes one buffer and keeps gate and up; the backward makes one, and writes the gate's
 gradient over the gate and uses the up buffer for its intermediate product, which nothing reads after this backward.
-The arithmetic is the same operators in the same order, so outputs and gradients are bit-identical to eager.
+Each value is computed by the operator eager uses for it, in the same dtype (the backward computes SiLU's output
+again instead of keeping it: one more element-wise pass), so outputs and gradients are bit-identical to eager.
+
+Overwriting gate and up is safe because nothing else keeps them: gate_proj and up_proj keep their inputs, not their
+outputs (peft's LoRA and DoRA layers, bitsandbytes' 4-bit layers), and selective checkpointing's store hands each
+kept product out once. A projection that kept its own output for its backward would read the overwritten values (a
+version-counter error without checkpointing, silently under it), so only the modules below are switched.
 
 Only a module whose forward is exactly that expression, with a SiLU activation, is switched (use_fused_swiglu); any
 other MLP keeps its own forward.
@@ -76,10 +82,16 @@ def is_swiglu_forward(forward: Any) -> bool:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return False
-    if not isinstance(function, ast.FunctionDef) or len(function.args.args) != 2:
+    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
         return False
-    name = function.args.args[1].arg
+    args = function.args
+    if (len(args.args) != 2 or args.posonlyargs or args.vararg or args.kwonlyargs or args.kwarg
+            or args.defaults):
+        return False  # (self, x) and nothing else: _fused_forward takes exactly that
+    name = args.args[1].arg
     body = ast.unparse(ast.Module(body=function.body, type_ignores=[]))
+    if name != "x" and "(x)" in body:
+        return False  # an x that is not the input
     return body.replace(f"({name})", "(x)") in _SWIGLU_FORWARDS
 
 
@@ -89,8 +101,9 @@ def use_fused_swiglu(model: torch.nn.Module) -> int:
 
     switched = 0
     for module in model.modules():
+        # A forward already set on the module (accelerate's offloading hooks set one) is left alone.
         if (isinstance(getattr(module, "act_fn", None), SiLUActivation | torch.nn.SiLU)
-                and is_swiglu_forward(type(module).forward)):
+                and "forward" not in vars(module) and is_swiglu_forward(type(module).forward)):
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,16 +36,22 @@ def step(model: torch.nn.Module, *, bf16: bool) -> tuple[torch.Tensor, dict[str,
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize(("adapter_type", "bf16", "checkpointing"), [
-    ("lora", False, False), ("lora", True, False), ("lora", True, True), ("qlora", True, True), ("full", False, True),
+ALL = "all-linear"
+
+
+@pytest.mark.parametrize(("adapter_type", "bf16", "checkpointing", "targets"), [
+    ("lora", False, False, ALL), ("lora", True, False, ALL), ("lora", True, True, ALL), ("qlora", True, True, ALL),
+    ("dora", False, True, ALL), ("lora", True, True, ["q_proj", "v_proj"]), ("qlora", True, True, ["q_proj", "v_proj"]),
+    ("full", False, True, None),
 ])
 def test_the_fused_mlp_gives_eager_losses_and_gradients_bit_for_bit(
-    tiny_model: Path, adapter_type: str, bf16: bool, checkpointing: bool
+    tiny_model: Path, adapter_type: str, bf16: bool, checkpointing: bool, targets: str | list[str] | None
 ) -> None:
-    # LoRA on every linear layer (the MLP's too), so gradients flow through the fused backward into adapters; with
-    # checkpointing the backward's gate and up come from the checkpoint's store of kept products.
+    # Adapters on every linear layer (the MLP's too) make gradients flow through the fused backward into adapters;
+    # with checkpointing the backward's gate and up come from the checkpoint's store of kept products, and with
+    # adapters on q and v only, gate and up are the frozen products themselves.
     adapter = {"type": "full"} if adapter_type == "full" else {"type": adapter_type, "r": 4, "alpha": 8, "dropout": 0.1,
-                                                               "target_modules": "all-linear"}
+                                                               "target_modules": targets}
     config = make_config(adapter=adapter, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = load_model(config, tiny_model, device=torch.device("cpu"),
@@ -57,7 +64,7 @@ def test_the_fused_mlp_gives_eager_losses_and_gradients_bit_for_bit(
     eager_loss, plain = step(model, bf16=bf16)
     assert torch.equal(fused_loss, eager_loss)
     assert fused.keys() == plain.keys() and len(fused) > 0
-    assert any(".mlp." in name for name in fused)
+    assert any(".layers.0." in name for name in fused)
     for name in fused:
         assert torch.equal(fused[name], plain[name]), name
 
@@ -95,6 +102,16 @@ def test_only_swiglu_mlps_are_switched() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.down_proj(self.act_fn(self.gate_proj(x)).clamp(max=7) * self.up_proj(x))
 
+    class KeywordMLP(LlamaMLP):
+        def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class DecoratedMLP(LlamaMLP):
+        @torch.no_grad()
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    assert not is_swiglu_forward(KeywordMLP.forward) and not is_swiglu_forward(DecoratedMLP.forward)
     original = LlamaMLP.forward
     # Llama's forward is two statements on an x, Qwen2's one on a hidden_state: both are the expression.
     assert is_swiglu_forward(LlamaMLP.forward) and is_swiglu_forward(Qwen2MLP.forward)
@@ -103,9 +120,12 @@ def test_only_swiglu_mlps_are_switched() -> None:
     gelu = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="gelu")
     qwen = Qwen2Config(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
                        hidden_act="silu")
-    modules = torch.nn.ModuleList([LlamaMLP(silu), LlamaMLP(gelu), ClampedMLP(silu), Qwen2MLP(qwen)])
+    hooked = LlamaMLP(silu)
+    hooked.forward = lambda x: x  # as accelerate's offloading sets one
+    modules = torch.nn.ModuleList([LlamaMLP(silu), LlamaMLP(gelu), ClampedMLP(silu), Qwen2MLP(qwen), hooked])
     assert use_fused_swiglu(modules) == 2
-    assert ["forward" in vars(m) for m in modules] == [True, False, False, True]
+    assert ["forward" in vars(m) for m in modules] == [True, False, False, True, True]
+    assert hooked.forward(3) == 3
     assert LlamaMLP.forward is original and LlamaMLP(silu).forward.__func__ is original  # the class is left alone
 
 
@@ -118,9 +138,20 @@ def test_a_second_backward_through_the_same_graph_is_refused() -> None:
         out.backward()
 
 
-def test_inputs_that_differ_in_dtype_are_multiplied_as_eager_does() -> None:
-    gate = torch.randn(4, 6)
-    up = torch.randn(4, 6, dtype=torch.bfloat16)
-    fused = swiglu(gate, up)
-    assert fused.dtype == torch.float32
-    assert torch.equal(fused, torch.nn.functional.silu(gate) * up)
+@pytest.mark.parametrize(("gate_shape", "up_shape", "gate_dtype"), [
+    ((4, 6), (4, 6), torch.bfloat16),  # a product that promotes (to up's fp32)
+    ((4, 6), (1, 6), torch.float32),  # a product that broadcasts
+])
+def test_inputs_that_differ_in_dtype_or_shape_are_multiplied_as_eager_does(
+    gate_shape: tuple[int, ...], up_shape: tuple[int, ...], gate_dtype: torch.dtype
+) -> None:
+    def run(function: Any) -> tuple[torch.Tensor, ...]:
+        gate = torch.randn(gate_shape, generator=torch.Generator().manual_seed(0)).to(gate_dtype).requires_grad_()
+        up = torch.randn(up_shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = function(gate * 1, up * 1)
+        out.sum().backward()
+        return out, gate.grad, up.grad
+
+    fused, plain = run(swiglu), run(lambda g, u: torch.nn.functional.silu(g) * u)
+    for a, b in zip(fused, plain, strict=True):
+        assert a is not None and b is not None and torch.equal(a, b)
