@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -399,6 +400,13 @@ def record_releases_and_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         order.append("release")
         real_release(**kwargs)
 
+    def load(*args: Any, **kwargs: Any) -> Any:
+        model = real_load(*args, **kwargs)
+        order.append("loaded")
+        return model
+
+    real_load = recipe.load_model
+    monkeypatch.setattr(recipe, "load_model", load)
     monkeypatch.setattr(recipe, "token_loss", forward)
     monkeypatch.setattr(recipe, "release_freed_memory", release)
     monkeypatch.setattr(training_schema, "MAX_TOKENS_PER_FORWARD", 24)  # several forward passes per step
@@ -422,6 +430,7 @@ def test_a_release_of_freed_heap_is_offered_before_every_checkpointed_forward_pa
     passes = [i for i, what in enumerate(order) if what == "forward"]
     assert len(passes) > 2 * result.steps
     released = [order[i - 1] == "release" for i in passes]
+    assert "release" in order[order.index("loaded") : passes[0]], order  # what loading left, before the first step
     if checkpointing:
         assert all(released), order
     else:  # the first pass of each step after the first follows the step before's release, no other pass does
