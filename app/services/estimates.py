@@ -140,8 +140,9 @@ def peak_memory(info: dict[str, Any], config: TrainingConfig, *, device: Literal
     tokens = min(rows * row_length, max(forward_tokens(config.gradient_checkpointing), row_length))
     # What autograd keeps per token and layer: the norms' inputs and outputs (2 x 3h), the projections' inputs
     # (h, h, i), rotary q/k and their rotations (2h + 2kv), attention's q, k, v and output (2h + 2kv), the MLP's
-    # gate, activation and product (3i); each adapter's dropped-out input (its in-features) and down-projection
-    # (r), and the dropout mask (a byte each).
+    # gate, activation and product (3i; a SwiGLU MLP the worker runs fused keeps gate and up instead of gate, up and
+    # activation, one i less, left counted: the estimate stays an upper bound for MLPs it cannot tell apart); each
+    # adapter's dropped-out input (its in-features) and down-projection (r), and the dropout mask (a byte each).
     dropped = sum(shapes[m][0] for m in adapted)
     per_token_layer = c * (13 * h + 4 * kv + 4 * i + dropped + adapter.r * len(adapted)) + dropped
     # The eager CPU kernel for masked attention keeps the scores and probabilities (heads x row length each);
