@@ -16,10 +16,15 @@ from sqlalchemy import create_engine, text
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
-from tests.support.service import is_warm_start_process, training_processes, worker_of_attempt
+from tests.support.service import (
+    TERMINAL,
+    is_warm_start_process,
+    training_processes,
+    wait_for_step,
+    worker_of_attempt,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def long_job(client: httpx.Client, *, n_epochs: int = 12, save_steps: int = 10,
@@ -34,17 +39,6 @@ def long_job(client: httpx.Client, *, n_epochs: int = 12, save_steps: int = 10,
             **(hyperparameters_extra or {})}}}})
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] == "running" and job["progress"]["step"] >= step:
-            return job
-        assert job["status"] not in TERMINAL, job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not reach step {step}")
 
 
 def metric_steps(client: httpx.Client, job_id: str) -> list[int]:

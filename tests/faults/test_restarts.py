@@ -13,10 +13,10 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.faults.test_faults import TERMINAL, assert_invariants, long_job, metric_steps, wait_for_step
+from tests.faults.test_faults import assert_invariants, long_job, metric_steps
 from tests.support.data import chat_lines, jsonl
 from tests.support.servers import PrivatePostgres, PrivateRedis
-from tests.support.service import Service, running_service, wait_for_status
+from tests.support.service import TERMINAL, Service, running_service, wait_for_status, wait_for_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 

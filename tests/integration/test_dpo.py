@@ -13,9 +13,9 @@ import pytest
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
-TERMINAL = {"succeeded", "failed", "cancelled"}
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "apple"]
 
 

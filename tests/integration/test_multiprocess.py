@@ -11,9 +11,9 @@ import pytest
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _create(client: httpx.Client, file_id: str, **resources: Any) -> str:

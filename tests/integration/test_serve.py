@@ -16,9 +16,9 @@ import pytest
 
 from tests.integration.conftest import free_port, stop_process, wait_for_status, wait_until_up
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def start_serve(tmp_path: Path, port: int, *, data_dir_from_env: bool = False) -> subprocess.Popen[bytes]:

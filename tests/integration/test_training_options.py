@@ -9,9 +9,9 @@ import pytest
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _upload(client, rows: list) -> str:  # type: ignore[no-untyped-def]

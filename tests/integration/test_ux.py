@@ -20,6 +20,7 @@ from app.cli import app as cli
 from tests.api.test_webhooks import Receiver, serve_receiver
 from tests.integration.conftest import Service, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import wait_for_step
 
 pytestmark = pytest.mark.integration
 
@@ -111,19 +112,28 @@ def test_cli_runs_a_job_from_upload_to_verified_resumable_download(service: Serv
 
 def test_cli_pauses_resumes_and_cancels_a_job_and_watch_reports_it(service: Service, tmp_path: Path) -> None:
     with service.client() as client:
-        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(12)))},
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_lines(48)))},
                               data={"purpose": "fine-tune"}).json()["id"]
+    # 960 steps of a few tens of ms: the pause lands long before the end.
     created = run_cli(service, "jobs", "create", "--model", "tiny-llama", "--training-file", file_id,
                       "--n-epochs", "20", "--batch-size", "1")
     job_id = re.search(r"ftjob-[0-9a-f]+", created.output).group(0)  # type: ignore[union-attr]
-    paused = run_cli(service, "jobs", "pause", job_id)
-    assert paused.exit_code == 0 and job_id in paused.output, paused.output
-    with service.client() as client:
-        wait_for_status(client, job_id, {"paused"}, timeout=120)
-    resumed = run_cli(service, "jobs", "resume", job_id)
-    assert resumed.exit_code == 0 and "queued" in resumed.output, resumed.output
-    cancelled = run_cli(service, "jobs", "cancel", job_id)
-    assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    try:
+        with service.client() as client:
+            # A job paused before it ever ran resumes into validating_files; one paused while it runs is queued to
+            # continue from its checkpoint, which is what this follows.
+            wait_for_step(client, job_id, 2)
+        paused = run_cli(service, "jobs", "pause", job_id)
+        assert paused.exit_code == 0 and job_id in paused.output, paused.output
+        with service.client() as client:
+            wait_for_status(client, job_id, {"paused"}, timeout=120)
+        resumed = run_cli(service, "jobs", "resume", job_id)
+        assert resumed.exit_code == 0 and "queued" in resumed.output, resumed.output
+        cancelled = run_cli(service, "jobs", "cancel", job_id)
+        assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    finally:  # a job left training would send its events into the next tests' webhooks
+        with service.client() as client:
+            client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     watched = run_cli(service, "jobs", "watch", job_id)
     assert watched.exit_code == 1 and f"{job_id} cancelled" in watched.output
     missing = run_cli(service, "jobs", "get", "ftjob-nope")

@@ -27,9 +27,8 @@ from sqlalchemy import create_engine, text
 
 from tests.support.data import chat_lines, jsonl
 from tests.support.servers import PrivatePostgres, PrivateRedis
-from tests.support.service import Service, training_processes, worker_of_attempt
+from tests.support.service import TERMINAL, Service, training_processes, worker_of_attempt
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # Each kind, with what it does to the service.
 FAULT_KINDS = {
     "training_sigkill": "SIGKILL to a job's training process (an OOM kill): a crash, counted",

@@ -113,6 +113,21 @@ def running_service(root: Path, *, tiny_model_dir: Path, name: str, pg_server: s
                 sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
 
 
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 120) -> dict:
+    """The job once it runs at `step` or later (AssertionError if it ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["step"] >= step:
+            return job
+        assert job["status"] not in TERMINAL, job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not reach step {step}")
+
+
 def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 240.0) -> dict:
     deadline = time.monotonic() + timeout
     job: dict = {}
