@@ -51,10 +51,9 @@ from app.core.processes import stop_process
 from app.schemas.training import HYPERPARAMETER_FIELDS
 from tests.support.databases import create_database, drop_database
 from tests.support.processes import free_port, wait_until_up
-from tests.support.service import is_warm_start_process
+from tests.support.service import TERMINAL, is_warm_start_process
 
 REDIS = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # The recipe's event said as its training loop starts (worker/training/recipe.py setup_model): set-up is over.
 LOOP_EVENT = "training "
 WORDS = tuple(" ".join([

@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import Service, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def test_merged_weights_give_the_logits_of_base_plus_adapter(service: Service, t
             "method": {"type": "supervised", "supervised": {
                 "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 5e-3},
                 "adapter": {"type": adapter_type, "r": 8, "alpha": 16, "dropout": 0.0}}}}).json()
-        final = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+        final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         artifacts = {a["name"]: a for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
         assert artifacts["merged"]["kind"] == "merged"
@@ -93,10 +94,10 @@ def test_continued_training_starts_from_the_parent_adapter(service: Service) -> 
             "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate": 5e-3},
             "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}}}}
         parent = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", **spec}).json()
-        parent = wait_for_status(client, parent["id"], {"succeeded", "failed", "cancelled"})
+        parent = wait_for_status(client, parent["id"], TERMINAL)
         assert parent["status"] == "succeeded", parent
         child = client.post("/v1/fine_tuning/jobs", json={"model": parent["fine_tuned_model"], **spec}).json()
-        child = wait_for_status(client, child["id"], {"succeeded", "failed", "cancelled"})
+        child = wait_for_status(client, child["id"], TERMINAL)
         assert child["status"] == "succeeded", child
         assert child["model"] == parent["fine_tuned_model"]
         assert child["fine_tuned_model"].startswith("ft:tiny-llama:")  # named after the catalogue base

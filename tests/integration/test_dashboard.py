@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import Service, stop_process
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +98,7 @@ def drive_a_job_through_the_dashboard(service: Service, browser: Any, tmp_path: 
     # The page re-renders as frames arrive, so read it with one script call (no stale element handles).
     status = "return document.querySelector('#job-status .status')?.dataset.status"
     WebDriverWait(browser, 240, poll_frequency=0.5).until(
-        lambda d: d.execute_script(status) in ("succeeded", "failed", "cancelled"))
+        lambda d: d.execute_script(status) in TERMINAL)
     assert browser.execute_script(status) == "succeeded"
     points = ("return [...document.querySelectorAll(`${arguments[0]} circle.point[data-series=${arguments[1]}]`)]"
               ".map((c) => Number(c.dataset.step))")

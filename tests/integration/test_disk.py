@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 
 from tests.integration.conftest import Service, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ def test_a_finished_job_leaves_no_work_files_and_a_deleted_model_no_bytes(servic
         job = client.post("/v1/fine_tuning/jobs", json={
             "model": "tiny-llama", "training_file": file_id, "merge": True,
             "method": {"supervised": {"hyperparameters": {"n_epochs": 2, "save_steps": 2}}}}).json()
-        final = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+        final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         assert {a["name"] for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]} >= {
             "adapter", "merged"}

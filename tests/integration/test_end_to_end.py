@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import Service, all_events, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def test_chat_job_trains_in_a_worker_and_its_adapter_changes_the_model(service: 
                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}},
     )
     with service.client() as client:
-        final = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"})
+        final = wait_for_status(client, job.id, TERMINAL)
         assert final["status"] == "succeeded", final
         short = job.id.removeprefix("ftjob-")[-8:]
         assert final["fine_tuned_model"] == f"ft:tiny-llama:integration:colours:{short}"
@@ -92,7 +93,7 @@ def test_prompt_completion_job_succeeds(service: Service) -> None:
         job = client.post("/v1/fine_tuning/jobs", json={
             "model": "tiny-llama", "training_file": file_id,
             "hyperparameters": {"n_epochs": 2, "batch_size": 4}}).json()
-        final = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+        final = wait_for_status(client, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         metrics = _metrics(client, job["id"])
         assert len(metrics) == 6 and all(m["train_loss"] > 0 for m in metrics)

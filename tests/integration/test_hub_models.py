@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.data import chat_lines, jsonl
 from tests.support.fake_hub import FakeHub, repo_from_dir
-from tests.support.service import Service, all_events, running_service, wait_for_status
+from tests.support.service import TERMINAL, Service, all_events, running_service, wait_for_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def create_job(service: Service, file_id: str) -> str:
 def run_job(service: Service, file_id: str, job_id: str | None = None) -> dict:
     job_id = job_id or create_job(service, file_id)
     with service.client() as client:
-        final = wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"})
+        final = wait_for_status(client, job_id, TERMINAL)
         assert final["status"] == "succeeded", final
         return final
 

@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import Service, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def trained(service: Service) -> dict[str, Any]:
                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
             "evaluation": {"max_examples": 12}}})
     with service.client() as client:
-        done = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"}, timeout=300)
+        done = wait_for_status(client, job.id, TERMINAL, timeout=300)
     assert done["status"] == "succeeded", done
     wait_for_inference(service)
     return {"job": done, "model": done["fine_tuned_model"], "sdk": sdk, "inference": inference}

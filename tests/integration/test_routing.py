@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import Service, all_events, stop_process, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = [pytest.mark.integration]
 NO_FIT = "No worker can run this job"
@@ -64,7 +65,7 @@ def test_labelled_jobs_wait_for_their_worker_then_run_there_by_priority(service:
                 assert wait_for_status(client, job_id, {"queued"}, timeout=30)["status"] == "queued"
 
             labelled = service.start_worker("it-lab-1", extra_env={"TUNEFORGE_WORKER_LABELS": "it-lab,blue"})
-            finals = [wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+            finals = [wait_for_status(client, job_id, TERMINAL, timeout=120)
                       for job_id in (high, low)]
             assert [f["status"] for f in finals] == ["succeeded", "succeeded"], finals
             starts = [_started_on(client, job_id) for job_id in (high, low)]

@@ -9,6 +9,7 @@ import pytest
 
 from tests.integration.conftest import Service, stop_process, wait_for_status
 from tests.support.data import chat_lines, jsonl
+from tests.support.service import TERMINAL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +24,7 @@ def test_twenty_jobs_spread_over_workers_on_separate_hosts_each_run_once(service
                 "model": "tiny-llama", "training_file": file_id,
                 "hyperparameters": {"n_epochs": 1, "batch_size": 4}}).json()["id"] for _ in range(20)]
             started = time.monotonic()
-            finals = [wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"},
+            finals = [wait_for_status(client, job_id, TERMINAL,
                                       timeout=max(60.0, 600 - (time.monotonic() - started)))
                       for job_id in job_ids]
             assert [f["status"] for f in finals] == ["succeeded"] * 20

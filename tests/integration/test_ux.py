@@ -20,7 +20,7 @@ from app.cli import app as cli
 from tests.api.test_webhooks import Receiver, serve_receiver
 from tests.integration.conftest import Service, wait_for_status
 from tests.support.data import chat_lines, jsonl
-from tests.support.service import wait_for_step
+from tests.support.service import TERMINAL, wait_for_step
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +234,7 @@ def test_cli_download_defaults_to_the_jobs_weights_for_a_full_fine_tune(service:
         job = client.post("/v1/fine_tuning/jobs", json={
             "model": "tiny-llama", "training_file": file_id,
             "method": {"supervised": {"adapter": {"type": "full"}, "hyperparameters": {"n_epochs": 1}}}}).json()
-        assert wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
+        assert wait_for_status(client, job["id"], TERMINAL)["status"] == "succeeded"
         names = {a["name"] for a in client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
     assert "model" in names and "adapter" not in names
     downloaded = run_cli(service, "jobs", "download", job["id"], "-o", str(tmp_path / "model.tar"))

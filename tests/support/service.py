@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ import httpx
 import psutil
 
 from app.core.processes import stop_process
+from app.models.job import TERMINAL_STATUSES
 from tests.support.databases import PG_ADMIN_URL, REDIS_URL, drop_database, recreate_database
 from tests.support.processes import free_port, wait_until_up
 
@@ -113,7 +114,7 @@ def running_service(root: Path, *, tiny_model_dir: Path, name: str, pg_server: s
                 sys.stderr.write(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}\n")
 
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)  # as plain strings, as the API answers
 
 
 def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 120) -> dict:
@@ -128,7 +129,7 @@ def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float =
     raise TimeoutError(f"job {job_id} did not reach step {step}")
 
 
-def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 240.0) -> dict:
+def wait_for_status(client: httpx.Client, job_id: str, statuses: Set[str], timeout: float = 240.0) -> dict:
     deadline = time.monotonic() + timeout
     job: dict = {}
     while time.monotonic() < deadline:
