@@ -1,6 +1,6 @@
-"""The training process's host memory: a cap on a CPU kernel cache, handing freed heap back to the system, and the
-size of the CPU's last-level cache. Imports no torch (worker/training/__init__.py applies the cap before torch runs
-anything)."""
+"""The training process's host memory: caps on the CPU math libraries' caches, handing freed heap back to the system,
+and the size of the CPU's last-level cache. Imports no torch (worker/__init__.py applies the caps before any worker
+process imports torch)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,20 @@ from typing import Any
 # capping it at 256 as well held the job at about 715 MB, but made the 64 steps take 155 s instead of 126 s and bf16
 # DPO 9% slower. An operator's own values win.
 CPU_KERNEL_CACHE_CAPACITY = {"LRU_CACHE_CAPACITY": "64"}
+# MKL, which runs torch's fp32 matrix products on an x86 CPU, keeps the buffers it packs operands into in per-thread
+# pools for reuse, and a checkpointed pass's products of changing shapes leave them holding tens of megabytes more
+# at some moments than others: qwen2-152k QLoRA's training-loop peak in fp32 on a Zen 3 was 1,282-1,412 MB over 25
+# runs with the pools and 1,273-1,319 over 13 without, in the same time (docs/benchmarks.md, issue 18, stop 47).
+# MKL reads this when torch loads it, so it must be in the environment before torch is imported; any value but an
+# empty one turns the pools off, and an operator's `MKL_DISABLE_FAST_MM=` keeps them.
+MKL_BUFFER_POOLS = {"MKL_DISABLE_FAST_MM": "1"}
 
 
-def cap_cpu_kernel_caches() -> None:
-    """Set the caps in this process's environment (and its children's) unless set already; oneDNN reads them when
-    it first makes a kernel, so this must run before torch's first matrix product."""
-    for name, value in CPU_KERNEL_CACHE_CAPACITY.items():
+def cap_cpu_library_caches() -> None:
+    """Set the caps in this process's environment (and its children's) unless set already. oneDNN reads its caps
+    when it first makes a kernel, MKL its own when torch loads it: this runs when the `worker` package is imported,
+    before any worker process imports torch, and the processes a worker starts inherit them."""
+    for name, value in {**CPU_KERNEL_CACHE_CAPACITY, **MKL_BUFFER_POOLS}.items():
         os.environ.setdefault(name, value)
 
 

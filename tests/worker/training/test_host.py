@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.training.host import CPU_KERNEL_CACHE_CAPACITY, release_freed_memory
+from worker.training.host import CPU_KERNEL_CACHE_CAPACITY, MKL_BUFFER_POOLS, release_freed_memory
 from worker.training.model import cpu_bf16
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -61,6 +61,44 @@ def test_the_kernel_cache_cap_halves_bf16_growth_and_an_operators_capacity_wins(
     assert min(uncapped) > 40, uncapped
     # oneDNN's own primitive cache (left at its default) still fills; ideep's cache stops at 64.
     assert sum(capped) < 0.75 * sum(uncapped), (capped, uncapped)
+
+
+# fp32 products of the shapes of a checkpointed pass's MLP, for changing token counts, in a fresh process that imports
+# the worker package first (as every worker process does) and then torch; prints how much resident memory they left.
+MKL_POOLS = """
+import worker
+import torch
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+up, down = torch.randn(4864, 896), torch.randn(896, 4864)
+before = anon()
+for tokens in (64, 300, 700, 128, 512, 1000):
+    (torch.randn(tokens, 896) @ up.t()) @ down.t()
+print(anon() - before)
+"""
+
+
+def _left_by_products(env: dict[str, str]) -> float:
+    out = subprocess.run([sys.executable, "-c", MKL_POOLS], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_process_runs_fp32_products_without_mkls_buffer_pools_and_an_operators_value_wins() -> None:
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch runs its fp32 products without MKL")
+    env = {k: v for k, v in os.environ.items() if k not in MKL_BUFFER_POOLS}
+    without = _left_by_products(env)
+    # An empty value is MKL's own default: its per-thread pools keep the packed operands' buffers after the products.
+    kept = _left_by_products({**env, **{name: "" for name in MKL_BUFFER_POOLS}})
+    assert kept - without > 8, (kept, without)
 
 
 def _anon_mb() -> float:
