@@ -27,9 +27,11 @@ group_by_length), trl, trl-padding-free, trl-packing (SFTTrainer), trl-liger (SF
 Triton kernels, use_liger_kernel=True: on a CUDA device with liger-kernel installed, else skipped), tuneforge.
 
 Throughput is real (non-padding) tokens per second of the training loop (model load, tokenisation and evaluation
-excluded, for every row alike). Each row runs in its own spawned process (--in-process: all in this one) under a
-memory limit and a time limit; a row that exceeds one is reported as such. Memory: the process's peak RSS
-("peak MB"), and the peak RSS during the training loop alone ("loop MB": the high-water mark is reset when the
+excluded, for every row alike). Every row runs with the CPU math libraries' settings a worker process has
+(worker/training/host.py: ideep's kernel cache capped, MKL's buffer pools off), which this process sets by importing
+the worker package and its spawned rows inherit. Each row runs in its own spawned process (--in-process: all in
+this one) under a memory limit and a time limit; a row that exceeds one is reported as such. Memory: the process's
+peak RSS ("peak MB"), and the peak RSS during the training loop alone ("loop MB": the high-water mark is reset when the
 loop starts, so model loading's transient copies are left out but everything held is in), or CUDA's peak
 allocation. Validation loss is computed the same way for every row (worker.training.evaluate on the held-out
 examples' labelled tokens). "best peer" is the HF/TRL row with the most real tokens/s; "leanest peer" the one with
