@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from worker.training.fast_exp import exp_minus_
+
 # The registered name (transformers' AttentionInterface and AttentionMaskInterface) a model's config carries.
 BLOCK_ATTENTION = "tuneforge_cpu_blocks"
 # Query rows per block: at qwen2-152k's shape 64 took 29-41 ms a layer's forward and backward where 32 took 32-59 and
@@ -47,7 +49,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     for lo, hi, end in _blocks(mask, length):
         scores = _scores(q, k, mask, lo, hi, end, scale, group)
         top = scores.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
-        probs = scores.sub_(top).exp_()
+        probs = exp_minus_(scores, top)
         total = probs.sum(-1, keepdim=True)
         # A query that sees no key: probabilities 0, and a log-sum-exp of +inf makes the backward's 0 too.
         lse[:, :, lo:hi] = torch.where(total > 0, top + total.log(), math.inf).squeeze(-1)
@@ -77,7 +79,7 @@ def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for lo, hi, end in _blocks(mask, length):
-        probs = _scores(q, k, mask, lo, hi, end, scale, group).sub_(lse[:, :, lo:hi, None]).exp_()
+        probs = exp_minus_(_scores(q, k, mask, lo, hi, end, scale, group), lse[:, :, lo:hi, None])
         grad_block = _by_kv_head(grad_out[:, :, lo:hi], group)
         grad_v[:, :, :end] += _by_kv_head(probs.to(q.dtype), group).transpose(-1, -2).matmul(grad_block).float()
         grad_probs = grad_block.matmul(v[:, :, :end].transpose(-1, -2)).view_as(probs).float()

@@ -120,6 +120,30 @@ def test_the_fused_output_layer_matches_autograd_through_the_logits(
     assert max(rows * cols for rows, cols in scoring.shapes) <= 8 * 64
 
 
+def test_the_argmax_is_right_for_the_first_of_tied_logits_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the argmax was right comes from each block's maximum and the largest logit before each target, not
+    from each block's argmax: a target tied with an earlier entry, in its own block or an earlier one, is wrong, and
+    the first of the tied entries right, as argmax's first index has it; with the gradient and without."""
+    from worker.training import fused_head
+
+    monkeypatch.setattr(fused_head, "vocab_block_rows", lambda positions, **_: 64)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 500, bias=False).requires_grad_(False)
+    head.weight.copy_(torch.randint(-3, 4, (500, 8)).float())  # small integers: every logit exact, ties exact
+    axis = torch.eye(8) * 9
+    head.weight[[100, 300]] = axis[0]  # tied across blocks (1 and 4)
+    head.weight[[65, 70]] = axis[1]  # tied within block 1
+    head.weight[7] = axis[2]
+    hidden = torch.eye(8)[[0, 0, 1, 1, 2, 2]].requires_grad_()
+    targets = torch.tensor([100, 300, 65, 70, 7, 8])
+    logits = head(hidden)
+    assert torch.equal(logits.argmax(-1) == targets, torch.tensor([True, False, True, False, True, False]))
+    _, correct = fused_head.FusedHeadLogps.apply(hidden, targets, head, 1.0, None, 8)
+    with torch.no_grad():
+        _, plain_correct = fused_head.head_logps(hidden, targets, head, 1.0, None, 8)
+    assert torch.equal(correct, logits.argmax(-1) == targets) and torch.equal(plain_correct, correct)
+
+
 def test_fewer_positions_sweep_the_vocabulary_in_longer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep's block holds about VOCAB_BLOCK_LOGITS logits, within VOCAB_BLOCK_ROWS: a few positions (a pass's
     answers) take long blocks, a chunk of many positions short ones, and the log-probabilities do not change."""
