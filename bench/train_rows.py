@@ -54,6 +54,26 @@ class Row:
 
 
 # ---------------------------------------------------------------- measurement
+def matmul_peak(dtype_name: str, device: str) -> float:
+    """Best-of-5 FLOP/s of a 2048^3 matmul at `dtype_name` on `device`: bench/train.py measures it before and after a
+    shape's rows, and each row's process once more after the row (its memory figures already taken)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
 def peak_memory_mb() -> float:
     """This process's peak RSS so far (VmHWM, or ru_maxrss where /proc is missing), or the CUDA peak allocation."""
     import torch
@@ -361,6 +381,7 @@ def run_row(name: str, model_dir: str, train_file: str, work: str, *, train: lis
     out["labelled_tokens"] = labelled
     out["flops_per_token"] = flops_per_token(model, labelled / real)
     out["valid_loss"] = validation_loss(model, valid, pad_id, bf16=bf16)
+    out["matmul_peak"] = matmul_peak("bfloat16" if bf16 else "float32", next(model.parameters()).device.type)
     out["status"] = "ok"
     return out
 
