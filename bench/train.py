@@ -255,8 +255,8 @@ def run_shape(shape: Shape, root: Path, *, rows: list[str], in_process: bool, me
     results = {name: results[name] for name in rows}  # the table in the rows' order
     after = peak()
     spread = f"{min(in_rows) / 1e9:.1f}-{max(in_rows) / 1e9:.1f}" if in_rows else "none"
-    print(f"matmul peak before the rows {before / 1e9:.1f} GFLOP/s, after {after / 1e9:.1f}, in the rows' "
-          f"{len(in_rows)} processes {spread}: MFU against {max(before, after, *in_rows) / 1e9:.1f}", flush=True)
+    print(f"matmul peak before the rows {before / 1e9:.1f} GFLOP/s, after {after / 1e9:.1f}, after each of the "
+          f"{len(in_rows)} row runs {spread}: MFU against {max(before, after, *in_rows) / 1e9:.1f}", flush=True)
     print_table(shape, results, max(before, after, *in_rows))
     return results
 

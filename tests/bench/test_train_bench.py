@@ -34,7 +34,7 @@ def test_training_benchmark_quick_run_prints_every_row_of_both_shapes_and_the_be
             assert "MB before" in section and "the table has the higher" in section
         # the matmul peak: before and after the rows, and from each row's process (tuneforge's rows run twice)
         runs = len(expected) + 2
-        assert f"in the rows' {runs} processes " in section
+        assert f"after each of the {runs} row runs " in section
         assert all(r["matmul_peak"] > 0 for r in results[shape.name].values())
         if trl_version():
             assert f"{shape.name} LoRA: tokens/s tuneforge/best peer (" in section
